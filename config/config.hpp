@@ -1,0 +1,73 @@
+// config/config.hpp: the config file (TOML) -> a validated Config.
+//
+// Every key is documented in config/brokerd.example.toml and docs/configuration.md. Loading
+// either yields a complete, validated Config or a list of errors "file:line: key: what is wrong";
+// never a partial Config. Relative paths in the file resolve against the file's directory.
+#pragma once
+
+#include "common/log.hpp"
+#include "common/model.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace config {
+
+struct Listener {
+  std::string address = "127.0.0.1";
+  std::uint16_t port = 0;
+  std::string tls_cert_file;  // absolute after loading; both set or both empty
+  std::string tls_key_file;
+  std::size_t header_limit_bytes = 16 * 1024;
+  std::size_t body_limit_bytes = 1024 * 1024;
+  int read_timeout_seconds = 30;
+  int idle_timeout_seconds = 60;
+};
+
+struct AdminToken {
+  std::string name;    // shown in the audit log as "token:<name>"
+  std::string sha256;  // lower-case hex SHA-256 of the token (brokerd --hash-token)
+};
+
+struct Config {
+  std::string path;  // absolute path of the file
+  Listener xml{"127.0.0.1", 8080};
+  Listener agent{"127.0.0.1", 8081};
+  Listener admin{"127.0.0.1", 8082};
+  std::string database_path;  // absolute, or ":memory:"
+  int database_busy_timeout_ms = 5000;
+  common::LogOptions log;
+  int io_threads = 2;
+  int shutdown_grace_seconds = 10;
+  std::vector<AdminToken> admin_tokens;
+  // Admin-port paths served without a bearer token besides /healthz (e.g. "/metrics", "/readyz").
+  std::vector<std::string> admin_unauthenticated_paths;
+  // The [site] table as the Kind::site object named "site" (owner "config:<path>"), if present.
+  std::optional<common::model::Object> site;
+  // Declared site objects in dependency order (all_kinds() order, then file order), each with
+  // owner "config:<path>" and every field set (defaults filled in).
+  std::vector<common::model::Object> objects;
+};
+
+struct ConfigError {
+  std::string file;
+  int line = 0;     // 0 when unknown (e.g. the file cannot be read)
+  std::string key;  // dotted path, e.g. "machine[3].catalog" or "listeners.admin.port"
+  std::string message;
+  std::string describe() const;  // "file:line: key: message"
+};
+
+struct LoadResult {
+  std::optional<Config> config;     // set exactly when errors is empty
+  std::vector<ConfigError> errors;  // in file order
+};
+
+LoadResult load_file(const std::string& path);
+// For tests and fuzzing: `name` stands in for the file name in messages; relative paths resolve
+// against `base_dir`.
+LoadResult load_string(std::string_view text, const std::string& name, const std::string& base_dir = ".");
+
+}  // namespace config

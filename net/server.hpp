@@ -1,0 +1,68 @@
+// net/server.hpp: the daemon's listeners. Boost.Beast on Asio with C++20 coroutines; the
+// Beast/Asio types stay in server.cpp.
+//
+// One io_context run by `threads` threads; each connection on its own strand. HTTP/1.1 with
+// keep-alive, optional TLS per listener, header and body size limits, read and idle timeouts.
+// Graceful stop: stop accepting, let in-flight requests finish up to a deadline, then close.
+#pragma once
+
+#include "net/http.hpp"
+
+#include <spdlog/fwd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace common {
+class Metrics;
+}
+
+namespace net {
+
+struct ListenerOptions {
+  std::string name;  // "xml", "agent", "admin": used in logs and metrics
+  std::string address = "127.0.0.1";
+  std::uint16_t port = 0;  // 0: any free port (see Server::port)
+  std::string tls_cert_file;  // PEM; both empty: plain HTTP
+  std::string tls_key_file;
+  std::size_t header_limit = 16 * 1024;
+  std::size_t body_limit = 1024 * 1024;  // larger bodies get 413
+  std::chrono::milliseconds read_timeout{30000};  // to read one whole request once it started
+  std::chrono::milliseconds idle_timeout{60000};  // keep-alive connection without a request
+};
+
+class Server {
+ public:
+  Server(int threads, std::shared_ptr<spdlog::logger> logger, common::Metrics* metrics = nullptr);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds now (so a busy port is reported at start-up) and serves once run() is called.
+  // Throws std::runtime_error with a clear message ("admin listener 127.0.0.1:8082: address in
+  // use") when binding or loading the TLS files fails.
+  void add_listener(const ListenerOptions& options, HttpHandler handler);
+
+  // The bound port of the named listener (useful with port 0).
+  std::uint16_t port(const std::string& listener_name) const;
+
+  // Starts the I/O threads and returns at once.
+  void start();
+  // Graceful stop (callable from any thread, idempotent): stop accepting, wait up to `deadline`
+  // for in-flight requests, close every connection, join the threads.
+  void stop(std::chrono::milliseconds deadline);
+  // Blocks until SIGINT or SIGTERM, then returns (the caller then calls stop()).
+  void wait_for_signal();
+
+  bool running() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace net

@@ -1,0 +1,114 @@
+// storage/repository.hpp: the storage seam. The engine and the admin layer see only this
+// interface; storage/sqlite/ implements it (a PostgreSQL implementation can slot in later).
+//
+// Threading: every call blocks on disk I/O, so call it off the I/O threads (the engine's work
+// queue). Implementations are thread-safe: transactions are serialised.
+#pragma once
+
+#include "common/error.hpp"
+#include "common/model.hpp"
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace common {
+class Metrics;
+}
+
+namespace storage {
+
+using common::Result;
+using common::Status;
+using common::model::Kind;
+using common::model::Object;
+
+// A list query: equality filters on the kind's scalar fields (and "name", "owner"), a list
+// filter matches when the list contains the value; results ordered by id.
+struct Query {
+  std::vector<std::pair<std::string, std::string>> equals;  // field -> value in text form ("true", "42")
+  std::int64_t offset = 0;
+  std::int64_t limit = -1;  // -1: all
+};
+
+struct AuditEntry {
+  std::int64_t id = 0;
+  std::string time;    // common::format_time; filled by storage when empty
+  std::string actor;   // "token:<name>", "config:<file>", "broker"
+  std::string action;  // "create", "update", "delete", "reconcile", ...
+  std::string kind;    // KindSpec::name
+  std::string object;  // object name
+  std::string before;  // JSON text of the object before (secrets omitted), "" if none
+  std::string after;   // JSON text after, "" if none
+};
+
+struct AuditQuery {
+  std::string kind, object, actor;  // empty: any
+  std::int64_t offset = 0;
+  std::int64_t limit = 100;
+};
+
+// One transaction. Every method fails with errc::storage_error on database failure.
+class Transaction {
+ public:
+  virtual ~Transaction() = default;
+
+  virtual Result<std::vector<Object>> list(Kind kind, const Query& query) = 0;
+  virtual Result<std::int64_t> count(Kind kind, const Query& query) = 0;  // ignores offset/limit
+  // errc::not_found when absent.
+  virtual Result<Object> get(Kind kind, std::string_view name) = 0;
+  // Inserts; assigns id, created_at, updated_at (and the name for auto-named kinds).
+  // errc::conflict for a duplicate name, errc::invalid_argument ("field: ...") for a reference to
+  // a missing object.
+  virtual Result<Object> create(const Object& obj) = 0;
+  // Replaces the object named `name` (obj.name may differ: a rename, which cascades to the objects
+  // that reference it). errc::not_found, errc::conflict as for create.
+  virtual Result<Object> update(std::string_view name, const Object& obj) = 0;
+  // errc::not_found; errc::conflict ("... still referenced by machine X") when referenced.
+  virtual Status remove(Kind kind, std::string_view name) = 0;
+
+  virtual Status append_audit(const AuditEntry& entry) = 0;
+  virtual Result<std::vector<AuditEntry>> list_audit(const AuditQuery& query) = 0;
+};
+
+struct SchemaInfo {
+  int version = 0;          // schema version of the open database
+  int supported = 0;        // newest version this build knows
+  std::string path;
+};
+
+class Repository {
+ public:
+  virtual ~Repository() = default;
+
+  // Runs fn inside one write transaction (BEGIN IMMEDIATE): committed when fn returns success,
+  // rolled back when it returns an error (which is returned) or throws (rethrown).
+  virtual Status write(const std::function<Status(Transaction&)>& fn) = 0;
+  // Runs fn inside a read transaction (a consistent snapshot).
+  virtual Status read(const std::function<Status(Transaction&)>& fn) = 0;
+
+  // A cheap liveness probe for /readyz.
+  virtual Status ping() = 0;
+  virtual SchemaInfo schema() const = 0;
+  // Checkpoints the WAL and closes; later calls fail with errc::unavailable.
+  virtual void close() = 0;
+};
+
+struct SqliteOptions {
+  std::string path;                 // ":memory:" for tests
+  int busy_timeout_ms = 5000;
+  common::Metrics* metrics = nullptr;  // optional: storage_commit_seconds histogram
+};
+
+// Opens (creating if absent) and migrates the database. Fails with errc::incompatible for a
+// database written by a newer version, errc::storage_error for an unreadable or corrupt file
+// (the file is never replaced or modified in that case).
+Result<std::unique_ptr<Repository>> open_sqlite(const SqliteOptions& options);
+
+// Newest schema version this build writes.
+int current_schema_version();
+
+}  // namespace storage
