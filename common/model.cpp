@@ -69,6 +69,10 @@ FieldSpec secret(FieldSpec f) {
   f.secret = true;
   return f;
 }
+FieldSpec operational(FieldSpec f) {
+  f.operational = true;
+  return f;
+}
 FieldSpec time_field(std::string_view name, std::string_view help) {
   FieldSpec f;
   f.name = name;
@@ -125,7 +129,7 @@ std::vector<KindSpec> build_specs() {
       choice("delivery_type", {"DesktopsOnly", "AppsOnly", "DesktopsAndApps"}, "DesktopsOnly", "what the group delivers"),
       choice("session_support", kSessionSupport, "SingleSession", "single- or multi-session machines"),
       flag("enabled", true, "disabled groups are hidden from users"),
-      flag("in_maintenance_mode", false, "no connections or reconnections"),
+      operational(flag("in_maintenance_mode", false, "no connections or reconnections")),
       text_field("published_name", "name shown to users (default: name)"),
       text_field("description", "free text"),
       [] { auto f = text_field("time_zone", "IANA time zone for power schemes"); f.default_value = std::string("UTC"); return f; }(),
@@ -146,7 +150,7 @@ std::vector<KindSpec> build_specs() {
       text_field("dns_name", "DNS name"),
       text_field("hosted_machine_id", "the hypervisor's name or UUID for the machine"),
       list("tags", "tags used by tag restrictions"),
-      flag("in_maintenance_mode", false, "excluded from brokering and automatic power management"),
+      operational(flag("in_maintenance_mode", false, "excluded from brokering and automatic power management")),
       state(choice("maintenance_mode_reason", {"None", "Administrator", "MaxFailedRegistrations"}, "None", "why")),
       state(choice("registration_state", {"Unregistered", "Initializing", "Registered", "AgentError"},
                    "Unregistered", "agent registration state")),
@@ -413,7 +417,7 @@ std::string validate_fields(const Object& obj) {
 bool same_declared_fields(const Object& a, const Object& b) {
   if (a.kind != b.kind || a.name != b.name || a.owner != b.owner) return false;
   for (const auto& f : spec(a.kind).fields) {
-    if (f.state) continue;
+    if (f.state || f.operational) continue;
     auto ia = a.fields.find(f.name);
     auto ib = b.fields.find(f.name);
     const Value none;

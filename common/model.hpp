@@ -50,6 +50,9 @@ struct FieldSpec {
   std::optional<Kind> references;         // names an object of that kind (or each list element does)
   bool state = false;   // maintained by the broker: read-only through config and the API
   bool secret = false;  // never shown through the API or in the audit log
+  // Run-time switch (maintenance mode): the config file gives the initial value; the admin API
+  // may change it even on objects the config file declares, and reconciliation keeps that change.
+  bool operational = false;
   std::int64_t min = 0, max = 0;  // integer bounds when min < max
   std::string_view help;          // one line, for docs and error messages
 };

@@ -1,0 +1,414 @@
+#include "admin/admin_api.hpp"
+
+#include "broker/site_objects.hpp"
+#include "common/crypto.hpp"
+#include "common/metrics.hpp"
+#include "common/model_json.hpp"
+#include "common/version.hpp"
+#include "common/work_queue.hpp"
+#include "storage/repository.hpp"
+
+#include <boost/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <charconv>
+
+namespace admin {
+
+namespace json = boost::json;
+namespace model = common::model;
+using common::errc;
+using common::Error;
+using net::HttpRequest;
+using net::HttpResponse;
+
+namespace {
+
+const char* code_name(errc c) {
+  switch (c) {
+    case errc::ok: return "ok";
+    case errc::invalid_argument: return "invalid_argument";
+    case errc::not_found: return "not_found";
+    case errc::conflict: return "conflict";
+    case errc::unauthorized: return "unauthorized";
+    case errc::forbidden: return "forbidden";
+    case errc::unavailable: return "unavailable";
+    case errc::storage_error: return "storage_error";
+    case errc::incompatible: return "incompatible";
+    case errc::internal: return "internal";
+  }
+  return "internal";
+}
+
+int http_status(errc c) {
+  switch (c) {
+    case errc::invalid_argument: return 400;
+    case errc::not_found: return 404;
+    case errc::conflict: return 409;
+    case errc::unauthorized: return 401;
+    case errc::forbidden: return 403;
+    case errc::unavailable: return 503;
+    case errc::incompatible:
+    case errc::storage_error:
+    case errc::internal:
+    case errc::ok: return 500;
+  }
+  return 500;
+}
+
+HttpResponse json_reply(int status, const json::value& body) {
+  HttpResponse r;
+  r.status = status;
+  r.content_type = "application/json";
+  r.body = json::serialize(body);
+  r.body += '\n';
+  return r;
+}
+
+// The one place where errors become admin replies.
+HttpResponse reply_error(const Error& e, const char* code = nullptr, int status = 0) {
+  json::object err;
+  err["code"] = code ? code : code_name(e.code);
+  err["message"] = e.field.empty() ? e.message : e.field + ": " + e.message;
+  if (!e.field.empty()) {
+    json::array fields;
+    fields.push_back(json::object{{"field", e.field}, {"message", e.message}});
+    err["fields"] = std::move(fields);
+  }
+  auto r = json_reply(status ? status : http_status(e.code), json::object{{"error", std::move(err)}});
+  if (r.status == 401) r.headers.emplace_back("WWW-Authenticate", "Bearer");
+  return r;
+}
+
+HttpResponse method_not_allowed(const std::string& allow) {
+  auto r = reply_error(Error(errc::invalid_argument, "method not allowed; use " + allow), "method_not_allowed", 405);
+  r.headers.emplace_back("Allow", allow);
+  return r;
+}
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> parts;
+  std::size_t i = 0;
+  while (i < path.size()) {
+    while (i < path.size() && path[i] == '/') ++i;
+    if (i >= path.size()) break;
+    auto j = path.find('/', i);
+    if (j == std::string::npos) j = path.size();
+    parts.push_back(path.substr(i, j - i));
+    i = j;
+  }
+  return parts;
+}
+
+bool parse_int(const std::string& s, std::int64_t& out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+  return ec == std::errc{} && p == s.data() + s.size();
+}
+
+common::Result<json::object> parse_body(const std::string& body) {
+  boost::system::error_code ec;
+  json::value v = json::parse(body, ec);
+  if (ec) return Error(errc::invalid_argument, "request body is not valid JSON: " + ec.message());
+  if (!v.is_object()) return Error(errc::invalid_argument, "request body must be a JSON object");
+  return std::move(v.as_object());
+}
+
+// Pulls the write-only "password" member (users) out of the body and hashes it.
+common::Status take_password(json::object& body, model::Object& obj) {
+  auto it = body.find("password");
+  if (it == body.end()) return {};
+  if (obj.kind != model::Kind::user) return Error(errc::invalid_argument, "is not a field of " + std::string(model::spec(obj.kind).name), "password");
+  if (!it->value().is_string()) return Error(errc::invalid_argument, "must be a string", "password");
+  const std::string pw(it->value().get_string());
+  if (pw.size() < 8) return Error(errc::invalid_argument, "must be at least 8 characters", "password");
+  obj.fields["password_hash"] = common::crypto::hash_password(pw);
+  body.erase(it);
+  return {};
+}
+
+json::object page_json(const broker::Page& page, std::int64_t offset, std::int64_t limit) {
+  json::array items;
+  for (const auto& o : page.items) items.push_back(model::to_json(o));
+  return json::object{{"items", std::move(items)}, {"total", page.total}, {"offset", offset}, {"limit", limit}};
+}
+
+json::value audit_side(const std::string& text) {
+  if (text.empty()) return nullptr;
+  boost::system::error_code ec;
+  auto v = json::parse(text, ec);
+  return ec ? json::value(text) : v;
+}
+
+}  // namespace
+
+AdminApi::AdminApi(broker::SiteObjects& site, storage::Repository& repository, common::WorkQueue& work,
+                   common::Metrics& metrics, AdminOptions options, std::shared_ptr<spdlog::logger> logger)
+    : site_(site),
+      repository_(repository),
+      work_(work),
+      metrics_(metrics),
+      options_(std::move(options)),
+      logger_(std::move(logger)),
+      started_(std::chrono::steady_clock::now()) {
+  metrics_.describe("broker_machines", common::Metrics::Type::gauge, "Machines by registration state.");
+  metrics_.describe("broker_sessions", common::Metrics::Type::gauge, "Sessions by state.");
+  metrics_.describe("broker_up", common::Metrics::Type::gauge, "1 while the broker serves.");
+  metrics_.describe("broker_storage_commit_seconds", common::Metrics::Type::histogram,
+                    "Time to commit one storage transaction.");
+}
+
+void AdminApi::set_listeners_ready(std::vector<std::string> names) {
+  listener_names_ = std::move(names);
+  listeners_ready_ = true;
+}
+
+void AdminApi::handle(HttpRequest&& request, net::Responder respond) {
+  if (request.path == "/healthz") {
+    HttpResponse r;
+    r.body = "ok\n";
+    r.route = "/healthz";
+    if (request.method != "GET" && request.method != "HEAD") r = method_not_allowed("GET");
+    respond(std::move(r));
+    return;
+  }
+  std::string actor;
+  const bool open = std::find(options_.unauthenticated_paths.begin(), options_.unauthenticated_paths.end(),
+                              request.path) != options_.unauthenticated_paths.end();
+  if (!open) {
+    const std::string auth = request.header("Authorization");
+    constexpr std::string_view scheme = "Bearer ";
+    const bool has_bearer = auth.size() > scheme.size() && std::equal(scheme.begin(), scheme.end(), auth.begin(),
+        [](char a, char b) { return std::tolower(static_cast<unsigned char>(a)) == std::tolower(static_cast<unsigned char>(b)); });
+    if (has_bearer) {
+      const auto digest = common::crypto::sha256_hex(std::string_view(auth).substr(scheme.size()));
+      for (const auto& t : options_.tokens)
+        if (common::crypto::constant_time_equal(digest, t.sha256)) actor = "token:" + t.name;
+    }
+    if (actor.empty()) {
+      auto r = reply_error(Error(errc::unauthorized, has_bearer ? "the bearer token is not valid"
+                                                                : "an Authorization: Bearer <token> header is required"));
+      r.route = "unauthorized";
+      logger_->info("admin: refused {} {} from {}: {}", request.method, request.path, request.remote_address,
+                    has_bearer ? "wrong token" : "no token");
+      respond(std::move(r));
+      return;
+    }
+  }
+  // Everything else may touch storage: off the I/O thread.
+  auto shared_request = std::make_shared<HttpRequest>(std::move(request));
+  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
+  const bool queued = work_.post([this, shared_request, shared_respond, actor] {
+    HttpResponse r;
+    try {
+      r = dispatch(*shared_request, actor);
+    } catch (const std::exception& e) {
+      logger_->error("admin: {} {} failed: {}", shared_request->method, shared_request->path, e.what());
+      r = reply_error(Error(errc::internal, "internal error; see the broker log"));
+    }
+    (*shared_respond)(std::move(r));
+  });
+  if (!queued) (*shared_respond)(reply_error(Error(errc::unavailable, "the broker is shutting down")));
+}
+
+HttpResponse AdminApi::readyz() {
+  json::object body;
+  bool ready = true;
+  auto ping = repository_.ping();
+  body["storage"] = ping ? "ok" : ping.error().message;
+  ready = ready && ping.has_value();
+  json::array names;
+  if (listeners_ready_)
+    for (const auto& n : listener_names_) names.emplace_back(n);
+  body["listeners"] = std::move(names);
+  ready = ready && listeners_ready_;
+  body["ready"] = ready;
+  auto r = json_reply(ready ? 200 : 503, body);
+  r.route = "/readyz";
+  return r;
+}
+
+HttpResponse AdminApi::metrics() {
+  metrics_.set("broker_up", {}, 1);
+  if (auto counts = site_.count_by(model::Kind::machine, "registration_state")) {
+    metrics_.clear("broker_machines");
+    for (const auto& [state, n] : *counts)
+      metrics_.set("broker_machines", {{"registration_state", state}}, static_cast<double>(n));
+  }
+  if (auto counts = site_.count_by(model::Kind::session, "state")) {
+    metrics_.clear("broker_sessions");
+    for (const auto& [state, n] : *counts) metrics_.set("broker_sessions", {{"state", state}}, static_cast<double>(n));
+  }
+  HttpResponse r;
+  r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+  r.body = metrics_.render();
+  r.route = "/metrics";
+  return r;
+}
+
+HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor) {
+  const auto& m = req.method;
+  if (req.path == "/readyz") return m == "GET" ? readyz() : method_not_allowed("GET");
+  if (req.path == "/metrics") return m == "GET" ? metrics() : method_not_allowed("GET");
+
+  const auto parts = split_path(req.path);
+  if (parts.size() < 3 || parts[0] != "api" || parts[1] != "v1") {
+    auto r = reply_error(Error(errc::not_found, "no such endpoint: " + req.path));
+    r.route = "other";
+    return r;
+  }
+  const std::string& noun = parts[2];
+  auto with_route = [](HttpResponse r, std::string route) {
+    r.route = std::move(route);
+    return r;
+  };
+
+  if (noun == "info" && parts.size() == 3) {
+    if (m != "GET") return method_not_allowed("GET");
+    auto site = site_.site();
+    json::object body{{"version", common::kVersion},
+                      {"schema_version", repository_.schema().version},
+                      {"site_name", site ? site->text("site_name") : std::string()},
+                      {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(
+                                             std::chrono::steady_clock::now() - started_).count()}};
+    return with_route(json_reply(200, body), "/api/v1/info");
+  }
+
+  if (noun == "audit" && parts.size() == 3) {
+    if (m != "GET") return method_not_allowed("GET");
+    storage::AuditQuery q;
+    for (const auto& [k, v] : req.query_params()) {
+      if (k == "kind") q.kind = v;
+      else if (k == "object") q.object = v;
+      else if (k == "actor") q.actor = v;
+      else if (k == "limit" || k == "offset") {
+        std::int64_t n;
+        if (!parse_int(v, n) || n < 0 || (k == "limit" && n > static_cast<std::int64_t>(options_.max_page)))
+          return reply_error(Error(errc::invalid_argument, "must be an integer from 0 to " + std::to_string(options_.max_page), k));
+        (k == "limit" ? q.limit : q.offset) = n;
+      } else {
+        return reply_error(Error(errc::invalid_argument, "unknown query parameter (use kind, object, actor, limit, offset)", k));
+      }
+    }
+    std::vector<storage::AuditEntry> entries;
+    auto st = repository_.read([&](storage::Transaction& tx) -> common::Status {
+      auto r = tx.list_audit(q);
+      if (!r) return r.error();
+      entries = std::move(*r);
+      return {};
+    });
+    if (!st) return reply_error(st.error());
+    json::array items;
+    for (const auto& e : entries)
+      items.push_back(json::object{{"id", e.id}, {"time", e.time}, {"actor", e.actor}, {"action", e.action},
+                                   {"kind", e.kind}, {"object", e.object}, {"before", audit_side(e.before)},
+                                   {"after", audit_side(e.after)}});
+    return with_route(json_reply(200, json::object{{"items", std::move(items)}, {"offset", q.offset}, {"limit", q.limit}}),
+                      "/api/v1/audit");
+  }
+
+  if (noun == "site" && parts.size() == 3) {
+    if (m == "GET") {
+      auto site = site_.site();
+      return with_route(site ? json_reply(200, model::to_json(*site)) : reply_error(site.error()), "/api/v1/site");
+    }
+    if (m != "PATCH") return method_not_allowed("GET, PATCH");
+    auto body = parse_body(req.body);
+    if (!body) return reply_error(body.error());
+    auto site = site_.site();
+    if (!site) return reply_error(site.error());
+    model::Object candidate = *site;
+    if (auto st = model::merge_json(*body, candidate); !st) return reply_error(st.error());
+    candidate.name = "site";
+    auto updated = site_.update("site", candidate, actor);
+    return with_route(updated ? json_reply(200, model::to_json(*updated)) : reply_error(updated.error()), "/api/v1/site");
+  }
+
+  const model::KindSpec* ks = model::find_kind(noun);
+  if (!ks || ks->plural != noun || ks->kind == model::Kind::site || parts.size() > 4) {
+    auto r = reply_error(Error(errc::not_found, "no such endpoint: " + req.path));
+    r.route = "other";
+    return r;
+  }
+  const std::string base = "/api/v1/" + std::string(ks->plural);
+
+  if (parts.size() == 3) {
+    const std::string route = base;
+    if (m == "GET") {
+      storage::Query q;
+      q.limit = 100;
+      for (const auto& [k, v] : req.query_params()) {
+        if (k == "limit" || k == "offset") {
+          std::int64_t n;
+          if (!parse_int(v, n) || n < 0 || (k == "limit" && n > static_cast<std::int64_t>(options_.max_page)))
+            return with_route(reply_error(Error(errc::invalid_argument,
+                                                "must be an integer from 0 to " + std::to_string(options_.max_page), k)),
+                              route);
+          (k == "limit" ? q.limit : q.offset) = n;
+          continue;
+        }
+        const auto* f = ks->field(k);
+        if (k != "name" && k != "owner" && (!f || f->secret))
+          return with_route(reply_error(Error(errc::invalid_argument, "cannot filter on this; not a field of " +
+                                                                          std::string(ks->name), k)),
+                            route);
+        q.equals.emplace_back(k, v);
+      }
+      auto page = site_.list(ks->kind, q);
+      if (!page) return with_route(reply_error(page.error()), route);
+      return with_route(json_reply(200, page_json(*page, q.offset, q.limit)), route);
+    }
+    if (m == "POST" && ks->api_writable) {
+      auto body = parse_body(req.body);
+      if (!body) return with_route(reply_error(body.error()), route);
+      model::Object candidate = model::make_default(ks->kind);
+      if (auto st = take_password(*body, candidate); !st) return with_route(reply_error(st.error()), route);
+      if (auto st = model::merge_json(*body, candidate); !st) return with_route(reply_error(st.error()), route);
+      auto created = site_.create(std::move(candidate), actor);
+      if (!created) return with_route(reply_error(created.error()), route);
+      auto r = json_reply(201, model::to_json(*created));
+      r.headers.emplace_back("Location", base + "/" + created->name);
+      return with_route(std::move(r), route);
+    }
+    return with_route(method_not_allowed(ks->api_writable ? "GET, POST" : "GET"), route);
+  }
+
+  // /api/v1/{plural}/{name}
+  const std::string route = base + "/{name}";
+  const std::string& name = parts[3];
+  if (m == "GET") {
+    auto obj = site_.get(ks->kind, name);
+    return with_route(obj ? json_reply(200, model::to_json(*obj)) : reply_error(obj.error()), route);
+  }
+  if (!ks->api_writable) return with_route(method_not_allowed("GET"), route);
+  if (m == "DELETE") {
+    auto st = site_.remove(ks->kind, name, actor);
+    if (!st) return with_route(reply_error(st.error()), route);
+    HttpResponse r;
+    r.status = 204;
+    r.content_type.clear();
+    return with_route(std::move(r), route);
+  }
+  if (m == "PATCH" || m == "PUT") {
+    auto body = parse_body(req.body);
+    if (!body) return with_route(reply_error(body.error()), route);
+    auto existing = site_.get(ks->kind, name);
+    if (!existing) return with_route(reply_error(existing.error()), route);
+    model::Object candidate = *existing;
+    if (m == "PUT") {
+      // Replace: every settable field back to its default unless given; secrets are kept.
+      candidate = model::make_default(ks->kind, existing->name);
+      for (const auto& f : ks->fields)
+        if (f.secret || f.state)
+          if (auto it = existing->fields.find(f.name); it != existing->fields.end())
+            candidate.fields[std::string(f.name)] = it->second;
+    }
+    if (auto st = take_password(*body, candidate); !st) return with_route(reply_error(st.error()), route);
+    if (auto st = model::merge_json(*body, candidate); !st) return with_route(reply_error(st.error()), route);
+    auto updated = site_.update(name, std::move(candidate), actor);
+    return with_route(updated ? json_reply(200, model::to_json(*updated)) : reply_error(updated.error()), route);
+  }
+  return with_route(method_not_allowed("GET, PATCH, PUT, DELETE"), route);
+}
+
+}  // namespace admin

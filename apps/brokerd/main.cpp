@@ -1,0 +1,237 @@
+// brokerd: the openbroker daemon. Composition root: reads the config, opens storage, reconciles
+// the declared site, binds the three listeners (XML service, agent endpoint, admin), serves until
+// SIGTERM/SIGINT, then shuts down gracefully.
+#include "admin/admin_api.hpp"
+#include "broker/site_objects.hpp"
+#include "common/crypto.hpp"
+#include "common/log.hpp"
+#include "common/metrics.hpp"
+#include "common/version.hpp"
+#include "common/work_queue.hpp"
+#include "config/config.hpp"
+#include "net/server.hpp"
+#include "storage/repository.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+namespace {
+
+constexpr const char* kUsage = R"(usage:
+  brokerd --config FILE [--ready-file PATH]   run the broker
+  brokerd --check-config FILE                  validate a config file and exit (0: valid)
+  brokerd --hash-token [TOKEN]                 print the sha256 to put in [[admin.token]] (reads stdin if no TOKEN)
+  brokerd --new-token                          make a random admin token and print it with its sha256
+  brokerd --hash-password                      read a password from stdin, print a password_hash for [[user]]
+  brokerd --version
+)";
+
+int usage_error(const std::string& msg) {
+  std::cerr << "brokerd: " << msg << "\n" << kUsage;
+  return 2;
+}
+
+std::string read_secret_line() {
+  std::string line;
+  std::getline(std::cin, line);
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  return line;
+}
+
+net::ListenerOptions listener_options(const std::string& name, const config::Listener& l) {
+  net::ListenerOptions o;
+  o.name = name;
+  o.address = l.address;
+  o.port = l.port;
+  o.tls_cert_file = l.tls_cert_file;
+  o.tls_key_file = l.tls_key_file;
+  o.header_limit = l.header_limit_bytes;
+  o.body_limit = l.body_limit_bytes;
+  o.read_timeout = std::chrono::seconds(l.read_timeout_seconds);
+  o.idle_timeout = std::chrono::seconds(l.idle_timeout_seconds);
+  return o;
+}
+
+// Until their issues land, the XML service and the agent endpoint are real listeners that say so.
+net::HttpHandler not_implemented(std::string what) {
+  return [what](net::HttpRequest&&, net::Responder respond) {
+    net::HttpResponse r;
+    r.status = 501;
+    r.body = what + " is not implemented in this version of brokerd\n";
+    r.route = "not_implemented";
+    respond(std::move(r));
+  };
+}
+
+bool write_ready_file(const std::string& path, const net::Server& server) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) return false;
+    out << "{\"pid\":" << ::getpid() << ",\"xml\":" << server.port("xml") << ",\"agent\":" << server.port("agent")
+        << ",\"admin\":" << server.port("admin") << "}\n";
+    if (!out.flush()) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+int check_config(const std::string& path) {
+  auto loaded = config::load_file(path);
+  for (const auto& e : loaded.errors) std::cerr << e.describe() << "\n";
+  if (!loaded.config) {
+    std::cerr << path << ": " << loaded.errors.size() << " error(s)\n";
+    return 1;
+  }
+  std::cout << path << ": ok (" << loaded.config->objects.size() << " site objects, "
+            << loaded.config->admin_tokens.size() << " admin tokens)\n";
+  return 0;
+}
+
+int run(const std::string& config_path, const std::string& ready_file) {
+  auto loaded = config::load_file(config_path);
+  if (!loaded.config) {
+    for (const auto& e : loaded.errors) std::cerr << e.describe() << "\n";
+    std::cerr << "brokerd: not started: " << config_path << " has " << loaded.errors.size() << " error(s)\n";
+    return 1;
+  }
+  const config::Config& cfg = *loaded.config;
+
+  std::shared_ptr<spdlog::logger> log;
+  try {
+    log = common::make_logger(cfg.log);
+  } catch (const std::exception& e) {
+    std::cerr << "brokerd: cannot open the log: " << e.what() << "\n";
+    return 1;
+  }
+  log->info("brokerd {} starting with {}", common::kVersion, cfg.path);
+
+  common::Metrics metrics;
+  storage::SqliteOptions sopts;
+  sopts.path = cfg.database_path;
+  sopts.busy_timeout_ms = cfg.database_busy_timeout_ms;
+  sopts.metrics = &metrics;
+  auto repo = storage::open_sqlite(sopts);
+  if (!repo) {
+    log->critical("not started: {}", repo.error().describe());
+    return 1;
+  }
+  storage::Repository& repository = **repo;
+  log->info("database {} (schema version {})", cfg.database_path, repository.schema().version);
+
+  broker::SiteObjects site(repository, log);
+  common::WorkQueue work(2);
+
+  admin::AdminOptions aopts;
+  for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
+  aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
+  admin::AdminApi admin_api(site, repository, work, metrics, aopts, log);
+
+  net::Server server(cfg.io_threads, log, &metrics);
+  try {
+    server.add_listener(listener_options("xml", cfg.xml), not_implemented("the NFuse XML service"));
+    server.add_listener(listener_options("agent", cfg.agent), not_implemented("the agent endpoint (CBP)"));
+    server.add_listener(listener_options("admin", cfg.admin),
+                        [&admin_api](net::HttpRequest&& req, net::Responder respond) {
+                          admin_api.handle(std::move(req), std::move(respond));
+                        });
+  } catch (const std::exception& e) {
+    log->critical("not started: {}", e.what());
+    repository.close();
+    return 1;
+  }
+
+  auto report = site.reconcile(cfg.path, cfg.site, cfg.objects);
+  if (!report) {
+    log->critical("not started: cannot apply {}: {}", cfg.path, report.error().describe());
+    repository.close();
+    return 1;
+  }
+  if (auto site_obj = site.site(); !site_obj) {
+    log->critical("not started: {}", site_obj.error().describe());
+    repository.close();
+    return 1;
+  }
+  if (auto reset = site.reset_registrations(); !reset) {
+    log->critical("not started: {}", reset.error().describe());
+    repository.close();
+    return 1;
+  } else if (*reset > 0) {
+    log->info("{} machines marked Unregistered until their agents register again", *reset);
+  }
+
+  server.start();
+  admin_api.set_listeners_ready({"xml", "agent", "admin"});
+  log->info("ready: xml {}:{}, agent {}:{}, admin {}:{}", cfg.xml.address, server.port("xml"), cfg.agent.address,
+            server.port("agent"), cfg.admin.address, server.port("admin"));
+  if (!ready_file.empty() && !write_ready_file(ready_file, server))
+    log->warn("cannot write the ready file {}", ready_file);
+
+  server.wait_for_signal();
+  log->info("stopping: finishing in-flight requests (up to {} s)", cfg.shutdown_grace_seconds);
+  server.stop(std::chrono::seconds(cfg.shutdown_grace_seconds));
+  work.stop();
+  repository.close();
+  log->info("stopped");
+  log->flush();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string config_path, ready_file;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto next = [&](const char* what) -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(std::string(what) + " needs a value");
+      return argv[++i];
+    };
+    try {
+      if (arg == "--version") {
+        std::cout << "brokerd " << common::kVersion << "\n";
+        return 0;
+      } else if (arg == "--help" || arg == "-h") {
+        std::cout << kUsage;
+        return 0;
+      } else if (arg == "--check-config") {
+        return check_config(next("--check-config"));
+      } else if (arg == "--hash-token") {
+        const std::string token = i + 1 < argc ? std::string(argv[++i]) : read_secret_line();
+        if (token.empty()) return usage_error("empty token");
+        std::cout << common::crypto::sha256_hex(token) << "\n";
+        return 0;
+      } else if (arg == "--new-token") {
+        const std::string token = common::crypto::random_hex(24);
+        std::cout << "token:  " << token << "\nsha256: " << common::crypto::sha256_hex(token) << "\n";
+        return 0;
+      } else if (arg == "--hash-password") {
+        const std::string pw = read_secret_line();
+        if (pw.empty()) return usage_error("empty password");
+        std::cout << common::crypto::hash_password(pw) << "\n";
+        return 0;
+      } else if (arg == "--config" || arg == "-c") {
+        config_path = next("--config");
+      } else if (arg == "--ready-file") {
+        ready_file = next("--ready-file");
+      } else {
+        return usage_error("unknown argument '" + arg + "'");
+      }
+    } catch (const std::invalid_argument& e) {
+      return usage_error(e.what());
+    }
+  }
+  if (config_path.empty()) return usage_error("--config FILE is required");
+  try {
+    return run(config_path, ready_file);
+  } catch (const std::exception& e) {
+    std::cerr << "brokerd: fatal: " << e.what() << "\n";
+    return 1;
+  }
+}
