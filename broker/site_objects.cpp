@@ -143,6 +143,16 @@ Status SiteObjects::check_semantics(storage::Transaction& tx, const Object& obj)
       if (has_user == has_ip) return make_error(errc::invalid_argument, "give exactly one of user and client_ip", "user");
       auto m = tx.get(Kind::machine, obj.text("machine"));
       if (!m) return m.error();
+      const auto group_name = m->text("delivery_group");
+      if (group_name.empty())
+        return make_error(errc::invalid_argument, "machine '" + m->name + "' is in no delivery group", "machine");
+      auto grp = tx.get(Kind::delivery_group, group_name);
+      if (!grp) return grp.error();
+      if (grp->text("desktop_kind") != "Private")
+        return make_error(errc::invalid_argument,
+                          "machine '" + m->name + "' is in the " + grp->text("desktop_kind") + " group '" + grp->name +
+                              "'; assignments are for Private groups",
+                          "machine");
       break;
     }
     default: break;

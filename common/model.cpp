@@ -1,6 +1,7 @@
 #include "common/model.hpp"
 
 #include <algorithm>
+#include <ostream>
 
 namespace common::model {
 namespace {
@@ -100,6 +101,11 @@ std::vector<KindSpec> build_specs() {
              "how long a launch waits for a powered-on machine to register"),
       flag("dns_resolution_enabled", false, "hand out the agent's DNS name instead of its IP address"),
       text_field("default_domain", "NT domain assumed for users named without one"),
+      number("lockout_threshold", 5, 0, 1000, "failed logons within lockout_window_seconds that lock a user out (0: never)"),
+      number("lockout_window_seconds", 900, 1, kDay, "window in which failed logons are counted"),
+      number("lockout_duration_seconds", 1800, 0, 365 * kDay, "how long a lock-out lasts (0: until an admin unlocks)"),
+      number("credential_cache_seconds", 60, 0, 3600, "how long a successful password check is remembered (0: never)"),
+      flag("expose_access_lists", false, "include AccessList (users and groups) in RequestAppData replies"),
   }});
 
   kinds.push_back({Kind::hypervisor_connection, "hypervisor_connection", "hypervisor-connections",
@@ -239,9 +245,10 @@ std::vector<KindSpec> build_specs() {
       text_field("sid", "security identifier"),
       secret(text_field("password_hash", "PBKDF2 hash: brokerd --hash-password")),
       flag("disabled", false, "account disabled"),
-      flag("locked_out", false, "locked out after failed logons"),
+      operational(flag("locked_out", false, "locked out after failed logons (clear it to unlock)")),
       flag("must_change_password", false, "the user must change the password"),
       flag("expired", false, "the password has expired"),
+      state(time_field("locked_out_until", "end of an automatic lock-out (empty: none or until unlocked)")),
   }});
 
   kinds.push_back({Kind::group, "group", "groups", "groups", true, false, {
@@ -338,6 +345,10 @@ TextList Object::list(std::string_view f) const {
 bool Object::is_null(std::string_view f) const {
   auto it = fields.find(f);
   return it == fields.end() || std::holds_alternative<std::monostate>(it->second);
+}
+
+std::ostream& operator<<(std::ostream& os, const Object& obj) {
+  return os << spec(obj.kind).name << " '" << obj.name << "'";
 }
 
 Object make_default(Kind kind, std::string name) {

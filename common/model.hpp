@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <iosfwd>
 #include <map>
 #include <optional>
 #include <span>
@@ -94,6 +95,9 @@ struct Object {
   // The config file path for config-owned objects, else empty.
   std::string config_file() const { return owned_by_config() ? owner.substr(7) : std::string{}; }
 };
+
+// "machine 'name'" (for test failure messages and logs).
+std::ostream& operator<<(std::ostream& os, const Object& obj);
 
 // A new object of the kind with every field at its default.
 Object make_default(Kind kind, std::string name = {});

@@ -73,7 +73,7 @@ std::string printable(std::string_view s) {
   return out;
 }
 
-std::string quoted(std::string_view s) { return "'" + printable(s) + "'"; }
+std::string in_quotes(std::string_view s) { return "'" + printable(s) + "'"; }
 
 std::string_view type_name(const toml::node& n) {
   switch (n.type()) {
@@ -173,12 +173,12 @@ std::string check_readable(const fs::path& p) {
   const auto st = fs::status(p, ec);
   if (!fs::exists(st)) {
     if (ec && ec != std::errc::no_such_file_or_directory && ec != std::errc::not_a_directory)
-      return "cannot read file " + quoted(p.string()) + ": " + ec.message();
-    return "file " + quoted(p.string()) + " does not exist";
+      return "cannot read file " + in_quotes(p.string()) + ": " + ec.message();
+    return "file " + in_quotes(p.string()) + " does not exist";
   }
-  if (!fs::is_regular_file(st)) return quoted(p.string()) + " is not a regular file";
+  if (!fs::is_regular_file(st)) return in_quotes(p.string()) + " is not a regular file";
   std::FILE* f = std::fopen(p.c_str(), "rb");
-  if (!f) return "cannot read file " + quoted(p.string()) + ": " + std::strerror(errno);
+  if (!f) return "cannot read file " + in_quotes(p.string()) + ": " + std::strerror(errno);
   std::fclose(f);
   return {};
 }
@@ -271,7 +271,6 @@ class Loader {
   fs::path base_dir_;
   Config config_;
   std::vector<ConfigError> errors_;
-  const toml::table* admin_table_ = nullptr;
   std::map<Kind, std::vector<Declared>> declared_;
   std::map<Kind, std::map<std::string, const Declared*>> index_;  // first declaration of each name
   std::size_t object_count_ = 0;
@@ -378,7 +377,7 @@ class TableReader {
       if (used_.contains(k.str())) continue;
       if (std::find(known_.begin(), known_.end(), k.str()) != known_.end()) continue;
       const int l = k.source().begin.line ? static_cast<int>(k.source().begin.line) : line_of(v);
-      loader_.error(l, key(printable(k.str())), "unknown key " + quoted(k.str()) + did_you_mean(k.str(), known_));
+      loader_.error(l, key(printable(k.str())), "unknown key " + in_quotes(k.str()) + did_you_mean(k.str(), known_));
     }
   }
 
@@ -457,7 +456,7 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
     if (is_ip_address(*v))
       out.address = *v;
     else
-      error(r.line("address"), r.key("address"), quoted(*v) + " is not an IPv4 or IPv6 address");
+      error(r.line("address"), r.key("address"), in_quotes(*v) + " is not an IPv4 or IPv6 address");
   }
   if (auto v = r.integer("port", 0, 65535)) {
     out.port = static_cast<std::uint16_t>(*v);
@@ -519,14 +518,14 @@ void Loader::read_logging(const toml::table& root) {
     if (common::valid_log_level(*v))
       config_.log.level = *v;
     else
-      error(r.line("level"), r.key("level"), quoted(*v) + " is not one of " + join(kLevels) + did_you_mean(*v, kLevels));
+      error(r.line("level"), r.key("level"), in_quotes(*v) + " is not one of " + join(kLevels) + did_you_mean(*v, kLevels));
   }
   if (auto v = r.string("format")) {
     static constexpr std::string_view kFormats[] = {"text", "json"};
     if (*v == "text" || *v == "json")
       config_.log.format = *v;
     else
-      error(r.line("format"), r.key("format"), quoted(*v) + " is not one of text, json" + did_you_mean(*v, kFormats));
+      error(r.line("format"), r.key("format"), in_quotes(*v) + " is not one of text, json" + did_you_mean(*v, kFormats));
   }
   if (auto v = r.string("file")) {
     if (v->find('\0') != std::string::npos)
@@ -538,14 +537,14 @@ void Loader::read_logging(const toml::table& root) {
 }
 
 void Loader::read_admin(const toml::table& root) {
-  admin_table_ = section(root, "admin");
-  if (admin_table_) {
-    TableReader r(*this, *admin_table_, "admin", {"unauthenticated_paths", "token"});
+  const toml::table* admin = section(root, "admin");
+  if (admin) {
+    TableReader r(*this, *admin, "admin", {"unauthenticated_paths", "token"});
     if (auto paths = r.strings("unauthenticated_paths")) {
       for (auto& p : *paths) {
         if (p.value.empty() || p.value[0] != '/' || p.value.find_first_of(std::string_view("\0 ?#", 4)) != std::string::npos)
           error(p.line, r.key("unauthenticated_paths"),
-                quoted(p.value) + " is not a path (it must start with '/' and have no spaces, '?' or '#')");
+                in_quotes(p.value) + " is not a path (it must start with '/' and have no spaces, '?' or '#')");
         else
           config_.admin_unauthenticated_paths.push_back(std::move(p.value));
       }
@@ -577,7 +576,7 @@ void Loader::read_admin(const toml::table& root) {
               ok = false;
             } else if (auto [it, inserted] = seen.emplace(*v, tr.line("name")); !inserted) {
               error(tr.line("name"), tr.key("name"),
-                    "duplicate admin token name " + quoted(*v) + " (first at line " + std::to_string(it->second) + ")");
+                    "duplicate admin token name " + in_quotes(*v) + " (first at line " + std::to_string(it->second) + ")");
               ok = false;
             }
             token.name = *v;
@@ -606,8 +605,8 @@ void Loader::read_admin(const toml::table& root) {
     }
     r.finish();
   }
-  if (!admin_table_ || !admin_table_->contains("token")) {
-    error(admin_table_ ? line_of(*admin_table_) : 0, "admin.token",
+  if (!admin || !admin->contains("token")) {
+    error(admin ? line_of(*admin) : 0, "admin.token",
           "at least one [[admin.token]] is required: without one nobody can use the admin port");
   }
 }
@@ -631,7 +630,7 @@ bool Loader::read_object(const KindSpec& ks, const toml::table& t, const std::st
     d.name_line = r.line("name");
     if (auto v = r.string("name")) {
       name = *v;
-      // A range's name is checked once expanded (a '{n}' is not a legal character sequence anyway).
+      // A range's name is checked with {n} standing for a number.
       std::string probe = name;
       for (std::size_t at; (at = probe.find("{n}")) != std::string::npos;) probe.replace(at, 3, "1");
       if (auto problem = model_check_name(ks.kind, probe); !problem.empty()) error(d.name_line, r.key("name"), problem);
@@ -687,8 +686,10 @@ bool Loader::read_object(const KindSpec& ks, const toml::table& t, const std::st
     std::string problem = model_check(ks.kind, f, value);
     if (!problem.empty() && !f.choices.empty())
       if (auto* s = std::get_if<std::string>(&value)) {
-        problem = quoted(*s) + " is not one of " + join(f.choices) + did_you_mean(*s, f.choices);
+        problem = in_quotes(*s) + " is not one of " + join(f.choices) + did_you_mean(*s, f.choices);
       }
+    if (auto* n = std::get_if<std::int64_t>(&value); n && problem.rfind("must be between", 0) == 0)
+      problem += ", not " + std::to_string(*n);
     // Values the model cannot judge on its own.
     if (problem.empty()) {
       if (auto* s = std::get_if<std::string>(&value)) {
@@ -697,14 +698,14 @@ bool Loader::read_object(const KindSpec& ks, const toml::table& t, const std::st
         else if (ks.kind == Kind::user && f.name == "password_hash" && !common::crypto::is_password_hash(*s))
           problem = "is not a password hash (\"pbkdf2-sha256$...\"); make one with brokerd --hash-password";
         else if (ks.kind == Kind::assignment && f.name == "client_ip" && !s->empty() && !is_ip_address(*s))
-          problem = quoted(*s) + " is not an IPv4 or IPv6 address";
+          problem = in_quotes(*s) + " is not an IPv4 or IPv6 address";
       }
       const bool address_list = (ks.kind == Kind::site && f.name == "trusted_front_ends") ||
                                  (ks.kind == Kind::rule && (f.name == "included_client_ips" || f.name == "excluded_client_ips"));
       if (address_list)
         for (const auto& item : items)
           if (!item.value.empty() && !is_ip_or_cidr(item.value))
-            error(item.line, r.key(f.name), quoted(item.value) + " is not an IPv4 or IPv6 address or CIDR range");
+            error(item.line, r.key(f.name), in_quotes(item.value) + " is not an IPv4 or IPv6 address or CIDR range");
     }
     if (!problem.empty()) error(line, r.key(f.name), problem);
     if (error_count() != before) {
@@ -849,7 +850,7 @@ void Loader::read_objects(const toml::table& root) {
         const Declared& first = *it->second;
         const int first_line = first.name_line ? first.name_line : first.line;
         error(d.name_line ? d.name_line : d.line, d.path + ".name",
-              "duplicate " + std::string(model::spec(kind).name) + " name " + quoted(name) + " (first at line " +
+              "duplicate " + std::string(model::spec(kind).name) + " name " + in_quotes(name) + " (first at line " +
                   std::to_string(first_line) + ")");
       }
   }
@@ -867,7 +868,7 @@ void Loader::check_references() {
         for (const auto& target : targets)
           if (!find(*f.references, target))
             error(d.key_line(f.name), d.path + "." + std::string(f.name),
-                  "no " + target_kind + " named " + quoted(target) + " in this file");
+                  "no " + target_kind + " named " + in_quotes(target) + " in this file");
       }
   }
 }
@@ -881,8 +882,8 @@ void Loader::check_rules_between_objects() {
     if (!cat || !group || !cat->usable("session_support") || !group->usable("session_support")) continue;
     if (cat->obj.text("session_support") != group->obj.text("session_support"))
       error(d.key_line("delivery_group"), d.path + ".delivery_group",
-            "catalog " + quoted(cat->obj.name) + " is " + cat->obj.text("session_support") + " but delivery group " +
-                quoted(group->obj.name) + " is " + group->obj.text("session_support") +
+            "catalog " + in_quotes(cat->obj.name) + " is " + cat->obj.text("session_support") + " but delivery group " +
+                in_quotes(group->obj.name) + " is " + group->obj.text("session_support") +
                 " (a machine's catalog and delivery group need the same session_support)");
   }
   // Delivery groups: Private groups deliver desktops or apps, not both.
@@ -902,13 +903,13 @@ void Loader::check_rules_between_objects() {
     const std::string delivery = group->obj.text("delivery_type");
     std::string problem;
     if (type == "assignment" && desktop_kind != "Private")
-      problem = "assignment rules are for Private delivery groups; " + quoted(group->obj.name) + " is " + desktop_kind;
+      problem = "assignment rules are for Private delivery groups; " + in_quotes(group->obj.name) + " is " + desktop_kind;
     else if (type == "entitlement" && desktop_kind != "Shared")
-      problem = "entitlement rules are for Shared delivery groups; " + quoted(group->obj.name) + " is " + desktop_kind;
+      problem = "entitlement rules are for Shared delivery groups; " + in_quotes(group->obj.name) + " is " + desktop_kind;
     else if (type == "entitlement" && delivery == "AppsOnly")
-      problem = "entitlement rules publish desktops; " + quoted(group->obj.name) + " is AppsOnly (use app_entitlement)";
+      problem = "entitlement rules publish desktops; " + in_quotes(group->obj.name) + " is AppsOnly (use app_entitlement)";
     else if (type == "app_entitlement" && delivery == "DesktopsOnly")
-      problem = "app_entitlement rules are for groups that deliver applications; " + quoted(group->obj.name) +
+      problem = "app_entitlement rules are for groups that deliver applications; " + in_quotes(group->obj.name) +
                 " is DesktopsOnly";
     if (!problem.empty()) error(d.key_line("rule_type"), d.path + ".rule_type", problem);
   }
@@ -930,7 +931,7 @@ LoadResult Loader::run(std::string_view text) {
                    "delivery_group", "machine", "application", "rule", "assignment", "user", "group"});
   for (const auto& ks : model::all_kinds()) {
     if (!ks.api_writable)
-      top.refuse(ks.name, std::string(ks.plural) + " are maintained by the broker and cannot be declared in the config file");
+      top.refuse(ks.name, std::string(ks.name) + " objects are maintained by the broker and cannot be declared in the config file");
   }
   top.finish();
 

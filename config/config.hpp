@@ -48,16 +48,19 @@ struct Config {
   // The [site] table as the Kind::site object named "site" (owner "config:<path>"), if present.
   std::optional<common::model::Object> site;
   // Declared site objects in dependency order (all_kinds() order, then file order), each with
-  // owner "config:<path>" and every field set (defaults filled in).
+  // owner "config:<path>" and every field set (defaults filled in). Machine ranges are expanded;
+  // the site object is in `site`, not here.
   std::vector<common::model::Object> objects;
 };
 
 struct ConfigError {
   std::string file;
   int line = 0;     // 0 when unknown (e.g. the file cannot be read)
-  std::string key;  // dotted path, e.g. "machine[3].catalog" or "listeners.admin.port"
+  std::string key;  // dotted path, e.g. "machine[3].catalog" (the 3rd [[machine]], from 1) or
+                    // "listeners.admin.port"; empty for syntax errors and unreadable files
   std::string message;
-  std::string describe() const;  // "file:line: key: message"
+  // "file:line: key: message"; without ":line" when line is 0, without "key: " when key is empty.
+  std::string describe() const;
 };
 
 struct LoadResult {

@@ -7,6 +7,8 @@ namespace storage::sqlite {
 using common::errc;
 using common::Error;
 
+constexpr std::size_t kMaxCachedStatements = 512;
+
 std::string quote_identifier(std::string_view name) {
   std::string out = "\"";
   for (char c : name) {
@@ -43,10 +45,6 @@ void Statement::bind(int index, std::string_view text) {
 }
 void Statement::bind(int index, std::int64_t value) { sqlite3_bind_int64(stmt_, index, value); }
 void Statement::bind_null(int index) { sqlite3_bind_null(stmt_, index); }
-void Statement::bind(int index, const std::optional<std::string>& text) {
-  if (text) bind(index, std::string_view(*text));
-  else bind_null(index);
-}
 
 common::Result<bool> Statement::step() {
   const int rc = sqlite3_step(stmt_);
@@ -109,7 +107,8 @@ common::Result<Statement> Connection::prepare(const std::string& sql) {
     it->second.on_loan = true;
     return Statement(*this, it->second.stmt, &it->second.on_loan);
   }
-  const bool cache = it == cache_.end();
+  // Filters make the set of SQL texts open-ended; past the cap, statements are not cached.
+  const bool cache = it == cache_.end() && cache_.size() < kMaxCachedStatements;
   sqlite3_stmt* stmt = nullptr;
   const int rc = sqlite3_prepare_v3(db_, sql.c_str(), static_cast<int>(sql.size()),
                                     cache ? SQLITE_PREPARE_PERSISTENT : 0, &stmt, nullptr);
@@ -125,8 +124,7 @@ common::Error Connection::error(int rc, std::string_view what) const {
   const int primary = rc & 0xff;
   const std::string detail = sqlite3_errmsg(db_);
   switch (primary) {
-    case SQLITE_CONSTRAINT:
-      return Error(errc::conflict, "constraint violated: " + detail);
+    case SQLITE_CONSTRAINT: return Error(errc::conflict, "constraint violated: " + detail);
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
       return Error(errc::storage_error,
@@ -134,12 +132,9 @@ common::Error Connection::error(int rc, std::string_view what) const {
     case SQLITE_CORRUPT:
     case SQLITE_NOTADB:
       return Error(errc::storage_error, "database " + path_ + " is corrupt or not a SQLite database: " + detail);
-    case SQLITE_FULL:
-      return Error(errc::storage_error, "database " + path_ + ": disk full: " + detail);
-    case SQLITE_READONLY:
-      return Error(errc::storage_error, "database " + path_ + " is read-only: " + detail);
-    default:
-      return Error(errc::storage_error, "database " + path_ + ": " + std::string(what) + ": " + detail);
+    case SQLITE_FULL: return Error(errc::storage_error, "database " + path_ + ": disk full: " + detail);
+    case SQLITE_READONLY: return Error(errc::storage_error, "database " + path_ + " is read-only: " + detail);
+    default: return Error(errc::storage_error, "database " + path_ + ": " + std::string(what) + ": " + detail);
   }
 }
 

@@ -10,7 +10,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -36,8 +35,6 @@ class Statement {
   void bind(int index, std::string_view text);
   void bind(int index, std::int64_t value);
   void bind_null(int index);
-  // Binds text, or NULL when absent.
-  void bind(int index, const std::optional<std::string>& text);
 
   // true: a row is available; false: done. storage_error (or conflict for a constraint
   // violation) on failure.
@@ -73,7 +70,8 @@ class Connection {
   common::Status exec(std::string_view sql);
 
   // A statement for `sql`, prepared once and cached by its text. If the cached statement is
-  // already on loan (a nested use of the same SQL), a fresh uncached one is prepared.
+  // already on loan (a nested use of the same SQL), or the cache is full (512 texts), a fresh
+  // uncached one is prepared and finalised after use.
   // The text must come from descriptors or constants, never from values.
   common::Result<Statement> prepare(const std::string& sql);
 

@@ -42,7 +42,12 @@ CREATE TABLE site (
   logon_ticket_ttl_seconds INTEGER,
   registration_wait_timeout_seconds INTEGER,
   dns_resolution_enabled INTEGER,
-  default_domain TEXT
+  default_domain TEXT,
+  lockout_threshold INTEGER,
+  lockout_window_seconds INTEGER,
+  lockout_duration_seconds INTEGER,
+  credential_cache_seconds INTEGER,
+  expose_access_lists INTEGER
 );
 CREATE TABLE site_trusted_front_ends (
   owner_id INTEGER NOT NULL REFERENCES site(id) ON DELETE CASCADE,
@@ -285,7 +290,8 @@ CREATE TABLE users (
   disabled INTEGER,
   locked_out INTEGER,
   must_change_password INTEGER,
-  expired INTEGER
+  expired INTEGER,
+  locked_out_until TEXT
 );
 
 CREATE TABLE groups (
@@ -391,8 +397,8 @@ common::Result<SchemaState> read_schema_state(Connection& db) {
   SchemaState state;
   bool has_version_table = false;
   {
-    auto st = db.prepare(
-        "SELECT count(*), coalesce(sum(type = 'table' AND name = 'schema_version'), 0) FROM sqlite_master");
+    auto st =
+        db.prepare("SELECT count(*), coalesce(sum(type = 'table' AND name = 'schema_version'), 0) FROM sqlite_master");
     if (!st) return st.error();
     auto row = st->step();
     if (!row) return row.error();
@@ -408,8 +414,6 @@ common::Result<SchemaState> read_schema_state(Connection& db) {
   return state;
 }
 
-namespace {
-
 common::Status check_version(const Connection& db, const SchemaState& state) {
   if (state.foreign)
     return Error(errc::incompatible, "database " + db.path() +
@@ -421,6 +425,8 @@ common::Status check_version(const Connection& db, const SchemaState& state) {
                                          std::to_string(current_schema_version()));
   return {};
 }
+
+namespace {
 
 common::Result<int> apply_missing(Connection& db) {
   auto state = read_schema_state(db);
@@ -526,8 +532,11 @@ common::Status verify_schema(Connection& db) {
     auto info = table_info(db, table);
     if (!info) return info.error();
     if (info->columns.empty()) return mismatch("no table " + table + " for kind " + std::string(kind.name));
-    for (auto [column, type] : {std::pair{"id", "INTEGER"}, {"name", "TEXT"}, {"owner", "TEXT"},
-                                {"created_at", "TEXT"}, {"updated_at", "TEXT"}})
+    for (auto [column, type] : {std::pair{"id", "INTEGER"},
+                                {"name", "TEXT"},
+                                {"owner", "TEXT"},
+                                {"created_at", "TEXT"},
+                                {"updated_at", "TEXT"}})
       if (auto ok = expect_column(*info, table, column, type); !ok) return ok;
     for (const auto& field : kind.fields) {
       if (field.type == FieldType::text_list) {

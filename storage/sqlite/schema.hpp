@@ -38,6 +38,10 @@ struct SchemaState {
 // Reads the schema state without writing anything. storage_error when the file cannot be read.
 common::Result<SchemaState> read_schema_state(Connection& db);
 
+// errc::incompatible (naming the path and both versions) when the state shows a database this
+// build must not touch: newer than this build, or not an openbroker database.
+common::Status check_version(const Connection& db, const SchemaState& state);
+
 // Applies the missing migrations in one BEGIN IMMEDIATE transaction (re-reading the version
 // inside it, so two processes opening the same new file do not both migrate). Returns the
 // version after migration. errc::incompatible (nothing written) when the database is newer than

@@ -1,0 +1,484 @@
+#include "config/config.hpp"
+
+#include "common/crypto.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <unistd.h>
+
+namespace {
+
+namespace fs = std::filesystem;
+using common::model::Kind;
+using common::model::Object;
+
+const std::string kSourceDir = OPENBROKER_SOURCE_DIR;
+
+// The smallest valid file; appended after each test's own lines so their line numbers start at 1.
+const std::string kTail = R"(
+[database]
+path = ":memory:"
+[[admin.token]]
+name = "t"
+sha256 = "e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f"
+)";
+
+config::LoadResult load(const std::string& text) { return config::load_string(text + kTail, "t.toml", "/base"); }
+
+std::string all_errors(const config::LoadResult& r) {
+  std::string out;
+  for (const auto& e : r.errors) out += e.describe() + "\n";
+  return out;
+}
+
+// The one error of a result (fails the test when there are none or several).
+config::ConfigError only_error(const config::LoadResult& r) {
+  INFO(all_errors(r));
+  REQUIRE(r.errors.size() == 1);
+  CHECK(!r.config);
+  return r.errors.front();
+}
+
+std::vector<const Object*> of_kind(const config::Config& c, Kind k) {
+  std::vector<const Object*> out;
+  for (const auto& o : c.objects)
+    if (o.kind == k) out.push_back(&o);
+  return out;
+}
+
+const Object* named(const config::Config& c, Kind k, const std::string& name) {
+  for (const auto& o : c.objects)
+    if (o.kind == k && o.name == name) return &o;
+  return nullptr;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+TEST_CASE("the example file loads and keeps the documented defaults") {
+  const auto r = config::load_file(kSourceDir + "/config/brokerd.example.toml");
+  INFO(all_errors(r));
+  REQUIRE(r.errors.empty());
+  REQUIRE(r.config);
+  const config::Config& c = *r.config;
+  const config::Config defaults;
+  const config::Listener listener;
+  CHECK(c.io_threads == defaults.io_threads);
+  CHECK(c.shutdown_grace_seconds == defaults.shutdown_grace_seconds);
+  CHECK(c.xml.port == 8080);
+  CHECK(c.agent.port == 8081);
+  CHECK(c.admin.port == 8082);
+  CHECK(c.xml.header_limit_bytes == listener.header_limit_bytes);
+  CHECK(c.xml.body_limit_bytes == listener.body_limit_bytes);
+  CHECK(c.xml.read_timeout_seconds == listener.read_timeout_seconds);
+  CHECK(c.xml.idle_timeout_seconds == listener.idle_timeout_seconds);
+  CHECK(c.database_busy_timeout_ms == defaults.database_busy_timeout_ms);
+  CHECK(c.log.level == "info");
+  CHECK(c.log.format == "text");
+  CHECK(c.log.file.empty());
+  CHECK(c.admin_tokens.size() == 1);
+  CHECK(c.admin_tokens[0].sha256 == common::crypto::sha256_hex("change-me"));
+  REQUIRE(c.site);
+  CHECK(c.site->name == "site");
+  // Every declarable kind has an example.
+  for (const auto& ks : common::model::all_kinds())
+    if (ks.api_writable && ks.kind != Kind::site) CHECK_MESSAGE(!of_kind(c, ks.kind).empty(), ks.name);
+  CHECK(named(c, Kind::assignment, "EXAMPLE\\personal-01:EXAMPLE\\alice"));
+  CHECK(named(c, Kind::machine, "EXAMPLE\\desk-3"));
+}
+
+TEST_CASE("the example file documents every settable field of every kind") {
+  const std::string text = read_text(kSourceDir + "/config/brokerd.example.toml");
+  REQUIRE(!text.empty());
+  for (const auto& ks : common::model::all_kinds()) {
+    if (!ks.api_writable) continue;
+    const std::string header = ks.kind == Kind::site ? "\n[site]\n" : "\n[[" + std::string(ks.name) + "]]\n";
+    const auto start = text.find(header);
+    REQUIRE_MESSAGE(start != std::string::npos, header);
+    const auto end = text.find("\n[", start + 1);
+    const std::string section = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    for (const auto& f : ks.fields) {
+      const std::string key(f.name);
+      const bool documented = section.find("\n" + key + " = ") != std::string::npos ||
+                              section.find("\n# " + key + " = ") != std::string::npos;
+      if (f.state)
+        CHECK_MESSAGE(section.find(key) != std::string::npos, ks.name, ".", key, " (state) is not mentioned");
+      else
+        CHECK_MESSAGE(documented, ks.name, ".", key, " is not documented in the example");
+    }
+  }
+}
+
+TEST_CASE("the demo site loads with the expected objects") {
+  const std::string path = kSourceDir + "/config/demo.toml";
+  const auto r = config::load_file(path);
+  INFO(all_errors(r));
+  REQUIRE(r.errors.empty());
+  const config::Config& c = *r.config;
+  const std::string abs = fs::absolute(path).lexically_normal().string();
+  CHECK(c.path == abs);
+  CHECK(c.database_path == (fs::path(kSourceDir) / "var/demo.db").lexically_normal().string());
+  CHECK(c.xml.address == "127.0.0.1");
+  CHECK(c.admin_unauthenticated_paths == std::vector<std::string>{"/metrics", "/readyz"});
+  REQUIRE(c.admin_tokens.size() == 1);
+  CHECK(c.admin_tokens[0].name == "demo");
+  CHECK(c.admin_tokens[0].sha256 == common::crypto::sha256_hex("demo-admin-token"));
+  REQUIRE(c.site);
+  CHECK(c.site->text("site_name") == "Demo");
+  CHECK(c.site->owner == "config:" + abs);
+
+  CHECK(of_kind(c, Kind::hypervisor_connection).size() == 1);
+  CHECK(of_kind(c, Kind::catalog).size() == 3);
+  CHECK(of_kind(c, Kind::delivery_group).size() == 3);
+  CHECK(of_kind(c, Kind::application).size() == 3);
+  CHECK(of_kind(c, Kind::rule).size() == 6);
+  CHECK(of_kind(c, Kind::user).size() == 4);
+  CHECK(of_kind(c, Kind::group).size() == 3);
+
+  // 6 + 3 + 2 machines; counts below 10 need no padding.
+  std::vector<std::string> machines;
+  for (const auto* m : of_kind(c, Kind::machine)) machines.push_back(m->name);
+  CHECK(machines == std::vector<std::string>{"DEMO\\pool-1", "DEMO\\pool-2", "DEMO\\pool-3", "DEMO\\pool-4",
+                                             "DEMO\\pool-5", "DEMO\\pool-6", "DEMO\\personal-1", "DEMO\\personal-2",
+                                             "DEMO\\personal-3", "DEMO\\rds-1", "DEMO\\rds-2"});
+  const Object* rds = named(c, Kind::machine, "DEMO\\rds-2");
+  REQUIRE(rds);
+  CHECK(rds->text("catalog") == "rds-hosts");
+  CHECK(rds->text("delivery_group") == "Office Apps");
+  CHECK(rds->list("tags") == common::model::TextList{"rds", "office"});
+  CHECK(rds->text("registration_state") == "Unregistered");  // defaults filled in
+
+  // Objects come in all_kinds() order, each owned by the file.
+  int last = -1;
+  for (const auto& o : c.objects) {
+    CHECK(static_cast<int>(o.kind) >= last);
+    last = static_cast<int>(o.kind);
+    CHECK(o.owner == "config:" + abs);
+  }
+
+  const Object* alice = named(c, Kind::user, "alice");
+  REQUIRE(alice);
+  CHECK(common::crypto::verify_password("alice-pass", alice->text("password_hash")));
+  CHECK(named(c, Kind::user, "dave")->flag("disabled"));
+  CHECK(named(c, Kind::group, "Staff")->list("members") == common::model::TextList{"Finance"});
+  CHECK(named(c, Kind::catalog, "win11-private")->text("allocation_type") == "Static");
+  CHECK(named(c, Kind::delivery_group, "Office Apps")->text("session_support") == "MultiSession");
+  CHECK(named(c, Kind::application, "Word")->list("delivery_groups") == common::model::TextList{"Office Apps"});
+}
+
+TEST_CASE("machine ranges pad {n} to the width of count") {
+  const auto r = load(R"([[catalog]]
+name = "c"
+[[machine]]
+name = "m-{n}-x{n}"
+count = 10
+catalog = "c"
+)");
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  const auto machines = of_kind(*r.config, Kind::machine);
+  REQUIRE(machines.size() == 10);
+  CHECK(machines.front()->name == "m-01-x01");
+  CHECK(machines[8]->name == "m-09-x09");
+  CHECK(machines.back()->name == "m-10-x10");
+
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m-{n}\"\ncatalog = \"c\"\n")).describe() ==
+        "t.toml:4: machine[1].name: contains {n} but count is not set");
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncount = 2\ncatalog = \"c\"\n")).key ==
+        "machine[1].count");
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m{n}\"\ncount = 10001\ncatalog = \"c\"\n"))
+            .message == "must be between 1 and 10000, not 10001");
+  // A range that collides with a single machine.
+  const auto e = only_error(load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m2\"\ncatalog = \"c\"\n"
+                                 "[[machine]]\nname = \"m{n}\"\ncount = 3\ncatalog = \"c\"\n"));
+  CHECK(e.describe() == "t.toml:7: machine[2].name: duplicate machine name 'm2' (first at line 4)");
+}
+
+TEST_CASE("a TOML syntax error is one error with its line") {
+  const auto e = only_error(config::load_string("[daemon]\nio_threads = 2\nshutdown_grace_seconds = \n", "s.toml"));
+  CHECK(e.file == "s.toml");
+  CHECK(e.line == 3);
+  CHECK(e.key.empty());
+  CHECK(e.message.find("TOML syntax error") == 0);
+}
+
+TEST_CASE("unknown keys are errors, with a suggestion when one is close") {
+  const auto r = load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncatalog = \"c\"\ncatlog = \"c\"\n");
+  const auto u = only_error(r);
+  CHECK(u.describe() == "t.toml:6: machine[1].catlog: unknown key 'catlog' (did you mean 'catalog'?)");
+  CHECK(only_error(load("[daemon]\nio_thread = 2\n")).message ==
+        "unknown key 'io_thread' (did you mean 'io_threads'?)");
+  CHECK(only_error(load("[listeners.xlm]\nport = 1\n")).message == "unknown key 'xlm' (did you mean 'xml'?)");
+  CHECK(only_error(load("[[catalogs]]\nname = \"c\"\n")).message ==
+        "unknown key 'catalogs' (did you mean 'catalog'?)");
+  CHECK(only_error(load("colour = \"red\"\n")).message == "unknown key 'colour'");
+  CHECK(only_error(load("[[session]]\nmachine = \"m\"\n")).message ==
+        "session objects are maintained by the broker and cannot be declared in the config file");
+}
+
+TEST_CASE("unknown key next to a missing required key: both reported") {
+  const auto r = load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncatlog = \"c\"\n");
+  INFO(all_errors(r));
+  REQUIRE(r.errors.size() == 2);
+  CHECK(r.errors[0].describe() == "t.toml:3: machine[1].catalog: is required");
+  CHECK(r.errors[1].describe() == "t.toml:5: machine[1].catlog: unknown key 'catlog' (did you mean 'catalog'?)");
+}
+
+TEST_CASE("wrong TOML types are named") {
+  CHECK(only_error(load("[daemon]\nio_threads = \"2\"\n")).describe() ==
+        "t.toml:2: daemon.io_threads: must be an integer, not a string");
+  CHECK(only_error(load("[[group]]\nname = \"g\"\nmembers = \"alice\"\n")).message ==
+        "must be an array of strings, not a string");
+  CHECK(only_error(load("[[group]]\nname = \"g\"\nmembers = [\"alice\", 3]\n")).message ==
+        "must be an array of strings, but element 2 is an integer");
+  CHECK(only_error(load("[[user]]\nname = \"u\"\ndisabled = \"yes\"\n")).message ==
+        "must be a boolean (true or false), not a string");
+  CHECK(only_error(load("[[user]]\nname = 7\n")).describe() == "t.toml:2: user[1].name: must be a string, not an integer");
+  CHECK(only_error(load("[catalog]\nname = \"c\"\n")).message ==
+        "must be an array of tables ([[catalog]]), not a table");
+  CHECK(only_error(load("daemon = 1\n")).message == "must be a table ([daemon]), not an integer");
+  CHECK(only_error(load("[[delivery_group]]\nname = \"g\"\npeak_buffer_size_percent = 101\n")).message ==
+        "must be between 0 and 100, not 101");
+}
+
+TEST_CASE("a misspelt choice lists the allowed spellings") {
+  const auto e = only_error(load("[[catalog]]\nname = \"c\"\nallocation_type = \"random\"\n"));
+  CHECK(e.describe() == "t.toml:3: catalog[1].allocation_type: 'random' is not one of Static, Random (did you mean 'Random'?)");
+  CHECK(only_error(load("[logging]\nlevel = \"warning\"\n")).message ==
+        "'warning' is not one of trace, debug, info, warn, error, critical, off");
+  CHECK(only_error(load("[logging]\nformat = \"jsn\"\n")).message == "'jsn' is not one of text, json (did you mean 'json'?)");
+}
+
+TEST_CASE("references must name an object declared in the file") {
+  CHECK(only_error(load("[[machine]]\nname = \"m\"\ncatalog = \"nope\"\n")).describe() ==
+        "t.toml:3: machine[1].catalog: no catalog named 'nope' in this file");
+  CHECK(only_error(load("[[delivery_group]]\nname = \"g\"\n[[application]]\nname = \"a\"\n"
+                        "command_line_executable = \"a.exe\"\ndelivery_groups = [\"g\", \"h\"]\n"))
+            .message == "no delivery_group named 'h' in this file");
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\nhypervisor_connection = \"hv\"\n")).message ==
+        "no hypervisor_connection named 'hv' in this file");
+}
+
+TEST_CASE("duplicate names give both lines") {
+  const auto e = only_error(load("[[catalog]]\nname = \"x\"\n\n[[catalog]]\nname = \"x\"\n"));
+  CHECK(e.describe() == "t.toml:5: catalog[2].name: duplicate catalog name 'x' (first at line 2)");
+  // Different kinds may share a name.
+  CHECK(load("[[catalog]]\nname = \"x\"\n[[delivery_group]]\nname = \"x\"\n").errors.empty());
+  CHECK(only_error(load("[[admin.token]]\nname = \"t\"\nsha256 = \"" + std::string(64, 'a') + "\"\n")).message ==
+        "duplicate admin token name 't' (first at line 2)");
+}
+
+TEST_CASE("a machine's catalog and delivery group need the same session support") {
+  const auto e = only_error(load(R"([[catalog]]
+name = "rds"
+session_support = "MultiSession"
+[[delivery_group]]
+name = "desk"
+[[machine]]
+name = "m"
+catalog = "rds"
+delivery_group = "desk"
+)"));
+  CHECK(e.line == 9);
+  CHECK(e.key == "machine[1].delivery_group");
+  CHECK(e.message.find("catalog 'rds' is MultiSession but delivery group 'desk' is SingleSession") == 0);
+}
+
+TEST_CASE("delivery group and rule combinations") {
+  CHECK(only_error(load("[[delivery_group]]\nname = \"p\"\ndesktop_kind = \"Private\"\ndelivery_type = \"DesktopsAndApps\"\n"))
+            .describe() == "t.toml:4: delivery_group[1].delivery_type: a Private delivery group cannot be "
+                           "DesktopsAndApps (use DesktopsOnly or AppsOnly)");
+  const std::string groups = "[[delivery_group]]\nname = \"shared\"\n"
+                             "[[delivery_group]]\nname = \"private\"\ndesktop_kind = \"Private\"\n";
+  CHECK(only_error(load(groups + "[[rule]]\nname = \"r\"\nrule_type = \"assignment\"\ndelivery_group = \"shared\"\n"))
+            .message == "assignment rules are for Private delivery groups; 'shared' is Shared");
+  CHECK(only_error(load(groups + "[[rule]]\nname = \"r\"\nrule_type = \"entitlement\"\ndelivery_group = \"private\"\n"))
+            .message == "entitlement rules are for Shared delivery groups; 'private' is Private");
+  CHECK(load(groups + "[[rule]]\nname = \"r\"\nrule_type = \"access\"\ndelivery_group = \"private\"\n"
+                      "[[rule]]\nname = \"s\"\nrule_type = \"assignment\"\ndelivery_group = \"private\"\n")
+            .errors.empty());
+  CHECK(only_error(load("[[rule]]\nname = \"r\"\ndelivery_group = \"x\"\n[[delivery_group]]\nname = \"x\"\n")).describe() ==
+        "t.toml:1: rule[1].rule_type: is required");
+}
+
+TEST_CASE("assignments: exactly one of user and client_ip, name optional") {
+  const std::string base = "[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncatalog = \"c\"\n";
+  auto r = load(base + "[[assignment]]\nmachine = \"m\"\nuser = \"DEMO\\\\alice\"\n"
+                       "[[assignment]]\nmachine = \"m\"\nclient_ip = \"10.0.0.7\"\n"
+                       "[[assignment]]\nname = \"mine\"\nmachine = \"m\"\nuser = \"bob\"\n");
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  CHECK(named(*r.config, Kind::assignment, "m:DEMO\\alice"));
+  CHECK(named(*r.config, Kind::assignment, "m:10.0.0.7"));
+  CHECK(named(*r.config, Kind::assignment, "mine"));
+  CHECK(only_error(load(base + "[[assignment]]\nmachine = \"m\"\n")).describe() ==
+        "t.toml:6: assignment[1]: one of user and client_ip is required");
+  CHECK(only_error(load(base + "[[assignment]]\nmachine = \"m\"\nuser = \"u\"\nclient_ip = \"10.0.0.1\"\n")).message ==
+        "set only one of user and client_ip");
+  CHECK(only_error(load(base + "[[assignment]]\nmachine = \"m\"\nclient_ip = \"10.0.0.300\"\n")).message ==
+        "'10.0.0.300' is not an IPv4 or IPv6 address");
+  CHECK(only_error(load(base + "[[assignment]]\nmachine = \"m\"\nuser = \"u\"\n[[assignment]]\nmachine = \"m\"\nuser = \"u\"\n"))
+            .message == "duplicate assignment name 'm:u' (first at line 6)");
+}
+
+TEST_CASE("addresses and CIDR ranges are checked") {
+  CHECK(load("[site]\ntrusted_front_ends = [\"10.0.0.1\", \"10.0.0.0/8\", \"::1\", \"fd00::/8\"]\n").errors.empty());
+  const auto r = load("[site]\ntrusted_front_ends = [\n  \"10.0.0.1\",\n  \"10.0.0.0/33\",\n  \"frontend\",\n]\n");
+  INFO(all_errors(r));
+  REQUIRE(r.errors.size() == 2);
+  CHECK(r.errors[0].describe() == "t.toml:4: site.trusted_front_ends: '10.0.0.0/33' is not an IPv4 or IPv6 address or CIDR range");
+  CHECK(r.errors[1].line == 5);
+  CHECK(only_error(load("[[delivery_group]]\nname = \"g\"\n[[rule]]\nname = \"r\"\nrule_type = \"access\"\n"
+                        "delivery_group = \"g\"\nincluded_client_ips = [\"1.2.3\"]\n"))
+            .key == "rule[1].included_client_ips");
+  CHECK(only_error(load("[listeners.xml]\naddress = \"localhost\"\n")).message == "'localhost' is not an IPv4 or IPv6 address");
+}
+
+TEST_CASE("state fields and plain-text secrets are refused") {
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncatalog = \"c\"\npower_state = \"On\"\n"))
+            .describe() == "t.toml:6: machine[1].power_state: is maintained by the broker and cannot be set in the config file");
+  CHECK(only_error(load("[[user]]\nname = \"u\"\npassword = \"secret\"\n")).describe() ==
+        "t.toml:3: user[1].password: plain-text passwords are not accepted; use password_hash (brokerd --hash-password)");
+  CHECK(only_error(load("[[user]]\nname = \"u\"\npassword_hash = \"secret\"\n")).message.find("brokerd --hash-password") !=
+        std::string::npos);
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\nenrollment_key_hash = \"ABC\"\n")).key == "catalog[1].enrollment_key_hash");
+  CHECK(only_error(load("[[catalog]]\nname = \"c\"\nenrollment_key = \"abc\"\n")).key == "catalog[1].enrollment_key");
+  CHECK(load("[[catalog]]\nname = \"c\"\nenrollment_key_hash = \"" + common::crypto::sha256_hex("k") + "\"\n").errors.empty());
+}
+
+TEST_CASE("listener checks") {
+  CHECK(only_error(load("[listeners.admin]\nport = 70000\n")).describe() ==
+        "t.toml:2: listeners.admin.port: must be between 0 and 65535, not 70000");
+  CHECK(only_error(load("[listeners.agent]\nport = 8080\n")).describe() ==
+        "t.toml:2: listeners.agent.port: port 8080 is also used by listeners.xml");
+  CHECK(load("[listeners.xml]\nport = 0\n[listeners.agent]\nport = 0\n").errors.empty());
+
+  const fs::path dir = fs::temp_directory_path() / ("config_test_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "c.pem") << "cert";
+  std::ofstream(dir / "k.pem") << "key";
+
+  auto e = only_error(config::load_string("[listeners.xml]\ntls_cert = \"c.pem\"\n" + kTail, "t.toml", dir.string()));
+  CHECK(e.describe() == "t.toml:2: listeners.xml.tls_key: is required when tls_cert is set (set both tls_cert and tls_key, or neither)");
+  e = only_error(config::load_string("[listeners.xml]\ntls_cert = \"c.pem\"\ntls_key = \"missing.pem\"\n" + kTail, "t.toml",
+                                     dir.string()));
+  CHECK(e.line == 3);
+  CHECK(e.message == "file '" + (dir / "missing.pem").string() + "' does not exist");
+  auto r = config::load_string("[listeners.xml]\ntls_cert = \"c.pem\"\ntls_key = \"" + (dir / "k.pem").string() + "\"\n" + kTail,
+                               "t.toml", dir.string());
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  CHECK(r.config->xml.tls_cert_file == (dir / "c.pem").string());
+  CHECK(r.config->xml.tls_key_file == (dir / "k.pem").string());
+  CHECK(r.config->agent.tls_cert_file.empty());
+  fs::remove_all(dir);
+}
+
+TEST_CASE("admin tokens: at least one, well formed") {
+  const auto e = only_error(config::load_string("[database]\npath = \":memory:\"\n", "t.toml"));
+  CHECK(e.describe() == "t.toml: admin.token: at least one [[admin.token]] is required: without one nobody can use the admin port");
+  CHECK(only_error(config::load_string("[database]\npath = \":memory:\"\n[admin]\nunauthenticated_paths = []\n", "t.toml"))
+            .line == 3);
+  CHECK(only_error(load("[[admin.token]]\nname = \"x\"\nsha256 = \"E2186DBDB1BB4193608605E84F33208765B5693B55EDD4F730A719A100EEEA6F\"\n"))
+            .key == "admin.token[1].sha256");
+  CHECK(only_error(load("[admin]\nunauthenticated_paths = [\"metrics\"]\n")).key == "admin.unauthenticated_paths");
+}
+
+TEST_CASE("paths resolve against the file's directory") {
+  auto r = config::load_string("[logging]\nfile = \"log/b.log\"\n[database]\npath = \"../var/b.db\"\n"
+                               "[[admin.token]]\nname = \"t\"\nsha256 = \"" + std::string(64, '0') + "\"\n",
+                               "t.toml", "/etc/openbroker");
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  CHECK(r.config->database_path == "/etc/var/b.db");
+  CHECK(r.config->log.file == "/etc/openbroker/log/b.log");
+  CHECK(r.config->path == "t.toml");
+  CHECK(load("").config->database_path == ":memory:");
+  CHECK(only_error(config::load_string("[[admin.token]]\nname = \"t\"\nsha256 = \"" + std::string(64, '0') + "\"\n", "t.toml"))
+            .describe() == "t.toml: database.path: is required (add a [database] table with path = \"...\")");
+}
+
+TEST_CASE("several errors are reported at once, in file order") {
+  const auto r = load(R"([[machine]]
+name = "m"
+catalog = "nowhere"
+[daemon]
+io_threads = 0
+[[catalog]]
+name = "c"
+allocation_type = "Sometimes"
+[[catalog]]
+name = "c"
+)");
+  INFO(all_errors(r));
+  CHECK(!r.config);
+  REQUIRE(r.errors.size() == 4);
+  CHECK(r.errors[0].line == 3);
+  CHECK(r.errors[0].key == "machine[1].catalog");
+  CHECK(r.errors[1].line == 5);
+  CHECK(r.errors[1].key == "daemon.io_threads");
+  CHECK(r.errors[2].line == 8);
+  CHECK(r.errors[3].line == 10);
+  CHECK(r.errors[3].message == "duplicate catalog name 'c' (first at line 7)");
+}
+
+TEST_CASE("describe() is file:line: key: message") {
+  config::ConfigError e{"name", 12, "machine[2].catalog", "no catalog named 'x' in this file"};
+  CHECK(e.describe() == "name:12: machine[2].catalog: no catalog named 'x' in this file");
+  e.line = 0;
+  CHECK(e.describe() == "name: machine[2].catalog: no catalog named 'x' in this file");
+  e.key.clear();
+  CHECK(e.describe() == "name: no catalog named 'x' in this file");
+  const auto r = load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"a\"\ncatalog = \"c\"\n[[machine]]\nname = \"b\"\n"
+                      "catalog = \"x\"\n");
+  CHECK(only_error(r).describe() == "t.toml:8: machine[2].catalog: no catalog named 'x' in this file");
+}
+
+TEST_CASE("load_file reports unreadable files without a line") {
+  const auto r = config::load_file("/nonexistent/brokerd.toml");
+  REQUIRE(r.errors.size() == 1);
+  CHECK(r.errors[0].line == 0);
+  CHECK(r.errors[0].file == "/nonexistent/brokerd.toml");
+  CHECK(r.errors[0].describe().find("/nonexistent/brokerd.toml: cannot open") == 0);
+  CHECK(!config::load_file(kSourceDir + "/config").errors.empty());
+}
+
+TEST_CASE("hostile input gives errors, not exceptions or crashes") {
+  const std::string inputs[] = {
+      std::string("\0\0\0", 3),
+      "[[machine]]\nname = \"\\u0000{n}\"\ncount = 10000\ncatalog = \"c\"\n",
+      "a = [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]\n",
+      "\xff\xfe = 1\n",
+      "[site]\ntrusted_front_ends = [\"/\", \"1.2.3.4/\", \"::/129\", \"1.2.3.4/0032\"]\n",
+      "[[user]]\n\"\\n\" = 1\n",
+      "[[assignment]]\nname = \"\"\nmachine = \"\"\n",
+      "[database]\npath = \"\"\n[[admin.token]]\n",
+  };
+  for (const auto& text : inputs) {
+    config::LoadResult r;
+    CHECK_NOTHROW(r = config::load_string(text, "h.toml"));
+    CHECK(!r.errors.empty());
+    CHECK(!r.config);
+    for (const auto& e : r.errors)
+      for (char c : e.describe()) CHECK(static_cast<unsigned char>(c) >= 0x20);
+  }
+}
+
+TEST_CASE("no partial config on error") {
+  const auto r = load("[daemon]\nio_threads = 4\n[[catalog]]\nname = \"c\"\nallocation_type = \"X\"\n");
+  CHECK(!r.config);
+  CHECK(r.errors.size() == 1);
+}

@@ -1,0 +1,465 @@
+#include "identity/builtin_directory.hpp"
+
+#include "common/model_json.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace identity {
+
+namespace detail {
+struct SiteSettings {
+  std::string default_domain;
+  std::int64_t lockout_threshold = 0;
+  std::int64_t lockout_window_seconds = 0;
+  std::int64_t lockout_duration_seconds = 0;
+  std::int64_t credential_cache_seconds = 0;
+};
+}  // namespace detail
+
+namespace {
+
+using common::errc;
+using common::Error;
+using common::SysTime;
+using common::model::Kind;
+using common::model::Object;
+using common::model::Value;
+using detail::SiteSettings;
+using storage::Transaction;
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return out;
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+std::chrono::seconds secs(std::int64_t n) { return std::chrono::seconds(n); }
+
+std::string qualify(const std::string& domain, const std::string& name) {
+  return domain.empty() ? name : domain + "\\" + name;
+}
+
+// The site settings object, or the defaults when the database has none yet.
+Result<SiteSettings> read_settings(Transaction& tx) {
+  auto site = tx.get(Kind::site, "site");
+  Object obj;
+  if (site) {
+    obj = std::move(*site);
+  } else if (site.error().code == errc::not_found) {
+    obj = common::model::make_default(Kind::site, "site");
+  } else {
+    return site.error();
+  }
+  SiteSettings s;
+  s.default_domain = obj.text("default_domain");
+  s.lockout_threshold = obj.integer("lockout_threshold", 5);
+  s.lockout_window_seconds = obj.integer("lockout_window_seconds", 900);
+  s.lockout_duration_seconds = obj.integer("lockout_duration_seconds", 1800);
+  s.credential_cache_seconds = obj.integer("credential_cache_seconds", 60);
+  return s;
+}
+
+std::string effective_domain(const Object& obj, const SiteSettings& settings) {
+  std::string domain = obj.text("domain");
+  return domain.empty() ? settings.default_domain : domain;
+}
+
+// The user `name` designates, or nullopt. `allow_sid`: a bare `S-1-...` name is matched
+// against the users' SIDs (pass-through only).
+Result<std::optional<Object>> find_user(Transaction& tx, const AccountName& name, const SiteSettings& settings,
+                                        bool allow_sid) {
+  if (name.name.empty()) return std::optional<Object>{};
+  const auto scan = [&](auto&& match) -> Result<std::optional<Object>> {
+    auto all = tx.list(Kind::user, {});
+    if (!all) return all.error();
+    for (auto& user : *all)
+      if (match(user)) return std::optional<Object>(std::move(user));
+    return std::optional<Object>{};
+  };
+
+  if (allow_sid && name.domain.empty() && is_sid(name.name))
+    return scan([&](const Object& u) { return iequals(u.text("sid"), name.name); });
+
+  if (name.upn) {
+    storage::Query exact;
+    exact.equals = {{"upn", name.name}};
+    exact.limit = 1;
+    auto hit = tx.list(Kind::user, exact);
+    if (!hit) return hit.error();
+    if (!hit->empty()) return std::optional<Object>(std::move(hit->front()));
+    return scan([&](const Object& u) { return iequals(u.text("upn"), name.name); });
+  }
+
+  std::optional<Object> found;
+  if (auto exact = tx.get(Kind::user, name.name)) {
+    found = std::move(*exact);
+  } else if (exact.error().code != errc::not_found) {
+    return exact.error();
+  } else {
+    auto any = scan([&](const Object& u) { return iequals(u.name, name.name); });
+    if (!any) return any.error();
+    found = std::move(*any);
+  }
+  if (found && !name.domain.empty() && !iequals(name.domain, effective_domain(*found, settings))) found.reset();
+  return found;
+}
+
+enum class LockState { none, active, lapsed };
+
+LockState lock_state(const Object& user, SysTime now) {
+  if (!user.flag("locked_out")) return LockState::none;
+  const std::string until = user.text("locked_out_until");
+  if (until.empty()) return LockState::active;  // until an admin clears it
+  SysTime end;
+  if (!common::parse_time(until, end)) return LockState::active;  // unreadable: stay safe
+  return end > now ? LockState::active : LockState::lapsed;
+}
+
+// Drops failure times at or before now - window.
+void prune(std::deque<SysTime>& times, SysTime now, std::int64_t window_seconds) {
+  const SysTime oldest = now - secs(window_seconds);
+  while (!times.empty() && times.front() <= oldest) times.pop_front();
+}
+
+AuthOutcome outcome(AuthResult result) {
+  AuthOutcome out;
+  out.result = result;
+  return out;
+}
+
+Status audit(Transaction& tx, std::string_view action, const Object& before, const Object& after) {
+  storage::AuditEntry entry;
+  entry.actor = "broker";
+  entry.action = std::string(action);
+  entry.kind = "user";
+  entry.object = after.name;
+  entry.before = common::model::to_json_text(before);
+  entry.after = common::model::to_json_text(after);
+  return tx.append_audit(entry);
+}
+
+}  // namespace
+
+BuiltinDirectory::BuiltinDirectory(storage::Repository& repository, common::Clock& clock,
+                                   BuiltinDirectoryOptions options)
+    : repository_(repository),
+      clock_(clock),
+      options_(std::move(options)),
+      dummy_hash_(common::crypto::hash_password(common::crypto::random_hex(16), options_.dummy_hash_iterations)),
+      cache_key_(common::crypto::random_hex(32)) {
+  if (!options_.verify_password) options_.verify_password = &common::crypto::verify_password;
+}
+
+Result<AuthOutcome> BuiltinDirectory::authenticate(const Credentials& credentials) {
+  const AccountName name = parse_account_name(credentials.user_name, credentials.domain);
+  SiteSettings settings;
+  std::optional<Object> user;
+  auto read = repository_.read([&](Transaction& tx) -> Status {
+    auto s = read_settings(tx);
+    if (!s) return s.error();
+    settings = std::move(*s);
+    auto u = find_user(tx, name, settings, false);
+    if (!u) return u.error();
+    user = std::move(*u);
+    return {};
+  });
+  if (!read) return read.error();
+  if (!user) return reject_unknown(name, credentials.password, settings);
+
+  const bool disabled = user->flag("disabled");
+  if (!disabled) {
+    switch (lock_state(*user, clock_.now())) {
+      case LockState::active: forget(user->name); return outcome(AuthResult::account_locked_out);
+      case LockState::lapsed:
+        if (auto st = unlock(*user); !st) return st.error();
+        break;
+      case LockState::none: break;
+    }
+  }
+
+  if (!check_password(*user, credentials.password, settings)) {
+    if (auto st = record_failure(*user, settings); !st) return st.error();
+    return outcome(AuthResult::failed_credentials);
+  }
+  clear_failures(lower(user->name));
+
+  if (disabled) {
+    forget(user->name);
+    return outcome(AuthResult::account_disabled);
+  }
+  if (user->flag("expired")) return with_identity(AuthResult::expired_credentials, *user, settings);
+  if (user->flag("must_change_password")) return with_identity(AuthResult::must_change_credentials, *user, settings);
+  return with_identity(AuthResult::ok, *user, settings);
+}
+
+Result<AuthOutcome> BuiltinDirectory::lookup(std::string_view user_name, std::string_view domain) {
+  const AccountName name = parse_account_name(user_name, domain);
+  SiteSettings settings;
+  std::optional<Object> user;
+  auto read = repository_.read([&](Transaction& tx) -> Status {
+    auto s = read_settings(tx);
+    if (!s) return s.error();
+    settings = std::move(*s);
+    auto u = find_user(tx, name, settings, true);
+    if (!u) return u.error();
+    user = std::move(*u);
+    return {};
+  });
+  if (!read) return read.error();
+  if (!user) return Error(errc::not_found, "no such user");
+
+  if (user->flag("disabled")) return outcome(AuthResult::account_disabled);
+  switch (lock_state(*user, clock_.now())) {
+    case LockState::active: return outcome(AuthResult::account_locked_out);
+    case LockState::lapsed:
+      if (auto st = unlock(*user); !st) return st.error();
+      break;
+    case LockState::none: break;
+  }
+  if (user->flag("expired")) return with_identity(AuthResult::expired_credentials, *user, settings);
+  if (user->flag("must_change_password")) return with_identity(AuthResult::must_change_credentials, *user, settings);
+  return with_identity(AuthResult::ok, *user, settings);
+}
+
+void BuiltinDirectory::forget(std::string_view user_name) {
+  if (auto slash = user_name.rfind('\\'); slash != std::string_view::npos) user_name.remove_prefix(slash + 1);
+  const std::string key = lower(user_name);
+  std::lock_guard lock(mutex_);
+  std::erase_if(cache_, [&](const auto& item) { return item.second.user_key == key; });
+}
+
+std::size_t BuiltinDirectory::cached_entries() const {
+  std::lock_guard lock(mutex_);
+  return cache_.size();
+}
+
+Result<AuthOutcome> BuiltinDirectory::reject_unknown(const AccountName& name, std::string_view password,
+                                                     const Settings& settings) {
+  const std::string key = "?" + lower(name.domain) + "\\" + lower(name.name);
+  {
+    std::lock_guard lock(mutex_);
+    if (auto it = unknown_locks_.find(key); it != unknown_locks_.end()) {
+      if (it->second > clock_.now()) return outcome(AuthResult::account_locked_out);
+      unknown_locks_.erase(it);
+    }
+  }
+  (void)options_.verify_password(password, dummy_hash_);  // spend the time a real check takes
+  if (settings.lockout_threshold <= 0) return outcome(AuthResult::failed_credentials);
+
+  const SysTime now = clock_.now();
+  std::lock_guard lock(mutex_);
+  if (!failures_.contains(key) && failures_.size() + unknown_locks_.size() >= options_.max_unknown_names) {
+    // Forget what no longer matters; if that is not enough, forget the unknown names.
+    const SysTime oldest = now - secs(settings.lockout_window_seconds);
+    std::erase_if(failures_, [&](const auto& item) { return item.second.empty() || item.second.back() <= oldest; });
+    std::erase_if(unknown_locks_, [&](const auto& item) { return item.second <= now; });
+    if (failures_.size() + unknown_locks_.size() >= options_.max_unknown_names) {
+      std::erase_if(failures_, [](const auto& item) { return item.first.starts_with('?'); });
+      unknown_locks_.clear();
+    }
+  }
+  auto& times = failures_[key];
+  prune(times, now, settings.lockout_window_seconds);
+  times.push_back(now);
+  if (static_cast<std::int64_t>(times.size()) >= settings.lockout_threshold) {
+    unknown_locks_[key] =
+        settings.lockout_duration_seconds > 0 ? now + secs(settings.lockout_duration_seconds) : SysTime::max();
+    failures_.erase(key);
+  }
+  return outcome(AuthResult::failed_credentials);
+}
+
+bool BuiltinDirectory::check_password(const Object& user, std::string_view password, const Settings& settings) {
+  const std::string hash = user.text("password_hash");
+  if (password.empty() || !common::crypto::is_password_hash(hash)) {
+    (void)options_.verify_password(password, dummy_hash_);  // no way in, but take as long
+    return false;
+  }
+
+  std::string mac;
+  if (settings.credential_cache_seconds > 0) {
+    std::string input = user.name;
+    input += '\0';
+    input += hash;
+    input += '\0';
+    input += password;
+    mac = common::crypto::hmac_sha256_hex(cache_key_, input);
+    std::lock_guard lock(mutex_);
+    if (auto it = cache_.find(mac); it != cache_.end()) {
+      if (it->second.expires > clock_.now()) return true;
+      cache_.erase(it);
+    }
+  }
+
+  if (!options_.verify_password(password, hash)) return false;
+
+  if (!mac.empty()) {
+    const SysTime now = clock_.now();
+    std::lock_guard lock(mutex_);
+    if (cache_.size() >= next_sweep_) {
+      std::erase_if(cache_, [&](const auto& item) { return item.second.expires <= now; });
+      next_sweep_ = std::max<std::size_t>(1024, 2 * cache_.size());
+    }
+    cache_[mac] = CacheEntry{lower(user.name), now + secs(settings.credential_cache_seconds)};
+  }
+  return true;
+}
+
+Status BuiltinDirectory::record_failure(const Object& user, const Settings& settings) {
+  if (settings.lockout_threshold <= 0) return {};
+  const SysTime now = clock_.now();
+  const std::string key = lower(user.name);
+  {
+    std::lock_guard lock(mutex_);
+    auto& times = failures_[key];
+    prune(times, now, settings.lockout_window_seconds);
+    times.push_back(now);
+    if (static_cast<std::int64_t>(times.size()) < settings.lockout_threshold) return {};
+    failures_.erase(key);
+  }
+
+  forget(user.name);
+  return repository_.write([&](Transaction& tx) -> Status {
+    auto current = tx.get(Kind::user, user.name);
+    if (!current) {
+      if (current.error().code == errc::not_found) return {};  // deleted meanwhile
+      return current.error();
+    }
+    if (current->flag("locked_out")) return {};  // already locked: never extend a lock-out
+    Object locked = *current;
+    locked.fields["locked_out"] = true;
+    locked.fields["locked_out_until"] = settings.lockout_duration_seconds > 0
+                                            ? Value(common::format_time(now + secs(settings.lockout_duration_seconds)))
+                                            : Value();
+    auto updated = tx.update(user.name, locked);
+    if (!updated) return updated.error();
+    return audit(tx, "lock-out", *current, *updated);
+  });
+}
+
+void BuiltinDirectory::clear_failures(const std::string& key) {
+  std::lock_guard lock(mutex_);
+  failures_.erase(key);
+}
+
+Status BuiltinDirectory::unlock(const Object& user) {
+  return repository_.write([&](Transaction& tx) -> Status {
+    auto current = tx.get(Kind::user, user.name);
+    if (!current) {
+      if (current.error().code == errc::not_found) return {};
+      return current.error();
+    }
+    // Only the lock-out that was read: an admin (or another attempt) may have changed it since.
+    if (!current->flag("locked_out") || current->text("locked_out_until") != user.text("locked_out_until")) return {};
+    Object unlocked = *current;
+    unlocked.fields["locked_out"] = false;
+    unlocked.fields["locked_out_until"] = Value();
+    auto updated = tx.update(user.name, unlocked);
+    if (!updated) return updated.error();
+    return audit(tx, "unlock", *current, *updated);
+  });
+}
+
+Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Settings& settings) {
+  std::vector<Object> groups;
+  auto read = repository_.read([&](Transaction& tx) -> Status {
+    auto all = tx.list(Kind::group, {});
+    if (!all) return all.error();
+    groups = std::move(*all);
+    return {};
+  });
+  if (!read) return read.error();
+
+  UserIdentity id;
+  id.user_name = user.name;
+  id.domain = effective_domain(user, settings);
+  id.qualified_name = qualify(id.domain, id.user_name);
+  id.upn = user.text("upn");
+  id.sid = user.text("sid");
+  id.display_name = user.text("display_name");
+  id.email = user.text("email");
+
+  // Index every membership by the member's name, UPN or SID: "name:alice" -> (group, "DEMO").
+  struct Membership {
+    std::size_t group;
+    std::string domain;  // the member's `DOMAIN\` qualifier, empty when none
+  };
+  std::unordered_map<std::string, std::vector<Membership>> members;
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    for (const auto& entry : groups[i].list("members")) {
+      const std::string_view m = trim(entry);
+      if (m.empty()) continue;
+      if (is_sid(m)) {
+        members["sid:" + lower(m)].push_back({i, {}});
+      } else if (auto slash = m.find('\\'); slash != std::string_view::npos) {
+        members["name:" + lower(m.substr(slash + 1))].push_back({i, std::string(m.substr(0, slash))});
+      } else if (m.find('@') != std::string_view::npos) {
+        members["upn:" + lower(m)].push_back({i, {}});
+      } else {
+        members["name:" + lower(m)].push_back({i, {}});
+      }
+    }
+  }
+
+  // Breadth-first from the user through the groups that contain it; each group is entered once,
+  // so a cycle ends.
+  struct Member {
+    std::string name, domain, upn, sid;
+  };
+  std::vector<bool> entered(groups.size(), false);
+  std::vector<std::size_t> found;
+  std::deque<Member> pending{Member{id.user_name, id.domain, id.upn, id.sid}};
+  while (!pending.empty()) {
+    const Member m = std::move(pending.front());
+    pending.pop_front();
+    const auto enter = [&](const std::string& key) {
+      auto it = members.find(key);
+      if (it == members.end()) return;
+      for (const auto& ref : it->second) {
+        if (entered[ref.group] || (!ref.domain.empty() && !iequals(ref.domain, m.domain))) continue;
+        entered[ref.group] = true;
+        found.push_back(ref.group);
+        const Object& g = groups[ref.group];
+        pending.push_back(Member{g.name, effective_domain(g, settings), {}, g.text("sid")});
+      }
+    };
+    enter("name:" + lower(m.name));
+    if (!m.upn.empty()) enter("upn:" + lower(m.upn));
+    if (!m.sid.empty()) enter("sid:" + lower(m.sid));
+  }
+
+  std::vector<std::pair<std::string, std::string>> named;  // canonical name, SID
+  named.reserve(found.size());
+  for (std::size_t i : found)
+    named.emplace_back(qualify(effective_domain(groups[i], settings), groups[i].name), groups[i].text("sid"));
+  std::sort(named.begin(), named.end(), [](const auto& a, const auto& b) { return lower(a.first) < lower(b.first); });
+  for (auto& [name, sid] : named) {
+    if (!id.groups.empty() && iequals(id.groups.back(), name)) continue;
+    id.groups.push_back(std::move(name));
+    if (!sid.empty()) id.group_sids.push_back(std::move(sid));
+  }
+  return id;
+}
+
+Result<AuthOutcome> BuiltinDirectory::with_identity(AuthResult result, const Object& user, const Settings& settings) {
+  auto id = resolve(user, settings);
+  if (!id) return id.error();
+  AuthOutcome out;
+  out.result = result;
+  out.identity = std::move(*id);
+  return out;
+}
+
+}  // namespace identity

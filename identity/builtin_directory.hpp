@@ -1,0 +1,130 @@
+// identity/builtin_directory.hpp: the built-in directory: users and groups stored in the site
+// database (common::model Kind::user and Kind::group), checked against the site settings
+// (Kind::site: default_domain, lockout_threshold, lockout_window_seconds,
+// lockout_duration_seconds, credential_cache_seconds), which are read at every call, so admin
+// changes apply at once without a reload.
+//
+// Finding the user: by account name (case-insensitively) with an optional domain, which must
+// equal the user's domain, or the site's default_domain for a user without one (both empty:
+// the request must name no domain either); or by UPN (`alice@demo.test`), case-insensitively.
+// Pass-through look-ups also accept the user's SID.
+//
+// Credential checks, in this order:
+//   1. unknown user: failed_credentials, after a password check against a fixed dummy hash, so
+//      the answer takes as long as for a real user; unknown names are also "locked out" after
+//      lockout_threshold failures, in memory, like real users (for lockout_duration_seconds, or
+//      until restart when that is 0), so neither the answer nor its timing tells whether a user
+//      exists (left: the storage write when a real user gets locked out);
+//   2. locked out (locked_out set and locked_out_until empty or in the future), unless disabled:
+//      account_locked_out, decided before the password is looked at, so a locked account cannot
+//      be probed; such attempts neither count as failures nor extend the lock-out. An automatic
+//      lock-out whose time has passed is cleared in storage here (audit action "unlock");
+//   3. wrong password (or the user has no password hash, or an empty password was given):
+//      failed_credentials, counted towards a lock-out;
+//   4. disabled: account_disabled. Only reported after the right password: Windows does the
+//      same, and answering account_disabled to any password would reveal that the user exists;
+//   5. expired: expired_credentials; 6. must_change_password: must_change_credentials (both
+//      with the identity);
+//   7. ok, with the identity.
+//
+// Lock-out: lockout_threshold (0: never) failures within lockout_window_seconds set the user's
+// locked_out and locked_out_until = now + lockout_duration_seconds (null for 0: until an admin
+// clears locked_out), in one storage write with an audit entry (actor "broker", action
+// "lock-out"). The failure counts live in memory only: they reset when the daemon restarts (a
+// lock-out already written stays). A correct password (3 passed) resets the user's count.
+//
+// Success cache: a right password is remembered for credential_cache_seconds (0: off) as
+// HMAC-SHA256(process-random key, user name, stored password_hash, password) -> expiry, in
+// memory; the password itself is never kept. The user's row is read again at every call and
+// steps 1-6 are applied to it, so a password change (new hash: no entry matches), a lock-out or
+// a disable takes effect at once without any call into this class. A hit does not extend the
+// entry's lifetime.
+//
+// Groups: every group whose members name the user (`alice`, `DEMO\alice`, the UPN or the SID),
+// or name a group the user is in, transitively; cycles are harmless. A group's domain is its
+// own, else the site's default_domain.
+//
+// Threading: thread-safe; every call blocks (storage; PBKDF2 outside any lock). The in-memory
+// state (failure counts, cache) is guarded by one mutex held only briefly.
+#pragma once
+
+#include "common/clock.hpp"
+#include "common/crypto.hpp"
+#include "identity/directory.hpp"
+#include "storage/repository.hpp"
+
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+namespace identity {
+
+namespace detail {
+struct SiteSettings;  // the site settings one call works with (builtin_directory.cpp)
+}
+
+struct BuiltinDirectoryOptions {
+  // Iterations of the dummy hash checked for unknown users; match what `brokerd --hash-password`
+  // writes so both paths take as long (tests lower it with their hashes).
+  int dummy_hash_iterations = common::crypto::kDefaultPbkdf2Iterations;
+  // The password check (tests count calls through it). Must be thread-safe.
+  std::function<bool(std::string_view password, std::string_view encoded)> verify_password =
+      &common::crypto::verify_password;
+  // Bound on names tracked in memory for unknown users (failure counts and their lock-outs);
+  // beyond it the unknown names' state is dropped. Known users are always tracked.
+  std::size_t max_unknown_names = 10000;
+};
+
+class BuiltinDirectory final : public Directory {
+ public:
+  // Keeps references to both; they must outlive this object.
+  BuiltinDirectory(storage::Repository& repository, common::Clock& clock, BuiltinDirectoryOptions options = {});
+
+  Result<AuthOutcome> authenticate(const Credentials& credentials) override;
+  Result<AuthOutcome> lookup(std::string_view user_name, std::string_view domain) override;
+
+  // Drops the cached successful checks of the user (account name as stored, case-insensitive;
+  // a `DOMAIN\` prefix is ignored). Not needed for correctness (see the file comment); for an
+  // admin who wants a user to type the password again at once.
+  void forget(std::string_view user_name);
+
+  // The number of cached successful checks (for tests and metrics).
+  std::size_t cached_entries() const;
+
+ private:
+  using Settings = detail::SiteSettings;
+  struct CacheEntry {
+    std::string user_key;  // lower-case account name
+    common::SysTime expires;
+  };
+
+  Result<AuthOutcome> reject_unknown(const AccountName& name, std::string_view password, const Settings& settings);
+  bool check_password(const storage::Object& user, std::string_view password, const Settings& settings);
+  Status record_failure(const storage::Object& user, const Settings& settings);
+  void clear_failures(const std::string& key);
+  // Clears an automatic lock-out that has run out (when it still is the one read).
+  Status unlock(const storage::Object& user);
+  Result<UserIdentity> resolve(const storage::Object& user, const Settings& settings);
+  // An outcome that carries the identity.
+  Result<AuthOutcome> with_identity(AuthResult result, const storage::Object& user, const Settings& settings);
+
+  storage::Repository& repository_;
+  common::Clock& clock_;
+  BuiltinDirectoryOptions options_;
+  const std::string dummy_hash_;  // hash of a random password nobody knows
+  const std::string cache_key_;   // process-random HMAC key
+
+  mutable std::mutex mutex_;
+  // Recent failure times per lower-case account name, or "?domain\name" for unknown names.
+  std::unordered_map<std::string, std::deque<common::SysTime>> failures_;  // guarded by mutex_
+  // Lock-outs of unknown names: key as above -> end (SysTime::max(): until restart).
+  std::unordered_map<std::string, common::SysTime> unknown_locks_;  // guarded by mutex_
+  std::unordered_map<std::string, CacheEntry> cache_;               // guarded by mutex_; key: HMAC hex
+  std::size_t next_sweep_ = 1024;                                   // guarded by mutex_
+};
+
+}  // namespace identity

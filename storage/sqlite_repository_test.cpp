@@ -1,0 +1,1023 @@
+// Tests of storage::open_sqlite(): schema, generic CRUD over every kind, references, renames,
+// transactions, and the refusal of files that are not (healthy, compatible) openbroker databases.
+#include "common/clock.hpp"
+#include "common/metrics.hpp"
+#include "common/model.hpp"
+#include "storage/repository.hpp"
+#include "storage/sqlite/schema.hpp"
+
+#include <doctest/doctest.h>
+#include <sqlite3.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <thread>
+
+namespace fs = std::filesystem;
+using namespace common::model;
+using common::errc;
+using storage::AuditEntry;
+using storage::AuditQuery;
+using storage::Query;
+using storage::Repository;
+using storage::Transaction;
+
+namespace {
+
+// A fresh directory under the system temp directory, removed with its contents at scope exit.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "openbroker-storage-test-XXXXXX").string();
+    if (!mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  fs::path path_;
+};
+
+std::unique_ptr<Repository> open_repo(const std::string& path, common::Metrics* metrics = nullptr) {
+  storage::SqliteOptions options;
+  options.path = path;
+  options.metrics = metrics;
+  return storage::open_sqlite(options).value();
+}
+
+std::unique_ptr<Repository> memory_repo() { return open_repo(":memory:"); }
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_bytes(const std::string& path, const std::string& bytes, std::streamoff at = 0) {
+  std::fstream out(path, std::ios::binary | std::ios::in | std::ios::out);
+  if (!out) out.open(path, std::ios::binary | std::ios::out);
+  out.seekp(at);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string random_bytes(std::size_t n, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::string out(n, '\0');
+  for (auto& c : out) c = static_cast<char>(gen() & 0xff);
+  return out;
+}
+
+// Direct SQL on a database file, for inspecting and tampering with it from outside the broker.
+class RawDb {
+ public:
+  explicit RawDb(const std::string& path) {
+    if (sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE, nullptr) != SQLITE_OK)
+      throw std::runtime_error("cannot open " + path);
+  }
+  ~RawDb() { sqlite3_close(db_); }
+  RawDb(const RawDb&) = delete;
+  RawDb& operator=(const RawDb&) = delete;
+
+  void exec(const std::string& sql) {
+    char* err = nullptr;
+    if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+      std::string msg = err ? err : "?";
+      sqlite3_free(err);
+      throw std::runtime_error(msg);
+    }
+  }
+  // Rows of text columns for a query with one optional text parameter.
+  std::vector<std::vector<std::string>> rows(const std::string& sql, const std::string* param = nullptr) {
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(db_, sql.c_str(), -1, &st, nullptr) != SQLITE_OK)
+      throw std::runtime_error(sqlite3_errmsg(db_));
+    if (param) sqlite3_bind_text(st, 1, param->c_str(), -1, SQLITE_TRANSIENT);
+    std::vector<std::vector<std::string>> out;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+      std::vector<std::string> row;
+      for (int i = 0; i < sqlite3_column_count(st); ++i) {
+        const auto* t = sqlite3_column_text(st, i);
+        row.emplace_back(t ? reinterpret_cast<const char*>(t) : "");
+      }
+      out.push_back(std::move(row));
+    }
+    sqlite3_finalize(st);
+    return out;
+  }
+
+ private:
+  sqlite3* db_ = nullptr;
+};
+
+// Runs fn in a write transaction and requires success.
+void write_ok(Repository& repo, const std::function<void(Transaction&)>& fn) {
+  auto status = repo.write([&](Transaction& tx) -> common::Status {
+    fn(tx);
+    return {};
+  });
+  REQUIRE_MESSAGE(status.has_value(), (status ? std::string() : status.error().describe()));
+}
+
+void read_ok(Repository& repo, const std::function<void(Transaction&)>& fn) {
+  auto status = repo.read([&](Transaction& tx) -> common::Status {
+    fn(tx);
+    return {};
+  });
+  REQUIRE(status.has_value());
+}
+
+Object create_ok(Transaction& tx, const Object& obj) {
+  auto r = tx.create(obj);
+  REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().describe()));
+  return *r;
+}
+
+Object machine(const std::string& name, const std::string& catalog, const std::string& group = {}) {
+  Object m = make_default(Kind::machine, name);
+  m.fields["catalog"] = catalog;
+  if (!group.empty()) m.fields["delivery_group"] = group;
+  return m;
+}
+
+// Every field set away from its default: the second choice, max, !default, a two-element list
+// in non-sorted order, a timestamp; references name the objects in `names` (one per kind).
+Object filled(Kind kind, const std::string& name, const std::map<Kind, std::string>& names, int variant = 0) {
+  Object obj = make_default(kind, name);
+  obj.owner = variant == 0 ? "api" : "config:/etc/openbroker/site.toml";
+  for (const auto& f : spec(kind).fields) {
+    const std::string key(f.name);
+    const std::string suffix = variant == 0 ? "" : "-v" + std::to_string(variant);
+    switch (f.type) {
+      case FieldType::text:
+        if (f.references)
+          obj.fields[key] = names.at(*f.references);
+        else if (!f.choices.empty())
+          obj.fields[key] = std::string(f.choices[(1 + variant) % f.choices.size()]);
+        else
+          obj.fields[key] = key + "-value" + suffix + " 'quoted' \"x\"; --";
+        break;
+      case FieldType::integer: obj.fields[key] = (f.min < f.max ? f.max : std::int64_t{1234567}) - variant; break;
+      case FieldType::boolean: obj.fields[key] = variant == 0 ? !std::get<bool>(f.default_value) : false; break;
+      case FieldType::timestamp:
+        obj.fields[key] = std::string(variant == 0 ? "2026-11-23T10:42:55.123Z" : "2027-01-02T03:04:05.000Z");
+        break;
+      case FieldType::text_list:
+        if (f.references)
+          obj.fields[key] = TextList{names.at(*f.references)};
+        else
+          obj.fields[key] = TextList{"zeta" + suffix, "alpha" + suffix, "mu" + suffix};
+        break;
+    }
+  }
+  return obj;
+}
+
+void check_same_fields(const Object& got, const Object& want) {
+  CHECK(got.kind == want.kind);
+  CHECK(got.name == want.name);
+  CHECK(got.owner == want.owner);
+  for (const auto& f : spec(want.kind).fields) {
+    INFO("field " << f.name);
+    REQUIRE(got.fields.contains(f.name));
+    CHECK((got.fields.find(f.name)->second == want.fields.find(f.name)->second));
+  }
+  CHECK(got.fields.size() == spec(want.kind).fields.size());
+}
+
+common::Error write_error(Repository& repo, const std::function<common::Status(Transaction&)>& fn) {
+  auto status = repo.write(fn);
+  REQUIRE(!status.has_value());
+  return status.error();
+}
+
+// A small site: catalog c1, delivery groups g1 and g2, machine m1 (c1, g1), application a1
+// (g1, g2), rule r1 (g1).
+void small_site(Repository& repo) {
+  write_ok(repo, [](Transaction& tx) {
+    create_ok(tx, make_default(Kind::catalog, "c1"));
+    create_ok(tx, make_default(Kind::delivery_group, "g1"));
+    create_ok(tx, make_default(Kind::delivery_group, "g2"));
+    create_ok(tx, machine("m1", "c1", "g1"));
+    Object app = make_default(Kind::application, "a1");
+    app.fields["command_line_executable"] = std::string("notepad.exe");
+    app.fields["delivery_groups"] = TextList{"g2", "g1"};
+    create_ok(tx, app);
+    Object rule = make_default(Kind::rule, "r1");
+    rule.fields["rule_type"] = std::string("entitlement");
+    rule.fields["delivery_group"] = std::string("g1");
+    create_ok(tx, rule);
+  });
+}
+
+}  // namespace
+
+TEST_CASE("migrations create every table and the schema matches the descriptors") {
+  TempDir dir;
+  const std::string path = dir.file("broker.db");
+  {
+    auto repo = open_repo(path);
+    CHECK(repo->schema().version == storage::current_schema_version());
+    CHECK(repo->schema().supported == storage::current_schema_version());
+    CHECK(repo->schema().path == path);
+    repo->close();
+  }
+  RawDb raw(path);
+  CHECK(raw.rows("PRAGMA journal_mode")[0][0] == "wal");
+  CHECK(raw.rows("SELECT max(version) FROM schema_version")[0][0] == std::to_string(storage::current_schema_version()));
+
+  auto columns = [&](const std::string& table) {
+    std::map<std::string, std::string> out;
+    for (auto& row : raw.rows("SELECT name, type FROM pragma_table_info(?1)", &table)) out[row[0]] = row[1];
+    return out;
+  };
+  // from column -> "table(to) ON UPDATE x ON DELETE y"
+  auto keys = [&](const std::string& table) {
+    std::map<std::string, std::string> out;
+    for (auto& row :
+         raw.rows("SELECT \"from\", \"table\", \"to\", on_update, on_delete FROM pragma_foreign_key_list(?1)", &table))
+      out[row[0]] = row[1] + "(" + row[2] + ") ON UPDATE " + row[3] + " ON DELETE " + row[4];
+    return out;
+  };
+
+  std::set<std::string> expected_tables{"schema_version", "audit_log", "logon_tickets", "sqlite_sequence"};
+  for (const auto& kind : all_kinds()) {
+    const std::string table(kind.table);
+    INFO("kind " << kind.name);
+    expected_tables.insert(table);
+    std::map<std::string, std::string> want{
+        {"id", "INTEGER"}, {"name", "TEXT"}, {"owner", "TEXT"}, {"created_at", "TEXT"}, {"updated_at", "TEXT"}};
+    std::map<std::string, std::string> want_keys;
+    for (const auto& f : kind.fields) {
+      const std::string field(f.name);
+      std::string ref_key;
+      if (f.references)
+        ref_key = std::string(spec(*f.references).table) + "(name) ON UPDATE CASCADE ON DELETE RESTRICT";
+      if (f.type == FieldType::text_list) {
+        const std::string child = std::string(kind.name) + "_" + field;
+        INFO("list field " << field << " -> table " << child);
+        expected_tables.insert(child);
+        CHECK(columns(child) ==
+              std::map<std::string, std::string>{{"owner_id", "INTEGER"}, {"position", "INTEGER"}, {"value", "TEXT"}});
+        std::map<std::string, std::string> child_keys{
+            {"owner_id", table + "(id) ON UPDATE NO ACTION ON DELETE CASCADE"}};
+        if (f.references) child_keys["value"] = ref_key;
+        CHECK(keys(child) == child_keys);
+        continue;
+      }
+      want[field] = (f.type == FieldType::integer || f.type == FieldType::boolean) ? "INTEGER" : "TEXT";
+      if (f.references) want_keys[field] = ref_key;
+    }
+    CHECK(columns(table) == want);
+    CHECK(keys(table) == want_keys);
+  }
+  for (std::string name : {"machine_tags", "group_members", "application_delivery_groups", "rule_included_users",
+                           "site_trusted_front_ends"})
+    CHECK(expected_tables.contains(name));
+
+  std::set<std::string> tables;
+  for (auto& row : raw.rows("SELECT name FROM sqlite_master WHERE type = 'table'")) tables.insert(row[0]);
+  CHECK(tables == expected_tables);
+
+  CHECK(columns("audit_log") == std::map<std::string, std::string>{{"id", "INTEGER"},
+                                                                   {"time", "TEXT"},
+                                                                   {"actor", "TEXT"},
+                                                                   {"action", "TEXT"},
+                                                                   {"kind", "TEXT"},
+                                                                   {"object", "TEXT"},
+                                                                   {"before", "TEXT"},
+                                                                   {"after", "TEXT"}});
+  CHECK(columns("logon_tickets") == std::map<std::string, std::string>{{"id", "INTEGER"},
+                                                                       {"ticket_hash", "TEXT"},
+                                                                       {"machine", "TEXT"},
+                                                                       {"user_name", "TEXT"},
+                                                                       {"credential_type", "TEXT"},
+                                                                       {"credential_data", "BLOB"},
+                                                                       {"created_at", "TEXT"},
+                                                                       {"expires_at", "TEXT"},
+                                                                       {"redeemed_at", "TEXT"}});
+  std::set<std::string> indexes;
+  for (auto& row : raw.rows("SELECT name FROM sqlite_master WHERE type = 'index'")) indexes.insert(row[0]);
+  CHECK(indexes.contains("audit_log_kind_object"));
+}
+
+TEST_CASE("migration versions are 1, 2, 3, ... and the newest is current") {
+  int expected = 1;
+  for (const auto& m : storage::sqlite::migrations()) CHECK(m.version == expected++);
+  CHECK(storage::current_schema_version() == expected - 1);
+}
+
+TEST_CASE("every kind round-trips every field through create, get, list and update") {
+  auto repo = memory_repo();
+  std::map<Kind, std::string> names;
+  std::map<Kind, Object> created;
+  write_ok(*repo, [&](Transaction& tx) {
+    for (const auto& kind : all_kinds()) {
+      INFO("kind " << kind.name);
+      const std::string name = kind.auto_name ? std::string() : std::string(kind.name) + "-1";
+      Object want = filled(kind.kind, name, names);
+      Object got = create_ok(tx, want);
+      CHECK(got.id > 0);
+      CHECK(!got.created_at.empty());
+      CHECK(got.created_at == got.updated_at);
+      common::SysTime t;
+      CHECK(common::parse_time(got.created_at, t));
+      if (kind.auto_name) {
+        CHECK(got.name == std::to_string(got.id));
+        want.name = got.name;
+      }
+      check_same_fields(got, want);
+      names[kind.kind] = got.name;
+      created[kind.kind] = got;
+    }
+  });
+  read_ok(*repo, [&](Transaction& tx) {
+    for (const auto& kind : all_kinds()) {
+      INFO("kind " << kind.name);
+      auto got = tx.get(kind.kind, names[kind.kind]);
+      REQUIRE(got.has_value());
+      const Object& want = created[kind.kind];
+      check_same_fields(*got, want);
+      CHECK(got->id == want.id);
+      CHECK(got->created_at == want.created_at);
+      CHECK(got->updated_at == want.updated_at);
+      auto all = tx.list(kind.kind, {});
+      REQUIRE(all.has_value());
+      REQUIRE(all->size() == 1);
+      check_same_fields(all->front(), want);
+    }
+  });
+  // Update every kind to other values (same names, so references stay valid).
+  write_ok(*repo, [&](Transaction& tx) {
+    for (const auto& kind : all_kinds()) {
+      INFO("kind " << kind.name);
+      Object want = filled(kind.kind, names[kind.kind], names, 1);
+      auto got = tx.update(names[kind.kind], want);
+      REQUIRE_MESSAGE(got.has_value(), (got ? std::string() : got.error().describe()));
+      check_same_fields(*got, want);
+      CHECK(got->id == created[kind.kind].id);
+      CHECK(got->created_at == created[kind.kind].created_at);
+      auto again = tx.get(kind.kind, names[kind.kind]);
+      REQUIRE(again.has_value());
+      check_same_fields(*again, want);
+    }
+  });
+}
+
+TEST_CASE("defaults, nulls and empty references are stored as documented") {
+  auto repo = memory_repo();
+  write_ok(*repo, [](Transaction& tx) {
+    create_ok(tx, make_default(Kind::catalog, "c1"));
+    // Only the catalog given: every other field takes its default; "" reference -> null.
+    Object m;
+    m.kind = Kind::machine;
+    m.name = "m1";
+    m.fields["catalog"] = std::string("c1");
+    m.fields["delivery_group"] = std::string("");
+    m.fields["tags"] = std::monostate{};
+    Object got = create_ok(tx, m);
+    CHECK(got.is_null("delivery_group"));
+    CHECK(got.list("tags").empty());
+    CHECK(got.text("registration_state") == "Unregistered");
+    CHECK(got.integer("load_index", -1) == 0);
+    CHECK(got.is_null("dns_name"));
+    auto read = tx.get(Kind::machine, "m1");
+    REQUIRE(read.has_value());
+    check_same_fields(*read, got);
+    CHECK(std::holds_alternative<TextList>(read->fields.at("tags")));
+  });
+}
+
+TEST_CASE("list fields keep their order") {
+  auto repo = memory_repo();
+  write_ok(*repo, [](Transaction& tx) {
+    Object g = make_default(Kind::group, "staff");
+    g.fields["members"] = TextList{"zoe", "adam", "mike", "adam2", "bob"};
+    create_ok(tx, g);
+    Object g2 = make_default(Kind::group, "other");
+    g2.fields["members"] = TextList{"x"};
+    create_ok(tx, g2);
+  });
+  read_ok(*repo, [](Transaction& tx) {
+    CHECK(tx.get(Kind::group, "staff")->list("members") == TextList{"zoe", "adam", "mike", "adam2", "bob"});
+    auto all = tx.list(Kind::group, {});
+    REQUIRE(all->size() == 2);
+    CHECK((*all)[0].list("members") == TextList{"zoe", "adam", "mike", "adam2", "bob"});
+    CHECK((*all)[1].list("members") == TextList{"x"});
+  });
+  write_ok(*repo, [](Transaction& tx) {
+    Object g = *tx.get(Kind::group, "staff");
+    g.fields["members"] = TextList{"bob", "zoe"};
+    REQUIRE(tx.update("staff", g).has_value());
+    CHECK(tx.get(Kind::group, "staff")->list("members") == TextList{"bob", "zoe"});
+    g.fields["members"] = TextList{};
+    REQUIRE(tx.update("staff", g).has_value());
+    CHECK(tx.get(Kind::group, "staff")->list("members").empty());
+    CHECK(tx.get(Kind::group, "other")->list("members") == TextList{"x"});
+  });
+}
+
+TEST_CASE("list filters: scalars, booleans, integers, name, owner, list contains; count; paging") {
+  auto repo = memory_repo();
+  write_ok(*repo, [](Transaction& tx) {
+    create_ok(tx, make_default(Kind::catalog, "c1"));
+    create_ok(tx, make_default(Kind::catalog, "c2"));
+    create_ok(tx, make_default(Kind::delivery_group, "g1"));
+    for (int i = 0; i < 10; ++i) {
+      Object m = machine("m" + std::to_string(i), i % 2 ? "c1" : "c2", i < 5 ? "g1" : "");
+      m.fields["in_maintenance_mode"] = i % 3 == 0;
+      m.fields["load_index"] = std::int64_t{i * 100};
+      m.fields["tags"] = i % 4 == 0 ? TextList{"gpu", "fast"} : TextList{"fast"};
+      if (i == 9) m.owner = "config:/etc/site.toml";
+      create_ok(tx, m);
+    }
+  });
+  auto names = [&](const Query& q) {
+    std::vector<std::string> out;
+    read_ok(*repo, [&](Transaction& tx) {
+      auto r = tx.list(Kind::machine, q);
+      REQUIRE_MESSAGE(r.has_value(), (r ? std::string() : r.error().describe()));
+      for (const auto& o : *r) out.push_back(o.name);
+    });
+    return out;
+  };
+  auto count = [&](const Query& q) {
+    std::int64_t n = -1;
+    read_ok(*repo, [&](Transaction& tx) { n = tx.count(Kind::machine, q).value(); });
+    return n;
+  };
+  using V = std::vector<std::string>;
+  CHECK(names({}) == V{"m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "m9"});
+  CHECK(names({{{"catalog", "c1"}}}) == V{"m1", "m3", "m5", "m7", "m9"});
+  CHECK(names({{{"in_maintenance_mode", "true"}}}) == V{"m0", "m3", "m6", "m9"});
+  CHECK(names({{{"in_maintenance_mode", "false"}, {"catalog", "c2"}}}) == V{"m2", "m4", "m8"});
+  CHECK(names({{{"load_index", "300"}}}) == V{"m3"});
+  CHECK(names({{{"tags", "gpu"}}}) == V{"m0", "m4", "m8"});
+  CHECK(names({{{"tags", "fast"}, {"catalog", "c1"}}}) == V{"m1", "m3", "m5", "m7", "m9"});
+  CHECK(names({{{"tags", "none"}}}).empty());
+  CHECK(names({{{"name", "m4"}}}) == V{"m4"});
+  CHECK(names({{{"owner", "config:/etc/site.toml"}}}) == V{"m9"});
+  CHECK(names({{{"delivery_group", ""}}}) == V{"m5", "m6", "m7", "m8", "m9"});  // "" matches null
+  CHECK(names({{{"registration_state", "Unregistered"}}}).size() == 10);
+
+  Query page;
+  page.offset = 2;
+  page.limit = 3;
+  CHECK(names(page) == V{"m2", "m3", "m4"});
+  CHECK(count(page) == 10);  // count ignores offset and limit
+  Query gpu_page{{{"tags", "gpu"}}, 1, 1};
+  CHECK(names(gpu_page) == V{"m4"});
+  CHECK(names(gpu_page).front() == "m4");
+  CHECK(count(gpu_page) == 3);
+  CHECK(count({{{"catalog", "c1"}, {"in_maintenance_mode", "true"}}}) == 2);
+
+  read_ok(*repo, [](Transaction& tx) {
+    auto unknown = tx.list(Kind::machine, {{{"colour", "red"}}});
+    REQUIRE(!unknown);
+    CHECK(unknown.error().code == errc::invalid_argument);
+    CHECK(unknown.error().field == "colour");
+    CHECK(unknown.error().message.find("colour") != std::string::npos);
+    auto unknown_count = tx.count(Kind::machine, {{{"colour", "red"}}});
+    REQUIRE(!unknown_count);
+    CHECK(unknown_count.error().field == "colour");
+    auto bad_bool = tx.list(Kind::machine, {{{"in_maintenance_mode", "yes"}}});
+    REQUIRE(!bad_bool);
+    CHECK(bad_bool.error().code == errc::invalid_argument);
+    CHECK(bad_bool.error().field == "in_maintenance_mode");
+    auto bad_int = tx.list(Kind::machine, {{{"load_index", "12x"}}});
+    REQUIRE(!bad_int);
+    CHECK(bad_int.error().field == "load_index");
+    auto bad_page = tx.list(Kind::machine, {{}, -1, -1});
+    REQUIRE(!bad_page);
+    CHECK(bad_page.error().field == "offset");
+    // Values are bound, never spliced into SQL.
+    auto injection = tx.list(Kind::machine, {{{"name", "m1' OR '1'='1"}}});
+    REQUIRE(injection.has_value());
+    CHECK(injection->empty());
+  });
+}
+
+TEST_CASE("duplicate names are a conflict, on create and on rename") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  auto e =
+      write_error(*repo, [](Transaction& tx) { return tx.create(make_default(Kind::delivery_group, "g1")).error(); });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message == "a delivery group named 'g1' already exists");
+  e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    auto r = tx.create(machine("m1", "c1"));
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message == "a machine named 'm1' already exists");
+  e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    Object g = *tx.get(Kind::delivery_group, "g2");
+    g.name = "g1";
+    auto r = tx.update("g2", g);
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message == "a delivery group named 'g1' already exists");
+  // The same name in another kind is fine.
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "g1")); });
+}
+
+TEST_CASE("a reference to a missing object is invalid_argument naming the field") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  auto e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    auto r = tx.create(machine("m2", "nope"));
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::invalid_argument);
+  CHECK(e.field == "catalog");
+  CHECK(e.describe() == "catalog: no catalog named 'nope'");
+
+  e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    Object app = *tx.get(Kind::application, "a1");
+    app.fields["delivery_groups"] = TextList{"g1", "missing-group"};
+    auto r = tx.update("a1", app);
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::invalid_argument);
+  CHECK(e.describe() == "delivery_groups: no delivery group named 'missing-group'");
+
+  e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    auto r = tx.update("m1", machine("m1", "c1", "ghost"));
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.describe() == "delivery_group: no delivery group named 'ghost'");
+
+  read_ok(*repo, [](Transaction& tx) {
+    CHECK(tx.get(Kind::application, "a1")->list("delivery_groups") == TextList{"g2", "g1"});
+    CHECK(tx.get(Kind::machine, "m1")->text("delivery_group") == "g1");
+    CHECK(tx.count(Kind::machine, {}).value() == 1);
+  });
+}
+
+TEST_CASE("bad objects are invalid_argument naming the field") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  auto error_of = [&](Object obj) {
+    return write_error(*repo, [&](Transaction& tx) -> common::Status {
+      auto r = tx.create(obj);
+      if (r) return {};
+      return r.error();
+    });
+  };
+  Object m = machine("m2", "c1");
+  m.fields["load_index"] = std::string("high");
+  auto e = error_of(m);
+  CHECK(e.code == errc::invalid_argument);
+  CHECK(e.field == "load_index");
+  m = machine("m2", "c1");
+  m.fields["colour"] = std::string("red");
+  e = error_of(m);
+  CHECK(e.code == errc::invalid_argument);
+  CHECK(e.field == "colour");
+  e = error_of(make_default(Kind::catalog, ""));
+  CHECK(e.code == errc::invalid_argument);
+  CHECK(e.field == "name");
+}
+
+TEST_CASE("get, update and remove of a missing object are not_found") {
+  auto repo = memory_repo();
+  read_ok(*repo, [](Transaction& tx) {
+    auto r = tx.get(Kind::machine, "ghost");
+    REQUIRE(!r);
+    CHECK(r.error().code == errc::not_found);
+    CHECK(r.error().message == "no machine named 'ghost'");
+  });
+  auto e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::catalog, "ghost"); });
+  CHECK(e.code == errc::not_found);
+  e = write_error(*repo,
+                  [](Transaction& tx) { return tx.update("ghost", make_default(Kind::catalog, "ghost")).error(); });
+  CHECK(e.code == errc::not_found);
+}
+
+TEST_CASE("removing a referenced object is a conflict naming the referrer") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  auto e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::delivery_group, "g1"); });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message == "delivery group 'g1' is still used by machine 'm1'");
+  e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::delivery_group, "g2"); });
+  CHECK(e.message == "delivery group 'g2' is still used by application 'a1'");  // via the list table
+  e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::catalog, "c1"); });
+  CHECK(e.message == "catalog 'c1' is still used by machine 'm1'");
+
+  // Remove the referrers, then the groups go too; lists of removed objects go with them.
+  write_ok(*repo, [](Transaction& tx) {
+    REQUIRE(tx.remove(Kind::machine, "m1").has_value());
+    auto still = tx.remove(Kind::delivery_group, "g1");
+    REQUIRE(!still);
+    CHECK(still.error().message == "delivery group 'g1' is still used by application 'a1'");
+    REQUIRE(tx.remove(Kind::application, "a1").has_value());
+    auto rule = tx.remove(Kind::delivery_group, "g1");
+    REQUIRE(!rule);
+    CHECK(rule.error().message == "delivery group 'g1' is still used by rule 'r1'");
+    REQUIRE(tx.remove(Kind::rule, "r1").has_value());
+    REQUIRE(tx.remove(Kind::delivery_group, "g1").has_value());
+    REQUIRE(tx.remove(Kind::delivery_group, "g2").has_value());
+    REQUIRE(tx.remove(Kind::catalog, "c1").has_value());
+  });
+  read_ok(*repo, [](Transaction& tx) {
+    for (const auto& kind : all_kinds()) CHECK(tx.count(kind.kind, {}).value() == 0);
+  });
+}
+
+TEST_CASE("a rename cascades to referencing columns and list elements") {
+  TempDir dir;
+  const std::string path = dir.file("rename.db");
+  auto repo = open_repo(path);
+  small_site(*repo);
+  write_ok(*repo, [](Transaction& tx) {
+    Object a = make_default(Kind::assignment);
+    a.fields["machine"] = std::string("m1");
+    a.fields["user"] = std::string("EXAMPLE\\alice");
+    create_ok(tx, a);
+    Object g = *tx.get(Kind::delivery_group, "g1");
+    g.name = "group-one";
+    auto renamed = tx.update("g1", g);
+    REQUIRE(renamed.has_value());
+    CHECK(renamed->name == "group-one");
+    Object c = *tx.get(Kind::catalog, "c1");
+    c.name = "catalog-one";
+    REQUIRE(tx.update("c1", c).has_value());
+    Object m = *tx.get(Kind::machine, "m1");
+    m.name = "desk-01";
+    REQUIRE(tx.update("m1", m).has_value());
+  });
+  read_ok(*repo, [](Transaction& tx) {
+    auto m = tx.get(Kind::machine, "desk-01");
+    REQUIRE(m.has_value());
+    CHECK(m->text("delivery_group") == "group-one");
+    CHECK(m->text("catalog") == "catalog-one");
+    CHECK(tx.get(Kind::application, "a1")->list("delivery_groups") == TextList{"g2", "group-one"});
+    CHECK(tx.get(Kind::rule, "r1")->text("delivery_group") == "group-one");
+    auto assignments = tx.list(Kind::assignment, {});
+    REQUIRE(assignments->size() == 1);
+    CHECK(assignments->front().text("machine") == "desk-01");
+    CHECK(tx.get(Kind::delivery_group, "g1").error().code == errc::not_found);
+    CHECK(tx.list(Kind::machine, {{{"delivery_group", "group-one"}}})->size() == 1);
+    CHECK(tx.list(Kind::application, {{{"delivery_groups", "group-one"}}})->size() == 1);
+  });
+  repo->close();
+  // And in the file itself, for an admin reading it with sqlite3.
+  RawDb raw(path);
+  CHECK(raw.rows("SELECT value FROM application_delivery_groups ORDER BY position") ==
+        std::vector<std::vector<std::string>>{{"g2"}, {"group-one"}});
+  CHECK(raw.rows("PRAGMA foreign_key_check").empty());
+}
+
+TEST_CASE("a failed or throwing transaction leaves nothing behind") {
+  auto repo = memory_repo();
+  auto status = repo->write([](Transaction& tx) -> common::Status {
+    create_ok(tx, make_default(Kind::catalog, "c1"));
+    create_ok(tx, machine("m1", "c1"));
+    REQUIRE(tx.append_audit({0, "", "broker", "create", "machine", "m1", "", "{}"}).has_value());
+    return common::make_error(errc::invalid_argument, "changed my mind");
+  });
+  REQUIRE(!status);
+  CHECK(status.error().message == "changed my mind");
+  auto throwing = [](Transaction& tx) -> common::Status {
+    create_ok(tx, make_default(Kind::catalog, "c2"));
+    throw std::runtime_error("bug");
+  };
+  CHECK_THROWS_AS(repo->write(throwing), std::runtime_error);
+  // A failing statement does not commit the statements before it.
+  status = repo->write([](Transaction& tx) -> common::Status {
+    create_ok(tx, make_default(Kind::catalog, "c3"));
+    auto r = tx.create(machine("m3", "no-such-catalog"));
+    if (!r) return r.error();
+    return {};
+  });
+  REQUIRE(!status);
+  CHECK(status.error().field == "catalog");
+  read_ok(*repo, [](Transaction& tx) {
+    CHECK(tx.count(Kind::catalog, {}).value() == 0);
+    CHECK(tx.count(Kind::machine, {}).value() == 0);
+    CHECK(tx.list_audit({}).value().empty());
+  });
+  // The repository is still usable afterwards.
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c1")); });
+  read_ok(*repo, [](Transaction& tx) { CHECK(tx.count(Kind::catalog, {}).value() == 1); });
+}
+
+TEST_CASE("auto-named kinds are named by their id, and ids are not reused") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  std::int64_t first = 0;
+  write_ok(*repo, [&](Transaction& tx) {
+    Object p = make_default(Kind::power_action);
+    p.fields["machine"] = std::string("m1");
+    Object a = create_ok(tx, p);
+    Object b = create_ok(tx, p);
+    CHECK(a.name == std::to_string(a.id));
+    CHECK(b.name == std::to_string(b.id));
+    CHECK(b.id > a.id);
+    first = b.id;
+    REQUIRE(tx.remove(Kind::power_action, b.name).has_value());
+    Object c = create_ok(tx, p);
+    CHECK(c.id > first);
+    CHECK(c.name == std::to_string(c.id));
+    CHECK(tx.get(Kind::power_action, c.name)->text("machine") == "m1");
+    // A given name is kept.
+    Object named = p;
+    named.name = "manual";
+    CHECK(create_ok(tx, named).name == "manual");
+  });
+}
+
+TEST_CASE("update keeps id and created_at and may keep the name") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  write_ok(*repo, [](Transaction& tx) {
+    Object before = *tx.get(Kind::machine, "m1");
+    Object change = before;
+    change.name.clear();  // empty: keep the current name
+    change.fields["dns_name"] = std::string("m1.example.test");
+    change.fields["tags"] = TextList{"b", "a"};
+    Object after = *tx.update("m1", change);
+    CHECK(after.name == "m1");
+    CHECK(after.id == before.id);
+    CHECK(after.created_at == before.created_at);
+    CHECK(after.updated_at >= before.updated_at);
+    CHECK(tx.get(Kind::machine, "m1")->text("dns_name") == "m1.example.test");
+    CHECK(tx.get(Kind::machine, "m1")->list("tags") == TextList{"b", "a"});
+  });
+}
+
+TEST_CASE("a file database keeps its data across close and reopen") {
+  TempDir dir;
+  const std::string path = dir.file("site.db");
+  {
+    auto repo = open_repo(path);
+    small_site(*repo);
+    write_ok(*repo, [](Transaction& tx) {
+      REQUIRE(tx.append_audit({0, "", "token:admin", "create", "catalog", "c1", "", "{\"name\":\"c1\"}"}).has_value());
+    });
+    repo->close();
+    CHECK(!fs::exists(path + "-wal"));  // checkpointed and closed
+  }
+  auto repo = open_repo(path);
+  CHECK(repo->schema().version == storage::current_schema_version());
+  read_ok(*repo, [](Transaction& tx) {
+    CHECK(tx.get(Kind::machine, "m1")->text("catalog") == "c1");
+    CHECK(tx.get(Kind::application, "a1")->list("delivery_groups") == TextList{"g2", "g1"});
+    CHECK(tx.list_audit({}).value().size() == 1);
+  });
+  // Foreign keys are on after a reopen, too.
+  auto e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::catalog, "c1"); });
+  CHECK(e.code == errc::conflict);
+}
+
+TEST_CASE("a database written by a newer version is refused and left alone") {
+  TempDir dir;
+  const std::string path = dir.file("newer.db");
+  open_repo(path)->close();
+  {
+    RawDb raw(path);
+    raw.exec(
+        "INSERT INTO schema_version (version, applied_at, description) VALUES (7, '2030-01-01T00:00:00.000Z', 'x')");
+  }
+  const std::string before = read_bytes(path);
+  storage::SqliteOptions options;
+  options.path = path;
+  auto r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::incompatible);
+  CHECK(r.error().message == "database " + path +
+                                 " has schema version 7, written by a newer brokerd; this build supports up to " +
+                                 std::to_string(storage::current_schema_version()));
+  CHECK(read_bytes(path) == before);
+}
+
+TEST_CASE("a file that is not a SQLite database is refused and never modified") {
+  TempDir dir;
+  const std::string path = dir.file("garbage.db");
+  const std::string garbage = random_bytes(8192, 42);
+  write_bytes(path, garbage);
+  storage::SqliteOptions options;
+  options.path = path;
+  auto r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::storage_error);
+  CHECK(r.error().message.find(path) != std::string::npos);
+  CHECK(read_bytes(path) == garbage);
+  CHECK(!fs::exists(path + "-wal"));
+  CHECK(!fs::exists(path + "-shm"));
+
+  // A short text file too.
+  write_bytes(dir.file("notes.txt"), "hello\n");
+  options.path = dir.file("notes.txt");
+  r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::storage_error);
+  CHECK(read_bytes(options.path) == "hello\n");
+}
+
+TEST_CASE("a corrupt database is refused and never modified") {
+  TempDir dir;
+  const std::string path = dir.file("corrupt.db");
+  {
+    auto repo = open_repo(path);
+    write_ok(*repo, [](Transaction& tx) {
+      create_ok(tx, make_default(Kind::catalog, "c1"));
+      for (int i = 0; i < 200; ++i) create_ok(tx, machine("m" + std::to_string(i), "c1"));
+    });
+    repo->close();
+  }
+  const auto size = fs::file_size(path);
+  REQUIRE(size > 4 * 4096);
+  // Overwrite pages 2 to 4 (the header page stays valid).
+  write_bytes(path, random_bytes(3 * 4096, 7), 4096);
+  const std::string before = read_bytes(path);
+  storage::SqliteOptions options;
+  options.path = path;
+  auto r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::storage_error);
+  CHECK(r.error().message.find(path) != std::string::npos);
+  CHECK(read_bytes(path) == before);
+}
+
+TEST_CASE("another application's SQLite database is refused and left alone") {
+  TempDir dir;
+  const std::string path = dir.file("other.db");
+  {
+    sqlite3* db = nullptr;
+    REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(db, "CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('keep me')", nullptr, nullptr,
+                         nullptr) == SQLITE_OK);
+    sqlite3_close(db);
+  }
+  const std::string before = read_bytes(path);
+  storage::SqliteOptions options;
+  options.path = path;
+  auto r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::incompatible);
+  CHECK(r.error().message.find("not an openbroker database") != std::string::npos);
+  CHECK(read_bytes(path) == before);
+}
+
+TEST_CASE("a missing file is created, a missing directory is an error") {
+  TempDir dir;
+  storage::SqliteOptions options;
+  options.path = dir.file("new.db");
+  auto r = storage::open_sqlite(options);
+  REQUIRE(r.has_value());
+  (*r)->close();
+  CHECK(fs::exists(options.path));
+
+  options.path = dir.file("no-such-dir/new.db");
+  r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::storage_error);
+  CHECK(r.error().message.find("no-such-dir") != std::string::npos);
+  CHECK(r.error().message.find("does not exist") != std::string::npos);
+  CHECK(!fs::exists(dir.file("no-such-dir")));
+
+  // An empty file is a new database.
+  write_bytes(dir.file("empty.db"), "");
+  options.path = dir.file("empty.db");
+  r = storage::open_sqlite(options);
+  REQUIRE(r.has_value());
+  CHECK((*r)->schema().version == storage::current_schema_version());
+
+  options.path = "";
+  r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::invalid_argument);
+}
+
+TEST_CASE("audit entries are appended and listed newest first with filters") {
+  auto repo = memory_repo();
+  write_ok(*repo, [](Transaction& tx) {
+    REQUIRE(tx.append_audit({0, "", "token:admin", "create", "catalog", "c1", "", R"({"name":"c1"})"}).has_value());
+    REQUIRE(tx.append_audit(
+                  {0, "2026-01-01T00:00:00.000Z", "config:/etc/site.toml", "reconcile", "machine", "m1", "{}", "{}"})
+                .has_value());
+    REQUIRE(tx.append_audit({0, "", "token:admin", "delete", "catalog", "c1", R"({"name":"c1"})", ""}).has_value());
+    REQUIRE(tx.append_audit({0, "", "broker", "update", "machine", "m2", "{}", "{}"}).has_value());
+  });
+  read_ok(*repo, [](Transaction& tx) {
+    auto all = tx.list_audit({});
+    REQUIRE(all.has_value());
+    REQUIRE(all->size() == 4);
+    CHECK((*all)[0].object == "m2");
+    CHECK((*all)[3].action == "create");
+    CHECK((*all)[3].after == R"({"name":"c1"})");
+    CHECK((*all)[3].before.empty());
+    CHECK((*all)[0].id > (*all)[1].id);
+    common::SysTime t;
+    CHECK(common::parse_time((*all)[0].time, t));         // filled in
+    CHECK((*all)[2].time == "2026-01-01T00:00:00.000Z");  // kept
+
+    AuditQuery by_kind;
+    by_kind.kind = "catalog";
+    auto catalogs = tx.list_audit(by_kind).value();
+    REQUIRE(catalogs.size() == 2);
+    CHECK(catalogs[0].action == "delete");
+    CHECK(catalogs[1].action == "create");
+    AuditQuery by_object;
+    by_object.kind = "machine";
+    by_object.object = "m1";
+    CHECK(tx.list_audit(by_object).value().size() == 1);
+    AuditQuery by_actor;
+    by_actor.actor = "token:admin";
+    CHECK(tx.list_audit(by_actor).value().size() == 2);
+    AuditQuery page;
+    page.offset = 1;
+    page.limit = 2;
+    auto paged = tx.list_audit(page).value();
+    REQUIRE(paged.size() == 2);
+    CHECK(paged[0].action == "delete");
+    CHECK(paged[1].action == "reconcile");
+  });
+}
+
+TEST_CASE("misuse: writes in read(), nested calls, calls after close") {
+  auto repo = memory_repo();
+  auto status = repo->read([](Transaction& tx) -> common::Status {
+    auto r = tx.create(make_default(Kind::catalog, "c1"));
+    REQUIRE(!r);
+    CHECK(r.error().code == errc::internal);
+    return {};
+  });
+  CHECK(status.has_value());
+  status = repo->write([&](Transaction&) -> common::Status {
+    auto inner = repo->read([](Transaction&) -> common::Status { return {}; });
+    REQUIRE(!inner);
+    CHECK(inner.error().code == errc::internal);
+    CHECK(!repo->ping());
+    return {};
+  });
+  CHECK(status.has_value());
+  CHECK(repo->ping().has_value());
+  repo->close();
+  repo->close();  // idempotent
+  CHECK(repo->ping().error().code == errc::unavailable);
+  CHECK(repo->write([](Transaction&) -> common::Status { return {}; }).error().code == errc::unavailable);
+  CHECK(repo->read([](Transaction&) -> common::Status { return {}; }).error().code == errc::unavailable);
+  CHECK(repo->schema().version == storage::current_schema_version());
+}
+
+TEST_CASE("commits are observed in the metrics when given") {
+  common::Metrics metrics;
+  auto repo = open_repo(":memory:", &metrics);
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c1")); });
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c2")); });
+  read_ok(*repo, [](Transaction& tx) { CHECK(tx.count(Kind::catalog, {}).value() == 2); });
+  const std::string text = metrics.render();
+  CHECK(text.find("# TYPE broker_storage_commit_seconds histogram") != std::string::npos);
+  CHECK(text.find("broker_storage_commit_seconds_count 2") != std::string::npos);
+}
+
+TEST_CASE("transactions from several threads are serialised") {
+  TempDir dir;
+  auto repo = open_repo(dir.file("threads.db"));
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c1")); });
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 25; ++i) {
+        auto status = repo->write([&](Transaction& tx) -> common::Status {
+          auto n = tx.count(Kind::machine, {});
+          if (!n) return n.error();
+          auto r = tx.create(machine("t" + std::to_string(t) + "-" + std::to_string(i), "c1"));
+          if (!r) return r.error();
+          auto after = tx.count(Kind::machine, {});
+          if (!after) return after.error();
+          if (*after != *n + 1) return common::make_error(errc::internal, "interleaved");
+          return {};
+        });
+        if (!status) ++failures;
+      }
+    });
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  read_ok(*repo, [](Transaction& tx) { CHECK(tx.count(Kind::machine, {}).value() == 100); });
+
+  // A second connection to the same file (another process, e.g. an admin's sqlite3) sees it.
+  auto other = open_repo(dir.file("threads.db"));
+  read_ok(*other, [](Transaction& tx) { CHECK(tx.count(Kind::machine, {}).value() == 100); });
+}
