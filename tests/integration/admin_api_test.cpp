@@ -164,7 +164,9 @@ TEST_CASE("admin API: auth, CRUD, validation, conflicts, audit, metrics, and dat
   CHECK(error_field(api.obj(short_pw)) == "password");
   auto eve = api.call("POST", "/api/v1/users", R"({"name":"eve","password":"long-enough-pw","domain":"TEST"})");
   CHECK(eve.status == 201);
-  CHECK(eve.body.find("password") == std::string::npos);
+  CHECK(eve.body.find("password_hash") == std::string::npos);
+  CHECK(eve.body.find("long-enough-pw") == std::string::npos);
+  CHECK(api.obj(eve).contains("must_change_password"));
 
   // Assignments: only in Private groups; deleting one undoes it.
   auto shared_assign = api.call("POST", "/api/v1/assignments", R"({"machine":"TEST\\m1","user":"eve"})");

@@ -1,0 +1,165 @@
+// fuzz/nfuse_fuzz.cpp: the NFuse request parser (and the renderer, ctx1) on arbitrary bytes.
+//
+// Built two ways (fuzz/CMakeLists.txt):
+// * nfuse_fuzz (clang, -DOPENBROKER_FUZZ=ON): a libFuzzer target, run as
+//     nfuse_fuzz -max_total_time=60 -max_len=65536 fuzz/corpus/nfuse
+// * nfuse_fuzz_replay (any compiler, OPENBROKER_FUZZ_REPLAY defined): a plain program that feeds
+//   each file given on the command line, or each file of a directory, to the same entry point;
+//   ctest runs it over the seed corpus.
+//
+// The contracts checked (std::abort on violation):
+// - parse_request never throws or crashes; an error always has a message, a label render()
+//   writes back unchanged, and a response element exactly when it is answered in-band;
+// - whatever strings a request carried, render() of a reply holding them is well-formed XML in
+//   the request's encoding, and reading it back yields the same strings;
+// - ctx1: decode(encode(s)) == s for text without NUL, and encode(decode(t)) == t without
+//   whitespace for every t that decodes.
+#include "xmlservice/ctx1.hpp"
+#include "xmlservice/detail/xml_text.hpp"
+#include "xmlservice/nfuse_codec.hpp"
+
+#include <pugixml.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+namespace {
+
+void check(bool ok) {
+  if (!ok) std::abort();
+}
+
+// Every string of the request a reply could plausibly echo (never the password).
+std::vector<std::string> strings_of(const xmlservice::NFuseRequest& request) {
+  std::vector<std::string> out;
+  std::visit(
+      [&out](const auto& r) {
+        using R = std::decay_t<decltype(r)>;
+        if constexpr (requires { r.credentials; }) {
+          if (r.credentials) {
+            out.push_back(r.credentials->user_name);
+            if (r.credentials->domain) out.push_back(r.credentials->domain->name);
+            for (const auto& id : r.credentials->ids) out.push_back(id.value);
+          }
+        }
+        if constexpr (requires { r.client_name; }) out.push_back(r.client_name);
+        if constexpr (std::is_same_v<R, xmlservice::RequestAppData>) {
+          for (const auto& name : r.app_names) out.push_back(name);
+          if (r.scope) out.push_back(r.scope->folder);
+        }
+        if constexpr (std::is_same_v<R, xmlservice::RequestAddress>) out.push_back(r.name.value);
+      },
+      request);
+  return out;
+}
+
+// Renders the strings as server names and reads them back with pugixml, in the charset the
+// label stands for.
+void check_render_round_trip(const std::vector<std::string>& strings, const std::string& label) {
+  xmlservice::ResponseServerData reply;
+  for (const auto& s : strings) reply.servers.push_back({s});
+  const std::string xml = xmlservice::render(reply, label);
+  const auto charset = xmlservice::detail::charset_for_label(label);
+  check(charset.has_value());
+  const pugi::xml_encoding encoding =
+      charset == xmlservice::detail::Charset::latin1 ? pugi::encoding_latin1 : pugi::encoding_utf8;
+  pugi::xml_document doc;
+  check(static_cast<bool>(doc.load_buffer(xml.data(), xml.size(), pugi::parse_default | pugi::parse_ws_pcdata, encoding)));
+  std::size_t i = 0;
+  for (pugi::xml_node server : doc.document_element().child("ResponseServerData").children("ServerData")) {
+    check(i < strings.size());
+    check(strings[i] == server.child("ServerName").text().get());
+    ++i;
+  }
+  check(i == strings.size());
+}
+
+void check_ctx1(std::string_view text) {
+  if (auto encoded = xmlservice::ctx1::encode(text)) {
+    if (text.find('\0') == std::string_view::npos) check(xmlservice::ctx1::decode(*encoded).value() == text);
+  }
+  if (auto decoded = xmlservice::ctx1::decode(text)) {
+    std::string letters;
+    for (char c : text)
+      if (c != ' ' && c != '\t' && c != '\r' && c != '\n') letters += c;
+    check(xmlservice::ctx1::encode(*decoded).value() == letters);
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string_view body(reinterpret_cast<const char*>(data), size);
+  const xmlservice::ParseResult result = xmlservice::parse_request(body);
+  if (result) {
+    check_render_round_trip(strings_of(result->request), result->encoding_label);
+    const std::string reply =
+        xmlservice::render(xmlservice::error_response(result->request, xmlservice::ErrorId::unspecified), result->encoding_label);
+    check(reply.find(std::string(xmlservice::response_name(result->request))) != std::string::npos);
+  } else {
+    const xmlservice::ParseError& e = result.error();
+    check(!e.message.empty());
+    check(xmlservice::answered_in_band(e.code) == !e.response_element.empty());
+    const std::string reply =
+        xmlservice::render(xmlservice::ResponseError{e.response_element, xmlservice::ErrorId::unspecified}, e.encoding_label);
+    check(reply.find("encoding=\"" + e.encoding_label + "\"") != std::string::npos);
+    if (xmlservice::answered_in_band(e.code)) check(reply.find("<" + e.response_element + ">") != std::string::npos);
+  }
+  if (size <= 4096) check_ctx1(body);
+  return 0;
+}
+
+#ifdef OPENBROKER_FUZZ_REPLAY
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+
+namespace {
+
+int replay(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) {
+    std::cerr << file.string() << ": cannot open\n";
+    return 1;
+  }
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int failures = 0;
+  int count = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::filesystem::path arg(argv[i]);
+    std::error_code ec;
+    if (std::filesystem::is_directory(arg, ec)) {
+      std::vector<std::filesystem::path> files;
+      for (const auto& entry : std::filesystem::directory_iterator(arg, ec))
+        if (entry.is_regular_file()) files.push_back(entry.path());
+      if (ec) {
+        std::cerr << arg.string() << ": " << ec.message() << "\n";
+        ++failures;
+      }
+      for (const auto& f : files) {
+        failures += replay(f);
+        ++count;
+      }
+    } else {
+      failures += replay(arg);
+      ++count;
+    }
+  }
+  std::cout << "replayed " << count << " inputs\n";
+  return failures == 0 && count > 0 ? 0 : 1;
+}
+#endif
