@@ -87,21 +87,6 @@ HttpResponse method_not_allowed(const std::string& allow) {
   return r;
 }
 
-std::string url_encode(const std::string& s) {
-  static const char* hex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    }
-  }
-  return out;
-}
-
 std::vector<std::string> split_path(const std::string& path) {
   std::vector<std::string> parts;
   std::size_t i = 0;
@@ -382,7 +367,7 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
       auto created = site_.create(std::move(candidate), actor);
       if (!created) return with_route(reply_error(created.error()), route);
       auto r = json_reply(201, model::to_json(*created));
-      r.headers.emplace_back("Location", base + "/" + url_encode(created->name));
+      r.headers.emplace_back("Location", base + "/" + net::percent_encode(created->name));
       return with_route(std::move(r), route);
     }
     return with_route(method_not_allowed(ks->api_writable ? "GET, POST" : "GET"), route);

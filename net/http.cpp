@@ -1,6 +1,8 @@
 // net/http.cpp: the plain request/response helpers (no Beast here; see http.hpp).
 #include "net/http.hpp"
 
+#include <cctype>
+
 #include <algorithm>
 
 namespace net {
@@ -62,6 +64,22 @@ std::string percent_decode(std::string_view s, bool plus_is_space) {
       }
     }
     out += (plus_is_space && c == '+') ? ' ' : c;
+  }
+  return out;
+}
+
+std::string percent_encode(std::string_view s) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(s.size());
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
   }
   return out;
 }

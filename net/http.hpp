@@ -46,6 +46,9 @@ using Responder = std::function<void(HttpResponse)>;
 using HttpHandler = std::function<void(HttpRequest&& request, Responder respond)>;
 
 std::string percent_decode(std::string_view s, bool plus_is_space = false);
+// Encodes every byte except the unreserved ones (A-Z a-z 0-9 - _ . ~), for one path segment or
+// query value.
+std::string percent_encode(std::string_view s);
 std::string reason_phrase(int status);
 
 }  // namespace net

@@ -2,6 +2,7 @@
 // Readable tables by default, --json for scripts. Exit codes: 0 ok, 1 the broker refused or
 // failed the request, 2 usage error, 3 cannot reach the broker.
 #include "common/model.hpp"
+#include "net/http.hpp"
 #include "net/http_client.hpp"
 
 #include <boost/json.hpp>
@@ -56,21 +57,6 @@ struct ApiError : std::runtime_error {
 struct ConnectError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-
-std::string url_encode(const std::string& s) {
-  static const char* hex = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    }
-  }
-  return out;
-}
 
 const model::KindSpec& noun_kind(const std::string& noun) {
   static const std::map<std::string, model::Kind> nouns{
@@ -208,6 +194,18 @@ json::value field_value(const model::KindSpec& ks, const std::string& key, const
   }
 }
 
+// FIELD=VALUE arguments from args[from] on, as an encoded query string (without '?').
+std::string filter_query(const std::vector<std::string>& args, std::size_t from) {
+  std::string q;
+  for (std::size_t i = from; i < args.size(); ++i) {
+    auto eq = args[i].find('=');
+    if (eq == std::string::npos) throw UsageError("expected FIELD=VALUE, got '" + args[i] + "'");
+    q += (q.empty() ? "" : "&") + net::percent_encode(args[i].substr(0, eq)) + "=" +
+         net::percent_encode(args[i].substr(eq + 1));
+  }
+  return q;
+}
+
 class Client {
  public:
   Client(std::string url, std::string token) : url_(url), http_(std::move(url)), token_(std::move(token)) {}
@@ -300,8 +298,8 @@ int run(std::vector<std::string> args) {
     }
   };
   auto paging = [&](std::string query) {
-    if (limit) query += (query.empty() ? "" : "&") + std::string("limit=") + url_encode(*limit);
-    if (offset) query += (query.empty() ? "" : "&") + std::string("offset=") + url_encode(*offset);
+    if (limit) query += (query.empty() ? "" : "&") + std::string("limit=") + net::percent_encode(*limit);
+    if (offset) query += (query.empty() ? "" : "&") + std::string("offset=") + net::percent_encode(*offset);
     return query.empty() ? std::string() : "?" + query;
   };
 
@@ -314,12 +312,7 @@ int run(std::vector<std::string> args) {
     return 0;
   }
   if (noun == "audit") {
-    std::string q;
-    for (std::size_t i = 1; i < rest.size(); ++i) {
-      auto eq = rest[i].find('=');
-      if (eq == std::string::npos) throw UsageError("expected FIELD=VALUE, got '" + rest[i] + "'");
-      q += (q.empty() ? "" : "&") + url_encode(rest[i].substr(0, eq)) + "=" + url_encode(rest[i].substr(eq + 1));
-    }
+    const std::string q = filter_query(rest, 1);
     emit(client.call("GET", "/api/v1/audit" + paging(q)), {"id", "time", "actor", "action", "kind", "object"});
     return 0;
   }
@@ -359,15 +352,10 @@ int run(std::vector<std::string> args) {
   const auto cols = default_columns(ks.kind);
 
   if (verb == "list" || verb.empty()) {
-    std::string q;
-    for (std::size_t i = 2; i < rest.size(); ++i) {
-      auto eq = rest[i].find('=');
-      if (eq == std::string::npos) throw UsageError("expected FIELD=VALUE, got '" + rest[i] + "'");
-      q += (q.empty() ? "" : "&") + url_encode(rest[i].substr(0, eq)) + "=" + url_encode(rest[i].substr(eq + 1));
-    }
+    const std::string q = filter_query(rest, 2);
     emit(client.call("GET", base + paging(q)), cols);
   } else if (verb == "get" || verb == "show") {
-    emit(client.call("GET", base + "/" + url_encode(need_name(2))), cols);
+    emit(client.call("GET", base + "/" + net::percent_encode(need_name(2))), cols);
   } else if (verb == "create") {
     json::object body;
     std::size_t from = 2;
@@ -384,30 +372,30 @@ int run(std::vector<std::string> args) {
     fields_from(3, body);
     if (body.empty()) throw UsageError("update needs at least one FIELD=VALUE");
     json::value b = body;
-    emit(client.call("PATCH", base + "/" + url_encode(name), &b), cols);
+    emit(client.call("PATCH", base + "/" + net::percent_encode(name), &b), cols);
   } else if (verb == "delete" || verb == "remove") {
     const auto name = need_name(2);
-    client.call("DELETE", base + "/" + url_encode(name));
+    client.call("DELETE", base + "/" + net::percent_encode(name));
     if (!as_json) std::cout << "deleted " << ks.name << " " << name << "\n";
   } else if (verb == "maintenance" && (ks.kind == model::Kind::machine || ks.kind == model::Kind::delivery_group)) {
     if (rest.size() < 4 || (rest[2] != "on" && rest[2] != "off")) throw UsageError(noun + " maintenance on|off NAME");
     json::value b = json::object{{"in_maintenance_mode", rest[2] == "on"}};
-    emit(client.call("PATCH", base + "/" + url_encode(rest[3]), &b), cols);
+    emit(client.call("PATCH", base + "/" + net::percent_encode(rest[3]), &b), cols);
   } else if (verb == "tag" && ks.kind == model::Kind::machine) {
     if (rest.size() < 5 || (rest[2] != "add" && rest[2] != "remove")) throw UsageError("machine tag add|remove NAME TAG");
-    auto m = client.call("GET", base + "/" + url_encode(rest[3]));
+    auto m = client.call("GET", base + "/" + net::percent_encode(rest[3]));
     json::array tags;
     if (m.is_object() && m.as_object().contains("tags") && m.as_object().at("tags").is_array()) tags = m.as_object().at("tags").as_array();
     auto it = std::find(tags.begin(), tags.end(), json::value(rest[4]));
     if (rest[2] == "add" && it == tags.end()) tags.emplace_back(rest[4]);
     if (rest[2] == "remove" && it != tags.end()) tags.erase(it);
     json::value b = json::object{{"tags", tags}};
-    emit(client.call("PATCH", base + "/" + url_encode(rest[3]), &b), cols);
+    emit(client.call("PATCH", base + "/" + net::percent_encode(rest[3]), &b), cols);
   } else if (verb == "set-password" && ks.kind == model::Kind::user) {
     const auto name = need_name(2);
     const auto pw = read_password();
     json::value b = json::object{{"password", pw}};
-    client.call("PATCH", base + "/" + url_encode(name), &b);
+    client.call("PATCH", base + "/" + net::percent_encode(name), &b);
     if (!as_json) std::cout << "password changed for " << name << "\n";
   } else {
     throw UsageError("unknown verb '" + verb + "' for " + noun);
