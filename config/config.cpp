@@ -9,11 +9,11 @@
 // toml++ is the only heavy include of the module and stays in this file.
 #include "config/config.hpp"
 
+#include "common/address.hpp"
+
 #include "common/crypto.hpp"
 
 #include <toml++/toml.h>
-
-#include <arpa/inet.h>
 
 #include <algorithm>
 #include <cctype>
@@ -145,26 +145,6 @@ std::string join(std::span<const std::string_view> items) {
 bool is_lower_hex(std::string_view s, std::size_t size) {
   return s.size() == size &&
          std::all_of(s.begin(), s.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
-}
-
-bool is_ip_address(std::string_view s) {
-  if (s.empty() || s.size() > 45 || s.find('\0') != std::string_view::npos) return false;
-  const std::string z(s);
-  unsigned char buf[16];
-  return inet_pton(AF_INET, z.c_str(), buf) == 1 || inet_pton(AF_INET6, z.c_str(), buf) == 1;
-}
-
-bool is_ip_or_cidr(std::string_view s) {
-  const auto slash = s.find('/');
-  if (slash == std::string_view::npos) return is_ip_address(s);
-  const auto address = s.substr(0, slash);
-  const auto bits = s.substr(slash + 1);
-  if (bits.empty() || bits.size() > 3 || !std::all_of(bits.begin(), bits.end(), [](char c) { return c >= '0' && c <= '9'; }))
-    return false;
-  int n = 0;
-  for (char c : bits) n = n * 10 + (c - '0');
-  const int max = address.find(':') != std::string_view::npos ? 128 : 32;
-  return is_ip_address(address) && n <= max;
 }
 
 // "" when the file exists and can be opened for reading, else what is wrong.
@@ -453,7 +433,7 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
                 {"address", "port", "tls_cert", "tls_key", "header_limit_bytes", "body_limit_bytes",
                  "read_timeout_seconds", "idle_timeout_seconds"});
   if (auto v = r.string("address")) {
-    if (is_ip_address(*v))
+    if (common::is_ip_address(*v))
       out.address = *v;
     else
       error(r.line("address"), r.key("address"), in_quotes(*v) + " is not an IPv4 or IPv6 address");
@@ -697,14 +677,14 @@ bool Loader::read_object(const KindSpec& ks, const toml::table& t, const std::st
           problem = "must be 64 lower-case hex digits: the SHA-256 of the enrollment key";
         else if (ks.kind == Kind::user && f.name == "password_hash" && !common::crypto::is_password_hash(*s))
           problem = "is not a password hash (\"pbkdf2-sha256$...\"); make one with brokerd --hash-password";
-        else if (ks.kind == Kind::assignment && f.name == "client_ip" && !s->empty() && !is_ip_address(*s))
+        else if (ks.kind == Kind::assignment && f.name == "client_ip" && !s->empty() && !common::is_ip_address(*s))
           problem = in_quotes(*s) + " is not an IPv4 or IPv6 address";
       }
       const bool address_list = (ks.kind == Kind::site && f.name == "trusted_front_ends") ||
                                  (ks.kind == Kind::rule && (f.name == "included_client_ips" || f.name == "excluded_client_ips"));
       if (address_list)
         for (const auto& item : items)
-          if (!item.value.empty() && !is_ip_or_cidr(item.value))
+          if (!item.value.empty() && !common::is_ip_or_cidr(item.value))
             error(item.line, r.key(f.name), in_quotes(item.value) + " is not an IPv4 or IPv6 address or CIDR range");
     }
     if (!problem.empty()) error(line, r.key(f.name), problem);
