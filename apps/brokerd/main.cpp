@@ -9,8 +9,10 @@
 #include "common/version.hpp"
 #include "common/work_queue.hpp"
 #include "config/config.hpp"
+#include "identity/builtin_directory.hpp"
 #include "net/server.hpp"
 #include "storage/repository.hpp"
+#include "xmlservice/xml_service.hpp"
 
 #include <spdlog/spdlog.h>
 
@@ -59,7 +61,7 @@ net::ListenerOptions listener_options(const std::string& name, const config::Lis
   return o;
 }
 
-// Until their issues land, the XML service and the agent endpoint are real listeners that say so.
+// Until its issue lands, the agent endpoint is a real listener that says so.
 net::HttpHandler not_implemented(std::string what) {
   return [what](net::HttpRequest&&, net::Responder respond) {
     net::HttpResponse r;
@@ -132,10 +134,15 @@ int run(const std::string& config_path, const std::string& ready_file) {
   for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
   aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
   admin::AdminApi admin_api(site, repository, work, metrics, aopts, log);
+  common::SystemClock clock;
+  identity::BuiltinDirectory directory(repository, clock);
+  xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log);
 
   net::Server server(cfg.io_threads, log, &metrics);
   try {
-    server.add_listener(listener_options("xml", cfg.xml), not_implemented("the NFuse XML service"));
+    server.add_listener(listener_options("xml", cfg.xml), [&xml_service](net::HttpRequest&& req, net::Responder respond) {
+      xml_service.handle(std::move(req), std::move(respond));
+    });
     server.add_listener(listener_options("agent", cfg.agent), not_implemented("the agent endpoint (CBP)"));
     server.add_listener(listener_options("admin", cfg.admin),
                         [&admin_api](net::HttpRequest&& req, net::Responder respond) {

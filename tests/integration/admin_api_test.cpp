@@ -215,7 +215,11 @@ TEST_CASE("admin API: auth, CRUD, validation, conflicts, audit, metrics, and dat
   net::HttpClient xml("http://127.0.0.1:" + std::to_string(daemon.xml_port()));
   auto nfuse = xml.request("POST", "/scripts/wpnbr.dll", "<NFuseProtocol/>");
   REQUIRE(nfuse.has_value());
-  CHECK(nfuse->status == 501);
+  CHECK(nfuse->status == 400);  // XML, but no request in it
+  net::HttpClient agent("http://127.0.0.1:" + std::to_string(daemon.agent_port()));
+  auto cbp = agent.request("GET", "/");
+  REQUIRE(cbp.has_value());
+  CHECK(cbp->status == 501);
 
   // Graceful stop, restart on the same database: everything is still there.
   CHECK(daemon.stop() == 0);

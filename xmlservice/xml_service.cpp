@@ -1,0 +1,367 @@
+#include "xmlservice/xml_service.hpp"
+
+#include "broker/entitlements.hpp"
+#include "broker/site_objects.hpp"
+#include "common/address.hpp"
+#include "common/metrics.hpp"
+#include "common/work_queue.hpp"
+#include "identity/directory.hpp"
+#include "xmlservice/default_icon.hpp"
+#include "xmlservice/nfuse_codec.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+
+namespace xmlservice {
+
+namespace model = common::model;
+
+namespace {
+
+constexpr std::string_view kPath = "/scripts/wpnbr.dll";
+
+bool iequal_path(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
+         });
+}
+
+net::HttpResponse xml_reply(std::string body, const std::string& encoding_label) {
+  net::HttpResponse r;
+  r.content_type = "text/xml; charset=" + encoding_label;
+  r.body = std::move(body);
+  r.route = std::string(kPath);
+  return r;
+}
+
+net::HttpResponse plain(int status, std::string text) {
+  net::HttpResponse r;
+  r.status = status;
+  r.body = std::move(text) + "\n";
+  r.route = std::string(kPath);
+  return r;
+}
+
+// Who is asking: an identity, anonymous, or an ErrorId to answer with.
+struct Caller {
+  std::optional<identity::UserIdentity> user;
+  bool anonymous = false;
+  std::optional<ErrorId> error;
+  std::string label;  // for the log: "DEMO\\alice", "anonymous", "alice (failed-credentials)"
+};
+
+ErrorId to_error_id(identity::AuthResult r) {
+  switch (r) {
+    case identity::AuthResult::ok: return ErrorId::unspecified;
+    case identity::AuthResult::failed_credentials: return ErrorId::failed_credentials;
+    case identity::AuthResult::account_disabled: return ErrorId::account_disabled;
+    case identity::AuthResult::account_locked_out: return ErrorId::account_locked_out;
+    case identity::AuthResult::must_change_credentials: return ErrorId::must_change_credentials;
+    case identity::AuthResult::expired_credentials: return ErrorId::expired_credentials;
+  }
+  return ErrorId::unspecified;
+}
+
+template <class T>
+const std::optional<Credentials>* credentials_of(const T& req) {
+  if constexpr (requires { req.credentials; }) {
+    return &req.credentials;
+  } else {
+    return nullptr;
+  }
+}
+
+bool server_type_ok(const std::vector<ServerType>& types) {
+  return types.empty() || std::any_of(types.begin(), types.end(),
+                                      [](ServerType t) { return t == ServerType::all || t == ServerType::win32; });
+}
+bool client_type_ok(const std::vector<ClientType>& types) {
+  return types.empty() || std::any_of(types.begin(), types.end(),
+                                      [](ClientType t) { return t == ClientType::all || t == ClientType::ica30; });
+}
+
+bool in_scope(const std::optional<Scope>& scope, const std::string& folder) {
+  if (!scope || scope->folder.empty()) return scope && scope->traverse == Traverse::onelevel ? folder.empty() : true;
+  std::string want = scope->folder;
+  while (!want.empty() && (want.back() == '\\' || want.back() == '/')) want.pop_back();
+  if (scope->traverse == Traverse::onelevel) return identity::iequals(folder, want);
+  return identity::iequals(folder.substr(0, want.size()), want) &&
+         (folder.size() == want.size() || folder[want.size()] == '\\' || folder[want.size()] == '/');
+}
+
+}  // namespace
+
+struct XmlService::Impl {
+  identity::Directory& directory;
+  broker::SiteObjects& site;
+  storage::Repository& repository;
+  common::WorkQueue& work;
+  common::Metrics& metrics;
+  std::shared_ptr<spdlog::logger> log;
+
+  Caller identify(const std::optional<Credentials>& creds, const model::Object& site_settings,
+                  const std::string& remote, bool required) {
+    Caller c;
+    if (!creds) {
+      if (required) {
+        c.error = ErrorId::failed_credentials;
+        c.label = "(no credentials)";
+      } else {
+        c.anonymous = true;
+        c.label = "anonymous";
+      }
+      return c;
+    }
+    if (creds->anonymous) {
+      c.anonymous = true;
+      c.label = "anonymous";
+      return c;
+    }
+    std::string name = creds->user_name;
+    std::string domain = creds->domain ? creds->domain->name : std::string();
+    if (creds->password) {
+      c.label = domain.empty() ? name : domain + "\\" + name;
+      if (!creds->password->plain || name.empty()) {
+        c.error = ErrorId::failed_credentials;
+        return c;
+      }
+      auto outcome = directory.authenticate({name, domain, *creds->password->plain});
+      if (!outcome) {
+        log->error("xml: directory failed: {}", outcome.error().describe());
+        c.error = ErrorId::service_unavailable;
+        return c;
+      }
+      if (outcome->result != identity::AuthResult::ok) {
+        c.error = to_error_id(outcome->result);
+        return c;
+      }
+      c.user = outcome->identity;
+      c.label = c.user->qualified_name;
+      return c;
+    }
+    // No password: pass-through, gateway or smart card. Trusted front ends only.
+    if (name.empty())
+      for (const auto& id : creds->ids)
+        if (!id.value.empty()) {
+          name = id.value;
+          break;
+        }
+    c.label = (domain.empty() ? name : domain + "\\" + name) + " (no password)";
+    if (name.empty()) {
+      c.error = ErrorId::failed_credentials;
+      return c;
+    }
+    const auto trusted_list = site_settings.list("trusted_front_ends");
+    const bool trusted = site_settings.flag("trust_xml_requests") &&
+                         std::any_of(trusted_list.begin(), trusted_list.end(),
+                                     [&](const std::string& r) { return common::address_in(remote, r); });
+    if (!trusted) {
+      c.error = ErrorId::not_trusted;
+      return c;
+    }
+    auto outcome = directory.lookup(name, domain);
+    if (!outcome) {
+      c.error = outcome.error().code == common::errc::not_found ? ErrorId::failed_credentials : ErrorId::service_unavailable;
+      return c;
+    }
+    if (outcome->result != identity::AuthResult::ok) {
+      c.error = to_error_id(outcome->result);
+      return c;
+    }
+    c.user = outcome->identity;
+    c.label = c.user->qualified_name + " (trusted)";
+    return c;
+  }
+
+  AppData app_data(const broker::Resource& r, const RequestAppData& req, const model::Object& site_settings) {
+    AppData a;
+    a.in_name = r.in_name;
+    a.f_name = r.f_name;
+    const bool desktop = r.type == broker::Resource::Type::desktop;
+    const bool all = req.wants(DetailLevel::all);
+    AppDetails details;
+    if (all || req.wants(DetailLevel::defaults) || req.desired_details.empty()) {
+      AppSettings s;
+      s.app_is_desktop = desktop;
+      s.app_is_disabled = r.disabled;
+      s.folder = r.folder;
+      s.description = r.description;
+      s.publisher_name = site_settings.text("site_name", "openbroker");
+      details.settings = std::move(s);
+    }
+    if ((all || req.wants(DetailLevel::access_list)) && site_settings.flag("expose_access_lists")) {
+      std::vector<AccessEntry> acl;
+      for (const auto& p : r.principals) {
+        auto parsed = identity::parse_account_name(p);
+        AccessEntry e;
+        e.kind = AccessKind::group;
+        e.name = parsed.name;
+        if (!parsed.domain.empty()) e.domain = Domain{parsed.domain, DomainType::nt};
+        acl.push_back(std::move(e));
+      }
+      details.access_list = std::move(acl);
+    }
+    if (all || req.wants(DetailLevel::icon_info)) details.icon_info = default_icon_specs();
+    if (req.wants(DetailLevel::icon)) details.icon = default_icon_base64({32, 4, IconFormat::raw}, desktop);
+    a.details = std::move(details);
+    for (const auto& spec : req.desired_icon_data) a.icon_data.push_back({spec, default_icon_base64(spec, desktop)});
+    a.server_type = ServerType::win32;
+    a.client_type = ClientType::ica30;
+    return a;
+  }
+
+  // Returns the response and a short outcome for the log ("ok, 4 resources").
+  std::pair<NFuseResponse, std::string> dispatch(const NFuseRequest& request, const model::Object& site_settings,
+                                                  const net::HttpRequest& http, std::string& who) {
+    return std::visit(
+        [&](const auto& req) -> std::pair<NFuseResponse, std::string> {
+          using T = std::decay_t<decltype(req)>;
+          if constexpr (std::is_same_v<T, RequestCapabilities>) {
+            return {ResponseCapabilities{{Capability::separate_credentials_validation, Capability::user_identity,
+                                          Capability::integrated_authentication, Capability::full_icon_data}},
+                    "ok"};
+          } else if constexpr (std::is_same_v<T, RequestServerFarmData>) {
+            return {ResponseServerFarmData{{site_settings.text("site_name", "openbroker").empty()
+                                                ? std::string("openbroker")
+                                                : site_settings.text("site_name", "openbroker")}},
+                    "ok"};
+          } else if constexpr (std::is_same_v<T, RequestProtocolInfo>) {
+            ResponseProtocolInfo r;
+            if (req.server_address) r.server_address = Address{req.server_address->type, {}};
+            return {r, "ok"};
+          } else if constexpr (std::is_same_v<T, RequestValidateCredentials> || std::is_same_v<T, RequestAppData> ||
+                               std::is_same_v<T, RequestServerData>) {
+            const bool required = !std::is_same_v<T, RequestAppData>;
+            Caller caller = identify(req.credentials, site_settings, http.remote_address, required);
+            who = caller.label;
+            if (caller.error) return {error_response(request, *caller.error), std::string(to_string(*caller.error))};
+            if constexpr (std::is_same_v<T, RequestValidateCredentials>) {
+              ResponseValidateCredentials r;
+              if (req.desired_user_identity && caller.user) {
+                UserIdentityInfo info;
+                info.ids.push_back({IdType::sam, caller.user->qualified_name});
+                if (!caller.user->sid.empty()) info.ids.push_back({IdType::sid, caller.user->sid});
+                if (!caller.user->upn.empty()) info.ids.push_back({IdType::upn, caller.user->upn});
+                r.user_identity = std::move(info);
+              }
+              if (caller.anonymous) return {error_response(request, ErrorId::failed_credentials), "failed-credentials"};
+              return {r, "ok"};
+            } else if constexpr (std::is_same_v<T, RequestServerData>) {
+              ResponseServerData r;
+              if (server_type_ok(req.server_types) && client_type_ok(req.client_types)) {
+                storage::Query q;
+                q.equals.emplace_back("registration_state", "Registered");
+                auto machines = site.list(model::Kind::machine, q);
+                if (!machines) return {error_response(request, ErrorId::service_unavailable), "service-unavailable"};
+                for (const auto& m : machines->items) r.servers.push_back({m.name, ServerType::win32, ClientType::ica30});
+              }
+              return {r, "ok, " + std::to_string(r.servers.size()) + " servers"};
+            } else {
+              auto snapshot = broker::load_snapshot(repository);
+              if (!snapshot) {
+                log->error("xml: cannot read the site: {}", snapshot.error().describe());
+                return {error_response(request, ErrorId::service_unavailable), "service-unavailable"};
+              }
+              broker::Requester requester;
+              requester.user = caller.user ? &*caller.user : nullptr;
+              requester.client_address = req.client_address ? req.client_address->value : http.remote_address;
+              requester.client_name = req.client_name;
+              ResponseAppData r;
+              r.scope = req.scope;
+              if (server_type_ok(req.server_types) && client_type_ok(req.client_types)) {
+                for (const auto& res : broker::entitled_resources(*snapshot, requester)) {
+                  if (!req.app_names.empty() &&
+                      std::none_of(req.app_names.begin(), req.app_names.end(),
+                                   [&](const std::string& n) { return identity::iequals(n, res.in_name); }))
+                    continue;
+                  if (!in_scope(req.scope, res.folder)) continue;
+                  r.apps.push_back(app_data(res, req, site_settings));
+                }
+              }
+              return {r, "ok, " + std::to_string(r.apps.size()) + " resources"};
+            }
+          } else {
+            // Launch requests (RequestAddress, RequestTicket, ...) arrive with the brokering engine.
+            return {error_response(request, ErrorId::unspecified), "not implemented yet"};
+          }
+        },
+        request);
+  }
+};
+
+XmlService::XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
+                       common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger)
+    : impl_(std::make_unique<Impl>(Impl{directory, site, repository, work, metrics, std::move(logger)})) {
+  metrics.describe("broker_xml_requests_total", common::Metrics::Type::counter,
+                   "NFuse XML requests by request type and result (ok or the ErrorId).");
+  metrics.describe("broker_xml_request_duration_seconds", common::Metrics::Type::histogram,
+                   "Time to answer one NFuse XML request.");
+}
+
+XmlService::~XmlService() = default;
+
+void XmlService::handle(net::HttpRequest&& request, net::Responder respond) {
+  auto shared_request = std::make_shared<net::HttpRequest>(std::move(request));
+  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
+  const bool queued = impl_->work.post([this, shared_request, shared_respond] {
+    net::HttpResponse r;
+    try {
+      r = process(*shared_request);
+    } catch (const std::exception& e) {
+      impl_->log->error("xml: request failed: {}", e.what());
+      r = plain(500, "internal error; see the broker log");
+    }
+    (*shared_respond)(std::move(r));
+  });
+  if (!queued) (*shared_respond)(plain(503, "the broker is shutting down"));
+}
+
+net::HttpResponse XmlService::process(const net::HttpRequest& http) {
+  const auto started = std::chrono::steady_clock::now();
+  if (!iequal_path(http.path, kPath)) {
+    auto r = plain(404, "no such endpoint: " + http.path + " (the XML service is POST " + std::string(kPath) + ")");
+    r.route = "other";
+    return r;
+  }
+  if (http.method != "POST") {
+    auto r = plain(405, "use POST");
+    r.headers.emplace_back("Allow", "POST");
+    return r;
+  }
+  auto finish = [&](const std::string& type, const std::string& result, const std::string& who) {
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    const auto short_result = result.substr(0, result.find(','));
+    impl_->metrics.add("broker_xml_requests_total", {{"request", type}, {"result", short_result}});
+    impl_->metrics.observe("broker_xml_request_duration_seconds", {{"request", type}}, secs);
+    impl_->log->info("xml {} from {} user={} result={} in {:.1f} ms", type, http.remote_address,
+                     who.empty() ? "-" : who, result, secs * 1000);
+  };
+
+  auto parsed = parse_request(http.body);
+  if (!parsed) {
+    const auto& e = parsed.error();
+    if (!answered_in_band(e.code)) {
+      finish("invalid", std::string(to_string(e.code)), {});
+      return plain(400, "not an NFuse request: " + e.message);
+    }
+    finish(e.request_element.empty() ? "unknown" : e.request_element, "unspecified (" + e.message + ")", {});
+    return xml_reply(render(ResponseError{e.response_element, ErrorId::unspecified}, e.encoding_label),
+                     e.encoding_label);
+  }
+  const std::string type(request_name(parsed->request));
+  auto site_settings = impl_->site.site();
+  if (!site_settings) {
+    impl_->log->error("xml: cannot read the site settings: {}", site_settings.error().describe());
+    finish(type, "service-unavailable", {});
+    return xml_reply(render(error_response(parsed->request, ErrorId::service_unavailable), parsed->encoding_label),
+                     parsed->encoding_label);
+  }
+  std::string who;
+  auto [response, result] = impl_->dispatch(parsed->request, *site_settings, http, who);
+  finish(type, result, who);
+  return xml_reply(render(response, parsed->encoding_label), parsed->encoding_label);
+}
+
+}  // namespace xmlservice

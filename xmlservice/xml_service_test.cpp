@@ -1,0 +1,269 @@
+// The XML service in process: a real SQLite site (from TOML, as brokerd loads it), the built-in
+// directory and the entitlement engine, driven with NFuse request bodies.
+#include "xmlservice/xml_service.hpp"
+
+#include "broker/site_objects.hpp"
+#include "common/crypto.hpp"
+#include "common/log.hpp"
+#include "common/metrics.hpp"
+#include "common/work_queue.hpp"
+#include "config/config.hpp"
+#include "identity/builtin_directory.hpp"
+#include "storage/repository.hpp"
+#include "xmlservice/ctx1.hpp"
+
+#include <doctest/doctest.h>
+
+#include <memory>
+
+namespace {
+
+std::string site_toml(bool trust) {
+  const auto hash = [](const char* pw) { return common::crypto::hash_password(pw, 1000); };
+  std::string t = R"(
+[database]
+path = ":memory:"
+[[admin.token]]
+name = "t"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+[site]
+site_name = "Test Farm"
+default_domain = "DEMO"
+lockout_threshold = 3
+expose_access_lists = true
+trusted_front_ends = ["127.0.0.0/8"]
+)";
+  t += std::string("trust_xml_requests = ") + (trust ? "true" : "false") + "\n";
+  t += R"(
+[[catalog]]
+name = "pool"
+[[catalog]]
+name = "rds"
+session_support = "MultiSession"
+[[delivery_group]]
+name = "Desktops"
+published_name = "Windows 11"
+[[delivery_group]]
+name = "Apps"
+delivery_type = "AppsOnly"
+session_support = "MultiSession"
+[[application]]
+name = "Notepad"
+command_line_executable = "notepad.exe"
+delivery_groups = ["Apps"]
+client_folder = "Tools"
+[[application]]
+name = "Payroll"
+command_line_executable = "pay.exe"
+delivery_groups = ["Apps"]
+user_filter_enabled = true
+associated_users = ["DEMO\\Finance"]
+[[rule]]
+name = "desktops-access"
+rule_type = "access"
+delivery_group = "Desktops"
+included_users = ["DEMO\\Domain Users"]
+[[rule]]
+name = "Win11"
+rule_type = "entitlement"
+delivery_group = "Desktops"
+included_users = ["DEMO\\Staff"]
+[[rule]]
+name = "apps-access"
+rule_type = "access"
+delivery_group = "Apps"
+allowed_users = "FilteredOrAnonymous"
+included_users = ["DEMO\\Domain Users"]
+[[rule]]
+name = "apps"
+rule_type = "app_entitlement"
+delivery_group = "Apps"
+included_user_filter_enabled = false
+[[group]]
+name = "Domain Users"
+members = ["alice", "bob", "dave"]
+[[group]]
+name = "Finance"
+members = ["alice"]
+[[group]]
+name = "Staff"
+members = ["Finance"]
+[[user]]
+name = "alice"
+upn = "alice@demo.test"
+)";
+  t += "password_hash = \"" + hash("alice-pass") + "\"\n";
+  t += "[[user]]\nname = \"bob\"\npassword_hash = \"" + hash("bob-pass") + "\"\n";
+  t += "[[user]]\nname = \"dave\"\ndisabled = true\npassword_hash = \"" + hash("dave-pass") + "\"\n";
+  return t;
+}
+
+struct Service {
+  std::unique_ptr<storage::Repository> repo;
+  std::unique_ptr<broker::SiteObjects> site;
+  common::ManualClock clock;
+  std::unique_ptr<identity::BuiltinDirectory> directory;
+  common::WorkQueue work{1};
+  common::Metrics metrics;
+  std::unique_ptr<xmlservice::XmlService> xml;
+
+  explicit Service(bool trust = false) {
+    auto cfg = config::load_string(site_toml(trust), "test.toml");
+    REQUIRE_MESSAGE(cfg.config.has_value(), (cfg.errors.empty() ? "" : cfg.errors[0].describe()));
+    auto r = storage::open_sqlite({":memory:"});
+    REQUIRE(r.has_value());
+    repo = std::move(*r);
+    site = std::make_unique<broker::SiteObjects>(*repo, common::null_logger());
+    REQUIRE(site->reconcile("test.toml", cfg.config->site, cfg.config->objects).has_value());
+    identity::BuiltinDirectoryOptions o;
+    o.dummy_hash_iterations = 1000;
+    directory = std::make_unique<identity::BuiltinDirectory>(*repo, clock, o);
+    xml = std::make_unique<xmlservice::XmlService>(*directory, *site, *repo, work, metrics, common::null_logger());
+  }
+
+  net::HttpResponse post(const std::string& body, const std::string& from = "127.0.0.1") {
+    net::HttpRequest req;
+    req.method = "POST";
+    req.path = "/scripts/wpnbr.dll";
+    req.body = body;
+    req.remote_address = from;
+    return xml->process(req);
+  }
+};
+
+std::string wrap(const std::string& inner, const std::string& encoding = "UTF-8") {
+  return "<?xml version=\"1.0\" encoding=\"" + encoding +
+         "\"?>\n<!DOCTYPE NFuseProtocol SYSTEM \"NFuse.dtd\">\n<NFuseProtocol version=\"5.0\">" + inner +
+         "</NFuseProtocol>";
+}
+
+std::string creds(const std::string& user, const std::string& password, const std::string& domain = "DEMO") {
+  return "<Credentials><UserName>" + user + "</UserName><Password encoding=\"cleartext\">" + password +
+         "</Password><Domain type=\"NT\">" + domain + "</Domain></Credentials>";
+}
+
+std::string validate(const std::string& credentials) {
+  return wrap("<RequestValidateCredentials>" + credentials +
+              "<DesiredInfo>user-identity</DesiredInfo></RequestValidateCredentials>");
+}
+
+std::string appdata(const std::string& credentials, const std::string& extra = {}) {
+  return wrap("<RequestAppData><Scope traverse=\"subtree\"/><DesiredDetails>defaults</DesiredDetails>"
+              "<DesiredDetails>access-list</DesiredDetails><ServerType>all</ServerType><ClientType>ica30</ClientType>" +
+              extra + credentials + "</RequestAppData>");
+}
+
+bool has(const net::HttpResponse& r, const std::string& s) { return r.body.find(s) != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("capabilities, farm data and the reply envelope") {
+  Service s;
+  auto caps = s.post(wrap("<RequestCapabilities><Nil/></RequestCapabilities>"));
+  CHECK(caps.status == 200);
+  CHECK(caps.content_type == "text/xml; charset=UTF-8");
+  CHECK(caps.body.rfind("<?xml version=\"1.0\" encoding=\"UTF-8\"", 0) == 0);
+  CHECK(has(caps, "<!DOCTYPE NFuseProtocol SYSTEM \"NFuse.dtd\">"));
+  CHECK(has(caps, "<NFuseProtocol version=\"5.1\">"));
+  CHECK(has(caps, "separate-credentials-validation"));
+  CHECK_FALSE(has(caps, "launch-reference"));  // launch arrives with brokering; not advertised yet
+  auto farm = s.post(wrap("<RequestServerFarmData><Nil/></RequestServerFarmData>", "ISO-8859-1"));
+  CHECK(has(farm, "<ServerFarmName>Test Farm</ServerFarmName>"));
+  CHECK(farm.body.rfind("<?xml version=\"1.0\" encoding=\"ISO-8859-1\"", 0) == 0);
+  CHECK(has(s.post(wrap("<RequestServerData><ServerType>all</ServerType>" + creds("alice", "alice-pass") +
+                        "</RequestServerData>")),
+            "<ResponseServerData>"));
+}
+
+TEST_CASE("credential validation outcomes") {
+  Service s;
+  auto ok = s.post(validate(creds("alice", "alice-pass")));
+  CHECK_FALSE(has(ok, "ErrorId"));
+  CHECK(has(ok, "DEMO\\alice"));
+  CHECK(has(ok, "alice@demo.test"));
+  auto upn = s.post(validate("<Credentials><UserName>alice@demo.test</UserName><Password>alice-pass</Password></Credentials>"));
+  CHECK_FALSE(has(upn, "ErrorId"));
+  auto encoded = xmlservice::ctx1::encode("bob-pass");
+  REQUIRE(encoded.has_value());
+  auto ctx1 = s.post(validate("<Credentials><UserName>bob</UserName><Password encoding=\"ctx1\">" + *encoded +
+                              "</Password><Domain type=\"NT\">DEMO</Domain></Credentials>"));
+  CHECK_FALSE(has(ctx1, "ErrorId"));
+  CHECK(has(s.post(validate(creds("alice", "wrong"))), "<ErrorId>failed-credentials</ErrorId>"));
+  CHECK(has(s.post(validate(creds("nobody", "whatever"))), "<ErrorId>failed-credentials</ErrorId>"));
+  CHECK(has(s.post(validate(creds("dave", "dave-pass"))), "<ErrorId>account-disabled</ErrorId>"));
+  CHECK(has(s.post(validate("<Credentials><UserName>bob</UserName><Password encoding=\"ctx1\">ZZZ!</Password></Credentials>")),
+            "<ErrorId>failed-credentials</ErrorId>"));
+  CHECK(has(s.post(validate("")), "<ErrorId>failed-credentials</ErrorId>"));
+  auto err = s.post(validate(creds("alice", "wrong")));
+  CHECK(has(err, "<ResponseValidateCredentials>"));
+}
+
+TEST_CASE("lock-out after repeated failures, then even the right password is refused") {
+  Service s;
+  for (int i = 0; i < 3; ++i) CHECK(has(s.post(validate(creds("bob", "bad"))), "failed-credentials"));
+  CHECK(has(s.post(validate(creds("bob", "bob-pass"))), "<ErrorId>account-locked-out</ErrorId>"));
+  CHECK_FALSE(has(s.post(validate(creds("alice", "alice-pass"))), "ErrorId"));
+}
+
+TEST_CASE("enumeration follows entitlements") {
+  Service s;
+  auto alice = s.post(appdata(creds("alice", "alice-pass")));
+  CHECK_FALSE(has(alice, "ErrorId"));
+  CHECK(has(alice, "<InName>Win11</InName>"));
+  CHECK(has(alice, "<FName>Windows 11</FName>"));
+  CHECK(has(alice, "<InName>Notepad</InName>"));
+  CHECK(has(alice, "<InName>Payroll</InName>"));
+  CHECK(has(alice, "appisdesktop=\"true\""));
+  CHECK(has(alice, "<AccessList>"));  // the site exposes access lists
+  auto bob = s.post(appdata(creds("bob", "bob-pass")));
+  CHECK(has(bob, "<InName>Notepad</InName>"));
+  CHECK_FALSE(has(bob, "Payroll"));  // not in Finance
+  CHECK_FALSE(has(bob, "Win11"));    // not in Staff
+  auto anonymous = s.post(appdata("<Credentials><AnonymousUser/></Credentials>"));
+  CHECK(has(anonymous, "<InName>Notepad</InName>"));  // FilteredOrAnonymous
+  CHECK_FALSE(has(anonymous, "Win11"));
+  auto filtered = s.post(appdata(creds("alice", "alice-pass"), "<AppName>Payroll</AppName>"));
+  CHECK(has(filtered, "Payroll"));
+  CHECK_FALSE(has(filtered, "Notepad"));
+  auto icons = s.post(appdata(creds("bob", "bob-pass"), "<DesiredIconData size=\"32\" bpp=\"32\" format=\"png\"/>"));
+  CHECK(has(icons, "<IconData size=\"32\" bpp=\"32\" format=\"png\">iVBORw0KGgo"));  // a PNG
+  CHECK(has(s.post(appdata(creds("alice", "nope"))), "<ErrorId>failed-credentials</ErrorId>"));
+}
+
+TEST_CASE("pass-through needs trust and a trusted front end") {
+  const std::string passthrough =
+      validate("<Credentials><ID type=\"SAM\">DEMO\\alice</ID></Credentials>");
+  Service off(false);
+  CHECK(has(off.post(passthrough), "<ErrorId>not-trusted</ErrorId>"));
+  Service on(true);
+  auto trusted = on.post(passthrough, "127.0.0.1");
+  CHECK_FALSE(has(trusted, "ErrorId"));
+  CHECK(has(trusted, "DEMO\\alice"));
+  CHECK(has(on.post(passthrough, "10.9.9.9"), "<ErrorId>not-trusted</ErrorId>"));
+  CHECK(has(on.post(validate("<Credentials><ID type=\"SAM\">DEMO\\dave</ID></Credentials>")),
+            "<ErrorId>account-disabled</ErrorId>"));
+  CHECK(has(on.post(validate("<Credentials><ID type=\"SAM\">DEMO\\ghost</ID></Credentials>")),
+            "<ErrorId>failed-credentials</ErrorId>"));
+}
+
+TEST_CASE("malformed requests, wrong endpoints, metrics") {
+  Service s;
+  CHECK(s.post("this is not xml").status == 400);
+  CHECK(s.post("<?xml version=\"1.0\"?><html/>").status == 400);
+  auto unknown = s.post(wrap("<RequestTeleport/>"));
+  CHECK(unknown.status == 200);
+  CHECK(has(unknown, "<ResponseTeleport>"));
+  CHECK(has(unknown, "<ErrorId>unspecified</ErrorId>"));
+  net::HttpRequest get;
+  get.method = "GET";
+  get.path = "/Scripts/WPnBr.dll";
+  CHECK(s.xml->process(get).status == 405);
+  get.method = "POST";
+  get.path = "/other";
+  CHECK(s.xml->process(get).status == 404);
+  s.post(validate(creds("alice", "wrong")));
+  const auto text = s.metrics.render();
+  CHECK(text.find("broker_xml_requests_total{request=\"RequestValidateCredentials\",result=\"failed-credentials\"} 1") !=
+        std::string::npos);
+  CHECK(text.find("broker_xml_requests_total{request=\"invalid\",result=\"not_xml\"} 1") != std::string::npos);
+}
