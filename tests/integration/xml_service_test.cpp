@@ -82,6 +82,17 @@ TEST_CASE("demo users enumerate exactly what their entitlements give them, over 
   CHECK(post("definitely not xml").status == 400);
   CHECK(xml.request("POST", "/Scripts/WPNBR.DLL", appdata("bob", "bob-pass"))->status == 200);
 
+  // Front ends send users with thousands of group SIDs: a 600 KB request is served.
+  std::string many_ids;
+  while (many_ids.size() < 600 * 1024)
+    many_ids += "<ID type=\"SID\">S-1-5-21-1004336348-1177238915-682003330-" + std::to_string(many_ids.size()) + "</ID>";
+  auto big = post(R"(<?xml version="1.0"?><NFuseProtocol version="5.0"><RequestValidateCredentials><Credentials>)" +
+                  many_ids + "</Credentials></RequestValidateCredentials></NFuseProtocol>");
+  CHECK(big.status == 200);
+  CHECK(big.body.find("<ErrorId>not-trusted</ErrorId>") != std::string::npos);
+  // Beyond the listener's body limit (1 MiB by default): 413.
+  CHECK(post(std::string(2 * 1024 * 1024, ' ')).status == 413);
+
   // Every request is counted by type and result.
   net::HttpClient admin(daemon.admin_url());
   auto metrics = admin.request("GET", "/metrics");
