@@ -196,19 +196,14 @@ void AdminApi::handle(HttpRequest&& request, net::Responder respond) {
     }
   }
   // Everything else may touch storage: off the I/O thread.
-  auto shared_request = std::make_shared<HttpRequest>(std::move(request));
-  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
-  const bool queued = work_.post([this, shared_request, shared_respond, actor] {
-    HttpResponse r;
-    try {
-      r = dispatch(*shared_request, actor);
-    } catch (const std::exception& e) {
-      logger_->error("admin: {} {} failed: {}", shared_request->method, shared_request->path, e.what());
-      r = reply_error(Error(errc::internal, "internal error; see the broker log"));
-    }
-    (*shared_respond)(std::move(r));
-  });
-  if (!queued) (*shared_respond)(reply_error(Error(errc::unavailable, "the broker is shutting down")));
+  net::respond_from_queue(
+      work_, std::move(request), std::move(respond),
+      [this, actor](const HttpRequest& req) { return dispatch(req, actor); },
+      [this](int status, const std::string& message) {
+        if (status == 503) return reply_error(Error(errc::unavailable, message));
+        logger_->error("admin: {}", message);
+        return reply_error(Error(errc::internal, "internal error; see the broker log"));
+      });
 }
 
 HttpResponse AdminApi::readyz() {

@@ -1,7 +1,10 @@
 // net/http.cpp: the plain request/response helpers (no Beast here; see http.hpp).
 #include "net/http.hpp"
 
+#include "common/work_queue.hpp"
+
 #include <cctype>
+#include <memory>
 
 #include <algorithm>
 
@@ -66,6 +69,23 @@ std::string percent_decode(std::string_view s, bool plus_is_space) {
     out += (plus_is_space && c == '+') ? ' ' : c;
   }
   return out;
+}
+
+void respond_from_queue(common::WorkQueue& queue, HttpRequest&& request, Responder respond,
+                        std::function<HttpResponse(const HttpRequest&)> work,
+                        std::function<HttpResponse(int status, const std::string& message)> failure) {
+  auto shared_request = std::make_shared<HttpRequest>(std::move(request));
+  auto shared_respond = std::make_shared<Responder>(std::move(respond));
+  const bool queued = queue.post([shared_request, shared_respond, work, failure] {
+    HttpResponse r;
+    try {
+      r = work(*shared_request);
+    } catch (const std::exception& e) {
+      r = failure(500, std::string("internal error: ") + e.what());
+    }
+    (*shared_respond)(std::move(r));
+  });
+  if (!queued) (*shared_respond)(failure(503, "the broker is shutting down"));
 }
 
 std::string percent_encode(std::string_view s) {

@@ -9,6 +9,10 @@
 #include <utility>
 #include <vector>
 
+namespace common {
+class WorkQueue;
+}
+
 namespace net {
 
 struct CaseInsensitiveLess {
@@ -44,6 +48,13 @@ struct HttpResponse {
 // queue, and `respond` may then be called from any thread, exactly once.
 using Responder = std::function<void(HttpResponse)>;
 using HttpHandler = std::function<void(HttpRequest&& request, Responder respond)>;
+
+// Answers `request` from `queue`'s threads (for handlers whose work blocks): `work` builds the
+// response there. When `work` throws, or the queue has stopped (shutdown), `failure` builds the
+// reply from a status (500 or 503) and a message that is safe to show.
+void respond_from_queue(common::WorkQueue& queue, HttpRequest&& request, Responder respond,
+                        std::function<HttpResponse(const HttpRequest&)> work,
+                        std::function<HttpResponse(int status, const std::string& message)> failure);
 
 std::string percent_decode(std::string_view s, bool plus_is_space = false);
 // Encodes every byte except the unreserved ones (A-Z a-z 0-9 - _ . ~), for one path segment or

@@ -303,19 +303,13 @@ XmlService::XmlService(identity::Directory& directory, broker::SiteObjects& site
 XmlService::~XmlService() = default;
 
 void XmlService::handle(net::HttpRequest&& request, net::Responder respond) {
-  auto shared_request = std::make_shared<net::HttpRequest>(std::move(request));
-  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
-  const bool queued = impl_->work.post([this, shared_request, shared_respond] {
-    net::HttpResponse r;
-    try {
-      r = process(*shared_request);
-    } catch (const std::exception& e) {
-      impl_->log->error("xml: request failed: {}", e.what());
-      r = plain(500, "internal error; see the broker log");
-    }
-    (*shared_respond)(std::move(r));
-  });
-  if (!queued) (*shared_respond)(plain(503, "the broker is shutting down"));
+  net::respond_from_queue(
+      impl_->work, std::move(request), std::move(respond), [this](const net::HttpRequest& req) { return process(req); },
+      [this](int status, const std::string& message) {
+        if (status == 503) return plain(503, message);
+        impl_->log->error("xml: {}", message);
+        return plain(500, "internal error; see the broker log");
+      });
 }
 
 net::HttpResponse XmlService::process(const net::HttpRequest& http) {
