@@ -1,0 +1,323 @@
+#include "broker/agent_registry.hpp"
+
+#include "common/crypto.hpp"
+#include "common/model_json.hpp"
+#include "storage/repository.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+namespace broker {
+
+using common::errc;
+using common::make_error;
+using common::model::Kind;
+using common::model::Object;
+
+namespace {
+
+std::string protocol_or_default(const std::string& p) {
+  return p == "HDX" || p == "RDP" || p == "Console" ? p : std::string("HDX");
+}
+
+std::string stored_state(const std::string& agent_state) {
+  if (agent_state == "Connected" || agent_state == "Active" || agent_state == "Disconnected") return agent_state;
+  return "Other";
+}
+
+storage::AuditEntry agent_audit(const std::string& machine, const char* action) {
+  storage::AuditEntry e;
+  e.actor = "agent:" + machine;
+  e.action = action;
+  e.kind = "machine";
+  e.object = machine;
+  return e;
+}
+
+}  // namespace
+
+std::string summary_state(bool registered, const std::string& session_support, std::int64_t load_index,
+                          const std::vector<std::string>& states) {
+  if (!registered) return "Unregistered";
+  const auto has = [&](const char* s) { return std::find(states.begin(), states.end(), s) != states.end(); };
+  if (session_support == "MultiSession") return load_index >= 10000 ? "InUse" : "Available";
+  if (has("Active") || has("Connected") || has("Reconnecting")) return "InUse";
+  if (has("PreparingNewSession")) return "Preparing";
+  if (has("Disconnected")) return "Disconnected";
+  if (!states.empty()) return "InUse";
+  return "Available";
+}
+
+AgentRegistry::AgentRegistry(storage::Repository& repository, common::Clock& clock,
+                             std::shared_ptr<spdlog::logger> logger, int max_failures_per_minute,
+                             std::chrono::seconds back_off)
+    : repository_(repository),
+      clock_(clock),
+      logger_(std::move(logger)),
+      max_failures_(max_failures_per_minute),
+      back_off_(back_off) {}
+
+Result<std::string> AgentRegistry::machine_verifier(const std::string& machine) {
+  std::string verifier;
+  auto st = repository_.read([&](storage::Transaction& tx) -> Status {
+    auto m = tx.get(Kind::machine, machine);
+    if (!m) return m.error();
+    verifier = m->text("secret_hash");
+    return {};
+  });
+  if (!st) return st.error();
+  if (verifier.empty()) return make_error(errc::forbidden, "machine '" + machine + "' has no secret yet");
+  return verifier;
+}
+
+Result<std::string> AgentRegistry::enrollment_verifier(const std::string& catalog) {
+  std::string verifier;
+  auto st = repository_.read([&](storage::Transaction& tx) -> Status {
+    auto c = tx.get(Kind::catalog, catalog);
+    if (!c) return c.error();
+    verifier = c->text("enrollment_key_hash");
+    return {};
+  });
+  if (!st) return st.error();
+  if (verifier.empty()) return make_error(errc::not_found, "catalog '" + catalog + "' has no enrollment key");
+  return verifier;
+}
+
+Result<std::string> AgentRegistry::enroll(const std::string& machine, const std::string& catalog) {
+  const std::string secret = common::crypto::random_hex(32);
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    auto existing = tx.get(Kind::machine, machine);
+    if (!existing && existing.error().code != errc::not_found) return existing.error();
+    if (existing) {
+      if (existing->text("catalog") != catalog)
+        return make_error(errc::conflict, "machine '" + machine + "' belongs to catalog '" + existing->text("catalog") + "'");
+      if (!existing->text("secret_hash").empty())
+        return make_error(errc::conflict, "machine '" + machine + "' is already enrolled; authenticate with its secret");
+      Object m = *existing;
+      m.fields["secret_hash"] = common::crypto::sha256_hex(secret);
+      auto r = tx.update(machine, m);
+      if (!r) return r.error();
+      return tx.append_audit(agent_audit(machine, "enroll"));
+    }
+    Object m = common::model::make_default(Kind::machine, machine);
+    m.fields["catalog"] = catalog;
+    m.fields["secret_hash"] = common::crypto::sha256_hex(secret);
+    if (auto msg = common::model::validate_fields(m); !msg.empty()) return make_error(errc::invalid_argument, msg);
+    auto r = tx.create(m);
+    if (!r) return r.error();
+    auto audit = agent_audit(machine, "enroll");
+    audit.after = common::model::to_json_text(*r);
+    return tx.append_audit(audit);
+  });
+  if (!st) return st.error();
+  logger_->info("machine '{}' enrolled in catalog '{}'", machine, catalog);
+  return secret;
+}
+
+bool AgentRegistry::in_back_off(const std::string& machine) {
+  std::lock_guard lock(mutex_);
+  auto it = banned_until_.find(machine);
+  if (it == banned_until_.end()) return false;
+  if (clock_.now() < it->second) return true;
+  banned_until_.erase(it);
+  return false;
+}
+
+void AgentRegistry::record_failure(const std::string& machine) {
+  std::lock_guard lock(mutex_);
+  const auto now = clock_.now();
+  auto& times = failures_[machine];
+  times.erase(std::remove_if(times.begin(), times.end(), [&](auto t) { return now - t > std::chrono::minutes(1); }),
+              times.end());
+  times.push_back(now);
+  if (static_cast<int>(times.size()) >= max_failures_) {
+    banned_until_[machine] = now + back_off_;
+    times.clear();
+    logger_->warn("machine '{}' failed authentication {} times in a minute: refused for {} s", machine, max_failures_,
+                  back_off_.count());
+  }
+  if (failures_.size() > 100000) failures_.clear();  // bound memory under a flood of names
+}
+
+void AgentRegistry::record_success(const std::string& machine) {
+  std::lock_guard lock(mutex_);
+  failures_.erase(machine);
+}
+
+Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration& reg) {
+  std::optional<Refusal> refusal;
+  int ended = 0, non_brokered = 0;
+  const std::string now = common::format_time(clock_.now());
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    auto m = tx.get(Kind::machine, reg.machine);
+    if (!m && m.error().code == errc::not_found) {
+      refusal = Refusal{"UnknownMachine", "no machine named '" + reg.machine + "'"};
+      return {};
+    }
+    if (!m) return m.error();
+    auto cat = tx.get(Kind::catalog, m->text("catalog"));
+    if (!cat) return cat.error();
+    if (cat->text("session_support") != reg.session_support) {
+      refusal = Refusal{"SingleMultiSessionMismatch", "the agent is " + reg.session_support + " but catalog '" +
+                                                          cat->name + "' is " + cat->text("session_support")};
+      return {};
+    }
+    // Sessions: end the stored ones the agent no longer has, record the ones we did not broker.
+    storage::Query q;
+    q.equals.emplace_back("machine", reg.machine);
+    auto stored = tx.list(Kind::session, q);
+    if (!stored) return stored.error();
+    std::vector<std::string> states;
+    for (const auto& s : *stored) {
+      const auto reported = std::find_if(reg.sessions.begin(), reg.sessions.end(),
+                                         [&](const AgentSession& a) { return a.session_key == s.name; });
+      if (reported == reg.sessions.end() && s.text("state") != "PreparingNewSession") {
+        if (auto r = tx.remove(Kind::session, s.name); !r) return r;
+        ++ended;
+      } else if (reported == reg.sessions.end()) {
+        states.push_back(s.text("state"));
+      }
+    }
+    for (const auto& a : reg.sessions) {
+      auto existing = tx.get(Kind::session, a.session_key);
+      Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
+      if (!existing) {
+        s.fields["brokered"] = false;
+        s.fields["start_time"] = now;
+        ++non_brokered;
+      }
+      s.fields["machine"] = reg.machine;
+      s.fields["user_name"] = a.user;
+      s.fields["state"] = stored_state(a.state);
+      s.fields["protocol"] = protocol_or_default(a.protocol);
+      s.fields["client_name"] = a.client_name;
+      s.fields["client_address"] = a.client_address;
+      if (!a.application.empty()) {
+        s.fields["application"] = a.application;
+        s.fields["session_type"] = std::string("Application");
+      }
+      s.fields["state_change_time"] = now;
+      auto r = existing ? tx.update(s.name, s) : tx.create(s);
+      if (!r) return r.error();
+      states.push_back(s.text("state"));
+    }
+    Object updated = *m;
+    updated.fields["registration_state"] = std::string("Registered");
+    updated.fields["agent_version"] = reg.agent_version;
+    updated.fields["os_type"] = reg.os;
+    updated.fields["cbp_version"] = std::to_string(reg.protocol_version);
+    updated.fields["agent_address"] = reg.address;
+    updated.fields["load_index"] = std::clamp<std::int64_t>(reg.load_index, 0, 10000);
+    updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
+    updated.fields["fault_state"] = std::string("None");
+    updated.fields["summary_state"] =
+        summary_state(true, reg.session_support, reg.load_index, states);
+    auto r = tx.update(reg.machine, updated);
+    if (!r) return r.error();
+    return {};
+  });
+  if (!st) return st.error();
+  if (refusal)
+    logger_->warn("registration of '{}' refused: {}: {}", reg.machine, refusal->reason, refusal->message);
+  else
+    logger_->info("machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered)",
+                  reg.machine, reg.agent_version, reg.protocol_version, reg.sessions.size(), ended, non_brokered);
+  return refusal;
+}
+
+Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count) {
+  return repository_.write([&](storage::Transaction& tx) -> Status {
+    auto m = tx.get(Kind::machine, machine);
+    if (!m) return m.error();
+    load_index = std::clamp<std::int64_t>(load_index, 0, 10000);
+    if (m->integer("load_index") == load_index && m->integer("session_count") == session_count) return {};
+    Object updated = *m;
+    updated.fields["load_index"] = load_index;
+    updated.fields["session_count"] = session_count;
+    auto r = tx.update(machine, updated);
+    if (!r) return r.error();
+    return {};
+  });
+}
+
+Status AgentRegistry::session_event(const std::string& machine, const std::string& event, const AgentSession& a) {
+  const std::string now = common::format_time(clock_.now());
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    auto existing = tx.get(Kind::session, a.session_key);
+    if (!existing && existing.error().code != errc::not_found) return existing.error();
+    if (event == "LoggedOff") {
+      if (existing) return tx.remove(Kind::session, a.session_key);
+      return {};
+    }
+    std::string state;
+    if (event == "Connected") state = "Connected";
+    else if (event == "Active" || event == "Reconnected") state = "Active";
+    else if (event == "Disconnected") state = "Disconnected";
+    else return make_error(errc::invalid_argument, "unknown session event '" + event + "'", "event");
+    Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
+    if (!existing) {
+      s.fields["brokered"] = false;
+      s.fields["start_time"] = now;
+    }
+    s.fields["machine"] = machine;
+    if (!a.user.empty()) s.fields["user_name"] = a.user;
+    if (!a.client_name.empty()) s.fields["client_name"] = a.client_name;
+    if (!a.client_address.empty()) s.fields["client_address"] = a.client_address;
+    s.fields["protocol"] = protocol_or_default(a.protocol);
+    if (!a.application.empty()) {
+      s.fields["application"] = a.application;
+      s.fields["session_type"] = std::string("Application");
+    }
+    s.fields["state"] = state;
+    s.fields["state_change_time"] = now;
+    auto r = existing ? tx.update(s.name, s) : tx.create(s);
+    if (!r) return r.error();
+    return {};
+  });
+  if (!st) return st;
+  return refresh_summary(machine);
+}
+
+Status AgentRegistry::refresh_summary(const std::string& machine) {
+  return repository_.write([&](storage::Transaction& tx) -> Status {
+    auto m = tx.get(Kind::machine, machine);
+    if (!m) return m.error();
+    auto cat = tx.get(Kind::catalog, m->text("catalog"));
+    if (!cat) return cat.error();
+    storage::Query q;
+    q.equals.emplace_back("machine", machine);
+    auto sessions = tx.list(Kind::session, q);
+    if (!sessions) return sessions.error();
+    std::vector<std::string> states;
+    for (const auto& s : *sessions) states.push_back(s.text("state"));
+    Object updated = *m;
+    updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
+    updated.fields["summary_state"] = summary_state(m->text("registration_state") == "Registered",
+                                                    cat->text("session_support"), m->integer("load_index"), states);
+    if (common::model::same_declared_fields(updated, *m) && updated.fields == m->fields) return {};
+    auto r = tx.update(machine, updated);
+    if (!r) return r.error();
+    return {};
+  });
+}
+
+Status AgentRegistry::deregister(const std::string& machine, const std::string& reason) {
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    auto m = tx.get(Kind::machine, machine);
+    if (!m && m.error().code == errc::not_found) return {};  // removed meanwhile
+    if (!m) return m.error();
+    Object updated = *m;
+    updated.fields["registration_state"] = std::string("Unregistered");
+    updated.fields["summary_state"] = std::string("Unregistered");
+    updated.fields["last_deregistration_reason"] = reason;
+    updated.fields["last_deregistration_time"] = common::format_time(clock_.now());
+    auto r = tx.update(machine, updated);
+    if (!r) return r.error();
+    return {};
+  });
+  if (st) logger_->info("machine '{}' unregistered: {}", machine, reason);
+  return st;
+}
+
+}  // namespace broker

@@ -1,0 +1,108 @@
+// broker/agent_registry.hpp: the engine's view of agents (VDAs): authentication material,
+// registration, heartbeats, session events and deregistration, reflected in the machine's state
+// fields and in the sessions table. The CBP endpoint (cbp/) calls it; it knows no sockets or JSON.
+//
+// Threading: every method blocks on storage; call it off the I/O threads. Thread-safe.
+#pragma once
+
+#include "common/clock.hpp"
+#include "common/error.hpp"
+#include "common/model.hpp"
+
+#include <spdlog/fwd.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace storage {
+class Repository;
+}
+
+namespace broker {
+
+using common::Result;
+using common::Status;
+
+// One session as an agent reports it.
+struct AgentSession {
+  std::string session_key;
+  std::string user;
+  std::string state;  // Connected | Active | Disconnected (agent events map onto these)
+  std::string client_name;
+  std::string client_address;
+  std::string protocol = "HDX";
+  std::string application;
+};
+
+struct Registration {
+  std::string machine;
+  std::string agent_version;
+  std::string os;
+  std::string session_support;  // SingleSession | MultiSession
+  std::string address;          // host:port users connect to
+  int protocol_version = 1;
+  std::int64_t load_index = 0;
+  std::vector<AgentSession> sessions;
+};
+
+// Why a registration was refused; the names are the admin-known deregistration reasons.
+struct Refusal {
+  std::string reason;   // e.g. "SingleMultiSessionMismatch", "UnknownMachine"
+  std::string message;  // for the agent and the log
+};
+
+class AgentRegistry {
+ public:
+  AgentRegistry(storage::Repository& repository, common::Clock& clock, std::shared_ptr<spdlog::logger> logger,
+                int max_failures_per_minute = 5, std::chrono::seconds back_off = std::chrono::seconds(60));
+
+  // The verifier (sha256 hex of the machine secret) of a known machine; errc::not_found for an
+  // unknown machine, errc::forbidden when it has no secret yet (enroll or set one first).
+  Result<std::string> machine_verifier(const std::string& machine);
+  // The enrollment verifier of a catalog (sha256 hex of its enrollment key); not_found when the
+  // catalog does not exist or has no enrollment key.
+  Result<std::string> enrollment_verifier(const std::string& catalog);
+  // First contact under an enrollment key: creates the machine in the catalog when it does not
+  // exist, or takes an existing machine of that catalog that has no secret yet; sets a new secret
+  // and returns it (shown once). errc::conflict when the machine already has a secret or belongs
+  // to another catalog.
+  Result<std::string> enroll(const std::string& machine, const std::string& catalog);
+
+  // Sin bin: failed authentications per machine name (in memory).
+  bool in_back_off(const std::string& machine);
+  void record_failure(const std::string& machine);
+  void record_success(const std::string& machine);
+
+  // Marks the machine Registered and reconciles its sessions: stored sessions the agent no longer
+  // has are ended (deleted), reported sessions the broker never brokered are recorded as
+  // NonBrokeredSession. Returns a Refusal (and changes nothing) for a session-support mismatch
+  // with the catalog or an unknown machine.
+  Result<std::optional<Refusal>> register_agent(const Registration& registration);
+  Status heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count);
+  // event: Connected | Active | Disconnected | Reconnected | LoggedOff.
+  Status session_event(const std::string& machine, const std::string& event, const AgentSession& session);
+  // Unregistered with the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and time.
+  Status deregister(const std::string& machine, const std::string& reason);
+
+ private:
+  Status refresh_summary(const std::string& machine);
+
+  storage::Repository& repository_;
+  common::Clock& clock_;
+  std::shared_ptr<spdlog::logger> logger_;
+  int max_failures_;
+  std::chrono::seconds back_off_;
+  std::mutex mutex_;
+  std::map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
+  std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_
+};
+
+// Summary state of a registered machine from its sessions (site-model-reference 1.8).
+std::string summary_state(bool registered, const std::string& session_support, std::int64_t load_index,
+                          const std::vector<std::string>& session_states);
+
+}  // namespace broker

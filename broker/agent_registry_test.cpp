@@ -1,0 +1,151 @@
+#include "broker/agent_registry.hpp"
+
+#include "broker/site_objects.hpp"
+#include "common/crypto.hpp"
+#include "common/log.hpp"
+#include "storage/repository.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace common::model;
+using broker::AgentRegistry;
+using broker::AgentSession;
+using broker::Registration;
+
+namespace {
+
+struct Fixture {
+  std::unique_ptr<storage::Repository> repo;
+  std::unique_ptr<broker::SiteObjects> site;
+  common::ManualClock clock{common::SysTime{std::chrono::hours(24 * 365 * 56)}};
+  std::unique_ptr<AgentRegistry> agents;
+  Fixture() {
+    auto r = storage::open_sqlite({":memory:"});
+    REQUIRE(r.has_value());
+    repo = std::move(*r);
+    site = std::make_unique<broker::SiteObjects>(*repo, common::null_logger());
+    Object cat = make_default(Kind::catalog, "pool");
+    cat.fields["enrollment_key_hash"] = common::crypto::sha256_hex("enroll-me");
+    Object multi = make_default(Kind::catalog, "rds");
+    multi.fields["session_support"] = std::string("MultiSession");
+    std::vector<Object> declared{cat, multi, make_default(Kind::delivery_group, "grp")};
+    Object m = make_default(Kind::machine, "DEMO\\m1");
+    m.fields["catalog"] = std::string("pool");
+    m.fields["delivery_group"] = std::string("grp");
+    declared.push_back(m);
+    REQUIRE(site->reconcile("/etc/b.toml", std::nullopt, declared).has_value());
+    agents = std::make_unique<AgentRegistry>(*repo, clock, common::null_logger(), 3, std::chrono::seconds(60));
+  }
+  Object machine(const std::string& name) { return *site->get(Kind::machine, name); }
+};
+
+Registration reg(std::string machine, std::vector<AgentSession> sessions = {}) {
+  Registration r;
+  r.machine = std::move(machine);
+  r.agent_version = "1.0";
+  r.os = "Windows 11";
+  r.session_support = "SingleSession";
+  r.address = "10.0.0.5:1494";
+  r.sessions = std::move(sessions);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("enrollment gives a secret once; the verifier is its sha256") {
+  Fixture f;
+  CHECK(f.agents->machine_verifier("DEMO\\m1").error().code == common::errc::forbidden);  // no secret yet
+  CHECK(f.agents->machine_verifier("nope").error().code == common::errc::not_found);
+  CHECK(*f.agents->enrollment_verifier("pool") == common::crypto::sha256_hex("enroll-me"));
+  CHECK(f.agents->enrollment_verifier("rds").error().code == common::errc::not_found);
+  auto secret = f.agents->enroll("DEMO\\m1", "pool");
+  REQUIRE(secret.has_value());
+  CHECK(*f.agents->machine_verifier("DEMO\\m1") == common::crypto::sha256_hex(*secret));
+  CHECK(f.agents->enroll("DEMO\\m1", "pool").error().code == common::errc::conflict);  // already enrolled
+  auto fresh = f.agents->enroll("DEMO\\new", "pool");  // a new machine joins the catalog
+  REQUIRE(fresh.has_value());
+  CHECK(f.machine("DEMO\\new").text("catalog") == "pool");
+  CHECK(f.agents->enroll("DEMO\\m1", "rds").error().code == common::errc::conflict);
+}
+
+TEST_CASE("registration, session reconciliation, events, summary state, deregistration") {
+  Fixture f;
+  auto refused = f.agents->register_agent([] {
+    auto r = reg("DEMO\\m1");
+    r.session_support = "MultiSession";
+    return r;
+  }());
+  REQUIRE(refused.has_value());
+  REQUIRE(refused->has_value());
+  CHECK((*refused)->reason == "SingleMultiSessionMismatch");
+  CHECK(f.machine("DEMO\\m1").text("registration_state") == "Unregistered");
+  CHECK((*f.agents->register_agent(reg("ghost")))->reason == "UnknownMachine");
+
+  // A stored session the agent no longer has is ended; an unknown one is recorded non-brokered.
+  Object stale = make_default(Kind::session, "stale-key");
+  stale.fields["machine"] = std::string("DEMO\\m1");
+  stale.fields["state"] = std::string("Active");
+  REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto r = tx.create(stale);
+    if (!r) return r.error();
+    return {};
+  }));
+  AgentSession s{"s-1", "DEMO\\alice", "Active", "pc1", "10.1.1.1", "HDX", ""};
+  auto ok = f.agents->register_agent(reg("DEMO\\m1", {s}));
+  REQUIRE(ok.has_value());
+  CHECK_FALSE(ok->has_value());
+  auto m = f.machine("DEMO\\m1");
+  CHECK(m.text("registration_state") == "Registered");
+  CHECK(m.text("agent_address") == "10.0.0.5:1494");
+  CHECK(m.text("summary_state") == "InUse");
+  CHECK(m.integer("session_count") == 1);
+  CHECK_FALSE(f.site->get(Kind::session, "stale-key").has_value());
+  auto recorded = f.site->get(Kind::session, "s-1");
+  REQUIRE(recorded.has_value());
+  CHECK_FALSE(recorded->flag("brokered", true));
+  CHECK(recorded->text("user_name") == "DEMO\\alice");
+
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Disconnected", s));
+  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Disconnected");
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Reconnected", s));
+  CHECK(f.site->get(Kind::session, "s-1")->text("state") == "Active");
+  REQUIRE(f.agents->session_event("DEMO\\m1", "LoggedOff", s));
+  CHECK_FALSE(f.site->get(Kind::session, "s-1").has_value());
+  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Available");
+  CHECK_FALSE(f.agents->session_event("DEMO\\m1", "Exploded", s));
+
+  REQUIRE(f.agents->heartbeat("DEMO\\m1", 4200, 0));
+  CHECK(f.machine("DEMO\\m1").integer("load_index") == 4200);
+
+  REQUIRE(f.agents->deregister("DEMO\\m1", "ContactLost"));
+  m = f.machine("DEMO\\m1");
+  CHECK(m.text("registration_state") == "Unregistered");
+  CHECK(m.text("summary_state") == "Unregistered");
+  CHECK(m.text("last_deregistration_reason") == "ContactLost");
+  CHECK_FALSE(m.text("last_deregistration_time").empty());
+}
+
+TEST_CASE("repeated authentication failures put a machine in a back-off that expires") {
+  Fixture f;
+  for (int i = 0; i < 2; ++i) f.agents->record_failure("DEMO\\m1");
+  CHECK_FALSE(f.agents->in_back_off("DEMO\\m1"));
+  f.agents->record_failure("DEMO\\m1");
+  CHECK(f.agents->in_back_off("DEMO\\m1"));
+  CHECK_FALSE(f.agents->in_back_off("DEMO\\other"));
+  f.clock.advance(std::chrono::seconds(61));
+  CHECK_FALSE(f.agents->in_back_off("DEMO\\m1"));
+  // Failures spread beyond a minute do not add up.
+  f.agents->record_failure("DEMO\\m1");
+  f.agents->record_failure("DEMO\\m1");
+  f.clock.advance(std::chrono::seconds(90));
+  f.agents->record_failure("DEMO\\m1");
+  CHECK_FALSE(f.agents->in_back_off("DEMO\\m1"));
+}
+
+TEST_CASE("summary state rules") {
+  CHECK(broker::summary_state(false, "SingleSession", 0, {"Active"}) == "Unregistered");
+  CHECK(broker::summary_state(true, "SingleSession", 0, {}) == "Available");
+  CHECK(broker::summary_state(true, "SingleSession", 0, {"PreparingNewSession"}) == "Preparing");
+  CHECK(broker::summary_state(true, "MultiSession", 5000, {"Active", "Active"}) == "Available");
+  CHECK(broker::summary_state(true, "MultiSession", 10000, {"Active"}) == "InUse");
+}
