@@ -320,6 +320,14 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
   }
 
   const model::KindSpec* ks = model::find_kind(noun);
+  if (ks && ks->kind == model::Kind::machine && parts.size() == 5 && parts[4] == "secret") {
+    if (m != "POST") return method_not_allowed("POST");
+    auto secret = site_.rotate_machine_secret(parts[3], actor);
+    if (!secret) return with_route(reply_error(secret.error()), "/api/v1/machines/{name}/secret");
+    return with_route(json_reply(200, json::object{{"machine", parts[3]}, {"secret", *secret},
+                                                   {"note", "shown once; the agent authenticates with it"}}),
+                      "/api/v1/machines/{name}/secret");
+  }
   if (!ks || ks->plural != noun || ks->kind == model::Kind::site || parts.size() > 4) {
     auto r = reply_error(Error(errc::not_found, "no such endpoint: " + req.path));
     r.route = "other";

@@ -1,5 +1,6 @@
 #include "broker/site_objects.hpp"
 
+#include "common/crypto.hpp"
 #include "common/model_json.hpp"
 
 #include <spdlog/spdlog.h>
@@ -221,6 +222,27 @@ Status SiteObjects::remove(Kind kind, std::string_view name, const std::string& 
   });
   if (st) logger_->info("{} deleted {} '{}'", actor, model::spec(kind).name, name);
   return st;
+}
+
+Result<std::string> SiteObjects::rotate_machine_secret(std::string_view machine, const std::string& actor) {
+  const std::string secret = common::crypto::random_hex(32);
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    auto existing = tx.get(Kind::machine, machine);
+    if (!existing) return existing.error();
+    Object updated = *existing;
+    updated.fields["secret_hash"] = common::crypto::sha256_hex(secret);
+    auto r = tx.update(machine, updated);
+    if (!r) return r.error();
+    storage::AuditEntry e;
+    e.actor = actor;
+    e.action = "rotate-secret";
+    e.kind = "machine";
+    e.object = existing->name;
+    return tx.append_audit(e);
+  });
+  if (!st) return st.error();
+  logger_->info("{} set a new agent secret for machine '{}'", actor, machine);
+  return secret;
 }
 
 Result<Object> SiteObjects::site() {

@@ -53,6 +53,11 @@ class SiteObjects {
   Result<Object> update(std::string_view name, Object candidate, const std::string& actor);
   Status remove(Kind kind, std::string_view name, const std::string& actor);
 
+  // Gives the machine a new random secret for agent authentication and returns it (it is stored
+  // only as its sha256, so it is shown this once); the old secret stops working. Allowed on
+  // config-declared machines (the secret is state, not declaration). errc::not_found.
+  Result<std::string> rotate_machine_secret(std::string_view machine, const std::string& actor);
+
   // The site settings object (created with defaults when the database has none).
   Result<Object> site();
 

@@ -757,6 +757,23 @@ def build(kinds):
     }
 
     paths = {}
+    paths["/machines/{name}/secret"] = {"post": {
+        "tags": ["machines"], "operationId": "rotateMachineSecret",
+        "summary": "Give a machine a new agent secret (shown once)",
+        "description": "Generates a random secret for the machine's agent (CBP authentication, docs/cbp.md) and "
+                       "returns it this once; the broker keeps only its SHA-256, and the previous secret stops "
+                       "working. Allowed on machines declared in the config file (the secret is state). "
+                       "Other methods get 405 with `Allow: POST`. `brokerctl machine secret NAME`.",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                        "example": "DEMO\\pool-01",
+                        "description": "The machine's name, URL-encoded: `DEMO\\pool-01` is `DEMO%5Cpool-01`."}],
+        "responses": responses(401, 404, 500, 503, ok={"200": {
+            "description": "The new secret.",
+            "content": json_content({"type": "object", "required": ["machine", "secret"], "properties": {
+                "machine": {"type": "string"}, "secret": {"type": "string", "description": "64 hex characters"},
+                "note": {"type": "string"}}}, {"machine": "DEMO\\pool-01", "secret": "9f2c" + "0" * 60,
+                                               "note": "shown once; the agent authenticates with it"})}}),
+    }}
     paths["/info"] = {"get": {
         "tags": ["site"], "operationId": "getInfo", "summary": "Version, schema version, site name and uptime",
         "responses": responses(401, 500, 503, ok={"200": {"description": "About this broker.",

@@ -39,6 +39,7 @@ nouns: machine, catalog, group (delivery group), application, rule, assignment, 
   NOUN delete NAME
   machine maintenance on|off NAME
   machine tag add|remove NAME TAG
+  machine secret NAME                                    new agent secret (shown once; the old one stops working)
   user set-password NAME                                 reads the new password from stdin
   site get | site update FIELD=VALUE ...
   audit [kind=K] [object=NAME] [actor=A] [--limit N]
@@ -391,6 +392,13 @@ int run(std::vector<std::string> args) {
     if (rest[2] == "remove" && it != tags.end()) tags.erase(it);
     json::value b = json::object{{"tags", tags}};
     emit(client.call("PATCH", base + "/" + net::percent_encode(rest[3]), &b), cols);
+  } else if (verb == "secret" && ks.kind == model::Kind::machine) {
+    const auto name = need_name(2);
+    auto r = client.call("POST", base + "/" + net::percent_encode(name) + "/secret");
+    if (as_json)
+      std::cout << json::serialize(r) << "\n";
+    else
+      std::cout << "agent secret for " << name << " (shown once): " << json::value_to<std::string>(r.at("secret")) << "\n";
   } else if (verb == "set-password" && ks.kind == model::Kind::user) {
     const auto name = need_name(2);
     const auto pw = read_password();

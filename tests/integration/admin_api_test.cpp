@@ -181,6 +181,15 @@ TEST_CASE("admin API: auth, CRUD, validation, conflicts, audit, metrics, and dat
   CHECK(api.call("DELETE", "/api/v1/assignments/" + assignment).status == 204);
   CHECK(api.call("GET", "/api/v1/assignments/" + assignment).status == 404);
 
+  // Agent secrets: shown once, only their hash is stored, never shown again.
+  auto secret = api.call("POST", "/api/v1/machines/TEST%5Ccfg-2/secret");
+  CHECK(secret.status == 200);
+  const auto secret_text = std::string(api.obj(secret).at("secret").as_string());
+  CHECK(secret_text.size() == 64);
+  CHECK(api.call("GET", "/api/v1/machines/TEST%5Ccfg-2").body.find(secret_text) == std::string::npos);
+  CHECK(api.call("GET", "/api/v1/machines/TEST%5Ccfg-2/secret").status == 405);
+  CHECK(api.call("POST", "/api/v1/machines/nope/secret").status == 404);
+
   // Read-only kinds.
   CHECK(api.obj(api.call("GET", "/api/v1/sessions")).at("total").as_int64() == 0);
   CHECK(api.call("POST", "/api/v1/sessions", "{}").status == 405);
