@@ -302,6 +302,30 @@ Status AgentRegistry::refresh_summary(const std::string& machine) {
   });
 }
 
+Result<storage::LogonTicket> AgentRegistry::redeem_ticket(const std::string& machine, const std::string& ticket) {
+  std::optional<common::Error> refused;
+  storage::LogonTicket redeemed;
+  const auto now = common::format_time(clock_.now());
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    auto r = tx.redeem_logon_ticket(common::crypto::sha256_hex(ticket), machine, now);
+    if (r) {
+      redeemed = std::move(*r);
+    } else if (r.error().code == errc::not_found) {
+      refused = r.error();  // commit anyway: an expired ticket's deletion must stick
+    } else {
+      return r.error();
+    }
+    return {};
+  });
+  if (!st) return st.error();
+  if (refused) {
+    logger_->warn("machine '{}' presented a logon ticket that cannot be redeemed: {}", machine, refused->message);
+    return *refused;
+  }
+  logger_->info("machine '{}' redeemed the logon ticket of {}", machine, redeemed.user_name);
+  return redeemed;
+}
+
 Status AgentRegistry::deregister(const std::string& machine, const std::string& reason) {
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
     auto m = tx.get(Kind::machine, machine);

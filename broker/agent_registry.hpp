@@ -18,9 +18,8 @@
 #include <string>
 #include <vector>
 
-namespace storage {
-class Repository;
-}
+#include "storage/repository.hpp"
+
 
 namespace broker {
 
@@ -85,6 +84,11 @@ class AgentRegistry {
   Status heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count);
   // event: Connected | Active | Disconnected | Reconnected | LoggedOff.
   Status session_event(const std::string& machine, const std::string& event, const AgentSession& session);
+  // Ticket redemption by an agent: the ticket (as the agent presents it) must have been issued for
+  // this machine and not have expired; it is redeemable once and then wiped. errc::not_found with
+  // the reason otherwise (the ticket stays for its own machine; expired ones are wiped).
+  Result<storage::LogonTicket> redeem_ticket(const std::string& machine, const std::string& ticket);
+
   // Unregistered with the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and time.
   Status deregister(const std::string& machine, const std::string& reason);
 

@@ -149,3 +149,47 @@ TEST_CASE("summary state rules") {
   CHECK(broker::summary_state(true, "MultiSession", 5000, {"Active", "Active"}) == "Available");
   CHECK(broker::summary_state(true, "MultiSession", 10000, {"Active"}) == "InUse");
 }
+
+TEST_CASE("logon tickets: once, only by their machine, within their lifetime, then wiped") {
+  Fixture f;
+  Object other = make_default(Kind::machine, "DEMO\\m2");
+  other.fields["catalog"] = std::string("pool");
+  REQUIRE(f.site->create(other, "t").has_value());
+  const auto now = f.clock.now();
+  auto put = [&](const std::string& ticket, std::chrono::seconds ttl) {
+    storage::LogonTicket t;
+    t.ticket_hash = common::crypto::sha256_hex(ticket);
+    t.machine = "DEMO\\m1";
+    t.user_name = "DEMO\\alice";
+    t.credential_type = "password";
+    t.credential_data = "opaque";
+    t.expires_at = common::format_time(now + ttl);
+    return f.repo->write([&](storage::Transaction& tx) { return tx.put_logon_ticket(t); });
+  };
+  REQUIRE(put("T1", std::chrono::seconds(100)));
+  CHECK(put("T1", std::chrono::seconds(100)).error().code == common::errc::conflict);
+  auto wrong = f.agents->redeem_ticket("DEMO\\m2", "T1");
+  REQUIRE_FALSE(wrong.has_value());
+  CHECK(wrong.error().message == "issued for another machine");
+  auto ok = f.agents->redeem_ticket("DEMO\\m1", "T1");  // still there for its own machine
+  REQUIRE(ok.has_value());
+  CHECK(ok->user_name == "DEMO\\alice");
+  CHECK(ok->credential_type == "password");
+  CHECK(ok->credential_data == "opaque");
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "T1").error().message == "unknown ticket");  // once
+
+  REQUIRE(put("T2", std::chrono::seconds(10)));
+  f.clock.advance(std::chrono::seconds(11));
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "T2").error().message == "expired");
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "T2").error().message == "unknown ticket");  // wiped
+
+  REQUIRE(put("T3", std::chrono::seconds(5)));
+  std::int64_t purged = 0;
+  REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto n = tx.purge_logon_tickets(common::format_time(f.clock.now() + std::chrono::seconds(10)));
+    if (!n) return n.error();
+    purged = *n;
+    return {};
+  }));
+  CHECK(purged == 1);
+}

@@ -45,6 +45,19 @@ struct AuditEntry {
   std::string after;   // JSON text after, "" if none
 };
 
+// A one-time logon ticket (docs/storage.md, docs/cbp.md "Ticket redemption"). The ticket text
+// itself is never stored: only its SHA-256. credential_data is opaque to storage (the engine
+// encrypts it with the site key before storing it).
+struct LogonTicket {
+  std::string ticket_hash;  // lower-case hex SHA-256 of the ticket
+  std::string machine;      // the only machine that may redeem it
+  std::string user_name;
+  std::string credential_type;  // password | smartcard | assertion | <plugin name>
+  std::string credential_data;
+  std::string created_at;  // filled by storage when empty
+  std::string expires_at;  // common::format_time; required
+};
+
 struct AuditQuery {
   std::string kind, object, actor;  // empty: any
   std::int64_t offset = 0;
@@ -69,6 +82,20 @@ class Transaction {
   virtual Result<Object> update(std::string_view name, const Object& obj) = 0;
   // errc::not_found; errc::conflict ("... still referenced by machine X") when referenced.
   virtual Status remove(Kind kind, std::string_view name) = 0;
+
+  // Stores a new ticket. errc::conflict for a duplicate hash, errc::invalid_argument for a
+  // missing machine (or expires_at).
+  virtual Status put_logon_ticket(const LogonTicket& ticket) = 0;
+  // Redeems a ticket once: when a ticket with that hash exists, was issued for `machine` and has
+  // not expired at `now` (common::format_time text), it is returned and deleted (so its
+  // credential data is gone). Otherwise errc::not_found with the reason in the message
+  // ("unknown ticket", "issued for another machine", "expired"); a ticket presented by the wrong
+  // machine is left in place, an expired one is deleted (callers commit the transaction even on
+  // not_found, or the deletion is rolled back with it).
+  virtual Result<LogonTicket> redeem_logon_ticket(std::string_view ticket_hash, std::string_view machine,
+                                                  std::string_view now) = 0;
+  // Deletes every ticket expired at `now`; returns how many.
+  virtual Result<std::int64_t> purge_logon_tickets(std::string_view now) = 0;
 
   virtual Status append_audit(const AuditEntry& entry) = 0;
   virtual Result<std::vector<AuditEntry>> list_audit(const AuditQuery& query) = 0;

@@ -13,6 +13,7 @@ namespace {
 
 using common::errc;
 using common::Error;
+using common::make_error;
 using common::model::FieldSpec;
 using common::model::FieldType;
 using common::model::KindSpec;
@@ -527,6 +528,76 @@ Status SqliteTransaction::remove(Kind kind, std::string_view name) {
   if (!st) return st.error();
   st->bind(1, (*found)->id);
   return st->run();
+}
+
+Status SqliteTransaction::put_logon_ticket(const LogonTicket& ticket) {
+  if (auto ok = usable(true); !ok) return ok;
+  if (ticket.ticket_hash.empty()) return make_error(errc::invalid_argument, "is required", "ticket_hash");
+  if (ticket.expires_at.empty()) return make_error(errc::invalid_argument, "is required", "expires_at");
+  {
+    auto m = get(Kind::machine, ticket.machine);
+    if (!m && m.error().code == errc::not_found)
+      return make_error(errc::invalid_argument, "no machine named '" + ticket.machine + "'", "machine");
+    if (!m) return m.error();
+  }
+  {
+    auto dup = db_.prepare("SELECT 1 FROM logon_tickets WHERE ticket_hash = ?1");
+    if (!dup) return dup.error();
+    dup->bind(1, ticket.ticket_hash);
+    auto row = dup->step();
+    if (!row) return row.error();
+    if (*row) return make_error(errc::conflict, "a logon ticket with that hash already exists");
+  }
+  auto st = db_.prepare(
+      "INSERT INTO logon_tickets (ticket_hash, machine, user_name, credential_type, credential_data, created_at, "
+      "expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+  if (!st) return st.error();
+  st->bind(1, ticket.ticket_hash);
+  st->bind(2, ticket.machine);
+  st->bind(3, ticket.user_name);
+  st->bind(4, ticket.credential_type);
+  st->bind(5, ticket.credential_data);
+  st->bind(6, ticket.created_at.empty() ? now_text() : ticket.created_at);
+  st->bind(7, ticket.expires_at);
+  return st->run();
+}
+
+Result<LogonTicket> SqliteTransaction::redeem_logon_ticket(std::string_view ticket_hash, std::string_view machine,
+                                                           std::string_view now) {
+  if (auto ok = usable(true); !ok) return ok.error();
+  auto st = db_.prepare(
+      "SELECT id, ticket_hash, machine, user_name, credential_type, credential_data, created_at, expires_at "
+      "FROM logon_tickets WHERE ticket_hash = ?1");
+  if (!st) return st.error();
+  st->bind(1, ticket_hash);
+  auto row = st->step();
+  if (!row) return row.error();
+  if (!*row) return make_error(errc::not_found, "unknown ticket");
+  const std::int64_t id = st->column_int(0);
+  LogonTicket t;
+  t.ticket_hash = st->column_text(1);
+  t.machine = st->column_text(2);
+  t.user_name = st->column_text(3);
+  t.credential_type = st->column_text(4);
+  t.credential_data = st->column_text(5);
+  t.created_at = st->column_text(6);
+  t.expires_at = st->column_text(7);
+  if (t.machine != machine) return make_error(errc::not_found, "issued for another machine");
+  auto del = db_.prepare("DELETE FROM logon_tickets WHERE id = ?1");
+  if (!del) return del.error();
+  del->bind(1, id);
+  if (auto r = del->run(); !r) return r.error();
+  if (t.expires_at <= now) return make_error(errc::not_found, "expired");
+  return t;
+}
+
+Result<std::int64_t> SqliteTransaction::purge_logon_tickets(std::string_view now) {
+  if (auto ok = usable(true); !ok) return ok.error();
+  auto st = db_.prepare("DELETE FROM logon_tickets WHERE expires_at <= ?1");
+  if (!st) return st.error();
+  st->bind(1, now);
+  if (auto r = st->run(); !r) return r.error();
+  return static_cast<std::int64_t>(db_.changes());
 }
 
 Status SqliteTransaction::append_audit(const AuditEntry& entry) {

@@ -38,6 +38,11 @@ class SqliteTransaction final : public Transaction {
   // errc::conflict: "<kind> '<name>' is still used by <kind> '<name>'" (the first referrer by id).
   Status remove(Kind kind, std::string_view name) override;
 
+  Status put_logon_ticket(const LogonTicket& ticket) override;
+  Result<LogonTicket> redeem_logon_ticket(std::string_view ticket_hash, std::string_view machine,
+                                          std::string_view now) override;
+  Result<std::int64_t> purge_logon_tickets(std::string_view now) override;
+
   // An empty entry.time is set to now; entry.id is ignored (assigned by the database).
   Status append_audit(const AuditEntry& entry) override;
   // Newest first.
