@@ -92,8 +92,8 @@ Result<std::string> AgentRegistry::enroll(const std::string& machine, const std:
     if (existing) {
       if (existing->text("catalog") != catalog)
         return make_error(errc::conflict, "machine '" + machine + "' belongs to catalog '" + existing->text("catalog") + "'");
-      if (!existing->text("secret_hash").empty())
-        return make_error(errc::conflict, "machine '" + machine + "' is already enrolled; authenticate with its secret");
+      if (existing->text("registration_state") == "Registered")
+        return make_error(errc::conflict, "machine '" + machine + "' is registered; authenticate with its secret");
       Object m = *existing;
       m.fields["secret_hash"] = common::crypto::sha256_hex(secret);
       auto r = tx.update(machine, m);

@@ -66,12 +66,12 @@ class AgentRegistry {
   // catalog does not exist or has no enrollment key.
   Result<std::string> enrollment_verifier(const std::string& catalog);
   // First contact under an enrollment key: creates the machine in the catalog when it does not
-  // exist, or takes an existing machine of that catalog that has no secret yet; sets a new secret
-  // and returns it (shown once). errc::conflict when the machine already has a secret or belongs
-  // to another catalog.
+  // exist, or re-keys an existing machine of that catalog that is not Registered (non-persistent
+  // VMs lose their secret); sets a new secret and returns it (shown once). errc::conflict when the
+  // machine is Registered or belongs to another catalog.
   Result<std::string> enroll(const std::string& machine, const std::string& catalog);
 
-  // Sin bin: failed authentications per machine name (in memory).
+  // Sin bin: failed authentications per key (the endpoint uses machine name and address), in memory.
   bool in_back_off(const std::string& machine);
   void record_failure(const std::string& machine);
   void record_success(const std::string& machine);

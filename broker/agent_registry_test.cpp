@@ -61,7 +61,11 @@ TEST_CASE("enrollment gives a secret once; the verifier is its sha256") {
   auto secret = f.agents->enroll("DEMO\\m1", "pool");
   REQUIRE(secret.has_value());
   CHECK(*f.agents->machine_verifier("DEMO\\m1") == common::crypto::sha256_hex(*secret));
-  CHECK(f.agents->enroll("DEMO\\m1", "pool").error().code == common::errc::conflict);  // already enrolled
+  auto rekeyed = f.agents->enroll("DEMO\\m1", "pool");  // not registered: a lost secret can be replaced
+  REQUIRE(rekeyed.has_value());
+  CHECK(*f.agents->machine_verifier("DEMO\\m1") == common::crypto::sha256_hex(*rekeyed));
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1")).has_value());
+  CHECK(f.agents->enroll("DEMO\\m1", "pool").error().code == common::errc::conflict);  // registered
   auto fresh = f.agents->enroll("DEMO\\new", "pool");  // a new machine joins the catalog
   REQUIRE(fresh.has_value());
   CHECK(f.machine("DEMO\\new").text("catalog") == "pool");

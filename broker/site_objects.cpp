@@ -221,6 +221,7 @@ Status SiteObjects::remove(Kind kind, std::string_view name, const std::string& 
     return tx.append_audit(audit(actor, "delete", &*existing, nullptr));
   });
   if (st) logger_->info("{} deleted {} '{}'", actor, model::spec(kind).name, name);
+  if (st && kind == Kind::machine && machine_removed_) machine_removed_(std::string(name));
   return st;
 }
 

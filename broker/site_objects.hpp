@@ -16,6 +16,7 @@
 
 #include <spdlog/fwd.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -53,6 +54,10 @@ class SiteObjects {
   Result<Object> update(std::string_view name, Object candidate, const std::string& actor);
   Status remove(Kind kind, std::string_view name, const std::string& actor);
 
+  // Called (on the calling thread, after the commit) with the name of every machine removed
+  // through remove(): the agent endpoint ends that machine's registration (DesktopRemoved).
+  void on_machine_removed(std::function<void(const std::string&)> hook) { machine_removed_ = std::move(hook); }
+
   // Gives the machine a new random secret for agent authentication and returns it (it is stored
   // only as its sha256, so it is shown this once); the old secret stops working. Allowed on
   // config-declared machines (the secret is state, not declaration). errc::not_found.
@@ -80,6 +85,7 @@ class SiteObjects {
 
   storage::Repository& repository_;
   std::shared_ptr<spdlog::logger> logger_;
+  std::function<void(const std::string&)> machine_removed_;  // set once at start-up
 };
 
 }  // namespace broker

@@ -1,0 +1,572 @@
+#include "cbp/endpoint.hpp"
+
+#include "broker/agent_registry.hpp"
+#include "common/metrics.hpp"
+#include "common/work_queue.hpp"
+#include "common/version.hpp"
+
+#include <boost/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+namespace cbp {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+struct CloseEvent {
+  std::string reason;
+};
+using Inbound = std::variant<std::string, CloseEvent>;
+
+struct PendingCommand {
+  Clock::time_point deadline;
+  std::function<void(CommandOutcome)> done;
+};
+}  // namespace
+
+struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
+  broker::AgentRegistry& registry;
+  common::WorkQueue& work;
+  EndpointOptions options;
+  std::shared_ptr<spdlog::logger> log;
+  common::Metrics* metrics;
+
+  mutable std::mutex mutex;
+  std::map<std::string, std::weak_ptr<Connection>> registered;  // machine -> current connection
+  std::vector<std::weak_ptr<Connection>> all;                   // for deadlines
+  std::atomic<bool> shutting_down{false};
+  std::atomic<std::uint64_t> next_id{1};
+
+  std::mutex timer_mutex;
+  std::condition_variable timer_cv;
+  bool stop_timer = false;
+  std::thread timer;
+
+  Impl(broker::AgentRegistry& r, common::WorkQueue& w, EndpointOptions o, std::shared_ptr<spdlog::logger> l,
+       common::Metrics* m)
+      : registry(r), work(w), options(std::move(o)), log(std::move(l)), metrics(m) {}
+
+  void count(const char* what, std::string_view result) {
+    if (metrics) metrics->add("broker_cbp_events_total", {{"event", what}, {"result", std::string(result)}});
+  }
+  void tick();
+};
+
+struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_from_this<AgentEndpoint::Connection> {
+  enum class State { awaiting_hello, awaiting_register, registered, closed };
+
+  std::shared_ptr<Impl> ep;
+  std::shared_ptr<net::WebSocketPeer> peer;
+  std::string nonce = make_nonce();
+
+  std::mutex mutex;  // guards the fields below
+  std::deque<Inbound> inbox;
+  bool draining = false;
+  State state = State::awaiting_hello;
+  Clock::time_point deadline;
+  std::string machine;
+  int version = 0;
+  std::string goodbye_reason;
+  bool superseded = false;
+  std::vector<std::string> capabilities;  // what the agent said it can do (commands are gated on it)
+  std::map<std::string, PendingCommand> commands;
+
+  Connection(std::shared_ptr<Impl> e, std::shared_ptr<net::WebSocketPeer> p) : ep(std::move(e)), peer(std::move(p)) {}
+
+  void start() {
+    {
+      std::lock_guard lock(mutex);
+      deadline = Clock::now() + ep->options.hello_timeout;
+    }
+    Challenge c;
+    c.nonce = nonce;
+    c.versions.assign(kProtocolVersions.begin(), kProtocolVersions.end());
+    c.broker = ep->options.broker_name + "/" + common::kVersion;
+    send(c);
+  }
+
+  void send(const Message& m) { peer->send(serialize(m)); }
+
+  void fail(Reason reason, const std::string& message, bool rejected) {
+    if (rejected) {
+      Rejected r;
+      r.reason = reason;
+      r.message = message;
+      if (reason == Reason::too_many_failures) r.retry_after_seconds = 60;
+      send(r);
+    } else {
+      ErrorMessage e;
+      e.reason = reason;
+      e.message = message;
+      send(e);
+    }
+    ep->log->info("agent {} ({}): {} {}: {}", machine.empty() ? "?" : machine, peer->remote_address(),
+                  rejected ? "rejected" : "error", to_string(reason), message);
+    {
+      std::lock_guard lock(mutex);
+      state = State::closed;
+    }
+    peer->close(std::string(to_string(reason)));
+  }
+
+  // WebSocketSession: queue and process in order on the work queue.
+  void on_message(std::string message) override { enqueue(std::move(message)); }
+  void on_close(const std::string& reason) override { enqueue(CloseEvent{reason}); }
+
+  void enqueue(Inbound item) {
+    bool start_drain = false;
+    {
+      std::lock_guard lock(mutex);
+      inbox.push_back(std::move(item));
+      if (!draining) draining = start_drain = true;
+    }
+    if (!start_drain) return;
+    auto self = shared_from_this();
+    if (!ep->work.post([self] { self->drain(); })) {
+      std::lock_guard lock(mutex);
+      draining = false;
+    }
+  }
+
+  void drain() {
+    for (;;) {
+      Inbound item;
+      {
+        std::lock_guard lock(mutex);
+        if (inbox.empty()) {
+          draining = false;
+          return;
+        }
+        item = std::move(inbox.front());
+        inbox.pop_front();
+      }
+      try {
+        if (auto* text = std::get_if<std::string>(&item))
+          handle(*text);
+        else
+          closed(std::get<CloseEvent>(item).reason);
+      } catch (const std::exception& e) {
+        ep->log->error("agent {}: {}", machine, e.what());
+        fail(Reason::unknown_error, "internal error", false);
+      }
+    }
+  }
+
+  void handle(const std::string& text) {
+    State current;
+    {
+      std::lock_guard lock(mutex);
+      current = state;
+    }
+    if (current == State::closed) return;
+    auto parsed = parse(text);
+    if (!parsed) {
+      ep->count("message", "invalid");
+      fail(current == State::registered ? Reason::protocol_error : rejection_reason(parsed.error()),
+           parsed.error().describe(), current != State::registered);
+      return;
+    }
+    const Message& m = *parsed;
+    if (sender_of(m) == Sender::broker) {
+      fail(Reason::protocol_error, "'" + std::string(type_name(m)) + "' is sent by the broker, not by agents", false);
+      return;
+    }
+    if (auto* e = std::get_if<ErrorMessage>(&m)) {
+      ep->log->warn("agent {} reported an error: {}: {}", machine, to_string(e->reason), e->message);
+      peer->close("agent error");
+      return;
+    }
+    switch (current) {
+      case State::awaiting_hello:
+        if (auto* h = std::get_if<Hello>(&m)) return on_hello(*h);
+        break;
+      case State::awaiting_register:
+        if (auto* r = std::get_if<Register>(&m)) return on_register(*r);
+        break;
+      case State::registered:
+        if (auto* hb = std::get_if<Heartbeat>(&m)) return on_heartbeat(*hb);
+        if (auto* ev = std::get_if<SessionEvent>(&m)) return on_session_event(*ev);
+        if (auto* cr = std::get_if<CommandResult>(&m)) return on_command_result(*cr);
+        if (auto* rt = std::get_if<RedeemTicket>(&m)) return on_redeem(*rt);
+        if (auto* g = std::get_if<Goodbye>(&m)) {
+          {
+            std::lock_guard lock(mutex);
+            goodbye_reason = std::string(to_string(g->reason));
+          }
+          peer->close("goodbye");
+          return;
+        }
+        break;
+      case State::closed: return;
+    }
+    fail(Reason::protocol_error, "unexpected '" + std::string(type_name(m)) + "' at this point of the conversation",
+         current != State::registered);
+  }
+
+  void on_hello(const Hello& h) {
+    machine = h.machine;
+    auto& reg = ep->registry;
+    const std::string who = h.machine + "|" + peer->remote_address();  // back-off key
+    if (reg.in_back_off(who)) {
+      ep->count("hello", "back_off");
+      return fail(Reason::too_many_failures, "too many failed attempts; retry later", true);
+    }
+    auto chosen = choose_version(kProtocolVersions, h.versions);
+    if (!chosen) {
+      ep->count("hello", "incompatible_version");
+      return fail(Reason::incompatible_version, "this broker speaks protocol version 1", true);
+    }
+    std::string key, secret;
+    if (h.enroll) {
+      auto verifier = reg.enrollment_verifier(h.catalog);
+      if (!verifier) {
+        reg.record_failure(who);
+        ep->count("hello", "enrollment_refused");
+        return fail(Reason::enrollment_refused, "catalog '" + h.catalog + "' does not accept enrollment", true);
+      }
+      if (!verify_proof(*verifier, nonce, h.machine, h.versions, h.proof)) {
+        reg.record_failure(who);
+        ep->count("hello", "bad_proof");
+        return fail(Reason::bad_proof, "the proof does not verify", true);
+      }
+      auto enrolled = reg.enroll(h.machine, h.catalog);
+      if (!enrolled) {
+        ep->count("hello", "enrollment_refused");
+        return fail(Reason::enrollment_refused, enrolled.error().message, true);
+      }
+      key = *verifier;
+      secret = *enrolled;
+    } else {
+      auto verifier = reg.machine_verifier(h.machine);
+      if (!verifier && verifier.error().code == common::errc::not_found) {
+        reg.record_failure(who);
+        ep->count("hello", "unknown_machine");
+        return fail(Reason::unknown_machine, "no machine named '" + h.machine + "'", true);
+      }
+      if (!verifier || !verify_proof(*verifier, nonce, h.machine, h.versions, h.proof)) {
+        if (verifier || verifier.error().code == common::errc::forbidden) reg.record_failure(who);
+        ep->count("hello", "bad_proof");
+        return fail(Reason::bad_proof, verifier ? "the proof does not verify" : verifier.error().message, true);
+      }
+      key = *verifier;
+    }
+    reg.record_success(who);
+    Welcome w;
+    w.version = *chosen;
+    w.heartbeat_interval_seconds = ep->options.heartbeat_interval.count();
+    w.missed_heartbeats = ep->options.missed_heartbeats;
+    w.broker_proof = compute_broker_proof(key, h.agent_nonce, nonce, h.machine, *chosen);
+    w.machine_secret = secret;
+    {
+      std::lock_guard lock(mutex);
+      version = *chosen;
+      state = State::awaiting_register;
+      deadline = Clock::now() + ep->options.register_timeout;
+    }
+    send(w);
+  }
+
+  void on_register(const Register& r) {
+    broker::Registration reg;
+    reg.machine = machine;
+    reg.os = r.os;
+    reg.session_support = std::string(to_string(r.session_support));
+    reg.address = r.address;
+    reg.protocol_version = version;
+    reg.load_index = r.load_index;
+    for (const auto& s : r.sessions) {
+      broker::AgentSession a;
+      a.session_key = s.session.session_key;
+      a.user = s.session.user;
+      a.state = s.state == SessionState::preparing ? "PreparingNewSession" : std::string(to_string(s.state));
+      a.client_name = s.session.client_name;
+      a.client_address = s.session.client_address;
+      a.protocol = std::string(to_string(s.session.protocol));
+      a.application = s.session.application;
+      reg.sessions.push_back(std::move(a));
+    }
+    auto result = ep->registry.register_agent(reg);
+    if (!result) {
+      ep->count("register", "error");
+      return fail(Reason::unknown_error, result.error().message, true);
+    }
+    if (*result) {
+      ep->count("register", (*result)->reason);
+      return fail(from_string<Reason>((*result)->reason).value_or(Reason::invalid_registration_request),
+                  (*result)->message, true);
+    }
+    std::shared_ptr<Connection> previous;
+    {
+      std::lock_guard lock(ep->mutex);
+      auto& slot = ep->registered[machine];
+      previous = slot.lock();
+      slot = weak_from_this();
+    }
+    if (previous && previous.get() != this) {
+      {
+        std::lock_guard lock(previous->mutex);
+        previous->superseded = true;
+      }
+      ep->log->info("agent {}: a new connection from {} replaces the one from {}", machine, peer->remote_address(),
+                    previous->peer->remote_address());
+      ErrorMessage e;
+      e.reason = Reason::superseded;
+      e.message = "a newer connection registered this machine";
+      previous->send(e);
+      previous->peer->close("superseded");
+    }
+    {
+      std::lock_guard lock(mutex);
+      state = State::registered;
+      capabilities = r.capabilities;
+    }
+    ep->count("register", "ok");
+    send(Registered{});
+  }
+
+  void on_heartbeat(const Heartbeat& hb) {
+    if (auto st = ep->registry.heartbeat(machine, hb.load_index, hb.session_count); !st)
+      ep->log->warn("agent {}: heartbeat not stored: {}", machine, st.error().describe());
+  }
+
+  void on_session_event(const SessionEvent& ev) {
+    broker::AgentSession a;
+    a.session_key = ev.session.session_key;
+    a.user = ev.session.user;
+    a.client_name = ev.session.client_name;
+    a.client_address = ev.session.client_address;
+    a.protocol = std::string(to_string(ev.session.protocol));
+    a.application = ev.session.application;
+    if (auto st = ep->registry.session_event(machine, std::string(to_string(ev.event)), a); !st)
+      ep->log->warn("agent {}: session event {} not stored: {}", machine, to_string(ev.event), st.error().describe());
+  }
+
+  void on_command_result(const CommandResult& cr) {
+    PendingCommand pending;
+    {
+      std::lock_guard lock(mutex);
+      auto it = commands.find(cr.reply_to);
+      if (it == commands.end()) {
+        ep->log->info("agent {}: result for unknown or timed-out command '{}'", machine, cr.reply_to);
+        return;
+      }
+      pending = std::move(it->second);
+      commands.erase(it);
+    }
+    pending.done({cr.ok, cr.ok ? std::string() : (cr.error.empty() ? std::string("refused") : cr.error)});
+  }
+
+  void on_redeem(const RedeemTicket& rt) {
+    Ticket reply;
+    reply.reply_to = rt.id;
+    auto t = ep->registry.redeem_ticket(machine, rt.ticket);
+    if (t) {
+      reply.ok = true;
+      reply.user = t->user_name;
+      reply.credential_type = t->credential_type;
+      boost::system::error_code ec;
+      auto data = boost::json::parse(t->credential_data, ec);
+      if (!ec && data.is_object())
+        for (const auto& [k, v] : data.as_object())
+          if (v.is_string()) reply.credential_data[std::string(k)] = std::string(v.get_string());
+      reply.session_key = rt.session_key;
+      ep->count("redeem_ticket", "ok");
+    } else {
+      reply.ok = false;
+      const auto& msg = t.error().message;
+      reply.reason = msg == "expired"                     ? TicketFailure::expired
+                     : msg == "issued for another machine" ? TicketFailure::wrong_machine
+                     : msg == "unknown ticket"             ? TicketFailure::not_found
+                                                           : TicketFailure::refused;
+      reply.message = t.error().code == common::errc::not_found ? msg : std::string("the broker cannot redeem tickets now");
+      ep->count("redeem_ticket", to_string(reply.reason));
+    }
+    send(reply);
+  }
+
+  void closed(const std::string& transport_reason) {
+    std::map<std::string, PendingCommand> orphaned;
+    State was;
+    std::string bye;
+    bool was_superseded;
+    {
+      std::lock_guard lock(mutex);
+      was = state;
+      state = State::closed;
+      orphaned.swap(commands);
+      bye = goodbye_reason;
+      was_superseded = superseded;
+    }
+    for (auto& [id, p] : orphaned) p.done({false, "connection closed"});
+    if (machine.empty()) return;
+    bool current = false;
+    {
+      std::lock_guard lock(ep->mutex);
+      auto it = ep->registered.find(machine);
+      if (it != ep->registered.end() && it->second.lock().get() == this) {
+        ep->registered.erase(it);
+        current = true;
+      }
+    }
+    if (was != State::registered || !current || was_superseded || ep->shutting_down) return;
+    const std::string reason = !bye.empty() ? bye : std::string(to_string(Reason::contact_lost));
+    ep->log->info("agent {} disconnected ({}): {}", machine, transport_reason, reason);
+    ep->count("deregister", reason);
+    if (auto st = ep->registry.deregister(machine, reason); !st)
+      ep->log->warn("agent {}: deregistration not stored: {}", machine, st.error().describe());
+  }
+};
+
+void AgentEndpoint::Impl::tick() {
+  const auto now = Clock::now();
+  std::vector<std::shared_ptr<Connection>> live;
+  {
+    std::lock_guard lock(mutex);
+    std::vector<std::weak_ptr<Connection>> keep;
+    for (auto& w : all)
+      if (auto c = w.lock()) {
+        live.push_back(c);
+        keep.push_back(w);
+      }
+    all.swap(keep);
+  }
+  for (auto& c : live) {
+    bool handshake_expired = false;
+    std::vector<PendingCommand> expired;
+    {
+      std::lock_guard lock(c->mutex);
+      handshake_expired = (c->state == Connection::State::awaiting_hello ||
+                           c->state == Connection::State::awaiting_register) &&
+                          now > c->deadline;
+      for (auto it = c->commands.begin(); it != c->commands.end();) {
+        if (now > it->second.deadline) {
+          expired.push_back(std::move(it->second));
+          it = c->commands.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& p : expired) p.done({false, "timeout"});
+    if (handshake_expired) c->fail(Reason::timeout, "the handshake did not complete in time", true);
+  }
+}
+
+AgentEndpoint::AgentEndpoint(broker::AgentRegistry& registry, common::WorkQueue& work, EndpointOptions options,
+                             std::shared_ptr<spdlog::logger> logger, common::Metrics* metrics)
+    : impl_(std::make_shared<Impl>(registry, work, std::move(options), std::move(logger), metrics)) {
+  if (metrics)
+    metrics->describe("broker_cbp_events_total", common::Metrics::Type::counter,
+                      "Agent protocol events (hello, register, redeem_ticket, deregister, message) by result.");
+  impl_->timer = std::thread([impl = impl_.get()] {
+    std::unique_lock lock(impl->timer_mutex);
+    while (!impl->stop_timer) {
+      impl->timer_cv.wait_for(lock, std::chrono::milliseconds(200));
+      if (impl->stop_timer) break;
+      lock.unlock();
+      impl->tick();
+      lock.lock();
+    }
+  });
+}
+
+AgentEndpoint::~AgentEndpoint() {
+  {
+    std::lock_guard lock(impl_->timer_mutex);
+    impl_->stop_timer = true;
+  }
+  impl_->timer_cv.notify_all();
+  if (impl_->timer.joinable()) impl_->timer.join();
+}
+
+net::WebSocketHandler AgentEndpoint::handler() {
+  net::WebSocketHandler h;
+  h.path = std::string(kPath);
+  h.max_message_bytes = kMaxMessageBytes;
+  h.idle_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(impl_->options.heartbeat_interval *
+                                                                         impl_->options.missed_heartbeats);
+  std::weak_ptr<Impl> weak = impl_;
+  h.on_open = [weak](std::shared_ptr<net::WebSocketPeer> peer) -> std::shared_ptr<net::WebSocketSession> {
+    auto impl = weak.lock();
+    if (!impl) return nullptr;
+    auto c = std::make_shared<Connection>(impl, std::move(peer));
+    {
+      std::lock_guard lock(impl->mutex);
+      impl->all.push_back(c);
+    }
+    c->start();
+    return c;
+  };
+  return h;
+}
+
+void AgentEndpoint::send_command(const std::string& machine, CommandArgs args, std::chrono::milliseconds timeout,
+                                 std::function<void(CommandOutcome)> done) {
+  std::shared_ptr<Connection> c;
+  {
+    std::lock_guard lock(impl_->mutex);
+    auto it = impl_->registered.find(machine);
+    if (it != impl_->registered.end()) c = it->second.lock();
+  }
+  if (!c) {
+    done({false, "not connected"});
+    return;
+  }
+  Command cmd;
+  cmd.id = "c-" + std::to_string(impl_->next_id++);
+  cmd.timeout_ms = std::max<std::int64_t>(1, timeout.count());
+  cmd.args = std::move(args);
+  {
+    std::lock_guard lock(c->mutex);
+    if (c->state != Connection::State::registered) {
+      done({false, "not connected"});
+      return;
+    }
+    const auto name = std::string(command_name(cmd.args));
+    if (std::find(c->capabilities.begin(), c->capabilities.end(), name) == c->capabilities.end()) {
+      done({false, "the agent does not support " + name});
+      return;
+    }
+    c->commands[cmd.id] = PendingCommand{Clock::now() + timeout, std::move(done)};
+  }
+  c->send(cmd);
+}
+
+void AgentEndpoint::disconnect(const std::string& machine, Reason reason) {
+  std::shared_ptr<Connection> c;
+  {
+    std::lock_guard lock(impl_->mutex);
+    auto it = impl_->registered.find(machine);
+    if (it != impl_->registered.end()) c = it->second.lock();
+  }
+  if (!c) return;
+  {
+    std::lock_guard lock(c->mutex);
+    c->goodbye_reason = std::string(to_string(reason));
+  }
+  ErrorMessage e;
+  e.reason = reason;
+  e.message = "the broker ends this registration";
+  c->send(e);
+  c->peer->close(std::string(to_string(reason)));
+}
+
+void AgentEndpoint::begin_shutdown() { impl_->shutting_down = true; }
+
+std::vector<std::string> AgentEndpoint::registered_machines() const {
+  std::vector<std::string> out;
+  std::lock_guard lock(impl_->mutex);
+  for (const auto& [m, w] : impl_->registered)
+    if (!w.expired()) out.push_back(m);
+  return out;
+}
+
+}  // namespace cbp

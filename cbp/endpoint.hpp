@@ -1,0 +1,77 @@
+// cbp/endpoint.hpp: the agent endpoint. Runs the CBP conversation (docs/cbp.md) of every agent
+// connection: challenge, authentication (machine secret or catalog enrollment key, with a
+// back-off after repeated failures), version choice, registration, heartbeats, session events,
+// commands pushed to agents and ticket redemption. The engine (broker::AgentRegistry) keeps the
+// state; this layer only translates messages and tracks connections.
+//
+// Threading: WebSocket callbacks arrive on I/O threads; each connection's messages are processed
+// in order on the work queue (registry calls block on storage). A small timer thread enforces the
+// handshake deadlines and command timeouts. Thread-safe.
+#pragma once
+
+#include "cbp/messages.hpp"
+#include "net/websocket.hpp"
+
+#include <spdlog/fwd.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace broker {
+class AgentRegistry;
+}
+namespace common {
+class Metrics;
+class WorkQueue;
+}  // namespace common
+
+namespace cbp {
+
+struct EndpointOptions {
+  std::chrono::seconds heartbeat_interval{60};
+  int missed_heartbeats = 3;
+  std::chrono::milliseconds hello_timeout = kHelloTimeout;
+  std::chrono::milliseconds register_timeout = kRegisterTimeout;
+  std::string broker_name = "openbroker";
+};
+
+struct CommandOutcome {
+  bool ok = false;
+  std::string error;  // the agent's error, "timeout", "not connected" or "connection closed"
+};
+
+class AgentEndpoint {
+ public:
+  AgentEndpoint(broker::AgentRegistry& registry, common::WorkQueue& work, EndpointOptions options,
+                std::shared_ptr<spdlog::logger> logger, common::Metrics* metrics = nullptr);
+  ~AgentEndpoint();  // stops the timer thread
+  AgentEndpoint(const AgentEndpoint&) = delete;
+  AgentEndpoint& operator=(const AgentEndpoint&) = delete;
+
+  // The WebSocket handler for the agent listener (path /cbp, idle timeout = heartbeat interval
+  // x missed heartbeats: a silent agent is closed and deregistered with ContactLost).
+  net::WebSocketHandler handler();
+
+  // Sends a command to the machine's registered agent; `done` is called once, from any thread,
+  // with the agent's result, or "not connected" / "timeout" / "connection closed".
+  void send_command(const std::string& machine, CommandArgs args, std::chrono::milliseconds timeout,
+                    std::function<void(CommandOutcome)> done);
+  // Closes the machine's agent connection and deregisters it with `reason` (DesktopRemoved when an
+  // admin deletes the machine). No-op when it is not connected.
+  void disconnect(const std::string& machine, Reason reason);
+  // From now on closing connections do not deregister machines (the broker is stopping; at the
+  // next start every machine is Unregistered until its agent registers again).
+  void begin_shutdown();
+
+  std::vector<std::string> registered_machines() const;
+
+ private:
+  struct Impl;
+  struct Connection;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace cbp
