@@ -9,6 +9,8 @@
 #include <boost/beast/ssl/ssl_stream.hpp>
 #include <openssl/ssl.h>
 
+#include <memory>
+
 namespace net::detail {
 namespace {
 
@@ -37,8 +39,39 @@ class PlainStream final : public AnyStream::Impl {
     stream_.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ec);
     asio::post(stream_.get_executor(), asio::append(std::move(handler), ec));
   }
+  // The end of a WebSocket close handshake over TCP: the server sends FIN first; both read and
+  // discard until the peer's FIN, then close. Not Beast's teardown for sockets: in Boost 1.81 it
+  // stops after the first chunk it reads (it tests the wrong byte count) and closes with unread
+  // data, which resets the connection and can destroy the close frame at the peer.
+  void teardown(beast::role_type role, AnyStream::Handler handler) override {
+    error_code ignored;
+    if (role == beast::role_type::server) stream_.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
+    drain(std::make_shared<Drain>(role, std::move(handler)));
+  }
 
  private:
+  struct Drain {
+    Drain(beast::role_type r, AnyStream::Handler h) : role(r), handler(std::move(h)) {}
+    beast::role_type role;
+    AnyStream::Handler handler;
+    char buffer[2048];
+  };
+  // The stream outlives the operation: its owner keeps it while an operation is pending.
+  void drain(std::shared_ptr<Drain> op) {
+    stream_.socket().async_read_some(asio::buffer(op->buffer), [this, op](error_code ec, std::size_t) {
+      if (!ec) {
+        drain(op);
+        return;
+      }
+      error_code ignored;
+      if (op->role == beast::role_type::client) {
+        stream_.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
+      }
+      stream_.socket().close(ignored);
+      std::move(op->handler)(ec == asio::error::eof ? error_code() : ec);
+    });
+  }
+
   beast::tcp_stream stream_;
 };
 
@@ -68,6 +101,9 @@ class TlsStream final : public AnyStream::Impl {
                             std::move(handler));
   }
   void shutdown(AnyStream::Handler handler) override { stream_.async_shutdown(std::move(handler)); }
+  void teardown(beast::role_type role, AnyStream::Handler handler) override {
+    async_teardown(role, stream_, std::move(handler));  // Beast's, for ssl_stream (ADL)
+  }
 
  private:
   beast::ssl_stream<beast::tcp_stream> stream_;
@@ -85,6 +121,13 @@ AnyStream::AnyStream(beast::tcp_stream stream, ssl::context& context, Role role,
   }
   impl_ = std::move(tls);
 }
+
+void teardown(beast::role_type, AnyStream& stream, error_code& ec) {
+  ec = {};
+  stream.lowest_layer().close();
+}
+
+void beast_close_socket(AnyStream& stream) { stream.lowest_layer().close(); }
 
 AnyStream::~AnyStream() = default;
 AnyStream::AnyStream(AnyStream&&) noexcept = default;

@@ -10,14 +10,17 @@
 //     thread and wakes the strand through a ReplySlot), write the response, loop on keep-alive.
 //   - stop(): close the acceptors, close idle connections, let busy ones finish up to the
 //     deadline, force-close the rest, join the threads.
-// A WebSocket upgrade (agent listener, later) hooks into serve() right after the request
-// header is read: the stream then leaves serve() for a WebSocket session.
+// A WebSocket upgrade hooks into serve() right after the request header is read: upgrade()
+// hands the stream to a WebSocket connection (websocket_connection.cpp, where the Beast
+// WebSocket code is compiled) and waits, still registered as a connection, until it has ended;
+// stop() asks it to close (1001) instead of closing the socket.
 #include "net/server.hpp"
 
 #include "common/log.hpp"
 #include "common/metrics.hpp"
 #include "common/version.hpp"
 #include "net/detail/any_stream.hpp"
+#include "net/detail/websocket_connection.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -77,6 +80,7 @@ constexpr std::size_t kLingerBytes = 1024 * 1024;
 // How long stop() waits for force-closed connections to unwind before stopping the io_context.
 constexpr auto kForceGrace = std::chrono::seconds(5);
 constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+constexpr std::string_view kShutdownReason = "broker shutting down";
 
 std::string host_port(const std::string& host, std::uint16_t port) {
   const bool v6 = host.find(':') != std::string::npos;
@@ -169,17 +173,20 @@ class ServerState {
 // One bound listening socket with its options and handler. The acceptor is used on `strand`
 // only, once the accept loop runs.
 struct Listener {
-  Listener(asio::io_context& io, const ListenerOptions& opts, HttpHandler h, std::shared_ptr<ServerState> s)
+  Listener(asio::io_context& io, const ListenerOptions& opts, HttpHandler h, std::optional<WebSocketHandler> ws,
+           std::shared_ptr<ServerState> s)
       : ioc(io),
         options(opts),
         handler(std::move(h)),
+        websocket(std::move(ws)),
         state(std::move(s)),
         acceptor(io),
         strand(asio::make_strand(io)) {}
 
   asio::io_context& ioc;
   const ListenerOptions options;
-  const HttpHandler handler;  // called concurrently from several strands
+  const HttpHandler handler;                        // called concurrently from several strands
+  const std::optional<WebSocketHandler> websocket;  // set: upgrades on websocket->path
   const std::shared_ptr<ServerState> state;
   std::unique_ptr<ssl::context> tls;  // null: plain HTTP
   tcp::acceptor acceptor;
@@ -189,6 +196,8 @@ struct Listener {
 
   void connection_opened() { count_connection(+1); }
   void connection_closed() { count_connection(-1); }
+  void websocket_opened() { count_websocket(+1); }
+  void websocket_closed() { count_websocket(-1); }
 
   void record(const std::string& method, const std::string& route, int status, Clock::time_point started) const {
     if (state->metrics == nullptr) return;
@@ -209,8 +218,17 @@ struct Listener {
                           static_cast<double>(open_connections_));
     }
   }
+  void count_websocket(int delta) {
+    std::lock_guard lock(gauge_mutex_);
+    open_websockets_ += delta;
+    if (state->metrics != nullptr) {
+      state->metrics->set("broker_websocket_connections", {{"listener", options.name}},
+                          static_cast<double>(open_websockets_));
+    }
+  }
   std::mutex gauge_mutex_;
   std::int64_t open_connections_ = 0;  // guarded by gauge_mutex_
+  std::int64_t open_websockets_ = 0;   // guarded by gauge_mutex_
 };
 
 // Where a request's Responder (any thread) meets its connection (strand). The connection waits
@@ -321,23 +339,32 @@ class Connection : public std::enable_shared_from_this<Connection> {
   static asio::awaitable<void> run(std::shared_ptr<Connection> self);
 
   // Stop requested: closes the connection unless a request is in progress (which then gets
-  // "Connection: close"); a connection lingering after its last reply is closed too.
+  // "Connection: close"); a connection lingering after its last reply is closed too; a
+  // WebSocket connection gets a close frame (1001).
   void graceful_close() {
-    if (phase_ == Phase::starting || phase_ == Phase::idle || phase_ == Phase::closing) {
+    if (phase_ == Phase::websocket) {
+      if (websocket_) websocket_->shutdown(std::string(kShutdownReason));
+    } else if (phase_ == Phase::starting || phase_ == Phase::idle || phase_ == Phase::closing) {
       stream_.lowest_layer().close();
     }
   }
   // The stop deadline passed: abandons whatever is in progress.
   void force_close() {
     closing_ = true;
-    stream_.lowest_layer().close();
+    if (phase_ == Phase::websocket) {
+      if (websocket_) websocket_->abort();
+    } else {
+      stream_.lowest_layer().close();
+    }
     reply_timer_.cancel();
   }
 
  private:
-  enum class Phase { starting, idle, reading, handling, writing, closing };
+  // websocket: stream_ has moved to the WebSocket connection (websocket_).
+  enum class Phase { starting, idle, reading, handling, writing, closing, websocket };
 
   asio::awaitable<void> serve();
+  asio::awaitable<void> upgrade(http::request<http::string_body> request, bool clean, Clock::time_point started);
   asio::awaitable<void> reply_error(int status, Clock::time_point started);
   asio::awaitable<void> shut_down(bool drain);
   asio::awaitable<std::optional<HttpResponse>> handle(HttpRequest request, Clock::time_point deadline);
@@ -350,7 +377,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::steady_timer reply_timer_;
   const std::string remote_;
   Phase phase_ = Phase::starting;
-  bool closing_ = false;  // force_close() was called
+  bool closing_ = false;                       // force_close() was called
+  std::shared_ptr<detail::WsLink> websocket_;  // Phase::websocket
+  bool websocket_done_ = false;                // the WebSocket connection has ended
 };
 
 asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
@@ -358,7 +387,11 @@ asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
   struct Exit {
     Connection& c;
     ~Exit() {
-      c.listener_->connection_closed();
+      if (c.phase_ == Phase::websocket) {
+        c.listener_->websocket_closed();
+      } else {
+        c.listener_->connection_closed();
+      }
       c.listener_->state->remove_connection(&c);
     }
   } exit{*self};
@@ -411,9 +444,12 @@ asio::awaitable<void> Connection::serve() {
     parser.body_limit(static_cast<std::uint64_t>(opts.body_limit));
     std::tie(ec, std::ignore) = co_await http::async_read_header(stream_, buffer, parser, kTuple);
 
-    // WebSocket upgrade hook (later): if the listener accepts upgrades and
-    // beast::websocket::is_upgrade(parser.get()), hand `stream_`, `buffer` and the request to a
-    // WebSocket session here and co_return.
+    // WebSocket upgrade: the connection leaves the HTTP loop for good.
+    if (!ec && listener_->websocket && detail::is_websocket_upgrade(parser.get())) {
+      const bool clean = parser.is_done() && buffer.size() == 0;  // no body, nothing after it
+      co_await upgrade(parser.release(), clean, started);
+      co_return;
+    }
 
     if (!ec && iequals(parser.get()[http::field::expect], "100-continue") && !parser.is_done()) {
       std::tie(ec, std::ignore) = co_await asio::async_write(stream_, asio::buffer(kContinue), kTuple);
@@ -460,6 +496,53 @@ asio::awaitable<void> Connection::serve() {
       co_return;
     }
   }
+}
+
+// Runs the WebSocket connection for an upgrade `request` and returns when it has ended. Not on
+// the handler's path: 404. With a body or bytes after the request (a client must wait for the
+// 101 before it sends frames): 400.
+asio::awaitable<void> Connection::upgrade(http::request<http::string_body> request, bool clean,
+                                          Clock::time_point started) {
+  const WebSocketHandler& handler = *listener_->websocket;
+  const ServerState& state = *listener_->state;
+  const std::string_view target = request.target();
+  if (percent_decode(target.substr(0, target.find('?'))) != handler.path) {
+    co_await reply_error(404, started);
+    co_return;
+  }
+  if (!clean) {
+    co_await reply_error(400, started);
+    co_return;
+  }
+  detail::WsSettings settings;
+  settings.max_message_bytes = handler.max_message_bytes;
+  settings.max_send_queue_bytes = handler.max_send_queue_bytes;
+  settings.idle_timeout = handler.idle_timeout;
+  settings.keep_alive = handler.idle_timeout;
+  settings.handshake_timeout = options().read_timeout;
+  settings.remote_address = remote_;
+  settings.user_agent = state.server_header;
+  settings.logger = state.logger;
+  settings.metrics = state.metrics;
+  settings.listener = options().name;
+
+  listener_->connection_closed();
+  listener_->websocket_opened();
+  phase_ = Phase::websocket;
+  websocket_ = detail::accept_websocket(std::move(stream_), std::move(request), std::move(settings), handler.on_open,
+                                        [weak = weak_from_this()] {
+                                          // On this strand (the socket's), once the WebSocket
+                                          // connection has ended.
+                                          if (auto self = weak.lock()) {
+                                            self->websocket_done_ = true;
+                                            self->reply_timer_.cancel();
+                                          }
+                                        });
+  // stop() began before this connection was a WebSocket: its graceful_close() did nothing.
+  if (state.stopping()) websocket_->shutdown(std::string(kShutdownReason));
+  reply_timer_.expires_at(Clock::time_point::max());
+  while (!websocket_done_) co_await reply_timer_.async_wait(kTuple);
+  websocket_.reset();
 }
 
 asio::awaitable<std::optional<HttpResponse>> Connection::handle(HttpRequest request, Clock::time_point deadline) {
@@ -588,6 +671,9 @@ struct Server::Impl {
       metrics->describe("broker_http_request_duration_seconds", common::Metrics::Type::histogram,
                         "Time from the first byte of a request to the end of its response.");
       metrics->describe("broker_http_connections", common::Metrics::Type::gauge, "Open HTTP connections.");
+      metrics->describe("broker_websocket_connections", common::Metrics::Type::gauge, "Open WebSocket connections.");
+      metrics->describe("broker_websocket_messages_total", common::Metrics::Type::counter,
+                        "WebSocket messages, by listener and direction (received, sent).");
     }
   }
 
@@ -596,7 +682,7 @@ struct Server::Impl {
     stop(std::chrono::milliseconds(0));
   }
 
-  void add_listener(const ListenerOptions& options, HttpHandler handler);
+  void add_listener(const ListenerOptions& options, HttpHandler handler, std::optional<WebSocketHandler> websocket);
   std::uint16_t port(const std::string& name) const;
   void start();
   void stop(std::chrono::milliseconds deadline);
@@ -609,7 +695,9 @@ struct Server::Impl {
   void spawn_accept_loop(const std::shared_ptr<Listener>& l) {
     state->loop_started();
     asio::co_spawn(l->strand, accept_loop(l), asio::detached);
-    state->logger->info("{} listener on {} ({})", l->options.name, l->endpoint, l->tls ? "https" : "http");
+    state->logger->info("{} listener on {} ({}{}{})", l->options.name, l->endpoint, l->tls ? "https" : "http",
+                        l->websocket ? (l->tls ? ", wss on " : ", ws on ") : "",
+                        l->websocket ? l->websocket->path : std::string());
   }
   void run_thread() {
     for (;;) {
@@ -639,10 +727,15 @@ struct Server::Impl {
   std::thread stopper;               // runs do_stop() when stop() is called on an I/O thread
 };
 
-void Server::Impl::add_listener(const ListenerOptions& options, HttpHandler handler) {
+void Server::Impl::add_listener(const ListenerOptions& options, HttpHandler handler,
+                                std::optional<WebSocketHandler> websocket) {
   const std::string where = options.name + " listener " + host_port(options.address, options.port);
   auto fail = [&](const std::string& reason) { throw std::runtime_error(where + ": " + reason); };
   if (!handler) fail("no handler");
+  if (websocket) {
+    if (!websocket->on_open) fail("no WebSocket on_open handler");
+    if (!websocket->path.starts_with("/")) fail("WebSocket path must start with '/'");
+  }
   {
     std::lock_guard lock(mutex);
     if (phase == Phase::stopping || phase == Phase::stopped) fail("the server is stopped");
@@ -653,7 +746,7 @@ void Server::Impl::add_listener(const ListenerOptions& options, HttpHandler hand
   if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
     fail("tls_cert_file and tls_key_file must be given together");
   }
-  auto l = std::make_shared<Listener>(ioc, options, std::move(handler), state);
+  auto l = std::make_shared<Listener>(ioc, options, std::move(handler), std::move(websocket), state);
   if (!options.tls_cert_file.empty()) l->tls = make_tls_context(where, options.tls_cert_file, options.tls_key_file);
 
   error_code ec;
@@ -678,6 +771,10 @@ void Server::Impl::add_listener(const ListenerOptions& options, HttpHandler hand
   l->endpoint = host_port(address_text(endpoint.address()), l->port);
   l->connection_opened();  // publishes the gauge at 0 ...
   l->connection_closed();  // ... for listeners nobody connected to yet
+  if (l->websocket) {
+    l->websocket_opened();
+    l->websocket_closed();
+  }
 
   std::lock_guard lock(mutex);
   if (phase == Phase::stopping || phase == Phase::stopped) fail("the server is stopped");
@@ -802,7 +899,10 @@ Server::Server(int threads, std::shared_ptr<spdlog::logger> logger, common::Metr
 Server::~Server() = default;
 
 void Server::add_listener(const ListenerOptions& options, HttpHandler handler) {
-  impl_->add_listener(options, std::move(handler));
+  impl_->add_listener(options, std::move(handler), std::nullopt);
+}
+void Server::add_listener(const ListenerOptions& options, HttpHandler handler, WebSocketHandler websocket) {
+  impl_->add_listener(options, std::move(handler), std::move(websocket));
 }
 std::uint16_t Server::port(const std::string& listener_name) const { return impl_->port(listener_name); }
 void Server::start() { impl_->start(); }

@@ -12,9 +12,17 @@
 // {listener,route,method,status}, broker_http_request_duration_seconds{listener,route} (route:
 // HttpResponse::route, else the path; "-" for the 4xx the server sends itself) and
 // broker_http_connections{listener}.
+//
+// A listener added with a WebSocketHandler also takes WebSocket upgrades (see websocket.hpp):
+// GET on handler.path becomes a WebSocket connection (wss on TLS listeners), an upgrade on another
+// path gets 404, everything else goes to the HttpHandler. stop() closes WebSocket connections with
+// 1001 "broker shutting down" (their sessions get on_close). Metrics: broker_websocket_connections
+// {listener} (upgraded connections, no longer counted in broker_http_connections) and
+// broker_websocket_messages_total{listener,direction="received"|"sent"}.
 #pragma once
 
 #include "net/http.hpp"
+#include "net/websocket.hpp"
 
 #include <spdlog/fwd.h>
 
@@ -55,6 +63,8 @@ class Server {
   // Throws std::runtime_error with a clear message ("admin listener 127.0.0.1:8082: address in
   // use") when binding or loading the TLS files fails.
   void add_listener(const ListenerOptions& options, HttpHandler handler);
+  // The same, with WebSocket upgrades on websocket.path (websocket.on_open must be set).
+  void add_listener(const ListenerOptions& options, HttpHandler handler, WebSocketHandler websocket);
 
   // The bound port of the named listener (useful with port 0); 0 for an unknown name.
   std::uint16_t port(const std::string& listener_name) const;
@@ -62,7 +72,8 @@ class Server {
   // Starts the I/O threads and returns at once.
   void start();
   // Graceful stop (callable from any thread, idempotent): stop accepting, wait up to `deadline`
-  // for in-flight requests, close every connection, join the threads. Called on an I/O thread
+  // for in-flight requests and WebSocket close handshakes, close every connection, join the
+  // threads. Called on an I/O thread
   // (from a handler) it returns at once and another thread does the stopping; a concurrent
   // second call waits until the first has finished.
   void stop(std::chrono::milliseconds deadline);

@@ -35,11 +35,14 @@ class WebSocketSession {
   // One complete text message. Called on the connection's strand, one at a time.
   virtual void on_message(std::string message) = 0;
   // The connection ended (either side, an error, a timeout, shutdown). Called once, last.
+  // `reason`: the text this side gave to close() (or "broker shutting down", "client shutting
+  // down"), "idle timeout", "message too big", "binary message", "send queue full",
+  // "closed by the peer: <code> <peer's reason>", or a network error ("timed out", ...).
   virtual void on_close(const std::string& reason) = 0;
 };
 
 struct WebSocketHandler {
-  std::string path = "/cbp";               // upgrade requests on other paths get 404
+  std::string path = "/cbp";                // upgrade requests on other paths get 404 (query ignored)
   std::size_t max_message_bytes = 1 << 20;  // larger messages close the connection (1009)
   std::size_t max_send_queue_bytes = 8 << 20;
   std::chrono::milliseconds idle_timeout{90000};  // no message received for this long: closed

@@ -4,8 +4,8 @@
 // The HTTP session code, the client and Beast's HTTP algorithms run on AnyStream, so they are
 // compiled once instead of once per stream type (the TLS instantiation was a third of
 // server.cpp's compile time); the concrete streams are compiled once, in any_stream.cpp.
-// A later WebSocket session can likewise use websocket::stream<AnyStream> (it will need
-// teardown()/async_teardown() overloads for AnyStream, found by ADL in this namespace).
+// The WebSocket code uses websocket::stream<AnyStream> the same way, through the
+// teardown()/async_teardown()/beast_close_socket() overloads below (found by ADL).
 //
 // Threading: like the streams it wraps, an AnyStream is used from one strand at a time.
 // Completion handlers are never invoked inline; they run on their associated executor.
@@ -17,6 +17,7 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/beast/core/role.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 
 #include <memory>
@@ -71,6 +72,7 @@ class AnyStream {
     virtual void write_some(std::vector<boost::asio::const_buffer> buffers, IoHandler handler) = 0;
     virtual void handshake(Handler handler) = 0;
     virtual void shutdown(Handler handler) = 0;
+    virtual void teardown(boost::beast::role_type role, Handler handler) = 0;
   };
 
   // Plain TCP.
@@ -127,6 +129,16 @@ class AnyStream {
         [](auto handler, Impl* impl) { impl->shutdown(Handler(std::move(handler), impl->lowest().get_executor())); },
         token, impl_.get());
   }
+  // The end of a WebSocket close handshake (what Beast's teardown does for the concrete
+  // streams): TLS: close_notify; plain: FIN, then read until the peer closes, then close.
+  template <class Token>
+  auto async_teardown(boost::beast::role_type role, Token&& token) {
+    return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
+        [](auto handler, Impl* impl, boost::beast::role_type r) {
+          impl->teardown(r, Handler(std::move(handler), impl->lowest().get_executor()));
+        },
+        token, impl_.get(), role);
+  }
 
  private:
   template <class MutableBufferSequence>
@@ -140,5 +152,15 @@ class AnyStream {
 
   std::unique_ptr<Impl> impl_;
 };
+
+// For boost::beast::websocket::stream<AnyStream>, found by argument-dependent lookup: the close
+// handshake's teardown, and closing the socket (Beast's timeouts).
+template <class TeardownHandler>
+void async_teardown(boost::beast::role_type role, AnyStream& stream, TeardownHandler&& handler) {
+  stream.async_teardown(role, std::forward<TeardownHandler>(handler));
+}
+// The blocking variant (never used: the net code is asynchronous): closes the socket.
+void teardown(boost::beast::role_type role, AnyStream& stream, boost::system::error_code& ec);
+void beast_close_socket(AnyStream& stream);
 
 }  // namespace net::detail
