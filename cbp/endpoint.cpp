@@ -73,6 +73,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
   State state = State::awaiting_hello;
   Clock::time_point deadline;
   std::string machine;
+  std::string agent_version;  // from hello
   int version = 0;
   std::string goodbye_reason;
   bool superseded = false;
@@ -213,6 +214,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
 
   void on_hello(const Hello& h) {
     machine = h.machine;
+    agent_version = h.agent_version;
     auto& reg = ep->registry;
     const std::string who = h.machine + "|" + peer->remote_address();  // back-off key
     if (reg.in_back_off(who)) {
@@ -277,6 +279,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
   void on_register(const Register& r) {
     broker::Registration reg;
     reg.machine = machine;
+    reg.agent_version = agent_version;
     reg.os = r.os;
     reg.session_support = std::string(to_string(r.session_support));
     reg.address = r.address;

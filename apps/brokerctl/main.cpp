@@ -84,7 +84,7 @@ const model::KindSpec& noun_kind(const std::string& noun) {
 std::vector<std::string> default_columns(model::Kind k) {
   using K = model::Kind;
   switch (k) {
-    case K::machine: return {"name", "catalog", "delivery_group", "registration_state", "power_state", "summary_state", "in_maintenance_mode", "tags", "source"};
+    case K::machine: return {"name", "catalog", "delivery_group", "registration_state", "last_deregistration_reason", "power_state", "summary_state", "in_maintenance_mode", "tags", "source"};
     case K::catalog: return {"name", "allocation_type", "session_support", "provisioning_type", "hypervisor_connection", "source"};
     case K::delivery_group: return {"name", "desktop_kind", "delivery_type", "session_support", "enabled", "in_maintenance_mode", "source"};
     case K::application: return {"name", "published_name", "command_line_executable", "delivery_groups", "enabled", "source"};
@@ -130,6 +130,8 @@ void print_table(const std::vector<std::string>& cols, const json::array& items)
     std::replace(h.begin(), h.end(), '_', ' ');
     std::transform(h.begin(), h.end(), h.begin(), [](unsigned char c) { return std::toupper(c); });
     if (cols[i] == "in_maintenance_mode") h = "MAINT";
+    if (cols[i] == "registration_state") h = "REGISTRATION";
+    if (cols[i] == "last_deregistration_reason") h = "LAST DEREGISTRATION";
     header.push_back(h);
     width[i] = h.size();
   }

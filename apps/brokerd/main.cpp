@@ -2,7 +2,9 @@
 // the declared site, binds the three listeners (XML service, agent endpoint, admin), serves until
 // SIGTERM/SIGINT, then shuts down gracefully.
 #include "admin/admin_api.hpp"
+#include "broker/agent_registry.hpp"
 #include "broker/site_objects.hpp"
+#include "cbp/endpoint.hpp"
 #include "common/crypto.hpp"
 #include "common/log.hpp"
 #include "common/metrics.hpp"
@@ -61,7 +63,7 @@ net::ListenerOptions listener_options(const std::string& name, const config::Lis
   return o;
 }
 
-// Until its issue lands, the agent endpoint is a real listener that says so.
+// Plain HTTP requests on the agent listener (agents speak WebSocket on /cbp).
 net::HttpHandler not_implemented(std::string what) {
   return [what](net::HttpRequest&&, net::Responder respond) {
     net::HttpResponse r;
@@ -137,13 +139,28 @@ int run(const std::string& config_path, const std::string& ready_file) {
   common::SystemClock clock;
   identity::BuiltinDirectory directory(repository, clock);
   xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log);
+  broker::AgentRegistry agents(repository, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
+  cbp::EndpointOptions eopts;
+  {
+    // The config file's [site] wins (it is reconciled below); else what the database holds.
+    auto stored = site.site();
+    const common::model::Object* settings = cfg.site ? &*cfg.site : (stored ? &*stored : nullptr);
+    if (settings) {
+      eopts.heartbeat_interval = std::chrono::seconds(settings->integer("heartbeat_interval_seconds", 60));
+      eopts.missed_heartbeats = static_cast<int>(settings->integer("missed_heartbeats", 3));
+    }
+  }
+  cbp::AgentEndpoint agent_endpoint(agents, work, eopts, log, &metrics);
+  site.on_machine_removed(
+      [&agent_endpoint](const std::string& machine) { agent_endpoint.disconnect(machine, cbp::Reason::desktop_removed); });
 
   net::Server server(cfg.io_threads, log, &metrics);
   try {
     server.add_listener(listener_options("xml", cfg.xml), [&xml_service](net::HttpRequest&& req, net::Responder respond) {
       xml_service.handle(std::move(req), std::move(respond));
     });
-    server.add_listener(listener_options("agent", cfg.agent), not_implemented("the agent endpoint (CBP)"));
+    server.add_listener(listener_options("agent", cfg.agent), not_implemented("plain HTTP on the agent endpoint"),
+                        agent_endpoint.handler());
     server.add_listener(listener_options("admin", cfg.admin),
                         [&admin_api](net::HttpRequest&& req, net::Responder respond) {
                           admin_api.handle(std::move(req), std::move(respond));
@@ -182,6 +199,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
 
   server.wait_for_signal();
   log->info("stopping: finishing in-flight requests (up to {} s)", cfg.shutdown_grace_seconds);
+  agent_endpoint.begin_shutdown();
   server.stop(std::chrono::seconds(cfg.shutdown_grace_seconds));
   work.stop();
   repository.close();
