@@ -2,15 +2,15 @@
 // the byte layout clients depend on is under our control).
 //
 // Parsing runs in stages, each failing with the first applicable ParseErrc:
-//   1. prolog: BOM, declared encoding -> UTF-8 text, every character checked    (not_xml)
-//   2. pugixml parse without entity expansion                                   (not_xml)
-//   3. document level: one root, no stray text, DOCTYPE without declarations    (not_xml, unsafe_xml)
-//   4. tree walk: depth limit, our own strict unescaping of text and attributes (unsafe_xml, not_xml)
+//   1-4. detail::Document::load (detail/xml_document.hpp): prolog and encoding, pugixml
+//        without entity expansion, document shape and DOCTYPE, depth, strict unescaping
+//                                                                               (not_xml, unsafe_xml)
 //   5. NFuseProtocol root, first Request* child, dispatch by name               (not_nfuse, unknown_request)
 //   6. typed fields                                                             (invalid_request)
 #include "xmlservice/nfuse_codec.hpp"
 
 #include "xmlservice/ctx1.hpp"
+#include "xmlservice/detail/xml_document.hpp"
 #include "xmlservice/detail/xml_text.hpp"
 
 #include <pugixml.hpp>
@@ -53,225 +53,14 @@ void throw_exception_from_error(const ParseError& error, const boost::source_loc
 
 namespace {
 
+using detail::append_escaped;
 using detail::iequals;
+using detail::is_ascii_name;
+using detail::is_element;
+using detail::text_of;
 using detail::trim;
-
-// ============================================================================================
-// Stage 1: prolog and encoding.
-
-struct DecodedBody {
-  std::string utf8;
-  std::string label;  // for the reply
-};
-
-bool is_enc_name(std::string_view s) {  // XML EncName: [A-Za-z] ([A-Za-z0-9._] | '-')*
-  if (s.empty() || s.size() > 40) return false;
-  auto alpha = [](char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z'); };
-  if (!alpha(s[0])) return false;
-  for (char c : s)
-    if (!alpha(c) && !(c >= '0' && c <= '9') && c != '.' && c != '_' && c != '-') return false;
-  return true;
-}
-
-// The encoding pseudo-attribute of an XML declaration's body (between "<?xml" and "?>"):
-// false when the declaration is malformed; `encoding` is left empty when absent.
-bool declaration_encoding(std::string_view decl, std::string& encoding) {
-  std::size_t i = 0;
-  auto skip_space = [&] {
-    while (i < decl.size() && detail::is_xml_space(decl[i])) ++i;
-  };
-  for (;;) {
-    skip_space();
-    if (i >= decl.size()) return true;
-    const std::size_t name_start = i;
-    while (i < decl.size() && ((decl[i] >= 'a' && decl[i] <= 'z') || (decl[i] >= 'A' && decl[i] <= 'Z'))) ++i;
-    const std::string_view name = decl.substr(name_start, i - name_start);
-    if (name.empty()) return false;
-    skip_space();
-    if (i >= decl.size() || decl[i] != '=') return false;
-    ++i;
-    skip_space();
-    if (i >= decl.size() || (decl[i] != '"' && decl[i] != '\'')) return false;
-    const char quote = decl[i++];
-    const std::size_t end = decl.find(quote, i);
-    if (end == std::string_view::npos) return false;
-    const std::string_view value = decl.substr(i, end - i);
-    i = end + 1;
-    if (name == "encoding" && encoding.empty()) {
-      if (!is_enc_name(value)) return false;
-      encoding = std::string(value);
-    }
-  }
-}
-
-std::optional<ParseError> decode_body(std::string_view body, DecodedBody& out) {
-  auto fail = [](std::string message) { return ParseError{ParseErrc::not_xml, std::move(message)}; };
-  if (body.empty()) return fail("empty body");
-  std::string_view s = body;
-  bool bom = false;
-  if (s.size() >= 3 && s.substr(0, 3) == "\xEF\xBB\xBF") {
-    s.remove_prefix(3);
-    bom = true;
-  } else if (s.size() >= 2 && (s.substr(0, 2) == "\xFE\xFF" || s.substr(0, 2) == "\xFF\xFE" || s[0] == '\0' ||
-                               s[1] == '\0')) {
-    return fail("UTF-16 and UTF-32 bodies are not supported");
-  }
-
-  std::string label;
-  std::string_view t = s;
-  while (!t.empty() && detail::is_xml_space(t.front())) t.remove_prefix(1);
-  if (t.size() > 5 && t.substr(0, 5) == "<?xml" && (detail::is_xml_space(t[5]) || t[5] == '?')) {
-    const std::size_t end = t.find("?>");
-    if (end == std::string_view::npos) return fail("unterminated XML declaration");
-    if (!declaration_encoding(t.substr(5, end - 5), label)) return fail("malformed XML declaration");
-  }
-
-  detail::Charset charset = detail::Charset::utf8;
-  if (label.empty()) {
-    out.label = "UTF-8";
-  } else {
-    const auto known = detail::charset_for_label(label);
-    if (!known) return fail("unsupported encoding '" + label + "' (UTF-8 and ISO-8859-1 are)");
-    if (bom && *known != detail::Charset::utf8) return fail("a UTF-8 byte order mark contradicts the declared encoding");
-    charset = *known;
-    out.label = label;
-  }
-
-  switch (charset) {
-    case detail::Charset::utf8: out.utf8.assign(s); break;
-    case detail::Charset::latin1: out.utf8 = detail::latin1_to_utf8(s); break;
-    case detail::Charset::ascii:
-      for (char c : s)
-        if (static_cast<unsigned char>(c) >= 0x80) return fail("a byte above 0x7F in a US-ASCII body");
-      out.utf8.assign(s);
-      break;
-  }
-
-  std::size_t pos = 0;
-  char32_t cp = 0;
-  while (pos < out.utf8.size()) {
-    if (!detail::next_code_point(out.utf8, pos, cp)) return fail("the body is not valid UTF-8");
-    if (!detail::is_xml_char(cp)) return fail("the body holds a character XML forbids (NUL or a control character)");
-  }
-  return std::nullopt;
-}
-
-// ============================================================================================
-// Stages 3 and 4: document shape, depth, unescaping.
-
-// True when the DOCTYPE value (pugixml's text after "<!DOCTYPE") has an internal subset with
-// anything but whitespace in it: entity, element or attribute declarations, parameter entities.
-bool doctype_has_declarations(std::string_view doctype) {
-  char quote = 0;
-  for (std::size_t i = 0; i < doctype.size(); ++i) {
-    const char c = doctype[i];
-    if (quote) {
-      if (c == quote) quote = 0;
-    } else if (c == '"' || c == '\'') {
-      quote = c;
-    } else if (c == '[') {
-      std::string_view subset = doctype.substr(i + 1);
-      const std::size_t close = subset.rfind(']');
-      if (close != std::string_view::npos) subset = subset.substr(0, close);
-      return !trim(subset).empty();
-    }
-  }
-  return false;
-}
-
-// Replaces the five predefined entities and character references of `in`. Every other
-// reference is an error (there are no declared entities: documents declaring any are refused).
-bool unescape(std::string_view in, std::string& out, std::string& error) {
-  out.clear();
-  out.reserve(in.size());
-  for (std::size_t i = 0; i < in.size(); ++i) {
-    if (in[i] != '&') {
-      out += in[i];
-      continue;
-    }
-    const std::size_t semi = in.find(';', i + 1);
-    if (semi == std::string_view::npos || semi - i > 12) {
-      error = "a '&' that does not start a reference";
-      return false;
-    }
-    const std::string_view ref = in.substr(i + 1, semi - i - 1);
-    i = semi;
-    if (ref == "lt") {
-      out += '<';
-    } else if (ref == "gt") {
-      out += '>';
-    } else if (ref == "amp") {
-      out += '&';
-    } else if (ref == "apos") {
-      out += '\'';
-    } else if (ref == "quot") {
-      out += '"';
-    } else if (ref.size() >= 2 && ref[0] == '#') {
-      std::string_view digits = ref.substr(1);
-      int base = 10;
-      if (digits[0] == 'x' || digits[0] == 'X') {
-        base = 16;
-        digits.remove_prefix(1);
-      }
-      std::uint32_t value = 0;
-      const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value, base);
-      if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size()) {
-        error = "a malformed character reference";
-        return false;
-      }
-      if (!detail::is_xml_char(value)) {
-        error = "a character reference to a character XML forbids";
-        return false;
-      }
-      detail::append_utf8(out, value);
-    } else {
-      error = "a reference to an undefined entity";
-      return false;
-    }
-  }
-  return true;
-}
-
-// Walks the whole tree without recursion: refuses nesting beyond kMaxDepth and unescapes every
-// text node and attribute value in place, so the field readers below see plain text.
-std::optional<ParseError> normalise_tree(pugi::xml_node root) {
-  std::string scratch;
-  std::string error;
-  auto unescape_in_place = [&](auto& item) -> bool {  // an xml_node or an xml_attribute
-    const std::string_view value = item.value();
-    if (value.find('&') == std::string_view::npos) return true;
-    if (!unescape(value, scratch, error)) return false;
-    item.set_value(scratch.c_str());
-    return true;
-  };
-
-  pugi::xml_node node = root;
-  int depth = 1;
-  for (;;) {
-    if (node.type() == pugi::node_element) {
-      if (depth > kMaxDepth)
-        return ParseError{ParseErrc::unsafe_xml, "elements nested deeper than " + std::to_string(kMaxDepth) + " levels"};
-      for (pugi::xml_attribute a = node.first_attribute(); a; a = a.next_attribute())
-        if (!unescape_in_place(a)) return ParseError{ParseErrc::not_xml, "attribute value: " + error};
-    } else if (node.type() == pugi::node_pcdata) {
-      if (!unescape_in_place(node)) return ParseError{ParseErrc::not_xml, "text: " + error};
-    }
-    if (pugi::xml_node child = node.first_child()) {
-      node = child;
-      ++depth;
-      continue;
-    }
-    for (;;) {
-      if (node == root) return std::nullopt;
-      if (pugi::xml_node sibling = node.next_sibling()) {
-        node = sibling;
-        break;
-      }
-      node = node.parent();
-      --depth;
-    }
-  }
-}
+using detail::trimmed_attr;
+using detail::trimmed_text;
 
 // ============================================================================================
 // Stage 6: typed fields.
@@ -283,29 +72,6 @@ struct Ctx {
     if (error.empty()) error = std::move(message);
   }
 };
-
-bool is(pugi::xml_node n, std::string_view name) {
-  return n.type() == pugi::node_element && iequals(n.name(), name);
-}
-
-// The element's own text (its text and CDATA children, concatenated), not trimmed.
-std::string text_of(pugi::xml_node n) {
-  std::string s;
-  for (pugi::xml_node c = n.first_child(); c; c = c.next_sibling())
-    if (c.type() == pugi::node_pcdata || c.type() == pugi::node_cdata) s += c.value();
-  return s;
-}
-
-std::string trimmed(pugi::xml_node n) {
-  const std::string s = text_of(n);
-  return std::string(trim(s));
-}
-
-std::string trimmed_attr(pugi::xml_node n, std::string_view name) {
-  for (pugi::xml_attribute a = n.first_attribute(); a; a = a.next_attribute())
-    if (iequals(a.name(), name)) return std::string(trim(a.value()));
-  return {};
-}
 
 // Splits on whitespace and commas (lists written in one element: "alt-addr no-load-bias").
 std::vector<std::string_view> tokens(std::string_view s) {
@@ -398,16 +164,16 @@ std::optional<std::uint32_t> parse_uint(std::string_view s) {
 
 // "First wins" for single-valued text fields: an empty occurrence does not count.
 void read_text(pugi::xml_node n, std::string& out) {
-  if (out.empty()) out = trimmed(n);
+  if (out.empty()) out = trimmed_text(n);
 }
 
 void read_server_type(pugi::xml_node n, std::vector<ServerType>& out) {
-  const std::string v = trimmed(n);
+  const std::string v = trimmed_text(n);
   if (!v.empty()) out.push_back(lookup(kServerTypes, v).value_or(ServerType::unknown));
 }
 
 void read_client_type(pugi::xml_node n, std::vector<ClientType>& out) {
-  const std::string v = trimmed(n);
+  const std::string v = trimmed_text(n);
   if (!v.empty()) out.push_back(lookup(kClientTypes, v).value_or(ClientType::unknown));
 }
 
@@ -416,13 +182,13 @@ void read_address(pugi::xml_node n, std::optional<Address>& out) {
   Address a;
   const std::string type = trimmed_attr(n, "addresstype");
   if (!type.empty()) a.type = lookup(kAddressTypes, type).value_or(AddressType::unknown);
-  a.value = trimmed(n);
+  a.value = trimmed_text(n);
   out = std::move(a);
 }
 
 void read_ttl(pugi::xml_node n, std::optional<std::uint32_t>& out, Ctx& ctx) {
   if (out) return;
-  const std::string v = trimmed(n);
+  const std::string v = trimmed_text(n);
   if (v.empty()) return;
   if (auto value = parse_uint(v))
     out = *value;
@@ -432,7 +198,7 @@ void read_ttl(pugi::xml_node n, std::optional<std::uint32_t>& out, Ctx& ctx) {
 
 void read_session_context(pugi::xml_node n, std::vector<NameValue>& out) {
   for (pugi::xml_node e = n.first_child(); e; e = e.next_sibling())
-    if (is(e, "SessionContextEntry")) out.push_back({trimmed_attr(e, "name"), trimmed(e)});
+    if (is_element(e, "SessionContextEntry")) out.push_back({trimmed_attr(e, "name"), trimmed_text(e)});
 }
 
 Password read_password(pugi::xml_node n) {
@@ -453,7 +219,7 @@ Password read_password(pugi::xml_node n) {
 
 Domain read_domain(pugi::xml_node n) {
   Domain d;
-  d.name = trimmed(n);
+  d.name = trimmed_text(n);
   const std::string type = trimmed_attr(n, "type");
   if (!type.empty()) d.type = lookup(kDomainTypes, type).value_or(DomainType::unknown);
   return d;
@@ -463,16 +229,16 @@ void read_credentials(pugi::xml_node n, std::optional<Credentials>& out) {
   if (out) return;
   Credentials cr;
   for (pugi::xml_node c = n.first_child(); c; c = c.next_sibling()) {
-    if (is(c, "UserName")) {
+    if (is_element(c, "UserName")) {
       read_text(c, cr.user_name);
-    } else if (is(c, "Password")) {
+    } else if (is_element(c, "Password")) {
       if (!cr.password) cr.password = read_password(c);
-    } else if (is(c, "Domain")) {
+    } else if (is_element(c, "Domain")) {
       if (!cr.domain) cr.domain = read_domain(c);
-    } else if (is(c, "AnonymousUser")) {
+    } else if (is_element(c, "AnonymousUser")) {
       cr.anonymous = true;
-    } else if (is(c, "ID")) {
-      std::string value = trimmed(c);
+    } else if (is_element(c, "ID")) {
+      std::string value = trimmed_text(c);
       if (value.empty()) continue;
       const std::string type = trimmed_attr(c, "type");
       const IdType id_type = type.empty() ? IdType::sam : lookup(kIdTypes, type).value_or(IdType::unknown);
@@ -493,7 +259,7 @@ void read_scope(pugi::xml_node n, std::optional<Scope>& out, Ctx& ctx) {
       ctx.fail("Scope traverse is neither subtree nor onelevel");
   }
   s.type = trimmed_attr(n, "type");
-  s.folder = trimmed(n);
+  s.folder = trimmed_text(n);
   out = std::move(s);
 }
 
@@ -523,22 +289,22 @@ IconSpec read_icon_spec(pugi::xml_node n, Ctx& ctx) {
 LaunchName read_launch_name(pugi::xml_node n) {
   LaunchName name;
   for (pugi::xml_node c = n.first_child(); c; c = c.next_sibling()) {
-    if (is(c, "AppName")) {
+    if (is_element(c, "AppName")) {
       name.kind = LaunchNameKind::app;
-    } else if (is(c, "ServerName")) {
+    } else if (is_element(c, "ServerName")) {
       name.kind = LaunchNameKind::server;
-    } else if (is(c, "ServerFarmName")) {
+    } else if (is_element(c, "ServerFarmName")) {
       name.kind = LaunchNameKind::server_farm;
-    } else if (is(c, "UnspecifiedName")) {
+    } else if (is_element(c, "UnspecifiedName")) {
       name.kind = LaunchNameKind::unspecified;
-    } else if (is(c, "SessionName")) {
+    } else if (is_element(c, "SessionName")) {
       name.kind = LaunchNameKind::session;
       for (pugi::xml_node s = c.first_child(); s; s = s.next_sibling()) {
-        if (is(s, "InName")) {
+        if (is_element(s, "InName")) {
           read_text(s, name.session.in_name);
-        } else if (is(s, "HostId")) {
-          if (name.session.host_id.value.empty()) name.session.host_id = {trimmed_attr(s, "type"), trimmed(s)};
-        } else if (is(s, "SessionId")) {
+        } else if (is_element(s, "HostId")) {
+          if (name.session.host_id.value.empty()) name.session.host_id = {trimmed_attr(s, "type"), trimmed_text(s)};
+        } else if (is_element(s, "SessionId")) {
           read_text(s, name.session.session_id);
         }
       }
@@ -546,7 +312,7 @@ LaunchName read_launch_name(pugi::xml_node n) {
     } else {
       continue;
     }
-    name.value = trimmed(c);
+    name.value = trimmed_text(c);
     return name;
   }
   return name;
@@ -561,9 +327,9 @@ NFuseRequest read_capabilities(pugi::xml_node, Ctx&) { return RequestCapabilitie
 NFuseRequest read_validate_credentials(pugi::xml_node n, Ctx&) {
   RequestValidateCredentials r;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "Credentials")) {
+    if (is_element(c, "Credentials")) {
       read_credentials(c, r.credentials);
-    } else if (is(c, "DesiredInfo")) {
+    } else if (is_element(c, "DesiredInfo")) {
       const std::string v = text_of(c);
       for (auto token : tokens(v))
         if (iequals(token, "user-identity")) r.desired_user_identity = true;
@@ -575,28 +341,28 @@ NFuseRequest read_validate_credentials(pugi::xml_node n, Ctx&) {
 NFuseRequest read_app_data(pugi::xml_node n, Ctx& ctx) {
   RequestAppData r;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "Scope")) {
+    if (is_element(c, "Scope")) {
       read_scope(c, r.scope, ctx);
-    } else if (is(c, "DesiredDetails")) {
+    } else if (is_element(c, "DesiredDetails")) {
       const std::string v = text_of(c);
       for (auto token : tokens(v))
         if (auto level = lookup(kDetailLevels, token)) r.desired_details.push_back(*level);
-    } else if (is(c, "DesiredIconData")) {
+    } else if (is_element(c, "DesiredIconData")) {
       r.desired_icon_data.push_back(read_icon_spec(c, ctx));
-    } else if (is(c, "AppName")) {
-      std::string v = trimmed(c);
+    } else if (is_element(c, "AppName")) {
+      std::string v = trimmed_text(c);
       if (!v.empty()) r.app_names.push_back(std::move(v));
-    } else if (is(c, "ServerType")) {
+    } else if (is_element(c, "ServerType")) {
       read_server_type(c, r.server_types);
-    } else if (is(c, "ClientType")) {
+    } else if (is_element(c, "ClientType")) {
       read_client_type(c, r.client_types);
-    } else if (is(c, "Credentials")) {
+    } else if (is_element(c, "Credentials")) {
       read_credentials(c, r.credentials);
-    } else if (is(c, "ClientName")) {
+    } else if (is_element(c, "ClientName")) {
       read_text(c, r.client_name);
-    } else if (is(c, "DeviceId")) {
+    } else if (is_element(c, "DeviceId")) {
       read_text(c, r.device_id);
-    } else if (is(c, "ClientAddress")) {
+    } else if (is_element(c, "ClientAddress")) {
       read_address(c, r.client_address);
     }
   }
@@ -606,7 +372,7 @@ NFuseRequest read_app_data(pugi::xml_node n, Ctx& ctx) {
 NFuseRequest read_server_farm_data(pugi::xml_node n, Ctx&) {
   RequestServerFarmData r;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "Credentials")) read_credentials(c, r.credentials);
+    if (is_element(c, "Credentials")) read_credentials(c, r.credentials);
   }
   return r;
 }
@@ -614,11 +380,11 @@ NFuseRequest read_server_farm_data(pugi::xml_node n, Ctx&) {
 NFuseRequest read_server_data(pugi::xml_node n, Ctx&) {
   RequestServerData r;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "ServerType"))
+    if (is_element(c, "ServerType"))
       read_server_type(c, r.server_types);
-    else if (is(c, "ClientType"))
+    else if (is_element(c, "ClientType"))
       read_client_type(c, r.client_types);
-    else if (is(c, "Credentials"))
+    else if (is_element(c, "Credentials"))
       read_credentials(c, r.credentials);
   }
   return r;
@@ -627,9 +393,9 @@ NFuseRequest read_server_data(pugi::xml_node n, Ctx&) {
 NFuseRequest read_protocol_info(pugi::xml_node n, Ctx&) {
   RequestProtocolInfo r;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "ServerAddress"))
+    if (is_element(c, "ServerAddress"))
       read_address(c, r.server_address);
-    else if (is(c, "Credentials"))
+    else if (is_element(c, "Credentials"))
       read_credentials(c, r.credentials);
   }
   return r;
@@ -639,32 +405,32 @@ NFuseRequest read_address_request(pugi::xml_node n, Ctx&) {
   RequestAddress r;
   bool have_name = false;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "Name")) {
+    if (is_element(c, "Name")) {
       if (!have_name) r.name = read_launch_name(c);
       have_name = true;
-    } else if (is(c, "ClientName")) {
+    } else if (is_element(c, "ClientName")) {
       read_text(c, r.client_name);
-    } else if (is(c, "DeviceId")) {
+    } else if (is_element(c, "DeviceId")) {
       read_text(c, r.device_id);
-    } else if (is(c, "ClientAddress")) {
+    } else if (is_element(c, "ClientAddress")) {
       read_address(c, r.client_address);
-    } else if (is(c, "ServerAddress")) {
+    } else if (is_element(c, "ServerAddress")) {
       read_address(c, r.server_address);
-    } else if (is(c, "Flags")) {
+    } else if (is_element(c, "Flags")) {
       const std::string v = text_of(c);
       for (auto token : tokens(v)) {
         if (iequals(token, "alt-addr")) r.alt_addr = true;
         if (iequals(token, "no-load-bias")) r.no_load_bias = true;
       }
-    } else if (is(c, "Credentials")) {
+    } else if (is_element(c, "Credentials")) {
       read_credentials(c, r.credentials);
-    } else if (is(c, "ServerType")) {
+    } else if (is_element(c, "ServerType")) {
       read_server_type(c, r.server_types);
-    } else if (is(c, "ClientType")) {
+    } else if (is_element(c, "ClientType")) {
       read_client_type(c, r.client_types);
-    } else if (is(c, "SessionSettings")) {
+    } else if (is_element(c, "SessionSettings")) {
       for (pugi::xml_node s = c.first_child(); s; s = s.next_sibling())
-        if (s.type() == pugi::node_element) r.session_settings.push_back({s.name(), trimmed(s)});
+        if (s.type() == pugi::node_element) r.session_settings.push_back({s.name(), trimmed_text(s)});
     }
   }
   return r;
@@ -673,17 +439,17 @@ NFuseRequest read_address_request(pugi::xml_node n, Ctx&) {
 NFuseRequest read_ticket(pugi::xml_node n, Ctx& ctx) {
   RequestTicket r;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "Credentials"))
+    if (is_element(c, "Credentials"))
       read_credentials(c, r.credentials);
-    else if (is(c, "TicketType"))
+    else if (is_element(c, "TicketType"))
       read_text(c, r.ticket_type);
-    else if (is(c, "TicketTag"))
+    else if (is_element(c, "TicketTag"))
       read_text(c, r.ticket_tag);
-    else if (is(c, "TimeToLive"))  // matches "TimetoLive" too (names are case-insensitive)
+    else if (is_element(c, "TimeToLive"))  // matches "TimetoLive" too (names are case-insensitive)
       read_ttl(c, r.time_to_live, ctx);
-    else if (is(c, "LaunchRef"))
+    else if (is_element(c, "LaunchRef"))
       read_text(c, r.launch_ref);
-    else if (is(c, "SessionContext"))
+    else if (is_element(c, "SessionContext"))
       read_session_context(c, r.session_context);
   }
   return r;
@@ -693,27 +459,27 @@ NFuseRequest read_launch_ref(pugi::xml_node n, Ctx& ctx) {
   RequestLaunchRef r;
   bool have_type = false;
   for (pugi::xml_node c : n.children()) {
-    if (is(c, "LaunchRefType")) {
-      const std::string v = trimmed(c);
+    if (is_element(c, "LaunchRefType")) {
+      const std::string v = trimmed_text(c);
       if (have_type || v.empty()) continue;
       have_type = true;
       if (auto type = lookup(kLaunchRefTypes, v))
         r.type = *type;
       else
         ctx.fail("LaunchRefType is neither ICA nor RADE");
-    } else if (is(c, "TicketTag")) {
+    } else if (is_element(c, "TicketTag")) {
       read_text(c, r.ticket_tag);
-    } else if (is(c, "ClientName")) {
+    } else if (is_element(c, "ClientName")) {
       read_text(c, r.client_name);
-    } else if (is(c, "DeviceId")) {
+    } else if (is_element(c, "DeviceId")) {
       read_text(c, r.device_id);
-    } else if (is(c, "SessionSharingKey")) {
+    } else if (is_element(c, "SessionSharingKey")) {
       read_text(c, r.session_sharing_key);
-    } else if (is(c, "Credentials")) {
+    } else if (is_element(c, "Credentials")) {
       read_credentials(c, r.credentials);
-    } else if (is(c, "TimeToLive")) {
+    } else if (is_element(c, "TimeToLive")) {
       read_ttl(c, r.time_to_live, ctx);
-    } else if (is(c, "SessionContext")) {
+    } else if (is_element(c, "SessionContext")) {
       read_session_context(c, r.session_context);
     }
   }
@@ -723,17 +489,17 @@ NFuseRequest read_launch_ref(pugi::xml_node n, Ctx& ctx) {
 // The children shared by the session requests; false when `c` is none of them.
 template <class R>
 bool read_session_common(pugi::xml_node c, R& r) {
-  if (is(c, "Credentials"))
+  if (is_element(c, "Credentials"))
     read_credentials(c, r.credentials);
-  else if (is(c, "ClientName"))
+  else if (is_element(c, "ClientName"))
     read_text(c, r.client_name);
-  else if (is(c, "DeviceId"))
+  else if (is_element(c, "DeviceId"))
     read_text(c, r.device_id);
-  else if (is(c, "ServerType"))
+  else if (is_element(c, "ServerType"))
     read_server_type(c, r.server_types);
-  else if (is(c, "ClientType"))
+  else if (is_element(c, "ClientType"))
     read_client_type(c, r.client_types);
-  else if (is(c, "SessionContext"))
+  else if (is_element(c, "SessionContext"))
     read_session_context(c, r.session_context);
   else
     return false;
@@ -744,8 +510,8 @@ NFuseRequest read_reconnect_session_data(pugi::xml_node n, Ctx&) {
   RequestReconnectSessionData r;
   for (pugi::xml_node c : n.children()) {
     if (read_session_common(c, r)) continue;
-    if (is(c, "SessionType")) {
-      const std::string v = trimmed(c);
+    if (is_element(c, "SessionType")) {
+      const std::string v = trimmed_text(c);
       if (!v.empty()) r.session_types.push_back(lookup(kSessionTypes, v).value_or(SessionType::unknown));
     }
   }
@@ -779,65 +545,27 @@ constexpr std::array<RequestReader, std::variant_size_v<NFuseRequest>> kReaders{
     {"RequestLogoffUserSessions", read_user_sessions<RequestLogoffUserSessions>},
 }};
 
-// A plain ASCII XML name (safe to write back in any charset).
-bool is_ascii_name(std::string_view s) {
-  if (s.empty()) return false;
-  auto alpha = [](char c) { return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_'; };
-  if (!alpha(s[0])) return false;
-  for (char c : s)
-    if (!alpha(c) && !(c >= '0' && c <= '9') && c != '.' && c != '-') return false;
-  return true;
-}
-
 }  // namespace
 
 // ============================================================================================
 
 ParseResult parse_request(std::string_view body) {
-  DecodedBody decoded;
-  if (auto error = decode_body(body, decoded)) return std::move(*error);
+  detail::Document doc;
+  const auto loaded = doc.load(body, kMaxDepth);
 
   ParseError base;  // fields known so far, copied into every later error
-  base.encoding_label = decoded.label;
+  base.encoding_label = doc.encoding_label();
   auto fail = [&base](ParseErrc code, std::string message) {
     ParseError e = base;
     e.code = code;
     e.message = std::move(message);
     return e;
   };
+  if (loaded)
+    return fail(loaded->code == detail::DocumentErrc::unsafe_xml ? ParseErrc::unsafe_xml : ParseErrc::not_xml,
+                loaded->message);
 
-  pugi::xml_document doc;
-  constexpr unsigned kOptions = pugi::parse_cdata | pugi::parse_wconv_attribute | pugi::parse_eol |
-                                pugi::parse_doctype | pugi::parse_fragment;  // no parse_escapes: see unescape
-  const pugi::xml_parse_result parsed =
-      doc.load_buffer_inplace(decoded.utf8.data(), decoded.utf8.size(), kOptions, pugi::encoding_utf8);
-  if (!parsed)
-    return fail(ParseErrc::not_xml,
-                std::string(parsed.description()) + " near byte " + std::to_string(parsed.offset));
-
-  pugi::xml_node root;
-  for (pugi::xml_node n = doc.first_child(); n; n = n.next_sibling()) {
-    switch (n.type()) {
-      case pugi::node_element:
-        if (root) return fail(ParseErrc::not_xml, "more than one root element");
-        root = n;
-        break;
-      case pugi::node_doctype:
-        if (root) return fail(ParseErrc::not_xml, "a DOCTYPE after the root element");
-        if (doctype_has_declarations(n.value()))
-          return fail(ParseErrc::unsafe_xml, "DTD declarations (an internal subset) are not accepted");
-        break;
-      case pugi::node_pcdata:
-      case pugi::node_cdata: return fail(ParseErrc::not_xml, "text outside the root element");
-      default: break;  // comments and processing instructions
-    }
-  }
-  if (!root) return fail(ParseErrc::not_xml, "no root element");
-  if (auto error = normalise_tree(root)) {
-    error->encoding_label = base.encoding_label;
-    return std::move(*error);
-  }
-
+  const pugi::xml_node root = doc.root();
   if (!iequals(root.name(), "NFuseProtocol")) return fail(ParseErrc::not_nfuse, "the root element is not NFuseProtocol");
   for (pugi::xml_attribute a = root.first_attribute(); a; a = a.next_attribute())
     if (iequals(a.name(), "version")) {
@@ -845,9 +573,7 @@ ParseResult parse_request(std::string_view body) {
       break;
     }
 
-  pugi::xml_node request;
-  for (pugi::xml_node c = root.first_child(); c && !request; c = c.next_sibling())
-    if (c.type() == pugi::node_element && detail::istarts_with(c.name(), "Request")) request = c;
+  const pugi::xml_node request = detail::first_element_starting_with(root, "Request");
   if (!request) return fail(ParseErrc::not_nfuse, "NFuseProtocol holds no Request element");
 
   const std::string_view name = request.name();
@@ -881,47 +607,6 @@ namespace {
 using Attrs = std::initializer_list<std::pair<std::string_view, std::string_view>>;
 
 std::string_view bool_text(bool b) { return b ? "true" : "false"; }
-
-// Appends `text` escaped for XML: markup characters as entities, CR (and in attributes TAB and
-// LF) as character references so a parser reads them back unchanged, and U+FFFD in place of
-// invalid UTF-8 and of characters XML cannot carry.
-void append_escaped(std::string& out, std::string_view text, bool attribute) {
-  std::size_t pos = 0;
-  char32_t cp = 0;
-  while (pos < text.size()) {
-    if (!detail::next_code_point(text, pos, cp)) {
-      ++pos;
-      cp = 0xFFFD;
-    } else if (!detail::is_xml_char(cp)) {
-      cp = 0xFFFD;
-    }
-    switch (cp) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"':
-        if (attribute)
-          out += "&quot;";
-        else
-          out += '"';
-        break;
-      case '\r': out += "&#13;"; break;
-      case '\n':
-        if (attribute)
-          out += "&#10;";
-        else
-          out += '\n';
-        break;
-      case '\t':
-        if (attribute)
-          out += "&#9;";
-        else
-          out += '\t';
-        break;
-      default: detail::append_utf8(out, cp);
-    }
-  }
-}
 
 // Writes elements one per line, indented by two spaces per level. A start tag stays open
 // ("pending") until its first child, so an element that gets no content is closed as "<X/>".
