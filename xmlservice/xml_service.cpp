@@ -1,6 +1,7 @@
 #include "xmlservice/xml_service.hpp"
 
 #include "broker/entitlements.hpp"
+#include "broker/launcher.hpp"
 #include "broker/site_objects.hpp"
 #include "common/address.hpp"
 #include "common/metrics.hpp"
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
+#include <set>
 
 namespace xmlservice {
 
@@ -100,6 +103,7 @@ struct XmlService::Impl {
   common::WorkQueue& work;
   common::Metrics& metrics;
   std::shared_ptr<spdlog::logger> log;
+  broker::Launcher* launcher = nullptr;
 
   Caller identify(const std::optional<Credentials>& creds, const model::Object& site_settings,
                   const std::string& remote, bool required) {
@@ -212,6 +216,148 @@ struct XmlService::Impl {
     return a;
   }
 
+  // What the logon ticket carries to the agent (docs/nfuse.md "Launch"): the password when the
+  // user gave one, else an identity assertion from the trusted front end.
+  static broker::Credential credential_of(const Credentials& creds, const identity::UserIdentity& user) {
+    broker::Credential c;
+    c.data["user"] = user.user_name;
+    c.data["domain"] = user.domain;
+    if (!user.upn.empty()) c.data["upn"] = user.upn;
+    if (creds.password && creds.password->plain) {
+      c.type = "password";
+      c.data["password"] = *creds.password->plain;
+    } else {
+      c.type = "assertion";
+      if (!user.sid.empty()) c.data["sid"] = user.sid;
+    }
+    return c;
+  }
+
+  static constexpr std::string_view kTagPrefix = "OBSession:";
+
+  // RequestTicket, RequestLaunchRef, RequestReconnectSessionData, RequestDisconnectUserSessions,
+  // RequestLogoffUserSessions for an authenticated user.
+  template <class T>
+  std::pair<NFuseResponse, std::string> session_request(const NFuseRequest& request, const T& req,
+                                                        const identity::UserIdentity& user,
+                                                        const broker::Credential& credential) {
+    if constexpr (std::is_same_v<T, RequestTicket> || std::is_same_v<T, RequestLaunchRef>) {
+      if (!req.ticket_tag.starts_with(kTagPrefix))
+        return {error_response(request, ErrorId::unspecified), "unknown TicketTag '" + req.ticket_tag + "'"};
+      auto ticket = launcher->reissue_ticket(user, req.ticket_tag.substr(kTagPrefix.size()), credential,
+                                             req.time_to_live ? static_cast<std::int64_t>(*req.time_to_live) : 0);
+      if (!ticket) {
+        const bool gone = ticket.error().code == common::errc::not_found;
+        return {error_response(request, gone ? ErrorId::unspecified : ErrorId::service_unavailable),
+                gone ? "no such launch" : "service-unavailable"};
+      }
+      if constexpr (std::is_same_v<T, RequestTicket>) return {ResponseTicket{*ticket}, "ok"};
+      else return {ResponseLaunchRef{*ticket}, "ok"};
+    } else if constexpr (std::is_same_v<T, RequestReconnectSessionData>) {
+      std::set<std::string> states;
+      for (auto t : req.session_types) {
+        if (t == SessionType::active) states.insert("Active");
+        if (t == SessionType::disconnected) states.insert("Disconnected");
+      }
+      if (states.empty()) states = {"Disconnected"};  // no SessionType: disconnected ones (WI's default)
+      auto sessions = launcher->user_sessions(user, states);
+      if (!sessions) return {error_response(request, ErrorId::service_unavailable), "service-unavailable"};
+      ResponseReconnectSessionData r;
+      for (const auto& us : *sessions) {
+        SessionData d;
+        d.in_name = us.resource;
+        d.host_id = HostId{"ima-host-id", std::to_string(us.machine_id)};
+        d.session_id = us.session_key;
+        r.sessions.push_back(std::move(d));
+      }
+      return {r, "ok, " + std::to_string(r.sessions.size()) + " sessions"};
+    } else {
+      constexpr bool logoff = std::is_same_v<T, RequestLogoffUserSessions>;
+      auto n = launcher->end_user_sessions(user, logoff);
+      if (!n) return {error_response(request, ErrorId::service_unavailable), "service-unavailable"};
+      const auto outcome = "ok, " + std::to_string(*n) + " sessions";
+      if constexpr (logoff) return {ResponseLogoffUserSessions{}, outcome};
+      else return {ResponseDisconnectUserSessions{}, outcome};
+    }
+  }
+
+  static ErrorId launch_error_id(broker::LaunchFailure f) {
+    using F = broker::LaunchFailure;
+    switch (f) {
+      case F::all_in_use:
+      case F::all_unregistered:
+      case F::all_in_maintenance:
+      case F::no_machines:
+      case F::tag_mismatch:
+      case F::assignment_limit:
+      case F::instance_limit:
+      case F::prepare_failed:
+      case F::group_in_maintenance: return ErrorId::no_available_workstation;
+      case F::storage_error: return ErrorId::service_unavailable;
+      default: return ErrorId::unspecified;
+    }
+  }
+
+  // ServerAddress in the form the client asked for (dot, dot-port, dns, dns-port; default dot-port).
+  static Address server_address(const broker::LaunchResult& r, const std::optional<Address>& wanted, bool use_dns) {
+    std::string host = r.address, port = "1494";
+    if (auto colon = r.address.rfind(':'); colon != std::string::npos) {
+      host = r.address.substr(0, colon);
+      port = r.address.substr(colon + 1);
+    }
+    const bool dns = use_dns && !r.dns_name.empty();
+    const auto type = wanted ? wanted->type : AddressType::dot_port;
+    if (type == AddressType::dot) return {AddressType::dot, host};
+    if (type == AddressType::dns) return dns ? Address{AddressType::dns, r.dns_name} : Address{AddressType::dot, host};
+    if (dns) return {AddressType::dns_port, r.dns_name + ":" + port};
+    return {AddressType::dot_port, host + ":" + port};
+  }
+
+  // RequestAddress: brokers the launch; `reply` gets the response once the agent has prepared.
+  void launch(const NFuseRequest& request, const RequestAddress& req, const model::Object& site_settings,
+              const net::HttpRequest& http,
+              std::function<void(NFuseResponse, std::string result, std::string who)> reply) {
+    Caller caller = identify(req.credentials, site_settings, http.remote_address, true);
+    if (caller.error)
+      return reply(error_response(request, *caller.error), std::string(to_string(*caller.error)), caller.label);
+    if (!caller.user) return reply(error_response(request, ErrorId::failed_credentials), "failed-credentials", caller.label);
+    broker::LaunchRequest lr;
+    lr.user = *caller.user;
+    lr.client_name = req.client_name;
+    lr.device_id = req.device_id;
+    lr.client_address = req.client_address ? req.client_address->value : http.remote_address;
+    lr.credential = credential_of(*req.credentials, *caller.user);
+    for (const auto& nv : req.session_settings)
+      if (identity::iequals(nv.name, "CredentialType") && !nv.value.empty()) lr.credential.type = nv.value;
+    switch (req.name.kind) {
+      case LaunchNameKind::app:
+      case LaunchNameKind::unspecified: lr.resource = req.name.value; break;
+      case LaunchNameKind::session: lr.reconnect_session = req.name.session.session_id; break;
+      default:
+        return reply(error_response(request, ErrorId::unspecified), "unsupported Name (use AppName or SessionName)",
+                     caller.label);
+    }
+    const bool use_dns = site_settings.flag("dns_resolution_enabled");
+    const auto wanted = req.server_address;
+    const auto label = caller.label;
+    launcher->launch(std::move(lr), [request, reply, use_dns, wanted, label](broker::LaunchResult r) {
+      if (!r.ok())
+        return reply(error_response(request, launch_error_id(r.failure)),
+                     std::string(to_string(launch_error_id(r.failure))) + " (" + std::string(broker::to_string(r.failure)) +
+                         ": " + r.message + ")",
+                     label);
+      ResponseAddress a;
+      a.server_address = server_address(r, wanted, use_dns);
+      a.server_type = ServerType::win32;
+      a.connection_type = "tcp";
+      a.client_type = ClientType::ica30;
+      a.ticket_tag = std::string(kTagPrefix) + r.session_key;
+      a.disconnected_session = r.reconnect;
+      a.ticket = r.ticket;
+      reply(a, "ok, " + r.machine + (r.reconnect ? " (reconnect)" : ""), label);
+    });
+  }
+
   // Returns the response and a short outcome for the log ("ok, 4 resources").
   std::pair<NFuseResponse, std::string> dispatch(const NFuseRequest& request, const model::Object& site_settings,
                                                   const net::HttpRequest& http, std::string& who) {
@@ -219,9 +365,10 @@ struct XmlService::Impl {
         [&](const auto& req) -> std::pair<NFuseResponse, std::string> {
           using T = std::decay_t<decltype(req)>;
           if constexpr (std::is_same_v<T, RequestCapabilities>) {
-            return {ResponseCapabilities{{Capability::separate_credentials_validation, Capability::user_identity,
-                                          Capability::integrated_authentication, Capability::full_icon_data}},
-                    "ok"};
+            ResponseCapabilities caps{{Capability::separate_credentials_validation, Capability::user_identity,
+                                       Capability::integrated_authentication, Capability::full_icon_data}};
+            if (launcher) caps.capabilities.push_back(Capability::launch_reference);
+            return {caps, "ok"};
           } else if constexpr (std::is_same_v<T, RequestServerFarmData>) {
             return {ResponseServerFarmData{{site_settings.text("site_name", "openbroker").empty()
                                                 ? std::string("openbroker")
@@ -282,9 +429,16 @@ struct XmlService::Impl {
               }
               return {r, "ok, " + std::to_string(r.apps.size()) + " resources"};
             }
+          } else if constexpr (std::is_same_v<T, RequestAddress>) {
+            // Answered by launch() when there is a launcher.
+            return {error_response(request, ErrorId::unspecified), "no brokering engine"};
           } else {
-            // Launch requests (RequestAddress, RequestTicket, ...) arrive with the brokering engine.
-            return {error_response(request, ErrorId::unspecified), "not implemented yet"};
+            if (!launcher) return {error_response(request, ErrorId::unspecified), "no brokering engine"};
+            Caller caller = identify(req.credentials, site_settings, http.remote_address, true);
+            who = caller.label;
+            if (caller.error) return {error_response(request, *caller.error), std::string(to_string(*caller.error))};
+            if (!caller.user) return {error_response(request, ErrorId::failed_credentials), "failed-credentials"};
+            return session_request(request, req, *caller.user, credential_of(*req.credentials, *caller.user));
           }
         },
         request);
@@ -292,8 +446,9 @@ struct XmlService::Impl {
 };
 
 XmlService::XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
-                       common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger)
-    : impl_(std::make_unique<Impl>(Impl{directory, site, repository, work, metrics, std::move(logger)})) {
+                       common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger,
+                       broker::Launcher* launcher)
+    : impl_(std::make_unique<Impl>(Impl{directory, site, repository, work, metrics, std::move(logger), launcher})) {
   metrics.describe("broker_xml_requests_total", common::Metrics::Type::counter,
                    "NFuse XML requests by request type and result (ok or the ErrorId).");
   metrics.describe("broker_xml_request_duration_seconds", common::Metrics::Type::histogram,
@@ -303,34 +458,47 @@ XmlService::XmlService(identity::Directory& directory, broker::SiteObjects& site
 XmlService::~XmlService() = default;
 
 void XmlService::handle(net::HttpRequest&& request, net::Responder respond) {
-  net::respond_from_queue(
-      impl_->work, std::move(request), std::move(respond), [this](const net::HttpRequest& req) { return process(req); },
-      [this](int status, const std::string& message) {
-        if (status == 503) return plain(503, message);
-        impl_->log->error("xml: {}", message);
-        return plain(500, "internal error; see the broker log");
-      });
+  auto shared_request = std::make_shared<net::HttpRequest>(std::move(request));
+  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
+  const bool queued = impl_->work.post([this, shared_request, shared_respond] {
+    try {
+      process(*shared_request, [shared_respond](net::HttpResponse r) { (*shared_respond)(std::move(r)); });
+    } catch (const std::exception& e) {
+      impl_->log->error("xml: {}", e.what());
+      (*shared_respond)(plain(500, "internal error; see the broker log"));
+    }
+  });
+  if (!queued) (*shared_respond)(plain(503, "the broker is shutting down"));
 }
 
 net::HttpResponse XmlService::process(const net::HttpRequest& http) {
+  std::promise<net::HttpResponse> promise;
+  auto future = promise.get_future();
+  process(http, [&promise](net::HttpResponse r) { promise.set_value(std::move(r)); });
+  return future.get();
+}
+
+void XmlService::process(const net::HttpRequest& http, net::Responder respond) {
   const auto started = std::chrono::steady_clock::now();
   if (!iequal_path(http.path, kPath)) {
     auto r = plain(404, "no such endpoint: " + http.path + " (the XML service is POST " + std::string(kPath) + ")");
     r.route = "other";
-    return r;
+    return respond(std::move(r));
   }
   if (http.method != "POST") {
     auto r = plain(405, "use POST");
     r.headers.emplace_back("Allow", "POST");
-    return r;
+    return respond(std::move(r));
   }
-  auto finish = [&](const std::string& type, const std::string& result, const std::string& who) {
+  Impl* impl = impl_.get();
+  const std::string remote = http.remote_address;
+  auto finish = [impl, started, remote](const std::string& type, const std::string& result, const std::string& who) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    const auto short_result = result.substr(0, result.find(','));
-    impl_->metrics.add("broker_xml_requests_total", {{"request", type}, {"result", short_result}});
-    impl_->metrics.observe("broker_xml_request_duration_seconds", {{"request", type}}, secs);
-    impl_->log->info("xml {} from {} user={} result={} in {:.1f} ms", type, http.remote_address,
-                     who.empty() ? "-" : who, result, secs * 1000);
+    const auto short_result = result.substr(0, result.find_first_of(", "));
+    impl->metrics.add("broker_xml_requests_total", {{"request", type}, {"result", short_result}});
+    impl->metrics.observe("broker_xml_request_duration_seconds", {{"request", type}}, secs);
+    impl->log->info("xml {} from {} user={} result={} in {:.1f} ms", type, remote, who.empty() ? "-" : who, result,
+                    secs * 1000);
   };
 
   auto parsed = parse_request(http.body);
@@ -338,24 +506,31 @@ net::HttpResponse XmlService::process(const net::HttpRequest& http) {
     const auto& e = parsed.error();
     if (!answered_in_band(e.code)) {
       finish("invalid", std::string(to_string(e.code)), {});
-      return plain(400, "not an NFuse request: " + e.message);
+      return respond(plain(400, "not an NFuse request: " + e.message));
     }
     finish(e.request_element.empty() ? "unknown" : e.request_element, "unspecified (" + e.message + ")", {});
-    return xml_reply(render(ResponseError{e.response_element, ErrorId::unspecified}, e.encoding_label),
-                     e.encoding_label);
+    return respond(xml_reply(render(ResponseError{e.response_element, ErrorId::unspecified}, e.encoding_label),
+                             e.encoding_label));
   }
   const std::string type(request_name(parsed->request));
+  const std::string encoding = parsed->encoding_label;
   auto site_settings = impl_->site.site();
   if (!site_settings) {
     impl_->log->error("xml: cannot read the site settings: {}", site_settings.error().describe());
     finish(type, "service-unavailable", {});
-    return xml_reply(render(error_response(parsed->request, ErrorId::service_unavailable), parsed->encoding_label),
-                     parsed->encoding_label);
+    return respond(xml_reply(render(error_response(parsed->request, ErrorId::service_unavailable), encoding), encoding));
+  }
+  if (const auto* ra = std::get_if<RequestAddress>(&parsed->request); ra && impl_->launcher) {
+    return impl_->launch(parsed->request, *ra, *site_settings, http,
+                         [finish, respond, type, encoding](NFuseResponse response, std::string result, std::string who) {
+                           finish(type, result, who);
+                           respond(xml_reply(render(response, encoding), encoding));
+                         });
   }
   std::string who;
   auto [response, result] = impl_->dispatch(parsed->request, *site_settings, http, who);
   finish(type, result, who);
-  return xml_reply(render(response, parsed->encoding_label), parsed->encoding_label);
+  respond(xml_reply(render(response, encoding), encoding));
 }
 
 }  // namespace xmlservice

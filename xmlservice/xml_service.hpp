@@ -16,8 +16,9 @@ class Metrics;
 class WorkQueue;
 }  // namespace common
 namespace broker {
+class Launcher;
 class SiteObjects;
-}
+}  // namespace broker
 namespace identity {
 class Directory;
 }
@@ -29,15 +30,21 @@ namespace xmlservice {
 
 class XmlService {
  public:
+  // Without a launcher the launch requests (RequestAddress, RequestTicket, ...) answer
+  // `unspecified` and are not advertised.
   XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
-             common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger);
+             common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger,
+             broker::Launcher* launcher = nullptr);
   ~XmlService();
 
   // The net::HttpHandler of the XML listener. Called on an I/O thread; never blocks (requests
   // are processed on the work queue: password checks and storage reads block).
   void handle(net::HttpRequest&& request, net::Responder respond);
 
-  // Processes one request body from `remote_address` synchronously (tests, benchmarks).
+  // Processes one request and calls respond once, from any thread. Blocks on storage (run it on
+  // the work queue); a launch answers later, when the agent has prepared the session.
+  void process(const net::HttpRequest& request, net::Responder respond);
+  // The same, waiting for the answer (tests, benchmarks; never on the work queue's threads).
   net::HttpResponse process(const net::HttpRequest& request);
 
  private:

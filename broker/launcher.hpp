@@ -1,0 +1,168 @@
+// broker/launcher.hpp: brokering. A user asks for a desktop or an application; the launcher checks
+// access and entitlement, reconnects the user's existing session or picks a machine (assigned,
+// assigned on first use, or the best available one of a shared group), commits the pending
+// session (and any new assignment, and the logon ticket) to storage, asks the agent to prepare the
+// session and, once it has, answers with where to connect and the one-time logon ticket.
+//
+// Semantics: site-model-reference.md 2.3-2.7 and 2.12; docs/architecture.md "Launch".
+//
+// Concurrency: selection and reservation happen under one mutex, in the same storage transaction
+// that records the pending session, so two launches never take the same single-session machine
+// and assignments never exceed the rules. The slow part (waiting for the agent's ack) runs outside
+// the mutex. Blocking storage work runs on the work queue; callbacks come from any thread.
+#pragma once
+
+#include "common/error.hpp"
+#include "identity/directory.hpp"
+
+#include <spdlog/fwd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace common {
+class Clock;
+class WorkQueue;
+}  // namespace common
+namespace storage {
+class Repository;
+}
+
+namespace broker {
+
+// What the launcher asks of an agent (cbp::AgentEndpoint implements it).
+struct PrepareSession {
+  std::string user;  // "DEMO\\alice"
+  std::string resource;
+  bool application = false;
+  std::string ticket;  // the logon ticket the client will present
+  std::string session_key;
+  std::int64_t connect_timeout_seconds = 200;
+  std::string client_name, client_address;
+  std::string command_line_executable, command_line_arguments, working_directory;
+};
+
+class AgentChannel {
+ public:
+  virtual ~AgentChannel() = default;
+  using Done = std::function<void(bool ok, const std::string& error)>;
+  // Each calls done exactly once, from any thread: ok, or the agent's error / "timeout" /
+  // "not connected" / "connection closed".
+  virtual void prepare_session(const std::string& machine, const PrepareSession& request,
+                               std::chrono::milliseconds timeout, Done done) = 0;
+  virtual void logoff_session(const std::string& machine, const std::string& session_key,
+                              std::chrono::milliseconds timeout, Done done) = 0;
+  virtual void disconnect_session(const std::string& machine, const std::string& session_key,
+                                  std::chrono::milliseconds timeout, Done done) = 0;
+  virtual void send_message(const std::string& machine, const std::string& session_key, const std::string& title,
+                            const std::string& text, std::chrono::milliseconds timeout, Done done) = 0;
+};
+
+// Why no machine could be given (the structured reason of requirement "explained failures").
+enum class LaunchFailure {
+  none,
+  not_entitled,            // no such resource for this user (or no access)
+  resource_disabled,       // listed as disabled
+  group_disabled,          // the delivery group is disabled
+  group_in_maintenance,    // the delivery group is in maintenance mode
+  no_machines,             // the group has no machines
+  all_unregistered,        // every candidate machine is unregistered (or off)
+  all_in_maintenance,      // every registered candidate is in maintenance mode
+  all_in_use,              // every registered candidate is busy or full
+  tag_mismatch,            // no machine carries the required tag
+  instance_limit,          // application or per-user instance limit reached
+  assignment_limit,        // the user has all the machines the assignment rule allows, none usable
+  prepare_failed,          // every attempt to prepare a session failed
+  no_session,              // reconnect: no such session of this user
+  storage_error,
+};
+std::string_view to_string(LaunchFailure f);  // "NotEntitled", "AllInUse", ...
+
+struct Credential {
+  std::string type = "password";  // password | smartcard | assertion | <plugin name>
+  std::map<std::string, std::string> data;  // password: {"password": ...}; smartcard: {"pin": ...}
+};
+
+struct LaunchRequest {
+  identity::UserIdentity user;
+  std::string resource;  // the resource's InName (desktop: rule or group name; application: browser name)
+  std::string reconnect_session;  // NFuse SessionName: reconnect to this session key (resource ignored)
+  std::string client_name, client_address, device_id;
+  Credential credential;
+  std::int64_t ticket_ttl_seconds = 0;  // 0: the site's logon_ticket_ttl_seconds
+};
+
+struct LaunchResult {
+  LaunchFailure failure = LaunchFailure::none;
+  std::string message;  // for logs, audit and admins
+  std::string machine, address, dns_name;  // address: the agent's "host:port"
+  std::int64_t machine_id = 0;
+  std::string session_key;
+  std::string ticket;  // 30 upper-case hex digits
+  bool reconnect = false;
+  bool ok() const { return failure == LaunchFailure::none; }
+};
+
+struct UserSession {
+  std::string session_key, machine, resource, state, client_name;
+  std::int64_t machine_id = 0;
+};
+
+struct LauncherOptions {
+  std::chrono::milliseconds prepare_timeout{20000};
+  int max_attempts = 3;        // machines tried per launch
+  std::string credential_key;  // site key (64 hex) that seals credential data; empty: stored unsealed (tests)
+};
+
+class Launcher {
+ public:
+  Launcher(storage::Repository& repository, common::Clock& clock, AgentChannel& agents, common::WorkQueue& work,
+           std::shared_ptr<spdlog::logger> logger, LauncherOptions options = {});
+  ~Launcher();
+  Launcher(const Launcher&) = delete;
+  Launcher& operator=(const Launcher&) = delete;
+
+  // Brokers one launch; done is called once, from any thread.
+  void launch(LaunchRequest request, std::function<void(LaunchResult)> done);
+  // Blocking convenience (tests, benchmarks): launch() and wait.
+  LaunchResult launch_sync(LaunchRequest request);
+
+  // A second ticket for a launch already made (NFuse RequestTicket with the launch's TicketTag):
+  // same machine, user and credential kind. errc::not_found when the session is gone or belongs to
+  // another user.
+  common::Result<std::string> reissue_ticket(const identity::UserIdentity& user, const std::string& session_key,
+                                             const Credential& credential, std::int64_t ttl_seconds);
+
+  // The user's sessions (states: "Active", "Disconnected"; both when empty).
+  common::Result<std::vector<UserSession>> user_sessions(const identity::UserIdentity& user,
+                                                         const std::set<std::string>& states);
+  // Sends logoff_session / disconnect_session for each of the user's sessions; returns how many.
+  common::Result<int> end_user_sessions(const identity::UserIdentity& user, bool logoff);
+  // Session commands by session name (admin API). not_found for an unknown session.
+  common::Status session_command(const std::string& session_key, const std::string& command, const std::string& title,
+                                 const std::string& text, AgentChannel::Done done);
+
+  // Housekeeping, run periodically: pending launches whose client never came within the ticket
+  // lifetime release their machine (ConnectionTimeout); expired tickets are wiped.
+  common::Status sweep();
+
+  // Launches accepted and not answered yet.
+  int in_flight() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+// A fresh 30-character upper-case hex logon ticket.
+std::string new_logon_ticket();
+
+}  // namespace broker

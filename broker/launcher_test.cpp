@@ -1,0 +1,412 @@
+#include "broker/launcher.hpp"
+
+#include "common/clock.hpp"
+#include "common/crypto.hpp"
+#include "common/work_queue.hpp"
+#include "storage/repository.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <thread>
+
+using namespace common::model;
+using broker::LaunchFailure;
+
+namespace {
+
+Object make(Kind k, std::string name, std::initializer_list<std::pair<const char*, Value>> fields) {
+  Object o = make_default(k, std::move(name));
+  for (const auto& [key, v] : fields) o.fields[key] = v;
+  return o;
+}
+
+identity::UserIdentity user(const std::string& name) {
+  identity::UserIdentity u;
+  u.user_name = name;
+  u.domain = "DEMO";
+  u.qualified_name = "DEMO\\" + name;
+  u.groups = {"DEMO\\Domain Users"};
+  return u;
+}
+
+// An agent channel that answers from a script: machines in `refuse` fail prepare_session.
+class FakeAgents : public broker::AgentChannel {
+ public:
+  std::mutex mutex;
+  std::set<std::string> refuse;
+  std::vector<broker::PrepareSession> prepared;
+  std::vector<std::string> prepared_on, commands;
+
+  void prepare_session(const std::string& machine, const broker::PrepareSession& r, std::chrono::milliseconds,
+                       Done done) override {
+    bool ok;
+    {
+      std::lock_guard lock(mutex);
+      ok = !refuse.contains(machine);
+      if (ok) {
+        prepared.push_back(r);
+        prepared_on.push_back(machine);
+      }
+    }
+    // Answer from another thread, as the endpoint does.
+    std::thread([done, ok] { done(ok, ok ? "" : "no free session slot"); }).detach();
+  }
+  void logoff_session(const std::string& machine, const std::string& key, std::chrono::milliseconds, Done done) override {
+    record("logoff " + machine + " " + key);
+    done(true, {});
+  }
+  void disconnect_session(const std::string& machine, const std::string& key, std::chrono::milliseconds,
+                          Done done) override {
+    record("disconnect " + machine + " " + key);
+    done(true, {});
+  }
+  void send_message(const std::string& machine, const std::string& key, const std::string&, const std::string& text,
+                    std::chrono::milliseconds, Done done) override {
+    record("message " + machine + " " + key + " " + text);
+    done(true, {});
+  }
+  void record(std::string c) {
+    std::lock_guard lock(mutex);
+    commands.push_back(std::move(c));
+  }
+};
+
+struct Fixture {
+  std::unique_ptr<storage::Repository> repo;
+  common::ManualClock clock;
+  FakeAgents agents;
+  common::WorkQueue work{2};
+  std::string key = common::crypto::new_site_key();
+  std::unique_ptr<broker::Launcher> launcher;
+
+  Fixture() {
+    storage::SqliteOptions o;
+    o.path = ":memory:";
+    auto r = storage::open_sqlite(o);
+    REQUIRE(r);
+    repo = std::move(*r);
+    broker::LauncherOptions lo;
+    lo.credential_key = key;
+    lo.max_attempts = 3;
+    launcher = std::make_unique<broker::Launcher>(*repo, clock, agents, work, nullptr, lo);
+    std::vector<Object> objects = {
+        make(Kind::catalog, "single", {}),
+        make(Kind::catalog, "multi", {{"session_support", std::string("MultiSession")}}),
+        make(Kind::delivery_group, "Pool", {}),
+        make(Kind::delivery_group, "Personal", {{"desktop_kind", std::string("Private")}}),
+        make(Kind::delivery_group, "Apps",
+             {{"delivery_type", std::string("AppsOnly")}, {"session_support", std::string("MultiSession")}}),
+        access("pool-access", "Pool"),
+        make(Kind::rule, "pool-desktop", {{"rule_type", std::string("entitlement")},
+                                          {"delivery_group", std::string("Pool")},
+                                          {"included_user_filter_enabled", false}}),
+        access("personal-access", "Personal"),
+        make(Kind::rule, "personal-aofu", {{"rule_type", std::string("assignment")},
+                                           {"delivery_group", std::string("Personal")},
+                                           {"included_user_filter_enabled", false}}),
+        access("apps-access", "Apps"),
+        make(Kind::rule, "apps", {{"rule_type", std::string("app_entitlement")},
+                                  {"delivery_group", std::string("Apps")},
+                                  {"included_user_filter_enabled", false}}),
+        make(Kind::application, "Notepad", {{"command_line_executable", std::string("notepad.exe")},
+                                            {"delivery_groups", TextList{"Apps"}},
+                                            {"max_per_user_instances", std::int64_t{2}}}),
+    };
+    for (int i = 1; i <= 4; ++i) objects.push_back(machine("DEMO\\pool-" + std::to_string(i), "single", "Pool", i));
+    for (int i = 1; i <= 6; ++i) objects.push_back(machine("DEMO\\pers-" + std::to_string(i), "single", "Personal", 10 + i));
+    for (int i = 1; i <= 2; ++i) objects.push_back(machine("DEMO\\rds-" + std::to_string(i), "multi", "Apps", 20 + i));
+    REQUIRE(repo->write([&](storage::Transaction& tx) -> common::Status {
+      for (const auto& obj : objects)
+        if (auto c = tx.create(obj); !c) return c.error();
+      return {};
+    }));
+  }
+
+  static Object access(std::string name, std::string group) {
+    return make(Kind::rule, std::move(name), {{"rule_type", std::string("access")},
+                                              {"delivery_group", std::move(group)},
+                                              {"included_users", TextList{"DEMO\\Domain Users"}}});
+  }
+  static Object machine(std::string name, std::string catalog, std::string group, int n) {
+    return make(Kind::machine, std::move(name), {{"catalog", std::move(catalog)},
+                                                 {"delivery_group", std::move(group)},
+                                                 {"registration_state", std::string("Registered")},
+                                                 {"summary_state", std::string("Available")},
+                                                 {"agent_address", "10.0.0." + std::to_string(n) + ":1494"}});
+  }
+
+  broker::LaunchResult launch(const std::string& who, const std::string& resource) {
+    broker::LaunchRequest r;
+    r.user = user(who);
+    r.resource = resource;
+    r.client_name = "client-" + who;
+    r.credential.type = "password";
+    r.credential.data = {{"password", who + "-pass"}};
+    return launcher->launch_sync(std::move(r));
+  }
+
+  Object get(Kind k, const std::string& name) {
+    Object out;
+    REQUIRE(repo->read([&](storage::Transaction& tx) -> common::Status {
+      auto o = tx.get(k, name);
+      if (!o) return o.error();
+      out = *o;
+      return {};
+    }));
+    return out;
+  }
+  std::vector<Object> list(Kind k) {
+    std::vector<Object> out;
+    REQUIRE(repo->read([&](storage::Transaction& tx) -> common::Status {
+      auto o = tx.list(k, {});
+      if (!o) return o.error();
+      out = *o;
+      return {};
+    }));
+    return out;
+  }
+  void update(Kind k, const std::string& name, const char* field, Value v) {
+    REQUIRE(repo->write([&](storage::Transaction& tx) -> common::Status {
+      auto o = tx.get(k, name);
+      if (!o) return o.error();
+      o->fields[field] = v;
+      if (auto u = tx.update(name, *o); !u) return u.error();
+      return {};
+    }));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("launcher: a shared desktop launch stores the pending session, a sealed ticket and prepares the agent") {
+  Fixture f;
+  auto r = f.launch("alice", "pool-desktop");
+  REQUIRE_MESSAGE(r.ok(), r.message);
+  CHECK(r.machine.starts_with("DEMO\\pool-"));
+  CHECK(r.address.ends_with(":1494"));
+  CHECK(r.ticket.size() == 30);
+  CHECK(std::all_of(r.ticket.begin(), r.ticket.end(), [](char c) { return std::isxdigit(c) && !std::islower(c); }));
+  CHECK_FALSE(r.reconnect);
+
+  auto s = f.get(Kind::session, r.session_key);
+  CHECK(s.text("state") == "PreparingNewSession");
+  CHECK(s.text("user_name") == "DEMO\\alice");
+  CHECK(s.text("machine") == r.machine);
+  CHECK(s.text("client_name") == "client-alice");
+  CHECK(s.flag("brokered"));
+  CHECK(f.get(Kind::machine, r.machine).text("summary_state") == "Preparing");
+
+  REQUIRE(f.agents.prepared.size() == 1);
+  CHECK(f.agents.prepared[0].ticket == r.ticket);
+  CHECK(f.agents.prepared[0].user == "DEMO\\alice");
+  CHECK(f.agents.prepared[0].session_key == r.session_key);
+
+  // The ticket is stored as a hash, its credential sealed under the site key for that machine.
+  storage::LogonTicket t;
+  REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto x = tx.redeem_logon_ticket(common::crypto::sha256_hex(r.ticket), r.machine, common::format_time(f.clock.now()));
+    if (!x) return x.error();
+    t = *x;
+    return {};
+  }));
+  CHECK(t.credential_type == "password");
+  CHECK(t.credential_data.find("alice-pass") == std::string::npos);
+  auto plain = common::crypto::open(f.key, t.credential_data, t.ticket_hash + "|" + r.machine);
+  REQUIRE(plain);
+  CHECK(plain->find("alice-pass") != std::string::npos);
+}
+
+TEST_CASE("launcher: parallel launches never put two sessions on a single-session machine") {
+  Fixture f;
+  std::vector<broker::LaunchResult> results(20);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 20; ++i)
+    threads.emplace_back([&, i] { results[static_cast<std::size_t>(i)] = f.launch("u" + std::to_string(i), "pool-desktop"); });
+  for (auto& t : threads) t.join();
+  std::set<std::string> machines;
+  int ok = 0;
+  for (const auto& r : results) {
+    if (r.ok()) {
+      ++ok;
+      CHECK(machines.insert(r.machine).second);
+    } else {
+      CHECK(r.failure == LaunchFailure::all_in_use);
+    }
+  }
+  CHECK(ok == 4);  // four pool machines
+  CHECK(f.list(Kind::session).size() == 4);
+}
+
+TEST_CASE("launcher: assign on first use gives distinct users distinct machines, within MaxDesktops") {
+  Fixture f;
+  std::vector<broker::LaunchResult> results(8);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i)
+    threads.emplace_back([&, i] { results[static_cast<std::size_t>(i)] = f.launch("a" + std::to_string(i), "personal-aofu"); });
+  for (auto& t : threads) t.join();
+  std::set<std::string> machines;
+  int ok = 0;
+  for (const auto& r : results)
+    if (r.ok()) {
+      ++ok;
+      CHECK(machines.insert(r.machine).second);
+    }
+  CHECK(ok == 6);  // six personal machines
+  auto assignments = f.list(Kind::assignment);
+  CHECK(assignments.size() == 6);
+  std::set<std::string> assigned_users;
+  for (const auto& a : assignments) CHECK(assigned_users.insert(a.text("user")).second);
+
+  // The user's session becomes active, then a second launch reconnects to the same machine.
+  const auto& first = *std::find_if(results.begin(), results.end(), [](const auto& r) { return r.ok(); });
+  const auto who = f.get(Kind::session, first.session_key).text("user_name").substr(5);
+  f.update(Kind::session, first.session_key, "state", std::string("Disconnected"));
+  auto again = f.launch(who, "personal-aofu");
+  REQUIRE_MESSAGE(again.ok(), again.message);
+  CHECK(again.reconnect);
+  CHECK(again.machine == first.machine);
+  CHECK(again.session_key == first.session_key);
+  CHECK(f.list(Kind::assignment).size() == 6);  // no second assignment (MaxDesktops 1)
+}
+
+TEST_CASE("launcher: an active session elsewhere is disconnected, then reconnected") {
+  Fixture f;
+  auto r = f.launch("bob", "pool-desktop");
+  REQUIRE(r.ok());
+  f.update(Kind::session, r.session_key, "state", std::string("Active"));
+  auto again = f.launch("bob", "pool-desktop");
+  REQUIRE(again.ok());
+  CHECK(again.reconnect);
+  CHECK(again.machine == r.machine);
+  CHECK(std::count(f.agents.commands.begin(), f.agents.commands.end(), "disconnect " + r.machine + " " + r.session_key) == 1);
+}
+
+TEST_CASE("launcher: a refused preparation fails over to another machine and is recorded") {
+  Fixture f;
+  f.agents.refuse = {"DEMO\\pool-1", "DEMO\\pool-2"};
+  f.update(Kind::machine, "DEMO\\pool-3", "in_maintenance_mode", true);
+  // pool-1, pool-2 refuse and pool-4 works: whatever the order, the launch ends on pool-4.
+  for (int i = 0; i < 5; ++i) {
+    auto r = f.launch("carol" + std::to_string(i), "pool-desktop");
+    REQUIRE_MESSAGE(r.ok(), r.message);
+    CHECK(r.machine == "DEMO\\pool-4");
+    f.update(Kind::session, r.session_key, "state", std::string("LoggedOff"));
+    REQUIRE(f.repo->write([&](storage::Transaction& tx) { return tx.remove(Kind::session, r.session_key); }));
+  }
+  // The refusals are recorded on the machines and left no sessions behind.
+  CHECK(f.list(Kind::session).empty());
+  for (const auto& m : f.list(Kind::machine))
+    if (m.name == "DEMO\\pool-1" || m.name == "DEMO\\pool-2")
+      CHECK(m.text("last_connection_failure") == "SessionPreparation");
+    else
+      CHECK(m.text("last_connection_failure") == "None");
+
+  // Every machine refuses: after max_attempts (3) the launch fails with SessionPrepareFailure.
+  f.agents.refuse = {"DEMO\\pool-1", "DEMO\\pool-2", "DEMO\\pool-4"};
+  auto none = f.launch("dan", "pool-desktop");
+  CHECK(none.failure == LaunchFailure::prepare_failed);
+  CHECK(none.message.find("no free session slot") != std::string::npos);
+  CHECK(f.list(Kind::session).empty());
+}
+
+TEST_CASE("launcher: explained failures") {
+  Fixture f;
+  CHECK(f.launch("alice", "no-such-thing").failure == LaunchFailure::not_entitled);
+
+  f.update(Kind::machine, "DEMO\\pool-1", "registration_state", std::string("Unregistered"));
+  f.update(Kind::machine, "DEMO\\pool-2", "registration_state", std::string("Unregistered"));
+  f.update(Kind::machine, "DEMO\\pool-3", "in_maintenance_mode", true);
+  f.update(Kind::machine, "DEMO\\pool-4", "in_maintenance_mode", true);
+  CHECK(f.launch("alice", "pool-desktop").failure == LaunchFailure::all_in_maintenance);
+  f.update(Kind::machine, "DEMO\\pool-3", "registration_state", std::string("Unregistered"));
+  f.update(Kind::machine, "DEMO\\pool-4", "registration_state", std::string("Unregistered"));
+  CHECK(f.launch("alice", "pool-desktop").failure == LaunchFailure::all_unregistered);
+
+  f.update(Kind::rule, "pool-desktop", "restrict_to_tag", std::string("gpu"));
+  CHECK(f.launch("alice", "pool-desktop").failure == LaunchFailure::tag_mismatch);
+
+  f.update(Kind::delivery_group, "Pool", "in_maintenance_mode", true);
+  CHECK(f.launch("alice", "pool-desktop").failure == LaunchFailure::group_in_maintenance);
+  f.update(Kind::delivery_group, "Pool", "enabled", false);
+  CHECK(f.launch("alice", "pool-desktop").failure == LaunchFailure::group_disabled);
+
+  // Every refusal is in the audit trail with its reason.
+  std::vector<storage::AuditEntry> audit;
+  REQUIRE(f.repo->read([&](storage::Transaction& tx) -> common::Status {
+    storage::AuditQuery q;
+    q.actor = "broker";
+    auto a = tx.list_audit(q);
+    if (!a) return a.error();
+    audit = *a;
+    return {};
+  }));
+  const auto refused = std::count_if(audit.begin(), audit.end(), [](const auto& e) { return e.action == "launch-refused"; });
+  CHECK(refused == 6);
+  CHECK(std::any_of(audit.begin(), audit.end(), [](const auto& e) { return e.after.find("TagMismatch") != std::string::npos; }));
+}
+
+TEST_CASE("launcher: multi-session hosts take the least effective load; per-user instance limits") {
+  Fixture f;
+  f.update(Kind::machine, "DEMO\\rds-1", "load_index", std::int64_t{2800});
+  f.update(Kind::machine, "DEMO\\rds-2", "load_index", std::int64_t{2000});
+  auto a = f.launch("alice", "Notepad");
+  REQUIRE_MESSAGE(a.ok(), a.message);
+  CHECK(a.machine == "DEMO\\rds-2");
+  CHECK(f.agents.prepared.back().application);
+  CHECK(f.agents.prepared.back().command_line_executable == "notepad.exe");
+  // rds-2 effective load rises by 500 with each launch until its agent reports: 2000, 2500, then 3000 > 2800.
+  CHECK(f.launch("bob", "Notepad").machine == "DEMO\\rds-2");
+  CHECK(f.launch("carol", "Notepad").machine == "DEMO\\rds-1");
+  // alice may run Notepad twice.
+  CHECK(f.launch("alice", "Notepad").ok());
+  CHECK(f.launch("alice", "Notepad").failure == LaunchFailure::instance_limit);
+  f.update(Kind::machine, "DEMO\\rds-1", "load_index", std::int64_t{10000});
+  f.update(Kind::machine, "DEMO\\rds-2", "load_index", std::int64_t{10000});
+  CHECK(f.launch("dave", "Notepad").failure == LaunchFailure::all_in_use);
+}
+
+TEST_CASE("launcher: a client that never connects releases the machine (ConnectionTimeout)") {
+  Fixture f;
+  auto r = f.launch("alice", "pool-desktop");
+  REQUIRE(r.ok());
+  REQUIRE(f.launcher->sweep());
+  CHECK(f.list(Kind::session).size() == 1);  // not yet
+  f.clock.advance(std::chrono::seconds(200 + 6));
+  REQUIRE(f.launcher->sweep());
+  CHECK(f.list(Kind::session).empty());
+  CHECK(f.get(Kind::machine, r.machine).text("last_connection_failure") == "ConnectionTimeout");
+}
+
+TEST_CASE("launcher: user sessions, reissued tickets and session commands") {
+  Fixture f;
+  auto r = f.launch("alice", "pool-desktop");
+  REQUIRE(r.ok());
+  auto none = f.launcher->user_sessions(user("alice"), {});
+  REQUIRE(none.has_value());
+  CHECK(none->empty());  // still preparing
+  f.update(Kind::session, r.session_key, "state", std::string("Disconnected"));
+  auto mine = f.launcher->user_sessions(user("alice"), {"Disconnected"});
+  REQUIRE(mine.has_value());
+  REQUIRE(mine->size() == 1);
+  CHECK((*mine)[0].session_key == r.session_key);
+  auto bobs = f.launcher->user_sessions(user("bob"), {});
+  REQUIRE(bobs.has_value());
+  CHECK(bobs->empty());
+
+  broker::Credential c;
+  auto t = f.launcher->reissue_ticket(user("alice"), r.session_key, c, 60);
+  REQUIRE(t);
+  CHECK(t->size() == 30);
+  CHECK_FALSE(f.launcher->reissue_ticket(user("bob"), r.session_key, c, 60));
+
+  REQUIRE(f.launcher->end_user_sessions(user("alice"), true));
+  CHECK(f.agents.commands.back() == "logoff " + r.machine + " " + r.session_key);
+  bool done = false;
+  REQUIRE(f.launcher->session_command(r.session_key, "message", "Title", "hello", [&](bool ok, const std::string&) { done = ok; }));
+  CHECK(done);
+  CHECK_FALSE(f.launcher->session_command("nope", "logoff", "", "", [](bool, const std::string&) {}));
+}
