@@ -22,7 +22,7 @@ std::string protocol_or_default(const std::string& p) {
 }
 
 std::string stored_state(const std::string& agent_state) {
-  if (agent_state == "Connected" || agent_state == "Active" || agent_state == "Disconnected") return agent_state;
+  if (agent_state == "PreparingNewSession" || agent_state == "Connected" || agent_state == "Active" || agent_state == "Disconnected") return agent_state;
   return "Other";
 }
 
@@ -147,7 +147,7 @@ void AgentRegistry::record_success(const std::string& machine) {
 
 Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration& reg) {
   std::optional<Refusal> refusal;
-  int ended = 0, non_brokered = 0;
+  int ended = 0, non_brokered = 0, ignored = 0;
   const std::string now = common::format_time(clock_.now());
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
     auto m = tx.get(Kind::machine, reg.machine);
@@ -181,6 +181,10 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
     }
     for (const auto& a : reg.sessions) {
       auto existing = tx.get(Kind::session, a.session_key);
+      if (!existing && a.state == "PreparingNewSession") {
+        ++ignored;  // no client and no valid ticket: it will never become a session we know
+        continue;
+      }
       Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
       if (!existing) {
         s.fields["brokered"] = false;
@@ -221,8 +225,10 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
   if (refusal)
     logger_->warn("registration of '{}' refused: {}: {}", reg.machine, refusal->reason, refusal->message);
   else
-    logger_->info("machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered)",
-                  reg.machine, reg.agent_version, reg.protocol_version, reg.sessions.size(), ended, non_brokered);
+    logger_->info(
+        "machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered, {} unknown "
+        "preparations ignored)",
+        reg.machine, reg.agent_version, reg.protocol_version, reg.sessions.size(), ended, non_brokered, ignored);
   return refusal;
 }
 
@@ -235,6 +241,11 @@ Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_in
     Object updated = *m;
     updated.fields["load_index"] = load_index;
     updated.fields["session_count"] = session_count;
+    auto cat = tx.get(Kind::catalog, m->text("catalog"));
+    if (!cat) return cat.error();
+    if (cat->text("session_support") == "MultiSession")  // its summary follows the load index
+      updated.fields["summary_state"] =
+          summary_state(m->text("registration_state") == "Registered", "MultiSession", load_index, {});
     auto r = tx.update(machine, updated);
     if (!r) return r.error();
     return {};
@@ -321,6 +332,17 @@ Result<storage::LogonTicket> AgentRegistry::redeem_ticket(const std::string& mac
   if (refused) {
     logger_->warn("machine '{}' presented a logon ticket that cannot be redeemed: {}", machine, refused->message);
     return *refused;
+  }
+  if (!credential_key_.empty() && redeemed.credential_data.starts_with("v1.")) {
+    // Sealed by the launcher with the ticket's hash and machine as associated data.
+    auto plain = common::crypto::open(credential_key_, redeemed.credential_data,
+                                      common::crypto::sha256_hex(ticket) + "|" + machine);
+    if (!plain) {
+      logger_->error("machine '{}': the credentials of a logon ticket cannot be decrypted with the site key: {}",
+                     machine, plain.error().describe());
+      return common::Error{errc::not_found, "the ticket's credentials cannot be decrypted"};
+    }
+    redeemed.credential_data = std::move(*plain);
   }
   logger_->info("machine '{}' redeemed the logon ticket of {}", machine, redeemed.user_name);
   return redeemed;

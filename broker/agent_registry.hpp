@@ -78,16 +78,22 @@ class AgentRegistry {
 
   // Marks the machine Registered and reconciles its sessions: stored sessions the agent no longer
   // has are ended (deleted), reported sessions the broker never brokered are recorded as
-  // NonBrokeredSession. Returns a Refusal (and changes nothing) for a session-support mismatch
-  // with the catalog or an unknown machine.
+  // NonBrokeredSession, reported PreparingNewSession ones the broker does not know are ignored.
+  // Returns a Refusal (and changes nothing) for a session-support mismatch with the catalog or an
+  // unknown machine.
   Result<std::optional<Refusal>> register_agent(const Registration& registration);
+  // Stores the reported load index and session count; a multi-session machine's summary state
+  // follows the load index.
   Status heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count);
   // event: Connected | Active | Disconnected | Reconnected | LoggedOff.
   Status session_event(const std::string& machine, const std::string& event, const AgentSession& session);
   // Ticket redemption by an agent: the ticket (as the agent presents it) must have been issued for
   // this machine and not have expired; it is redeemable once and then wiped. errc::not_found with
   // the reason otherwise (the ticket stays for its own machine; expired ones are wiped).
+  // Credential data sealed with the site key ("v1." prefix, see common::crypto::seal) is returned
+  // opened; set before agents connect.
   Result<storage::LogonTicket> redeem_ticket(const std::string& machine, const std::string& ticket);
+  void set_credential_key(std::string site_key) { credential_key_ = std::move(site_key); }
 
   // Unregistered with the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and time.
   Status deregister(const std::string& machine, const std::string& reason);
@@ -100,6 +106,7 @@ class AgentRegistry {
   std::shared_ptr<spdlog::logger> logger_;
   int max_failures_;
   std::chrono::seconds back_off_;
+  std::string credential_key_;
   std::mutex mutex_;
   std::map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
   std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_

@@ -2,8 +2,8 @@
 
 #include "broker/agent_registry.hpp"
 #include "common/metrics.hpp"
-#include "common/work_queue.hpp"
 #include "common/version.hpp"
+#include "common/work_queue.hpp"
 
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
@@ -14,6 +14,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 namespace cbp {
@@ -58,6 +59,11 @@ struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
     if (metrics) metrics->add("broker_cbp_events_total", {{"event", what}, {"result", std::string(result)}});
   }
   void tick();
+  // heartbeat_interval x missed_heartbeats: silent longer than this, an agent has lost contact.
+  std::chrono::milliseconds contact_window() const {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(options.heartbeat_interval *
+                                                                 options.missed_heartbeats);
+  }
 };
 
 struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_from_this<AgentEndpoint::Connection> {
@@ -72,10 +78,12 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
   bool draining = false;
   State state = State::awaiting_hello;
   Clock::time_point deadline;
+  Clock::time_point last_heard = Clock::now();  // any message from the agent
   std::string machine;
   std::string agent_version;  // from hello
   int version = 0;
   std::string goodbye_reason;
+  std::string rejected_reason;  // the `rejected` sent, recorded on the machine once closed
   bool superseded = false;
   std::vector<std::string> capabilities;  // what the agent said it can do (commands are gated on it)
   std::map<std::string, PendingCommand> commands;
@@ -101,7 +109,9 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       Rejected r;
       r.reason = reason;
       r.message = message;
-      if (reason == Reason::too_many_failures) r.retry_after_seconds = 60;
+      // The registry does not say how much of the back-off is left: its whole length is the
+      // soonest retry that cannot be refused again.
+      if (reason == Reason::too_many_failures) r.retry_after_seconds = kAuthBackoff.count();
       send(r);
     } else {
       ErrorMessage e;
@@ -114,12 +124,20 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     {
       std::lock_guard lock(mutex);
       state = State::closed;
+      // docs/cbp.md "Rejections": recorded on the machine, except a back-off (nothing is written).
+      if (rejected && reason != Reason::too_many_failures) rejected_reason = std::string(to_string(reason));
     }
     peer->close(std::string(to_string(reason)));
   }
 
   // WebSocketSession: queue and process in order on the work queue.
-  void on_message(std::string message) override { enqueue(std::move(message)); }
+  void on_message(std::string message) override {
+    {
+      std::lock_guard lock(mutex);
+      last_heard = Clock::now();
+    }
+    enqueue(std::move(message));
+  }
   void on_close(const std::string& reason) override { enqueue(CloseEvent{reason}); }
 
   void enqueue(Inbound item) {
@@ -385,11 +403,12 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     } else {
       reply.ok = false;
       const auto& msg = t.error().message;
-      reply.reason = msg == "expired"                     ? TicketFailure::expired
+      reply.reason = msg == "expired"                      ? TicketFailure::expired
                      : msg == "issued for another machine" ? TicketFailure::wrong_machine
                      : msg == "unknown ticket"             ? TicketFailure::not_found
                                                            : TicketFailure::refused;
-      reply.message = t.error().code == common::errc::not_found ? msg : std::string("the broker cannot redeem tickets now");
+      reply.message =
+          t.error().code == common::errc::not_found ? msg : std::string("the broker cannot redeem tickets now");
       ep->count("redeem_ticket", to_string(reply.reason));
     }
     send(reply);
@@ -397,29 +416,40 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
 
   void closed(const std::string& transport_reason) {
     std::map<std::string, PendingCommand> orphaned;
-    State was;
-    std::string bye;
+    std::string bye, rejection;
     bool was_superseded;
     {
       std::lock_guard lock(mutex);
-      was = state;
       state = State::closed;
       orphaned.swap(commands);
       bye = goodbye_reason;
+      rejection = rejected_reason;
       was_superseded = superseded;
     }
     for (auto& [id, p] : orphaned) p.done({false, "connection closed"});
     if (machine.empty()) return;
-    bool current = false;
+    bool current = false, registered_elsewhere = false;
     {
       std::lock_guard lock(ep->mutex);
       auto it = ep->registered.find(machine);
       if (it != ep->registered.end() && it->second.lock().get() == this) {
         ep->registered.erase(it);
         current = true;
+      } else if (it != ep->registered.end()) {
+        registered_elsewhere = !it->second.expired();
       }
     }
-    if (was != State::registered || !current || was_superseded || ep->shutting_down) return;
+    if (!rejection.empty()) {
+      // A rejected handshake records its reason on a machine that exists (a no-op for unknown
+      // names), unless another connection has it registered: that registration goes on.
+      if (registered_elsewhere || ep->shutting_down) return;
+      if (auto st = ep->registry.deregister(machine, rejection); !st)
+        ep->log->warn("agent {}: rejection not stored: {}", machine, st.error().describe());
+      return;
+    }
+    // Only the machine's current registration deregisters it. Its state may already be `closed`
+    // (fail() after a protocol error): the machine is Unregistered all the same.
+    if (!current || was_superseded || ep->shutting_down) return;
     const std::string reason = !bye.empty() ? bye : std::string(to_string(Reason::contact_lost));
     ep->log->info("agent {} disconnected ({}): {}", machine, transport_reason, reason);
     ep->count("deregister", reason);
@@ -442,13 +472,20 @@ void AgentEndpoint::Impl::tick() {
     all.swap(keep);
   }
   for (auto& c : live) {
-    bool handshake_expired = false;
+    bool handshake_expired = false, silent = false;
     std::vector<PendingCommand> expired;
     {
       std::lock_guard lock(c->mutex);
-      handshake_expired = (c->state == Connection::State::awaiting_hello ||
-                           c->state == Connection::State::awaiting_register) &&
-                          now > c->deadline;
+      // Only a connection that sent nothing in time is late: a message queued or being processed
+      // (the work queue is busy with storage) met the deadline. Marked closed under this lock, so
+      // no message that arrives meanwhile is processed.
+      handshake_expired =
+          (c->state == Connection::State::awaiting_hello || c->state == Connection::State::awaiting_register) &&
+          now > c->deadline && c->inbox.empty() && !c->draining;
+      if (handshake_expired) c->state = Connection::State::closed;
+      // docs/cbp.md "Heartbeats and contact loss": silent for the whole window.
+      silent = c->state == Connection::State::registered && now - c->last_heard > contact_window();
+      if (silent) c->state = Connection::State::closed;
       for (auto it = c->commands.begin(); it != c->commands.end();) {
         if (now > it->second.deadline) {
           expired.push_back(std::move(it->second));
@@ -460,6 +497,11 @@ void AgentEndpoint::Impl::tick() {
     }
     for (auto& p : expired) p.done({false, "timeout"});
     if (handshake_expired) c->fail(Reason::timeout, "the handshake did not complete in time", true);
+    if (silent)
+      c->fail(Reason::contact_lost,
+              "no message for " +
+                  std::to_string(std::chrono::duration_cast<std::chrono::seconds>(contact_window()).count()) + " s",
+              false);
   }
 }
 
@@ -494,8 +536,9 @@ net::WebSocketHandler AgentEndpoint::handler() {
   net::WebSocketHandler h;
   h.path = std::string(kPath);
   h.max_message_bytes = kMaxMessageBytes;
-  h.idle_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(impl_->options.heartbeat_interval *
-                                                                         impl_->options.missed_heartbeats);
+  // A backstop only: tick() notices the silence first and tells the agent (ContactLost).
+  h.idle_timeout = impl_->contact_window() +
+                   std::chrono::duration_cast<std::chrono::milliseconds>(impl_->options.heartbeat_interval);
   std::weak_ptr<Impl> weak = impl_;
   h.on_open = [weak](std::shared_ptr<net::WebSocketPeer> peer) -> std::shared_ptr<net::WebSocketSession> {
     auto impl = weak.lock();
@@ -527,18 +570,20 @@ void AgentEndpoint::send_command(const std::string& machine, CommandArgs args, s
   cmd.id = "c-" + std::to_string(impl_->next_id++);
   cmd.timeout_ms = std::max<std::int64_t>(1, timeout.count());
   cmd.args = std::move(args);
+  std::optional<CommandOutcome> refused;  // reported after the lock is released: `done` may call us
   {
     std::lock_guard lock(c->mutex);
-    if (c->state != Connection::State::registered) {
-      done({false, "not connected"});
-      return;
-    }
     const auto name = std::string(command_name(cmd.args));
-    if (std::find(c->capabilities.begin(), c->capabilities.end(), name) == c->capabilities.end()) {
-      done({false, "the agent does not support " + name});
-      return;
-    }
-    c->commands[cmd.id] = PendingCommand{Clock::now() + timeout, std::move(done)};
+    if (c->state != Connection::State::registered)
+      refused = CommandOutcome{false, "not connected"};
+    else if (std::find(c->capabilities.begin(), c->capabilities.end(), name) == c->capabilities.end())
+      refused = CommandOutcome{false, "the agent does not support " + name};
+    else
+      c->commands[cmd.id] = PendingCommand{Clock::now() + timeout, std::move(done)};
+  }
+  if (refused) {
+    done(std::move(*refused));
+    return;
   }
   c->send(cmd);
 }
@@ -562,7 +607,19 @@ void AgentEndpoint::disconnect(const std::string& machine, Reason reason) {
   c->peer->close(std::string(to_string(reason)));
 }
 
-void AgentEndpoint::begin_shutdown() { impl_->shutting_down = true; }
+void AgentEndpoint::begin_shutdown() {
+  impl_->shutting_down = true;
+  std::vector<std::shared_ptr<Connection>> live;
+  {
+    std::lock_guard lock(impl_->mutex);
+    for (const auto& [m, w] : impl_->registered)
+      if (auto c = w.lock()) live.push_back(std::move(c));
+  }
+  ErrorMessage e;
+  e.reason = Reason::broker_shutdown;
+  e.message = "the broker is stopping";
+  for (auto& c : live) c->send(e);  // the server's stop then closes them (1001)
+}
 
 std::vector<std::string> AgentEndpoint::registered_machines() const {
   std::vector<std::string> out;

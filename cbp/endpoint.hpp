@@ -55,15 +55,18 @@ class AgentEndpoint {
   // x missed heartbeats: a silent agent is closed and deregistered with ContactLost).
   net::WebSocketHandler handler();
 
-  // Sends a command to the machine's registered agent; `done` is called once, from any thread,
-  // with the agent's result, or "not connected" / "timeout" / "connection closed".
+  // Sends a command to the machine's registered agent; `done` is called once, from any thread
+  // (possibly this one, before send_command returns), with the agent's result, or "not
+  // connected" / "timeout" / "connection closed" / "the agent does not support <command>" (not in
+  // the agent's register.capabilities). No lock of the endpoint is held while `done` runs.
   void send_command(const std::string& machine, CommandArgs args, std::chrono::milliseconds timeout,
                     std::function<void(CommandOutcome)> done);
   // Closes the machine's agent connection and deregisters it with `reason` (DesktopRemoved when an
   // admin deletes the machine). No-op when it is not connected.
   void disconnect(const std::string& machine, Reason reason);
   // From now on closing connections do not deregister machines (the broker is stopping; at the
-  // next start every machine is Unregistered until its agent registers again).
+  // next start every machine is Unregistered until its agent registers again). Sends every
+  // registered agent `error` BrokerShutdown; the server's stop() then closes the connections.
   void begin_shutdown();
 
   std::vector<std::string> registered_machines() const;
