@@ -3,7 +3,9 @@
 // SIGTERM/SIGINT, then shuts down gracefully.
 #include "admin/admin_api.hpp"
 #include "broker/agent_registry.hpp"
+#include "broker/launcher.hpp"
 #include "broker/site_objects.hpp"
+#include "cbp/agent_channel.hpp"
 #include "cbp/endpoint.hpp"
 #include "common/crypto.hpp"
 #include "common/log.hpp"
@@ -20,11 +22,14 @@
 
 #include <unistd.h>
 
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <mutex>
 #include <string>
+#include <thread>
 
 namespace {
 
@@ -138,7 +143,6 @@ int run(const std::string& config_path, const std::string& ready_file) {
   admin::AdminApi admin_api(site, repository, work, metrics, aopts, log);
   common::SystemClock clock;
   identity::BuiltinDirectory directory(repository, clock);
-  xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log);
   broker::AgentRegistry agents(repository, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
   cbp::EndpointOptions eopts;
   {
@@ -153,6 +157,25 @@ int run(const std::string& config_path, const std::string& ready_file) {
   cbp::AgentEndpoint agent_endpoint(agents, work, eopts, log, &metrics);
   site.on_machine_removed(
       [&agent_endpoint](const std::string& machine) { agent_endpoint.disconnect(machine, cbp::Reason::desktop_removed); });
+
+  // The site key seals the credentials in logon tickets at rest: <database>.key, beside the
+  // database (created on first start, mode 0600). An in-memory database gets a key per run.
+  std::string site_key = common::crypto::new_site_key();
+  if (cfg.database_path != ":memory:") {
+    auto key = common::crypto::load_or_create_key_file(cfg.database_path + ".key");
+    if (!key) {
+      log->critical("not started: {}", key.error().describe());
+      repository.close();
+      return 1;
+    }
+    site_key = *key;
+  }
+  agents.set_credential_key(site_key);
+  cbp::EndpointChannel agent_channel(agent_endpoint);
+  broker::LauncherOptions lopts;
+  lopts.credential_key = site_key;
+  broker::Launcher launcher(repository, clock, agent_channel, work, log, lopts);
+  xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log, &launcher);
 
   net::Server server(cfg.io_threads, log, &metrics);
   try {
@@ -197,7 +220,25 @@ int run(const std::string& config_path, const std::string& ready_file) {
   if (!ready_file.empty() && !write_ready_file(ready_file, server))
     log->warn("cannot write the ready file {}", ready_file);
 
+  // Housekeeping every few seconds: launches whose client never came, expired tickets.
+  std::mutex sweep_mutex;
+  std::condition_variable sweep_cv;
+  bool stopping = false;
+  std::thread sweeper([&] {
+    std::unique_lock lock(sweep_mutex);
+    while (!sweep_cv.wait_for(lock, std::chrono::seconds(5), [&] { return stopping; }))
+      work.post([&launcher, &log] {
+        if (auto st = launcher.sweep(); !st) log->error("housekeeping: {}", st.error().describe());
+      });
+  });
+
   server.wait_for_signal();
+  {
+    std::lock_guard lock(sweep_mutex);
+    stopping = true;
+  }
+  sweep_cv.notify_all();
+  sweeper.join();
   log->info("stopping: finishing in-flight requests (up to {} s)", cfg.shutdown_grace_seconds);
   agent_endpoint.begin_shutdown();
   server.stop(std::chrono::seconds(cfg.shutdown_grace_seconds));
