@@ -230,6 +230,7 @@ class Loader {
   void read_database(const toml::table& root);
   void read_logging(const toml::table& root);
   void read_admin(const toml::table& root);
+  void read_sta(const toml::table& root);
   void read_site(const toml::table& root);
   void read_objects(const toml::table& root);
   bool read_object(const KindSpec& ks, const toml::table& t, const std::string& path, Declared& d);
@@ -783,6 +784,37 @@ void Loader::read_range(Declared& d, TableReader& r) {
   }
 }
 
+void Loader::read_sta(const toml::table& root) {
+  const toml::table* t = section(root, "sta");
+  if (!t) return;
+  TableReader r(*this, *t, "sta",
+                {"enabled", "authority_id", "ticket_lifetime_seconds", "allowed_clients", "max_tickets"});
+  if (auto v = r.boolean("enabled")) config_.sta.enabled = *v;
+  if (auto v = r.string("authority_id")) {
+    // It travels in ICA files as ";40;<AuthorityID>;<Ticket>": letters and digits only.
+    const bool ok = !v->empty() && v->size() <= 32 && std::all_of(v->begin(), v->end(), [](char c) {
+      return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
+    });
+    if (ok)
+      config_.sta.authority_id = *v;
+    else
+      error(r.line("authority_id"), r.key("authority_id"),
+            in_quotes(*v) + " must be 1 to 32 ASCII letters and digits (e.g. \"STA0123456789AB\")");
+  }
+  if (auto v = r.integer("ticket_lifetime_seconds", 1, 3600))
+    config_.sta.ticket_lifetime_seconds = static_cast<int>(*v);
+  if (auto clients = r.strings("allowed_clients")) {
+    for (auto& c : *clients) {
+      if (common::is_ip_or_cidr(c.value))
+        config_.sta.allowed_clients.push_back(std::move(c.value));
+      else
+        error(c.line, r.key("allowed_clients"), in_quotes(c.value) + " is not an IPv4 or IPv6 address or CIDR range");
+    }
+  }
+  if (auto v = r.integer("max_tickets", 1, 10000000)) config_.sta.max_tickets = static_cast<int>(*v);
+  r.finish();
+}
+
 void Loader::read_site(const toml::table& root) {
   const toml::table* t = section(root, "site");
   if (!t) return;
@@ -907,7 +939,7 @@ LoadResult Loader::run(std::string_view text) {
   }
 
   TableReader top(*this, root, "",
-                  {"daemon", "listeners", "database", "logging", "admin", "site", "hypervisor_connection", "catalog",
+                  {"daemon", "listeners", "database", "logging", "admin", "sta", "site", "hypervisor_connection", "catalog",
                    "delivery_group", "machine", "application", "rule", "assignment", "user", "group"});
   for (const auto& ks : model::all_kinds()) {
     if (!ks.api_writable)
@@ -920,6 +952,7 @@ LoadResult Loader::run(std::string_view text) {
   read_database(root);
   read_logging(root);
   read_admin(root);
+  read_sta(root);
   read_site(root);
   read_objects(root);
   check_references();

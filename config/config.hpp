@@ -32,6 +32,15 @@ struct AdminToken {
   std::string sha256;  // lower-case hex SHA-256 of the token (brokerd --hash-token)
 };
 
+// [sta]: the Secure Ticket Authority on the XML listener (POST /scripts/ctxsta.dll).
+struct Sta {
+  bool enabled = true;
+  std::string authority_id;  // empty: derived from the site key ("STA" + 12 hex digits)
+  int ticket_lifetime_seconds = 100;
+  std::vector<std::string> allowed_clients;  // IP addresses and CIDR ranges; empty: any client
+  int max_tickets = 100000;
+};
+
 struct Config {
   std::string path;  // absolute path of the file
   Listener xml{"127.0.0.1", 8080};
@@ -45,6 +54,7 @@ struct Config {
   std::vector<AdminToken> admin_tokens;
   // Admin-port paths served without a bearer token besides /healthz (e.g. "/metrics", "/readyz").
   std::vector<std::string> admin_unauthenticated_paths;
+  Sta sta;
   // The [site] table as the Kind::site object named "site" (owner "config:<path>"), if present.
   std::optional<common::model::Object> site;
   // Declared site objects in dependency order (all_kinds() order, then file order), each with

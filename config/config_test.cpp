@@ -91,6 +91,10 @@ TEST_CASE("the example file loads and keeps the documented defaults") {
   CHECK(c.log.file.empty());
   CHECK(c.admin_tokens.size() == 1);
   CHECK(c.admin_tokens[0].sha256 == common::crypto::sha256_hex("change-me"));
+  CHECK(c.sta.enabled == defaults.sta.enabled);
+  CHECK(c.sta.authority_id.empty());
+  CHECK(c.sta.ticket_lifetime_seconds == defaults.sta.ticket_lifetime_seconds);
+  CHECK(c.sta.max_tickets == defaults.sta.max_tickets);
   REQUIRE(c.site);
   CHECK(c.site->name == "site");
   // Every declarable kind has an example.
@@ -395,6 +399,36 @@ TEST_CASE("admin tokens: at least one, well formed") {
   CHECK(only_error(load("[[admin.token]]\nname = \"x\"\nsha256 = \"E2186DBDB1BB4193608605E84F33208765B5693B55EDD4F730A719A100EEEA6F\"\n"))
             .key == "admin.token[1].sha256");
   CHECK(only_error(load("[admin]\nunauthenticated_paths = [\"metrics\"]\n")).key == "admin.unauthenticated_paths");
+}
+
+TEST_CASE("[sta]: defaults, values and checks") {
+  const auto none = load("");
+  REQUIRE(none.config);
+  CHECK(none.config->sta.enabled);
+  CHECK(none.config->sta.authority_id.empty());
+  CHECK(none.config->sta.ticket_lifetime_seconds == 100);
+  CHECK(none.config->sta.allowed_clients.empty());
+  CHECK(none.config->sta.max_tickets == 100000);
+
+  const auto set = load("[sta]\nenabled = false\nauthority_id = \"STA0A1B2C3D4E5F\"\nticket_lifetime_seconds = 30\n"
+                        "allowed_clients = [\"10.0.0.0/8\", \"::1\"]\nmax_tickets = 500\n");
+  INFO(all_errors(set));
+  REQUIRE(set.config);
+  CHECK_FALSE(set.config->sta.enabled);
+  CHECK(set.config->sta.authority_id == "STA0A1B2C3D4E5F");
+  CHECK(set.config->sta.ticket_lifetime_seconds == 30);
+  CHECK(set.config->sta.allowed_clients == std::vector<std::string>{"10.0.0.0/8", "::1"});
+  CHECK(set.config->sta.max_tickets == 500);
+
+  CHECK(only_error(load("[sta]\nauthority_id = \"STA;1\"\n")).describe() ==
+        "t.toml:2: sta.authority_id: 'STA;1' must be 1 to 32 ASCII letters and digits (e.g. \"STA0123456789AB\")");
+  CHECK(only_error(load("[sta]\nauthority_id = \"\"\n")).key == "sta.authority_id");
+  CHECK(only_error(load("[sta]\nticket_lifetime_seconds = 0\n")).describe() ==
+        "t.toml:2: sta.ticket_lifetime_seconds: must be between 1 and 3600, not 0");
+  CHECK(only_error(load("[sta]\nallowed_clients = [\"10.0.0.1\",\n  \"gateway\"]\n")).describe() ==
+        "t.toml:3: sta.allowed_clients: 'gateway' is not an IPv4 or IPv6 address or CIDR range");
+  CHECK(only_error(load("[sta]\nlifetime = 5\n")).key == "sta.lifetime");
+  CHECK(only_error(load("[sta]\nenabled = \"yes\"\n")).message == "must be a boolean (true or false), not a string");
 }
 
 TEST_CASE("paths resolve against the file's directory") {

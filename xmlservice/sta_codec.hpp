@@ -104,7 +104,7 @@ ParseResult parse_request(std::string_view body);
 // --- responses ------------------------------------------------------------------------------
 
 struct TicketResponse {
-  std::string authority_id;  // AuthorityID: identifies this STA (the ICA file carries STA<id>;<ticket>)
+  std::string authority_id;  // AuthorityID: identifies this STA (ICA files carry ;40;<AuthorityID>;<Ticket>)
   std::string ticket;        // Ticket
   std::string ticket_version{kTicketVersion};
 };
