@@ -1,5 +1,6 @@
 #include "admin/admin_api.hpp"
 
+#include "broker/launcher.hpp"
 #include "broker/site_objects.hpp"
 #include "common/crypto.hpp"
 #include "common/metrics.hpp"
@@ -140,16 +141,119 @@ json::value audit_side(const std::string& text) {
   return ec ? json::value(text) : v;
 }
 
+// Comma-separated values, empty items dropped ("a,,b" -> a, b).
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::size_t i = 0;
+  while (i <= text.size()) {
+    auto j = text.find(',', i);
+    if (j == std::string::npos) j = text.size();
+    if (j > i) out.push_back(text.substr(i, j - i));
+    i = j + 1;
+  }
+  return out;
+}
+
+constexpr std::int64_t kAuditScanChunk = 500;  // rows per read when filtering the audit log by action
+
+// Bounds of a send_message (docs/cbp.md "send_message").
+constexpr std::size_t kMaxMessageTitle = 256;
+constexpr std::size_t kMaxMessageText = 4096;
+
+// "" when `text` has no control characters (multiline: tab, CR and LF allowed), else the problem.
+std::string control_characters(std::string_view text, bool multiline) {
+  for (char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (multiline && (c == '\t' || c == '\n' || c == '\r')) continue;
+    if (u < 0x20 || u == 0x7f)
+      return multiline ? "must not contain control characters other than tab and line breaks"
+                       : "must not contain control characters";
+  }
+  return {};
+}
+
+const char* command_verb(const std::string& command) {
+  if (command == "logoff") return "log off";
+  if (command == "disconnect") return "disconnect";
+  return "show a message in";
+}
+
+// A session action sent to an agent and not answered yet. Its answer may come on any thread,
+// also after the AdminApi is gone (an agent timing out at shutdown), so it holds what it needs
+// itself: references to the work queue and the repository (they outlive the agent endpoint).
+struct PendingAction : std::enable_shared_from_this<PendingAction> {
+  common::WorkQueue& work;
+  storage::Repository& repository;
+  std::shared_ptr<spdlog::logger> logger;
+  std::shared_ptr<net::Responder> respond;
+  std::string session, command, machine, title, text, actor;
+
+  PendingAction(common::WorkQueue& w, storage::Repository& r, std::shared_ptr<spdlog::logger> l,
+                std::shared_ptr<net::Responder> rs)
+      : work(w), repository(r), logger(std::move(l)), respond(std::move(rs)) {}
+
+  // The agent's answer: audit and reply on the work queue (storage blocks); when the queue has
+  // stopped, reply without the audit entry (never block the calling thread).
+  void answered(bool ok, const std::string& error) {
+    auto self = shared_from_this();
+    if (!work.post([self, ok, error] { self->finish(ok, error, true); })) finish(ok, error, false);
+  }
+
+  void finish(bool ok, const std::string& error, bool write_audit) {
+    if (write_audit) {
+      json::object detail{{"machine", machine}, {"result", ok ? "done" : "failed"}};
+      if (!ok) detail["error"] = error;
+      if (command == "message") {
+        detail["title"] = title;
+        detail["text"] = text;
+      }
+      storage::AuditEntry e;
+      e.actor = actor;
+      e.action = "session-" + command;
+      e.kind = "session";
+      e.object = session;
+      e.after = json::serialize(detail);
+      auto st = repository.write([&](storage::Transaction& tx) { return tx.append_audit(e); });
+      if (!st) logger->error("admin: cannot audit {} of session {}: {}", command, session, st.error().describe());
+    } else {
+      logger->warn("admin: {} of session {} not audited: the broker is stopping", command, session);
+    }
+    HttpResponse r;
+    if (ok) {
+      logger->info("admin: {} {} session {} on {}", actor, command, session, machine);
+      r = json_reply(200, json::object{{"session", session}, {"command", command}, {"result", "done"}});
+    } else {
+      logger->warn("admin: {} could not {} session {} on {}: {}", actor, command_verb(command), session, machine,
+                   error);
+      const std::string agent = "the agent of machine '" + machine + "'";
+      if (error == "not connected")
+        r = reply_error(Error(errc::conflict, agent + " is not connected"), "agent_not_connected", 409);
+      else if (error == "connection closed")
+        r = reply_error(Error(errc::conflict, agent + " disconnected before it answered"), "agent_not_connected", 409);
+      else if (error == "timeout")
+        r = reply_error(Error(errc::unavailable, agent + " did not answer in time"), "agent_timeout", 504);
+      else
+        r = reply_error(Error(errc::conflict,
+                              agent + " could not " + command_verb(command) + " session '" + session + "': " + error),
+                        "agent_refused", 409);
+    }
+    r.route = "/api/v1/sessions/{name}/" + command;
+    (*respond)(std::move(r));
+  }
+};
+
 }  // namespace
 
 AdminApi::AdminApi(broker::SiteObjects& site, storage::Repository& repository, common::WorkQueue& work,
-                   common::Metrics& metrics, AdminOptions options, std::shared_ptr<spdlog::logger> logger)
+                   common::Metrics& metrics, AdminOptions options, std::shared_ptr<spdlog::logger> logger,
+                   broker::Launcher* launcher)
     : site_(site),
       repository_(repository),
       work_(work),
       metrics_(metrics),
       options_(std::move(options)),
       logger_(std::move(logger)),
+      launcher_(launcher),
       started_(std::chrono::steady_clock::now()) {
   metrics_.describe("broker_machines", common::Metrics::Type::gauge, "Machines by registration state.");
   metrics_.describe("broker_sessions", common::Metrics::Type::gauge, "Sessions by state.");
@@ -195,6 +299,7 @@ void AdminApi::handle(HttpRequest&& request, net::Responder respond) {
       return;
     }
   }
+  if (session_action(request, actor, respond)) return;
   // Everything else may touch storage: off the I/O thread.
   net::respond_from_queue(
       work_, std::move(request), std::move(respond),
@@ -204,6 +309,94 @@ void AdminApi::handle(HttpRequest&& request, net::Responder respond) {
         logger_->error("admin: {}", message);
         return reply_error(Error(errc::internal, "internal error; see the broker log"));
       });
+}
+
+bool AdminApi::session_action(HttpRequest& request, const std::string& actor, net::Responder& respond) {
+  const auto parts = split_path(request.path);  // decoded (names never contain '/')
+  if (parts.size() != 5 || parts[0] != "api" || parts[1] != "v1" || parts[2] != "sessions") return false;
+  const std::string& command = parts[4];
+  if (command != "logoff" && command != "disconnect" && command != "message") return false;
+  const std::string route = "/api/v1/sessions/{name}/" + command;
+  auto reply_now = [&](HttpResponse r) {
+    r.route = route;
+    respond(std::move(r));
+  };
+  if (request.method != "POST") {
+    reply_now(method_not_allowed("POST"));
+    return true;
+  }
+  if (!launcher_) {
+    reply_now(reply_error(Error(errc::unavailable, "session actions are not available: this broker has no launcher")));
+    return true;
+  }
+  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
+  const bool queued =
+      work_.post([this, session = parts[3], command, body = std::move(request.body), actor, shared_respond] {
+        try {
+          start_session_action(session, command, body, actor, shared_respond);
+        } catch (const std::exception& e) {
+          logger_->error("admin: {} of session {}: {}", command, session, e.what());
+          auto r = reply_error(Error(errc::internal, "internal error; see the broker log"));
+          r.route = "/api/v1/sessions/{name}/" + command;
+          (*shared_respond)(std::move(r));
+        }
+      });
+  if (!queued) {
+    auto r = reply_error(Error(errc::unavailable, "the broker is shutting down"));
+    r.route = route;
+    (*shared_respond)(std::move(r));
+  }
+  return true;
+}
+
+void AdminApi::start_session_action(const std::string& session, const std::string& command, const std::string& body,
+                                    const std::string& actor, const std::shared_ptr<net::Responder>& respond) {
+  auto fail = [&](const Error& e) {
+    auto r = reply_error(e);
+    r.route = "/api/v1/sessions/{name}/" + command;
+    (*respond)(std::move(r));
+  };
+  auto action = std::make_shared<PendingAction>(work_, repository_, logger_, respond);
+  action->session = session;
+  action->command = command;
+  action->actor = actor;
+  // The body: {"title": ..., "text": ...} for a message; nothing (or {}) otherwise.
+  if (command == "message" || !body.empty()) {
+    auto parsed = parse_body(body);
+    if (!parsed) return fail(parsed.error());
+    bool has_text = false;
+    for (const auto& [key, value] : *parsed) {
+      const std::string k(key);
+      if (command != "message")
+        return fail(Error(errc::invalid_argument, "is not a member of a " + command + " request (send no body)", k));
+      if (k != "title" && k != "text")
+        return fail(Error(errc::invalid_argument, "is not a member of a message (use title, text)", k));
+      if (value.is_null() && k == "title") continue;
+      if (!value.is_string()) return fail(Error(errc::invalid_argument, "must be a string", k));
+      const std::string v(value.get_string());
+      const std::size_t max = k == "title" ? kMaxMessageTitle : kMaxMessageText;
+      if (v.size() > max)
+        return fail(Error(errc::invalid_argument, "must be at most " + std::to_string(max) + " bytes", k));
+      if (auto bad = control_characters(v, k == "text"); !bad.empty())
+        return fail(Error(errc::invalid_argument, bad, k));
+      if (k == "title") {
+        action->title = v;
+      } else {
+        if (v.empty()) return fail(Error(errc::invalid_argument, "must not be empty", k));
+        action->text = v;
+        has_text = true;
+      }
+    }
+    if (command == "message" && !has_text) return fail(Error(errc::invalid_argument, "is required", "text"));
+  }
+  auto s = site_.get(model::Kind::session, session);
+  if (!s) return fail(s.error());
+  if (s->text("state") == "LoggedOff")
+    return fail(Error(errc::conflict, "session '" + session + "' has already logged off"));
+  action->machine = s->text("machine");
+  auto st = launcher_->session_command(session, command, action->title, action->text,
+                                       [action](bool ok, const std::string& error) { action->answered(ok, error); });
+  if (!st) return fail(st.error());
 }
 
 HttpResponse AdminApi::readyz() {
@@ -241,6 +434,63 @@ HttpResponse AdminApi::metrics() {
   return r;
 }
 
+// GET /api/v1/audit. storage::AuditQuery filters on kind, object and actor; the action filter is
+// applied here, scanning the (filtered) log newest first in one read transaction.
+HttpResponse AdminApi::audit(const HttpRequest& req) {
+  storage::AuditQuery q;
+  std::vector<std::string> actions;  // empty: any
+  for (const auto& [k, v] : req.query_params()) {
+    if (k == "kind") q.kind = v;
+    else if (k == "object") q.object = v;
+    else if (k == "actor") q.actor = v;
+    else if (k == "action") {
+      for (const auto& a : split_list(v)) actions.push_back(a);
+      if (actions.empty()) return reply_error(Error(errc::invalid_argument, "must name at least one action", k));
+    } else if (k == "limit" || k == "offset") {
+      std::int64_t n;
+      if (!parse_int(v, n) || n < 0 || (k == "limit" && n > static_cast<std::int64_t>(options_.max_page)))
+        return reply_error(
+            Error(errc::invalid_argument, "must be an integer from 0 to " + std::to_string(options_.max_page), k));
+      (k == "limit" ? q.limit : q.offset) = n;
+    } else {
+      return reply_error(
+          Error(errc::invalid_argument, "unknown query parameter (use kind, object, actor, action, limit, offset)", k));
+    }
+  }
+  std::vector<storage::AuditEntry> entries;
+  auto st = repository_.read([&](storage::Transaction& tx) -> common::Status {
+    if (actions.empty()) {
+      auto r = tx.list_audit(q);
+      if (!r) return r.error();
+      entries = std::move(*r);
+      return {};
+    }
+    storage::AuditQuery chunk = q;
+    chunk.offset = 0;
+    chunk.limit = kAuditScanChunk;
+    std::int64_t skipped = 0;
+    while (static_cast<std::int64_t>(entries.size()) < q.limit) {
+      auto r = tx.list_audit(chunk);
+      if (!r) return r.error();
+      for (auto& e : *r) {
+        if (std::find(actions.begin(), actions.end(), e.action) == actions.end()) continue;
+        if (skipped < q.offset) ++skipped;
+        else if (static_cast<std::int64_t>(entries.size()) < q.limit) entries.push_back(std::move(e));
+      }
+      if (static_cast<std::int64_t>(r->size()) < chunk.limit) break;
+      chunk.offset += chunk.limit;
+    }
+    return {};
+  });
+  if (!st) return reply_error(st.error());
+  json::array items;
+  for (const auto& e : entries)
+    items.push_back(json::object{{"id", e.id}, {"time", e.time}, {"actor", e.actor}, {"action", e.action},
+                                 {"kind", e.kind}, {"object", e.object}, {"before", audit_side(e.before)},
+                                 {"after", audit_side(e.after)}});
+  return json_reply(200, json::object{{"items", std::move(items)}, {"offset", q.offset}, {"limit", q.limit}});
+}
+
 HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor) {
   const auto& m = req.method;
   if (req.path == "/readyz") return m == "GET" ? readyz() : method_not_allowed("GET");
@@ -271,35 +521,7 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
 
   if (noun == "audit" && parts.size() == 3) {
     if (m != "GET") return method_not_allowed("GET");
-    storage::AuditQuery q;
-    for (const auto& [k, v] : req.query_params()) {
-      if (k == "kind") q.kind = v;
-      else if (k == "object") q.object = v;
-      else if (k == "actor") q.actor = v;
-      else if (k == "limit" || k == "offset") {
-        std::int64_t n;
-        if (!parse_int(v, n) || n < 0 || (k == "limit" && n > static_cast<std::int64_t>(options_.max_page)))
-          return reply_error(Error(errc::invalid_argument, "must be an integer from 0 to " + std::to_string(options_.max_page), k));
-        (k == "limit" ? q.limit : q.offset) = n;
-      } else {
-        return reply_error(Error(errc::invalid_argument, "unknown query parameter (use kind, object, actor, limit, offset)", k));
-      }
-    }
-    std::vector<storage::AuditEntry> entries;
-    auto st = repository_.read([&](storage::Transaction& tx) -> common::Status {
-      auto r = tx.list_audit(q);
-      if (!r) return r.error();
-      entries = std::move(*r);
-      return {};
-    });
-    if (!st) return reply_error(st.error());
-    json::array items;
-    for (const auto& e : entries)
-      items.push_back(json::object{{"id", e.id}, {"time", e.time}, {"actor", e.actor}, {"action", e.action},
-                                   {"kind", e.kind}, {"object", e.object}, {"before", audit_side(e.before)},
-                                   {"after", audit_side(e.after)}});
-    return with_route(json_reply(200, json::object{{"items", std::move(items)}, {"offset", q.offset}, {"limit", q.limit}}),
-                      "/api/v1/audit");
+    return with_route(audit(req), "/api/v1/audit");
   }
 
   if (noun == "site" && parts.size() == 3) {

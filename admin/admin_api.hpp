@@ -1,7 +1,7 @@
 // admin/admin_api.hpp: the REST/JSON admin API, health and metrics on the admin listener.
 // Routes and shapes: docs/openapi.yaml. It only translates: HTTP + JSON in, calls on
-// broker::SiteObjects on the work queue, JSON out; errors become replies in one place
-// (reply_error).
+// broker::SiteObjects (and broker::Launcher for session actions) on the work queue, JSON out;
+// errors become replies in one place (reply_error).
 #pragma once
 
 #include "net/http.hpp"
@@ -20,8 +20,9 @@ class Metrics;
 class WorkQueue;
 }  // namespace common
 namespace broker {
+class Launcher;
 class SiteObjects;
-}
+}  // namespace broker
 namespace storage {
 class Repository;
 }
@@ -41,10 +42,16 @@ struct AdminOptions {
 
 class AdminApi {
  public:
+  // `launcher` (may be null: the session actions then answer 503) sends the session actions
+  // (POST /api/v1/sessions/{name}/logoff|disconnect|message) to the agents. Every reference and
+  // the launcher must outlive the AdminApi; `work` and `repository` must also outlive the agent
+  // endpoint, whose late answers (timeouts at shutdown) post the audit entry to `work`.
   AdminApi(broker::SiteObjects& site, storage::Repository& repository, common::WorkQueue& work,
-           common::Metrics& metrics, AdminOptions options, std::shared_ptr<spdlog::logger> logger);
+           common::Metrics& metrics, AdminOptions options, std::shared_ptr<spdlog::logger> logger,
+           broker::Launcher* launcher = nullptr);
 
-  // The net::HttpHandler of the admin listener. Called on an I/O thread; never blocks.
+  // The net::HttpHandler of the admin listener. Called on an I/O thread; never blocks. Session
+  // actions answer once the agent has (up to the launcher's command timeout, 20 s).
   void handle(net::HttpRequest&& request, net::Responder respond);
 
   // /readyz reports not ready until the daemon says its listeners are up.
@@ -52,6 +59,13 @@ class AdminApi {
 
  private:
   net::HttpResponse dispatch(const net::HttpRequest& request, const std::string& actor);
+  net::HttpResponse audit(const net::HttpRequest& request);
+  // POST /api/v1/sessions/{name}/{logoff,disconnect,message}: false when `request` is not one
+  // of those (then `respond` is untouched); else it has taken `respond` and answers later.
+  bool session_action(net::HttpRequest& request, const std::string& actor, net::Responder& respond);
+  // The part of a session action that runs on the work queue.
+  void start_session_action(const std::string& session, const std::string& command, const std::string& body,
+                            const std::string& actor, const std::shared_ptr<net::Responder>& respond);
   net::HttpResponse readyz();
   net::HttpResponse metrics();
 
@@ -61,6 +75,7 @@ class AdminApi {
   common::Metrics& metrics_;
   AdminOptions options_;
   std::shared_ptr<spdlog::logger> logger_;
+  broker::Launcher* launcher_;  // may be null
   std::chrono::steady_clock::time_point started_;
   std::atomic<bool> listeners_ready_{false};
   std::vector<std::string> listener_names_;  // written once before listeners_ready_ is set

@@ -206,7 +206,8 @@ FIELD_NOTES = {
 }
 
 ERROR_CODES = ["invalid_argument", "not_found", "conflict", "unauthorized", "forbidden", "unavailable",
-               "storage_error", "incompatible", "internal", "method_not_allowed", "payload_too_large"]
+               "storage_error", "incompatible", "internal", "method_not_allowed", "payload_too_large",
+               "agent_not_connected", "agent_refused", "agent_timeout"]
 
 API_DESCRIPTION = """\
 The admin REST API of brokerd, served on the admin listener (`[listeners.admin]`, default
@@ -235,16 +236,20 @@ Every error reply has the body `{"error": {"code", "message", "fields"?}}`; `fie
 | 403 | forbidden | authenticated but not allowed (not used by this version) |
 | 404 | not_found | unknown object or route |
 | 405 | method_not_allowed | wrong method; the `Allow` header lists the right ones |
-| 409 | conflict | duplicate name; deleting an object that is still referenced (e.g. a delivery group that still has machines); changing or deleting an object declared in the config file |
+| 409 | conflict | duplicate name; deleting an object that is still referenced (e.g. a delivery group that still has machines); changing or deleting an object declared in the config file; a session action on a session that has logged off |
+| 409 | agent_not_connected, agent_refused | session actions: the machine's agent is not connected (or disconnected before it answered), or it refused the command (its error is in the message) |
 | 413 | payload_too_large | body larger than `[listeners.admin] body_limit_bytes` (default 1 MiB) |
 | 500 | internal, storage_error, incompatible | a bug, or the database failed |
 | 503 | unavailable | storage unavailable, or the broker is shutting down |
+| 504 | agent_timeout | session actions: the machine's agent did not answer in time (5 s) |
 
 ## Objects
 
 Each writable kind has a collection `/{plural}` (GET list, POST create) and items
 `/{plural}/{name}` (GET, PATCH merge, PUT replace, DELETE). Sessions and power actions are
-read-only (GET only; other methods get 405). The site settings are `/site` (GET, PATCH).
+read-only (GET only; other methods get 405); sessions are acted on with
+`POST /sessions/{name}/logoff`, `/disconnect` and `/message`, which the broker sends to the
+session's agent. The site settings are `/site` (GET, PATCH).
 
 * Every object has `id`, `name`, `owner` (`api`, or `config:<path>` for objects declared in
   the config file), `config_owned`, `created_at` and `updated_at` (RFC 3339 UTC with
@@ -603,6 +608,72 @@ def kind_paths(kinds, kind):
     return {"/" + plural: collection, "/" + plural + "/{name}": item}
 
 
+AUDIT_ACTIONS = """\
+What happened (the list may grow). Changes: `create`, `update`, `delete` (API or config file), `rotate-secret`
+(machine). Launches (actor `broker`, kind `session`; `after` holds the details, e.g.
+`{"user", "reason", "message", ...}` with `reason` a launch failure such as
+`AllMachinesUnregistered` or `SessionPrepareFailure`): `launch`, `launch-refused` (no machine
+could be given; object: the resource), `launch-failed` (the agent could not prepare the
+session), `launch-timeout` (the client never came). Session actions (actor: the admin token,
+kind `session`; `after`: `{"machine", "result": "done"|"failed", "error"?, "title"?, "text"?}`):
+`session-logoff`, `session-disconnect`, `session-message`."""
+
+
+def session_action_paths():
+    """POST /sessions/{name}/logoff|disconnect|message (admin/admin_api.cpp session_action)."""
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "example": "S0D8AF35A28AFD05522C8",
+            "description": "The session key, URL-encoded (sessions the broker did not broker keep the agent's key)."}
+    done = {"type": "object", "required": ["session", "command", "result"], "properties": {
+        "session": {"type": "string"}, "command": {"type": "string", "enum": ["logoff", "disconnect", "message"]},
+        "result": {"type": "string", "enum": ["done"]}}}
+    what = {
+        "logoff": ("logoffSession", "Log a session off",
+                   "The agent logs the session off; the broker then records it as ended (it leaves the live "
+                   "sessions). No body (or `{}`)."),
+        "disconnect": ("disconnectSession", "Disconnect a session",
+                       "The agent disconnects the client and keeps the session (state Disconnected). No body "
+                       "(or `{}`)."),
+        "message": ("messageSession", "Show a message in a session",
+                    "The agent shows the message to the session's user; `ok` once it is displayed."),
+    }
+    paths = {}
+    for command, (op, summary, text) in what.items():
+        post = {
+            "tags": ["sessions"], "operationId": op, "summary": summary,
+            "description": text + " The broker sends the command to the agent of the session's machine and "
+                           "answers once the agent has (at most 20 s). Each attempt that reaches the agent is "
+                           "audited as `session-" + command + "` (kind session, actor the admin token) with "
+                           "its result. Other methods get 405 with `Allow: POST`; without a brokering engine "
+                           "503. `brokerctl session " + command + " NAME" +
+                           (" --text TEXT [--title TITLE]" if command == "message" else "") + "`.",
+            "parameters": [name],
+        }
+        if command == "message":
+            post["requestBody"] = {"required": True, "content": json_content({
+                "type": "object", "required": ["text"], "additionalProperties": False, "properties": {
+                    "title": {"type": "string", "nullable": True, "maxLength": 256,
+                              "description": "Optional; at most 256 bytes, no control characters."},
+                    "text": {"type": "string", "minLength": 1, "maxLength": 4096,
+                             "description": "1 to 4096 bytes; no control characters but tab and line breaks."}}},
+                {"title": "Maintenance", "text": "The desktop restarts at 18:00. Please save your work."})}
+        post["responses"] = responses(400, 401, 404, 500, 503, ok={"200": {
+            "description": "The agent has done it.",
+            "content": json_content(done, {"session": "S0D8AF35A28AFD05522C8", "command": command,
+                                           "result": "done"})}})
+        post["responses"]["409"] = error_response(
+            "agent_not_connected: the machine's agent is not connected (or disconnected before it answered); "
+            "agent_refused: the agent refused (its error is in the message); conflict: the session has "
+            "already logged off.", "agent_not_connected",
+            "the agent of machine 'DEMO\\pool-01' is not connected")
+        post["responses"]["504"] = error_response(
+            "agent_timeout: the agent did not answer in time.", "agent_timeout",
+            "the agent of machine 'DEMO\\pool-01' did not answer in time")
+        post["responses"] = dict(sorted(post["responses"].items()))
+        paths["/sessions/{name}/" + command] = {"post": post}
+    return paths
+
+
 def error_schema():
     return {
         "type": "object",
@@ -700,16 +771,19 @@ def build(kinds):
         "properties": {
             "id": {"type": "integer", "format": "int64"},
             "time": {"type": "string", "format": "date-time", "example": "2026-11-23T10:42:55.123Z"},
-            "actor": {"type": "string", "description": "`token:<name>` (admin API) or `config:<path>` (config file).",
+            "actor": {"type": "string", "description": "`token:<name>` (admin API), `config:<path>` (config file) "
+                                                      "or `broker` (the engine).",
                       "example": "token:ops"},
-            "action": {"type": "string", "enum": ["create", "update", "delete"]},
-            "kind": {"type": "string", "enum": [n for n in kind_names if by_name[n]["api_writable"]],
+            "action": {"type": "string", "example": "update", "description": AUDIT_ACTIONS},
+            "kind": {"type": "string", "enum": kind_names,
                      "description": "The kind's name (singular, with underscores)."},
-            "object": {"type": "string", "description": "The object's name."},
+            "object": {"type": "string", "description": "The object's name (launch-refused: the resource asked for)."},
             "before": {"type": "object", "nullable": True, "additionalProperties": True,
-                       "description": "The object before the change (secrets omitted); null on create."},
+                       "description": "The object before the change (secrets omitted); null on create and for "
+                                      "events."},
             "after": {"type": "object", "nullable": True, "additionalProperties": True,
-                      "description": "The object after the change (secrets omitted); null on delete."},
+                      "description": "The object after the change (secrets omitted); null on delete. For events "
+                                     "(launches, session actions), what happened: see `action`."},
         },
     }
     schemas["AuditPage"] = {
@@ -799,15 +873,21 @@ def build(kinds):
     paths["/audit"] = {"get": {
         "tags": ["audit"], "operationId": "listAudit", "summary": "Read the audit log, newest first",
         "description": "Every create, update and delete, through the API or by config reconciliation, with the "
-                       "object before and after (secrets omitted). Other query parameters are a 400.",
+                       "object before and after (secrets omitted); and the broker's events: launches and why "
+                       "they failed (`?action=launch-refused,launch-failed,launch-timeout`), session actions. "
+                       "Other query parameters are a 400. `brokerctl audit list [--action A,...]`.",
         "parameters": [
             {"name": "kind", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": [n for n in kind_names if by_name[n]["api_writable"]]},
+             "schema": {"type": "string", "enum": kind_names},
              "description": "Only entries for this kind (singular name, e.g. `delivery_group`)."},
             {"name": "object", "in": "query", "required": False, "schema": {"type": "string"},
              "description": "Only entries for the object with this name."},
             {"name": "actor", "in": "query", "required": False, "schema": {"type": "string"},
              "description": "Only entries by this actor, e.g. `token:ops` or `config:/etc/openbroker/brokerd.toml`."},
+            {"name": "action", "in": "query", "required": False, "schema": {"type": "string"},
+             "example": "launch-refused,launch-failed",
+             "description": "Only entries with one of these actions (comma-separated), e.g. `launch-failed`. "
+                            "An empty value is a 400."},
             ref("parameters", "limit"), ref("parameters", "offset"),
         ],
         "responses": responses(400, 401, 500, 503, ok={"200": {"description": "A page of audit entries.",
@@ -816,6 +896,8 @@ def build(kinds):
     for k in kinds:
         if k["name"] != "site":
             paths.update(kind_paths(kinds, k))
+        if k["name"] == "session":
+            paths.update(session_action_paths())
 
     root_server = [{
         "url": "{scheme}://{host}:{port}",

@@ -30,7 +30,8 @@ constexpr const char* kUsage = R"(usage: brokerctl [--url URL] [--token TOKEN] [
   --json         print the API's JSON instead of tables
 
 nouns: machine, catalog, group (delivery group), application, rule, assignment, user,
-       user-group (directory group), hypervisor, session, power-action (read-only: session, power-action)
+       user-group (directory group), hypervisor, session, power-action (read-only: session, power-action;
+       sessions take logoff, disconnect and message below)
 
   NOUN list [FIELD=VALUE ...] [--limit N] [--offset N]   list, filtered on fields
   NOUN get NAME
@@ -41,8 +42,12 @@ nouns: machine, catalog, group (delivery group), application, rule, assignment, 
   machine tag add|remove NAME TAG
   machine secret NAME                                    new agent secret (shown once; the old one stops working)
   user set-password NAME                                 reads the new password from stdin
+  session logoff NAME                                    log the session off (waits for its agent)
+  session disconnect NAME                                disconnect the client, keep the session
+  session message NAME --text TEXT [--title TITLE]       show a message in the session
   site get | site update FIELD=VALUE ...
-  audit [kind=K] [object=NAME] [actor=A] [--limit N]
+  audit [list] [kind=K] [object=NAME] [actor=A] [--action A[,A...]] [--limit N] [--offset N]
+                                                         e.g. audit list --action launch-failed,launch-refused
   info | health
 
 FIELD=VALUE: booleans true/false, lists comma-separated (tags=a,b), FIELD= clears a field.
@@ -209,6 +214,29 @@ std::string filter_query(const std::vector<std::string>& args, std::size_t from)
   return q;
 }
 
+bool noun_is_session(const std::string& noun) { return noun == "session" || noun == "sessions"; }
+
+// The audit table's DETAIL column: for entries whose "after" is an event record rather than an
+// object (launch failures, session actions), the reason or result and the message.
+void add_audit_detail(json::value& page) {
+  if (!page.is_object() || !page.as_object().contains("items") || !page.as_object().at("items").is_array()) return;
+  for (auto& item : page.as_object().at("items").as_array()) {
+    if (!item.is_object()) continue;
+    auto& o = item.as_object();
+    const auto* after = o.if_contains("after");
+    if (!after || !after->is_object()) continue;
+    const auto& a = after->as_object();
+    auto str = [&](const char* key) {
+      const auto* v = a.if_contains(key);
+      return v && v->is_string() ? std::string(v->get_string()) : std::string();
+    };
+    std::string head = !str("reason").empty() ? str("reason") : str("result");
+    if (head.empty()) continue;
+    std::string more = !str("message").empty() ? str("message") : str("error");
+    o["detail"] = more.empty() ? head : head + ": " + more;
+  }
+}
+
 class Client {
  public:
   Client(std::string url, std::string token) : url_(url), http_(std::move(url)), token_(std::move(token)) {}
@@ -265,7 +293,7 @@ int run(std::vector<std::string> args) {
   std::string url = std::getenv("OPENBROKER_URL") ? std::getenv("OPENBROKER_URL") : "http://127.0.0.1:8082";
   std::string token = std::getenv("OPENBROKER_TOKEN") ? std::getenv("OPENBROKER_TOKEN") : "";
   bool as_json = false;
-  std::optional<std::string> limit, offset;
+  std::optional<std::string> limit, offset, text, title, action;
   std::vector<std::string> rest;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const auto& a = args[i];
@@ -278,6 +306,9 @@ int run(std::vector<std::string> args) {
     else if (a == "--json") as_json = true;
     else if (a == "--limit") limit = value();
     else if (a == "--offset") offset = value();
+    else if (a == "--text") text = value();
+    else if (a == "--title") title = value();
+    else if (a == "--action") action = value();
     else if (a == "--help" || a == "-h") {
       std::cout << kUsage;
       return 0;
@@ -285,6 +316,9 @@ int run(std::vector<std::string> args) {
     else rest.push_back(a);
   }
   if (rest.empty()) throw UsageError("no command given");
+  if ((text || title) && !(rest.size() > 1 && noun_is_session(rest[0]) && rest[1] == "message"))
+    throw UsageError("--text and --title go with session message");
+  if (action && rest[0] != "audit") throw UsageError("--action goes with audit");
   Client client(url, token);
   const std::string noun = rest[0];
   const std::string verb = rest.size() > 1 ? rest[1] : "";
@@ -315,8 +349,11 @@ int run(std::vector<std::string> args) {
     return 0;
   }
   if (noun == "audit") {
-    const std::string q = filter_query(rest, 1);
-    emit(client.call("GET", "/api/v1/audit" + paging(q)), {"id", "time", "actor", "action", "kind", "object"});
+    std::string q = filter_query(rest, verb == "list" ? 2 : 1);
+    if (action) q += (q.empty() ? "" : "&") + std::string("action=") + net::percent_encode(*action);
+    auto page = client.call("GET", "/api/v1/audit" + paging(q));
+    if (!as_json) add_audit_detail(page);
+    emit(page, {"id", "time", "actor", "action", "kind", "object", "detail"});
     return 0;
   }
   if (noun == "site") {
@@ -401,6 +438,24 @@ int run(std::vector<std::string> args) {
       std::cout << json::serialize(r) << "\n";
     else
       std::cout << "agent secret for " << name << " (shown once): " << json::value_to<std::string>(r.at("secret")) << "\n";
+  } else if ((verb == "logoff" || verb == "disconnect" || verb == "message") && ks.kind == model::Kind::session) {
+    const auto name = need_name(2);
+    if (rest.size() > 3) throw UsageError("session " + verb + " takes one NAME");
+    json::value b = json::object{};
+    if (verb == "message") {
+      if (!text || text->empty()) throw UsageError("session message needs --text TEXT");
+      json::object m{{"text", *text}};
+      if (title) m["title"] = *title;
+      b = std::move(m);
+    }
+    auto r = client.call("POST", base + "/" + net::percent_encode(name) + "/" + verb, &b);
+    if (as_json)
+      std::cout << json::serialize(r) << "\n";
+    else
+      std::cout << (verb == "logoff"       ? "logged off session "
+                    : verb == "disconnect" ? "disconnected session "
+                                           : "message shown in session ")
+                << name << "\n";
   } else if (verb == "set-password" && ks.kind == model::Kind::user) {
     const auto name = need_name(2);
     const auto pw = read_password();

@@ -16,6 +16,7 @@
 #include "identity/builtin_directory.hpp"
 #include "net/server.hpp"
 #include "storage/repository.hpp"
+#include "xmlservice/sta_service.hpp"
 #include "xmlservice/xml_service.hpp"
 
 #include <spdlog/spdlog.h>
@@ -137,10 +138,6 @@ int run(const std::string& config_path, const std::string& ready_file) {
   broker::SiteObjects site(repository, log);
   common::WorkQueue work(2);
 
-  admin::AdminOptions aopts;
-  for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
-  aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
-  admin::AdminApi admin_api(site, repository, work, metrics, aopts, log);
   common::SystemClock clock;
   identity::BuiltinDirectory directory(repository, clock);
   broker::AgentRegistry agents(repository, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
@@ -175,13 +172,30 @@ int run(const std::string& config_path, const std::string& ready_file) {
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
   broker::Launcher launcher(repository, clock, agent_channel, work, log, lopts);
+  admin::AdminOptions aopts;
+  for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
+  aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
+  admin::AdminApi admin_api(site, repository, work, metrics, aopts, log, &launcher);
   xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log, &launcher);
+  // The Secure Ticket Authority ([sta]) on the XML listener: POST /scripts/ctxsta.dll.
+  std::unique_ptr<xmlservice::StaService> sta;
+  if (cfg.sta.enabled) {
+    xmlservice::StaOptions so;
+    so.authority_id = cfg.sta.authority_id.empty() ? xmlservice::default_authority_id(site_key) : cfg.sta.authority_id;
+    so.ticket_lifetime = std::chrono::seconds(cfg.sta.ticket_lifetime_seconds);
+    so.allowed_clients = cfg.sta.allowed_clients;
+    so.max_tickets = static_cast<std::size_t>(cfg.sta.max_tickets);
+    sta = std::make_unique<xmlservice::StaService>(std::move(so), clock, metrics, log);
+  }
 
   net::Server server(cfg.io_threads, log, &metrics);
   try {
-    server.add_listener(listener_options("xml", cfg.xml), [&xml_service](net::HttpRequest&& req, net::Responder respond) {
-      xml_service.handle(std::move(req), std::move(respond));
-    });
+    server.add_listener(listener_options("xml", cfg.xml),
+                        [&xml_service, &sta](net::HttpRequest&& req, net::Responder respond) {
+                          if (sta && xmlservice::StaService::serves(req.path))
+                            return sta->handle(std::move(req), std::move(respond));
+                          xml_service.handle(std::move(req), std::move(respond));
+                        });
     server.add_listener(listener_options("agent", cfg.agent), not_implemented("plain HTTP on the agent endpoint"),
                         agent_endpoint.handler());
     server.add_listener(listener_options("admin", cfg.admin),
