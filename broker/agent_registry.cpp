@@ -2,8 +2,10 @@
 
 #include "common/crypto.hpp"
 #include "common/model_json.hpp"
+#include "identity/directory.hpp"
 #include "storage/repository.hpp"
 
+#include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -33,6 +35,32 @@ storage::AuditEntry agent_audit(const std::string& machine, const char* action) 
   e.kind = "machine";
   e.object = machine;
   return e;
+}
+
+// A session the agent still has (not LoggedOff), or errc::not_found.
+Result<Object> live_session(storage::Transaction& tx, const std::string& key) {
+  auto s = tx.get(Kind::session, key);
+  if (s && s->text("state") == "LoggedOff")
+    return make_error(errc::not_found, "session '" + key + "' has logged off");
+  return s;
+}
+
+// An agent reuses a key of a session that logged off: the old record makes room for the new one.
+Status forget_logged_off(storage::Transaction& tx, const std::string& key) {
+  auto s = tx.get(Kind::session, key);
+  if (s && s->text("state") == "LoggedOff") return tx.remove(Kind::session, key);
+  return {};
+}
+
+// The session ended: kept as LoggedOff with its end time (purged later by the launcher's sweep).
+Status end_session(storage::Transaction& tx, const Object& session, const std::string& now) {
+  Object ended = session;
+  ended.fields["state"] = std::string("LoggedOff");
+  ended.fields["state_change_time"] = now;
+  ended.fields["end_time"] = now;
+  auto r = tx.update(session.name, ended);
+  if (!r) return r.error();
+  return {};
 }
 
 }  // namespace
@@ -170,21 +198,24 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
     if (!stored) return stored.error();
     std::vector<std::string> states;
     for (const auto& s : *stored) {
+      if (s.text("state") == "LoggedOff") continue;
       const auto reported = std::find_if(reg.sessions.begin(), reg.sessions.end(),
                                          [&](const AgentSession& a) { return a.session_key == s.name; });
       if (reported == reg.sessions.end() && s.text("state") != "PreparingNewSession") {
-        if (auto r = tx.remove(Kind::session, s.name); !r) return r;
+        if (auto r = end_session(tx, s, now); !r) return r;
         ++ended;
       } else if (reported == reg.sessions.end()) {
         states.push_back(s.text("state"));
       }
     }
     for (const auto& a : reg.sessions) {
-      auto existing = tx.get(Kind::session, a.session_key);
+      auto existing = live_session(tx, a.session_key);
+      if (!existing && existing.error().code != errc::not_found) return existing.error();
       if (!existing && a.state == "PreparingNewSession") {
         ++ignored;  // no client and no valid ticket: it will never become a session we know
         continue;
       }
+      if (auto r = forget_logged_off(tx, a.session_key); !r) return r;
       Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
       if (!existing) {
         s.fields["brokered"] = false;
@@ -252,20 +283,59 @@ Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_in
   });
 }
 
-Status AgentRegistry::session_event(const std::string& machine, const std::string& event, const AgentSession& a) {
+Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& machine, const std::string& event,
+                                                         const AgentSession& a) {
   const std::string now = common::format_time(clock_.now());
+  SessionEventOutcome outcome;
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
-    auto existing = tx.get(Kind::session, a.session_key);
+    auto existing = live_session(tx, a.session_key);
     if (!existing && existing.error().code != errc::not_found) return existing.error();
     if (event == "LoggedOff") {
-      if (existing) return tx.remove(Kind::session, a.session_key);
-      return {};
+      if (!existing) return {};
+      if (existing->text("state") != "PreparingNewSession" || !existing->flag("brokered", true))
+        return end_session(tx, *existing, now);
+      // The agent gave up waiting for the client of a launch (the ticket's lifetime passed): the
+      // session never began. The launch is recorded as ConnectionTimeout, as the broker's own
+      // sweep would.
+      if (auto r = tx.remove(Kind::session, existing->name); !r) return r;
+      if (auto m = tx.get(Kind::machine, machine)) {
+        Object updated = *m;
+        updated.fields["last_connection_failure"] = std::string("ConnectionTimeout");
+        if (auto r = tx.update(machine, updated); !r) return r.error();
+      }
+      auto e = agent_audit(machine, "launch-timeout");
+      e.kind = "session";
+      e.object = existing->name;
+      e.after = boost::json::serialize(boost::json::object{
+          {"user", existing->text("user_name")}, {"machine", machine}, {"reason", "ConnectionTimeout"}});
+      logger_->warn("launch: the client of {} never connected to {} (session {}): ConnectionTimeout",
+                    existing->text("user_name"), machine, existing->name);
+      return tx.append_audit(e);
     }
     std::string state;
     if (event == "Connected") state = "Connected";
     else if (event == "Active" || event == "Reconnected") state = "Active";
     else if (event == "Disconnected") state = "Disconnected";
     else return make_error(errc::invalid_argument, "unknown session event '" + event + "'", "event");
+    if (existing && existing->flag("brokered", true) && !a.user.empty() &&
+        !identity::iequals(a.user, existing->text("user_name")) && state != "Disconnected") {
+      // Someone else logged on with this launch: the agent is told to end the session.
+      outcome.end_session = true;
+      outcome.why = "the brokered user is " + existing->text("user_name") + " but " + a.user + " connected";
+      if (auto m = tx.get(Kind::machine, machine)) {
+        Object updated = *m;
+        updated.fields["last_connection_failure"] = std::string("Other");
+        if (auto r = tx.update(machine, updated); !r) return r.error();
+      }
+      auto e = agent_audit(machine, "session-wrong-user");
+      e.kind = "session";
+      e.object = a.session_key;
+      e.after = boost::json::serialize(boost::json::object{{"brokered_user", existing->text("user_name")},
+                                                           {"connected_user", a.user},
+                                                           {"client_address", a.client_address}});
+      return tx.append_audit(e);
+    }
+    if (auto r = forget_logged_off(tx, a.session_key); !r) return r;
     Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
     if (!existing) {
       s.fields["brokered"] = false;
@@ -286,8 +356,11 @@ Status AgentRegistry::session_event(const std::string& machine, const std::strin
     if (!r) return r.error();
     return {};
   });
-  if (!st) return st;
-  return refresh_summary(machine);
+  if (!st) return st.error();
+  if (outcome.end_session)
+    logger_->warn("machine '{}': session {}: {}; ending it", machine, a.session_key, outcome.why);
+  if (auto r = refresh_summary(machine); !r) return r.error();
+  return outcome;
 }
 
 Status AgentRegistry::refresh_summary(const std::string& machine) {
@@ -301,7 +374,8 @@ Status AgentRegistry::refresh_summary(const std::string& machine) {
     auto sessions = tx.list(Kind::session, q);
     if (!sessions) return sessions.error();
     std::vector<std::string> states;
-    for (const auto& s : *sessions) states.push_back(s.text("state"));
+    for (const auto& s : *sessions)
+      if (s.text("state") != "LoggedOff") states.push_back(s.text("state"));
     Object updated = *m;
     updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
     updated.fields["summary_state"] = summary_state(m->text("registration_state") == "Registered",

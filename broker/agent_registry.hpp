@@ -54,6 +54,11 @@ struct Refusal {
   std::string message;  // for the agent and the log
 };
 
+struct SessionEventOutcome {
+  bool end_session = false;  // the agent must log the session off
+  std::string why;
+};
+
 class AgentRegistry {
  public:
   AgentRegistry(storage::Repository& repository, common::Clock& clock, std::shared_ptr<spdlog::logger> logger,
@@ -77,7 +82,7 @@ class AgentRegistry {
   void record_success(const std::string& machine);
 
   // Marks the machine Registered and reconciles its sessions: stored sessions the agent no longer
-  // has are ended (deleted), reported sessions the broker never brokered are recorded as
+  // has are ended (LoggedOff), reported sessions the broker never brokered are recorded as
   // NonBrokeredSession, reported PreparingNewSession ones the broker does not know are ignored.
   // Returns a Refusal (and changes nothing) for a session-support mismatch with the catalog or an
   // unknown machine.
@@ -85,8 +90,12 @@ class AgentRegistry {
   // Stores the reported load index and session count; a multi-session machine's summary state
   // follows the load index.
   Status heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count);
-  // event: Connected | Active | Disconnected | Reconnected | LoggedOff.
-  Status session_event(const std::string& machine, const std::string& event, const AgentSession& session);
+  // event: Connected | Active | Disconnected | Reconnected | LoggedOff. A logged-off session is
+  // kept as LoggedOff with its end time. When someone other than the brokered user connects to a
+  // brokered session, nothing is updated, the failure is recorded (machine
+  // last_connection_failure Other, audit session-wrong-user) and the outcome says to end it.
+  Result<SessionEventOutcome> session_event(const std::string& machine, const std::string& event,
+                                            const AgentSession& session);
   // Ticket redemption by an agent: the ticket (as the agent presents it) must have been issued for
   // this machine and not have expired; it is redeemable once and then wiped. errc::not_found with
   // the reason otherwise (the ticket stays for its own machine; expired ones are wiped).

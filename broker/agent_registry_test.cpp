@@ -103,20 +103,31 @@ TEST_CASE("registration, session reconciliation, events, summary state, deregist
   CHECK(m.text("agent_address") == "10.0.0.5:1494");
   CHECK(m.text("summary_state") == "InUse");
   CHECK(m.integer("session_count") == 1);
-  CHECK_FALSE(f.site->get(Kind::session, "stale-key").has_value());
+  // The stale session ended: kept as LoggedOff, with its end time.
+  auto ended = f.site->get(Kind::session, "stale-key");
+  REQUIRE(ended.has_value());
+  CHECK(ended->text("state") == "LoggedOff");
+  CHECK_FALSE(ended->text("end_time").empty());
   auto recorded = f.site->get(Kind::session, "s-1");
   REQUIRE(recorded.has_value());
   CHECK_FALSE(recorded->flag("brokered", true));
   CHECK(recorded->text("user_name") == "DEMO\\alice");
 
-  REQUIRE(f.agents->session_event("DEMO\\m1", "Disconnected", s));
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Disconnected", s).has_value());
   CHECK(f.machine("DEMO\\m1").text("summary_state") == "Disconnected");
-  REQUIRE(f.agents->session_event("DEMO\\m1", "Reconnected", s));
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Reconnected", s).has_value());
   CHECK(f.site->get(Kind::session, "s-1")->text("state") == "Active");
-  REQUIRE(f.agents->session_event("DEMO\\m1", "LoggedOff", s));
-  CHECK_FALSE(f.site->get(Kind::session, "s-1").has_value());
+  REQUIRE(f.agents->session_event("DEMO\\m1", "LoggedOff", s).has_value());
+  CHECK(f.site->get(Kind::session, "s-1")->text("state") == "LoggedOff");
+  CHECK_FALSE(f.site->get(Kind::session, "s-1")->text("end_time").empty());
   CHECK(f.machine("DEMO\\m1").text("summary_state") == "Available");
-  CHECK_FALSE(f.agents->session_event("DEMO\\m1", "Exploded", s));
+  CHECK(f.machine("DEMO\\m1").integer("session_count") == 0);
+  // The agent reuses the key for a new session: a new record replaces the logged-off one.
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Active", s).has_value());
+  CHECK(f.site->get(Kind::session, "s-1")->text("state") == "Active");
+  CHECK(f.site->get(Kind::session, "s-1")->text("end_time").empty());
+  REQUIRE(f.agents->session_event("DEMO\\m1", "LoggedOff", s).has_value());
+  CHECK_FALSE(f.agents->session_event("DEMO\\m1", "Exploded", s).has_value());
 
   REQUIRE(f.agents->heartbeat("DEMO\\m1", 4200, 0));
   CHECK(f.machine("DEMO\\m1").integer("load_index") == 4200);

@@ -30,6 +30,8 @@ using identity::iequals;
 
 namespace {
 
+constexpr std::chrono::hours kLoggedOffRetention{24};  // docs/cbp.md "Session states"
+
 constexpr std::int64_t kFullLoad = 10000;
 constexpr std::int64_t kLaunchLoadBump = 500;  // effective load added per launch until the agent reports
 
@@ -93,6 +95,8 @@ Result<Site> read_site(storage::Transaction& tx) {
                       {Kind::application, &s.snapshot.applications}, {Kind::machine, &s.snapshot.machines},
                       {Kind::assignment, &s.snapshot.assignments}, {Kind::session, &s.sessions}})
     if (auto st = load(k, *v); !st) return st.error();
+  // Logged-off sessions are history: nothing to reconnect to, nothing in use.
+  std::erase_if(s.sessions, [](const Object& o) { return o.text("state") == "LoggedOff"; });
   std::vector<Object> catalogs;
   if (auto st = load(Kind::catalog, catalogs); !st) return st.error();
   for (auto& c : catalogs) s.catalogs.emplace(c.name, std::move(c));
@@ -148,7 +152,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   std::shared_ptr<spdlog::logger> log;
   LauncherOptions opts;
 
-  std::mutex decide_mutex;  // selection + reservation, one launch at a time
+  std::mutex decide_mutex;  // the in-memory selection state; taken inside write transactions only
   struct Bump {
     std::int64_t reported = 0;  // the machine's load_index when the bump began
     std::int64_t extra = 0;
@@ -167,6 +171,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::set<std::string> tried;
     int attempts = 0;
     std::string last_error;
+    std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   };
 
   static LaunchResult failed(LaunchFailure f, std::string message) {
@@ -259,7 +264,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
 
     if (!req.reconnect_session.empty()) {
       auto s = tx.get(Kind::session, req.reconnect_session);
-      if (!s || !is_user(user, s->text("user_name")))
+      if (!s || !is_user(user, s->text("user_name")) || s->text("state") == "LoggedOff")
         return failed(LaunchFailure::no_session, "no session '" + req.reconnect_session + "' of " + user.qualified_name);
       const auto* m = site.find(site.snapshot.machines, s->text("machine"));
       if (!m || !registered(*m))
@@ -395,7 +400,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       auto sessions = tx.list(Kind::session, q);
       if (!sessions) return failed(LaunchFailure::storage_error, sessions.error().describe());
       std::vector<std::string> states;
-      for (const auto& s : *sessions) states.push_back(s.text("state"));
+      for (const auto& s : *sessions)
+        if (s.text("state") != "LoggedOff") states.push_back(s.text("state"));
       updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
       const auto cat = site.catalogs.find(m->text("catalog"));
       const auto support = cat == site.catalogs.end() ? std::string("SingleSession") : cat->second.text("session_support");
@@ -517,8 +523,10 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     Reservation res;
     LaunchResult outcome;
     {
-      std::lock_guard lock(decide_mutex);
+      // The lock is taken inside the transaction, never around write(): storage serialises the
+      // writes itself and commits concurrent launches together (docs/architecture.md).
       auto st = repo.write([&](storage::Transaction& tx) -> Status {
+        std::lock_guard lock(decide_mutex);
         outcome = decide(tx, *a, res);
         if (!outcome.ok()) return make_error(errc::conflict, outcome.message);  // roll back
         return {};
@@ -562,14 +570,29 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     r.message = std::string(res.reconnect ? "reconnect to " : "new session on ") + res.machine;
     log->info("launch: {} {} '{}' on {} (session {})", a->request.user.qualified_name,
               res.reconnect ? "reconnects to" : "launches", res.prepare.resource, res.machine, res.session_key);
+    const auto took =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - a->started).count();
     finish(a, std::move(r));
+    // BrokeringDuration, informational: written after the reply, not part of the launch's commit.
+    auto self = shared_from_this();
+    work.post([self, key = res.session_key, took] {
+      auto st = self->repo.write([&](storage::Transaction& tx) -> Status {
+        auto s = tx.get(Kind::session, key);
+        if (!s) return {};  // already gone
+        Object updated = *s;
+        updated.fields["brokering_duration_ms"] = static_cast<std::int64_t>(took);
+        auto u = tx.update(key, updated);
+        if (!u) return u.error();
+        return {};
+      });
+      if (!st) self->log->warn("launch: brokering duration of {} not stored: {}", key, st.error().describe());
+    });
   }
 
   void prepare_failed(const std::shared_ptr<Attempt>& a, const Reservation& res, const std::string& error) {
     log->warn("launch: {} could not prepare a session for {}: {}", res.machine, a->request.user.qualified_name, error);
     a->last_error = res.machine + ": " + error;
     {
-      std::lock_guard lock(decide_mutex);
       auto st = repo.write([&](storage::Transaction& tx) -> Status {
         if (!res.reconnect) {
           auto s = tx.get(Kind::session, res.session_key);
@@ -590,9 +613,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
                                              {"reason", "SessionPrepareFailure"}, {"error", error}}));
       });
       if (!st) log->error("launch: cannot undo the reservation on {}: {}", res.machine, st.error().describe());
+      std::lock_guard lock(decide_mutex);
       bumps.erase(res.machine);
     }
-    if (res.reconnect || a->attempts >= opts.max_attempts) {
+    const bool out_of_time = std::chrono::steady_clock::now() - a->started + opts.prepare_timeout > opts.launch_budget;
+    if (res.reconnect || a->attempts >= opts.max_attempts || out_of_time) {
       auto r = failed(LaunchFailure::prepare_failed, "the session could not be prepared (" + a->last_error + ")");
       record_failure(*a, r);
       return finish(a, std::move(r));
@@ -651,7 +676,7 @@ Result<std::string> Launcher::reissue_ticket(const identity::UserIdentity& user,
   std::string ticket;
   auto st = impl_->repo.write([&](storage::Transaction& tx) -> Status {
     auto s = tx.get(Kind::session, session_key);
-    if (!s || !is_user(user, s->text("user_name")))
+    if (!s || !is_user(user, s->text("user_name")) || s->text("state") == "LoggedOff")
       return make_error(errc::not_found, "no launch '" + session_key + "' of " + user.qualified_name);
     auto settings = tx.get(Kind::site, "site");
     const auto site_ttl = settings ? settings->integer("logon_ticket_ttl_seconds", 200) : 200;
@@ -712,6 +737,7 @@ Status Launcher::session_command(const std::string& session_key, const std::stri
   auto st = impl_->repo.read([&](storage::Transaction& tx) -> Status {
     auto s = tx.get(Kind::session, session_key);
     if (!s) return s.error();
+    if (s->text("state") == "LoggedOff") return make_error(errc::not_found, "session '" + session_key + "' has logged off");
     machine = s->text("machine");
     return {};
   });
@@ -727,11 +753,20 @@ Status Launcher::session_command(const std::string& session_key, const std::stri
 Status Launcher::sweep() {
   const auto now = impl_->clock.now();
   const auto now_text = common::format_time(now);
-  std::lock_guard lock(impl_->decide_mutex);
   return impl_->repo.write([&](storage::Transaction& tx) -> Status {
     if (auto r = tx.purge_logon_tickets(now_text); !r) return r.error();
     auto settings = tx.get(Kind::site, "site");
     const auto ttl = std::chrono::seconds(settings ? settings->integer("logon_ticket_ttl_seconds", 200) : 200);
+    // Logged-off sessions are kept for a day (admins look back at them), then purged.
+    storage::Query gone;
+    gone.equals.emplace_back("state", "LoggedOff");
+    auto ended = tx.list(Kind::session, gone);
+    if (!ended) return ended.error();
+    for (const auto& s : *ended) {
+      common::SysTime end;
+      if (common::parse_time(s.text("end_time"), end) && now < end + kLoggedOffRetention) continue;
+      if (auto r = tx.remove(Kind::session, s.name); !r) return r;
+    }
     storage::Query q;
     q.equals.emplace_back("state", "PreparingNewSession");
     auto pending = tx.list(Kind::session, q);

@@ -117,8 +117,10 @@ struct UserSession {
 };
 
 struct LauncherOptions {
-  std::chrono::milliseconds prepare_timeout{20000};
-  int max_attempts = 3;        // machines tried per launch
+  std::chrono::milliseconds prepare_timeout{5000};  // an agent acks prepare_session at once
+  int max_attempts = 3;                              // machines tried per launch
+  // No fail-over is started after this long: front ends give up on a reply after ~30 s.
+  std::chrono::milliseconds launch_budget{15000};
   std::string credential_key;  // site key (64 hex) that seals credential data; empty: stored unsealed (tests)
 };
 

@@ -210,6 +210,22 @@ Result<Object> SiteObjects::update(std::string_view name, Object candidate, cons
   return stored;
 }
 
+namespace {
+
+// A machine's logged-off sessions are history that must not keep it from being deleted.
+Status forget_logged_off_sessions(storage::Transaction& tx, std::string_view machine) {
+  storage::Query q;
+  q.equals.emplace_back("machine", std::string(machine));
+  q.equals.emplace_back("state", "LoggedOff");
+  auto ended = tx.list(Kind::session, q);
+  if (!ended) return ended.error();
+  for (const auto& s : *ended)
+    if (auto r = tx.remove(Kind::session, s.name); !r) return r;
+  return {};
+}
+
+}  // namespace
+
 Status SiteObjects::remove(Kind kind, std::string_view name, const std::string& actor) {
   if (!model::spec(kind).api_writable || kind == Kind::site)
     return make_error(errc::invalid_argument, kind_label(kind) + " cannot be deleted");
@@ -217,6 +233,8 @@ Status SiteObjects::remove(Kind kind, std::string_view name, const std::string& 
     auto existing = tx.get(kind, name);
     if (!existing) return existing.error();
     if (existing->owned_by_config()) return owned_by_config_error(*existing);
+    if (kind == Kind::machine)
+      if (auto r = forget_logged_off_sessions(tx, name); !r) return r;
     if (auto r = tx.remove(kind, name); !r) return r;
     return tx.append_audit(audit(actor, "delete", &*existing, nullptr));
   });
@@ -323,6 +341,8 @@ Result<ReconcileReport> SiteObjects::reconcile(const std::string& config_path, c
           ++report.released;
           continue;
         }
+        if (it->kind == Kind::machine)
+          if (auto r = forget_logged_off_sessions(tx, obj.name); !r) return r;
         auto removed = tx.remove(it->kind, obj.name);
         if (removed) {
           if (auto a = tx.append_audit(audit(actor, "delete", &obj, nullptr)); !a) return a;

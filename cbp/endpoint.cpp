@@ -66,6 +66,8 @@ struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
   }
 };
 
+constexpr std::chrono::seconds kWrongUserLogoffTimeout{30};
+
 struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_from_this<AgentEndpoint::Connection> {
   enum class State { awaiting_hello, awaiting_register, registered, closed };
 
@@ -100,6 +102,30 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     c.versions.assign(kProtocolVersions.begin(), kProtocolVersions.end());
     c.broker = ep->options.broker_name + "/" + common::kVersion;
     send(c);
+  }
+
+  // Sends a command on this connection; `done` gets its outcome (see AgentEndpoint::send_command).
+  void command(CommandArgs args, std::chrono::milliseconds timeout, std::function<void(CommandOutcome)> done) {
+    Command cmd;
+    cmd.id = "c-" + std::to_string(ep->next_id++);
+    cmd.timeout_ms = std::max<std::int64_t>(1, timeout.count());
+    cmd.args = std::move(args);
+    std::optional<CommandOutcome> refused;  // reported after the lock is released: `done` may call us
+    {
+      std::lock_guard lock(mutex);
+      const auto name = std::string(command_name(cmd.args));
+      if (state != State::registered)
+        refused = CommandOutcome{false, "not connected"};
+      else if (std::find(capabilities.begin(), capabilities.end(), name) == capabilities.end())
+        refused = CommandOutcome{false, "the agent does not support " + name};
+      else
+        commands[cmd.id] = PendingCommand{Clock::now() + timeout, std::move(done)};
+    }
+    if (refused) {
+      done(std::move(*refused));
+      return;
+    }
+    send(cmd);
   }
 
   void send(const Message& m) { peer->send(serialize(m)); }
@@ -366,8 +392,19 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     a.client_address = ev.session.client_address;
     a.protocol = std::string(to_string(ev.session.protocol));
     a.application = ev.session.application;
-    if (auto st = ep->registry.session_event(machine, std::string(to_string(ev.event)), a); !st)
-      ep->log->warn("agent {}: session event {} not stored: {}", machine, to_string(ev.event), st.error().describe());
+    auto outcome = ep->registry.session_event(machine, std::string(to_string(ev.event)), a);
+    if (!outcome) {
+      ep->log->warn("agent {}: session event {} not stored: {}", machine, to_string(ev.event),
+                    outcome.error().describe());
+      return;
+    }
+    if (!outcome->end_session) return;
+    // docs/cbp.md "Session events": not the brokered user: the session is logged off.
+    auto log = ep->log;
+    const auto m = machine, key = a.session_key;
+    command(LogoffSessionArgs{key}, kWrongUserLogoffTimeout, [log, m, key](CommandOutcome o) {
+      if (!o.ok) log->warn("agent {}: logoff of session {} (wrong user) failed: {}", m, key, o.error);
+    });
   }
 
   void on_command_result(const CommandResult& cr) {
@@ -566,26 +603,7 @@ void AgentEndpoint::send_command(const std::string& machine, CommandArgs args, s
     done({false, "not connected"});
     return;
   }
-  Command cmd;
-  cmd.id = "c-" + std::to_string(impl_->next_id++);
-  cmd.timeout_ms = std::max<std::int64_t>(1, timeout.count());
-  cmd.args = std::move(args);
-  std::optional<CommandOutcome> refused;  // reported after the lock is released: `done` may call us
-  {
-    std::lock_guard lock(c->mutex);
-    const auto name = std::string(command_name(cmd.args));
-    if (c->state != Connection::State::registered)
-      refused = CommandOutcome{false, "not connected"};
-    else if (std::find(c->capabilities.begin(), c->capabilities.end(), name) == c->capabilities.end())
-      refused = CommandOutcome{false, "the agent does not support " + name};
-    else
-      c->commands[cmd.id] = PendingCommand{Clock::now() + timeout, std::move(done)};
-  }
-  if (refused) {
-    done(std::move(*refused));
-    return;
-  }
-  c->send(cmd);
+  c->command(std::move(args), timeout, std::move(done));
 }
 
 void AgentEndpoint::disconnect(const std::string& machine, Reason reason) {

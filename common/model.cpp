@@ -1,6 +1,7 @@
 #include "common/model.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <ostream>
 
 namespace common::model {
@@ -265,14 +266,17 @@ std::vector<KindSpec> build_specs() {
       text_field("application", "application launched, if any"),
       choice("session_type", {"Desktop", "Application"}, "Desktop", "kind of session"),
       choice("state", {"PreparingNewSession", "Connected", "Active", "Disconnected", "Reconnecting",
-                       "NonBrokeredSession", "Other", "Unknown"}, "PreparingNewSession", "session state"),
+                       "NonBrokeredSession", "Other", "Unknown", "LoggedOff"}, "PreparingNewSession", "session state"),
       choice("protocol", {"HDX", "RDP", "Console"}, "HDX", "display protocol"),
       text_field("client_name", "client device name"),
       text_field("client_address", "client address"),
       text_field("device_id", "client device id"),
       flag("brokered", true, "false for sessions the broker did not broker"),
-      time_field("start_time", "when the launch was brokered"),
+      time_field("start_time", "when the launch was brokered (BrokeringTime)"),
       time_field("state_change_time", "last state change"),
+      number("brokering_duration_ms", 0, 0, std::numeric_limits<std::int64_t>::max(),
+             "how long the broker took to answer the launch (BrokeringDuration)"),
+      time_field("end_time", "when the session logged off (state LoggedOff; kept for a day, then purged)"),
   }});
 
   kinds.push_back({Kind::power_action, "power_action", "power-actions", "power_actions", false, true, {

@@ -381,8 +381,16 @@ CREATE INDEX logon_tickets_machine ON logon_tickets(machine);
 CREATE INDEX logon_tickets_expires_at ON logon_tickets(expires_at);
 )sql";
 
-const std::array<Migration, 1> kMigrations{{
+// Migration 2: sessions keep their brokering duration and, once logged off, their end time.
+constexpr std::string_view kMigration2 = R"sql(
+ALTER TABLE sessions ADD COLUMN brokering_duration_ms INTEGER;
+ALTER TABLE sessions ADD COLUMN end_time TEXT;
+CREATE INDEX sessions_state ON sessions(state);
+)sql";
+
+const std::array<Migration, 2> kMigrations{{
     {1, "initial schema", kMigration1},
+    {2, "session brokering duration and end time", kMigration2},
 }};
 
 }  // namespace

@@ -1,0 +1,505 @@
+// Integration tests of brokering and launch: the real brokerd on free ports with a temporary
+// database, reference agents (tools/vda-agent) for its machines, and NFuse requests over HTTP as a
+// front end sends them. What the broker decided is checked through the NFuse replies, the admin
+// API and what the agents saw. Every wait is for a state, never for a fixed time.
+#include "tests/integration/daemon.hpp"
+#include "tests/integration/support.hpp"
+
+#include "common/crypto.hpp"
+#include "net/http_client.hpp"
+#include "tools/vda-agent/agent.hpp"
+
+#include <boost/json.hpp>
+#include <doctest/doctest.h>
+
+#include <map>
+#include <mutex>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+using itest::Daemon;
+using itest::TempDir;
+using namespace itest::support;
+
+namespace {
+
+const std::string kEnrollKey = "launch-test-enrollment-key";
+constexpr int kPool = 4;      // TEST\pool-1..4: shared single-session desktops ("Pool")
+constexpr int kPersonal = 6;  // TEST\pc-1..6: private desktops assigned on first use ("Personal")
+constexpr int kUsers = 24;    // TEST\u01..u24, members of TEST\Users
+
+std::string user_name(int n) {
+  char b[8];
+  std::snprintf(b, sizeof b, "u%02d", n);
+  return b;
+}
+
+// Front ends on 127.0.0.1 are trusted, so users launch by name (identity assertion, no password).
+// `ports`: fixed listener ports (for a restart on the same ports), else 0.
+std::string site_config(const TempDir& dir, int ticket_ttl_seconds = 200, const std::string& ports = {}) {
+  const std::string key_hash = common::crypto::sha256_hex(kEnrollKey);
+  std::ostringstream c;
+  c << "\n[site]\nsite_name = \"Launch test\"\ndefault_domain = \"TEST\"\ntrust_xml_requests = true\n"
+    << "trusted_front_ends = [\"127.0.0.1\"]\nlogon_ticket_ttl_seconds = " << ticket_ttl_seconds << "\n";
+  c << R"(
+[[catalog]]
+name = "pool"
+allocation_type = "Random"
+session_support = "SingleSession"
+enrollment_key_hash = ")" << key_hash << R"("
+
+[[catalog]]
+name = "private"
+allocation_type = "Static"
+session_support = "SingleSession"
+enrollment_key_hash = ")" << key_hash << R"("
+
+[[delivery_group]]
+name = "Pool"
+desktop_kind = "Shared"
+delivery_type = "DesktopsOnly"
+session_support = "SingleSession"
+
+[[delivery_group]]
+name = "Personal"
+desktop_kind = "Private"
+delivery_type = "DesktopsOnly"
+session_support = "SingleSession"
+
+[[machine]]
+name = "TEST\\pool-{n}"
+count = )" << kPool << R"(
+catalog = "pool"
+delivery_group = "Pool"
+
+[[machine]]
+name = "TEST\\pc-{n}"
+count = )" << kPersonal << R"(
+catalog = "private"
+delivery_group = "Personal"
+
+[[rule]]
+name = "Pool access"
+rule_type = "access"
+delivery_group = "Pool"
+included_users = ["TEST\\Users"]
+
+[[rule]]
+name = "Pool"
+rule_type = "entitlement"
+delivery_group = "Pool"
+included_users = ["TEST\\Users"]
+
+[[rule]]
+name = "Personal access"
+rule_type = "access"
+delivery_group = "Personal"
+included_users = ["TEST\\Users"]
+
+[[rule]]
+name = "Personal"
+rule_type = "assignment"
+delivery_group = "Personal"
+included_users = ["TEST\\Users"]
+max_desktops = 1
+)";
+  std::string members;
+  for (int i = 1; i <= kUsers; ++i) {
+    c << "\n[[user]]\nname = \"" << user_name(i) << "\"\ndomain = \"TEST\"\n";
+    members += (members.empty() ? "\"" : ", \"") + user_name(i) + "\"";
+  }
+  c << "\n[[user]]\nname = \"outsider\"\ndomain = \"TEST\"\n";
+  c << "\n[[group]]\nname = \"Users\"\ndomain = \"TEST\"\nmembers = [" << members << "]\n";
+  std::string base = itest::base_config(dir, c.str());
+  if (!ports.empty()) {
+    // "port = 0" three times (xml, agent, admin), in that order.
+    std::istringstream p(ports);
+    for (std::string port; p >> port;) base.replace(base.find("port = 0"), 8, "port = " + port);
+  }
+  return base;
+}
+
+// An NFuse RequestAddress for `user` (asserted by the trusted front end).
+std::string request_address(const std::string& user, const std::string& name, const std::string& client = "PC-1",
+                            bool session_name = false) {
+  const std::string name_xml = session_name ? "<SessionName><SessionId>" + name + "</SessionId></SessionName>"
+                                            : "<AppName>" + name + "</AppName>";
+  return R"(<?xml version="1.0" encoding="UTF-8"?>
+<NFuseProtocol version="5.1"><RequestAddress><Name>)" + name_xml + R"(</Name>
+<ClientName>)" + client + R"(</ClientName><ClientAddress addresstype="dot">192.0.2.10</ClientAddress>
+<ServerAddress addresstype="dot-port"/><Flags><IncludeTicket/></Flags>
+<Credentials><ID type="SAM">TEST\)" + user + R"(</ID></Credentials></RequestAddress></NFuseProtocol>)";
+}
+
+std::string user_request(const std::string& request, const std::string& user, const std::string& inner = "<Nil/>") {
+  return R"(<?xml version="1.0" encoding="UTF-8"?><NFuseProtocol version="5.1"><)" + request + ">" + inner +
+         R"(<Credentials><ID type="SAM">TEST\)" + user + "</ID></Credentials></" + request + "></NFuseProtocol>";
+}
+
+std::string element(const std::string& body, const std::string& name) {
+  const std::regex re("<" + name + "(?: [^>]*)?>([^<]*)</" + name + ">");
+  std::smatch m;
+  return std::regex_search(body, m, re) ? m[1].str() : std::string();
+}
+
+struct Launch {
+  int status = 0;
+  std::string body, address, ticket, tag, error;
+  bool reconnect = false;
+  std::string session() const { return tag.rfind("OBSession:", 0) == 0 ? tag.substr(10) : std::string(); }
+};
+
+class Xml {
+ public:
+  explicit Xml(const Daemon& d) : http_("http://127.0.0.1:" + std::to_string(d.xml_port())) {}
+  std::string post(const std::string& body) {
+    auto r = http_.request("POST", "/scripts/wpnbr.dll", body, {{"Content-Type", "text/xml"}});
+    REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().message));
+    return r->body;
+  }
+  Launch launch(const std::string& user, const std::string& name, const std::string& client = "PC-1",
+                bool session_name = false) {
+    Launch l;
+    l.body = post(request_address(user, name, client, session_name));
+    l.address = element(l.body, "ServerAddress");
+    l.ticket = element(l.body, "Ticket");
+    l.tag = element(l.body, "TicketTag");
+    l.error = element(l.body, "ErrorId");
+    l.reconnect = l.body.find("<DisconnectedSession/>") != std::string::npos;
+    return l;
+  }
+
+ private:
+  net::HttpClient http_;
+};
+
+// Agents for every machine of the site, at 10.99.0.<n>:1494 (pool) and 10.99.1.<n>:1494 (pc).
+struct Agents {
+  vda::Fleet fleet;
+  std::map<std::string, vda::Machine> by_name;
+  std::map<std::string, std::string> by_address;  // "10.99.0.1:1494" -> machine
+
+  explicit Agents(const Daemon& d, std::optional<Millis> client_delay = Millis{100}) : fleet(options(d, client_delay)) {
+    for (int i = 1; i <= kPool; ++i) add("TEST\\pool-" + std::to_string(i), "pool", "10.99.0." + std::to_string(i));
+    for (int i = 1; i <= kPersonal; ++i) add("TEST\\pc-" + std::to_string(i), "private", "10.99.1." + std::to_string(i));
+    fleet.start();
+  }
+  static vda::FleetOptions options(const Daemon& d, std::optional<Millis> client_delay) {
+    auto o = fleet_options(d);
+    o.client_connect_delay = client_delay;
+    o.backoff_base = Millis{200};
+    o.backoff_max = Millis{1000};
+    return o;
+  }
+  void add(const std::string& name, const std::string& catalog, const std::string& ip) {
+    vda::MachineConfig c;
+    c.name = name;
+    c.catalog = catalog;
+    c.enroll_key = kEnrollKey;
+    c.address = ip + ":1494";
+    by_name[name] = fleet.add(c);
+    by_address[c.address] = name;
+  }
+  bool all_registered(Api& api) {
+    for (auto& [name, m] : by_name)
+      if (!registered(m) || await_machine(api, name, "registration_state", "Registered") != "Registered") return false;
+    return true;
+  }
+  vda::Machine& at(const std::string& address) { return by_name.at(by_address.at(address)); }
+};
+
+bool has_session(const vda::Machine& m, const std::string& key, cbp::SessionState state) {
+  return m.wait_for(
+      [&](const vda::MachineStatus& s) {
+        for (const auto& v : s.sessions)
+          if (v.info.session_key == key && v.state == state) return true;
+        return false;
+      },
+      kWait);
+}
+
+// The latest audit entry with `action` about `object` (its JSON), or empty. The log is newest
+// first.
+std::string audit_detail(Api& api, const std::string& action, const std::string& object = {}) {
+  auto page = api.get("/api/v1/audit?action=" + action + "&limit=500");
+  if (!page) return {};
+  for (const auto& e : page->at("items").as_array()) {
+    const auto& o = e.as_object();
+    if (object.empty() || text(o, "object") == object) return json::serialize(o);
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("launch: a shared desktop end to end, reconnect, session data, logoff frees the machine") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon);
+  REQUIRE(agents.all_registered(api));
+
+  auto caps = xml.post(R"(<?xml version="1.0"?><NFuseProtocol version="5.1"><RequestCapabilities><Nil/></RequestCapabilities></NFuseProtocol>)");
+  CHECK(caps.find("<CapabilityId>launch-reference</CapabilityId>") != std::string::npos);
+
+  auto first = xml.launch("u01", "Pool");
+  REQUIRE_MESSAGE(first.error.empty(), first.body);
+  CHECK(std::regex_match(first.ticket, std::regex("[0-9A-F]{30}")));
+  REQUIRE(agents.by_address.contains(first.address));
+  const auto machine = agents.by_address.at(first.address);
+  CHECK(machine.rfind("TEST\\pool-", 0) == 0);
+  const auto key = first.session();
+  REQUIRE_FALSE(key.empty());
+  CHECK_FALSE(first.reconnect);
+  CHECK(first.body.find("<ConnectionType>tcp</ConnectionType>") != std::string::npos);
+  CHECK(first.body.find("<ClientType>ica30</ClientType>") != std::string::npos);
+
+  // The pending session was stored before the reply; the simulated client redeems the ticket
+  // and logs on; the broker sees it Active.
+  auto& agent = agents.at(first.address);
+  CHECK(has_session(agent, key, cbp::SessionState::active));
+  CHECK(agent.status().logons == 1);
+  CHECK(await_session(api, key, "state", "Active") == "Active");
+  CHECK(api.session_field(key, "user_name") == "TEST\\u01");
+  CHECK(api.session_field(key, "machine") == machine);
+  CHECK(api.session_field(key, "client_name") == "PC-1");
+  CHECK(api.session_field(key, "brokered") == "true");
+  CHECK(await_machine(api, machine, "summary_state", "InUse") == "InUse");
+  CHECK(api.machine_field(machine, "last_connection_user") == "TEST\\u01");
+  // The ticket was for one use: presented again (even by its machine) it is refused.
+  auto again = agent.redeem(first.ticket).get();
+  CHECK_FALSE(again.ok);
+
+  // A second launch of the same desktop reconnects to the same session on the same machine.
+  auto second = xml.launch("u01", "Pool", "PC-2");
+  REQUIRE_MESSAGE(second.error.empty(), second.body);
+  CHECK(second.address == first.address);
+  CHECK(second.session() == key);
+  CHECK(second.reconnect);
+  CHECK(second.ticket != first.ticket);
+  CHECK(agent.wait_for([](const vda::MachineStatus& s) { return s.logons == 2; }, kWait));
+  CHECK(await_session(api, key, "client_name", "PC-2") == "PC-2");
+
+  // Another user gets another machine: a single-session machine never has two sessions.
+  auto other = xml.launch("u02", "Pool");
+  REQUIRE_MESSAGE(other.error.empty(), other.body);
+  CHECK(other.address != first.address);
+
+  // RequestReconnectSessionData lists u01's session (HostId = the machine's id).
+  auto data = xml.post(user_request("RequestReconnectSessionData", "u01",
+                                    "<ServerType>all</ServerType><ClientType>ica30</ClientType><SessionType>active</SessionType><SessionType>disconnected</SessionType>"));
+  CHECK_MESSAGE(data.find("<SessionId>" + key + "</SessionId>") != std::string::npos, data);
+
+  // RequestLogoffUserSessions: the agent logs the session off; the machine is free again.
+  auto logoff = xml.post(user_request("RequestLogoffUserSessions", "u01", "<ServerType>all</ServerType><ClientType>ica30</ClientType>"));
+  CHECK_MESSAGE(logoff.find("ErrorId") == std::string::npos, logoff);
+  CHECK(agent.wait_for([](const vda::MachineStatus& s) { return s.sessions.empty(); }, kWait));
+  CHECK(await_session(api, key, "state", "LoggedOff") == "LoggedOff");
+  CHECK_FALSE(api.session_field(key, "end_time").empty());
+  CHECK(await_machine(api, machine, "summary_state", "Available") == "Available");
+  // The logged-off session is history: a reconnect to it is refused, a new launch works.
+  auto stale = xml.launch("u01", key, "PC-1", true);
+  CHECK_FALSE(stale.error.empty());
+  auto fresh = xml.launch("u01", "Pool");
+  CHECK_MESSAGE(fresh.error.empty(), fresh.body);
+  CHECK(fresh.session() != key);
+}
+
+TEST_CASE("launch: assign-on-first-use gives each user a machine of their own, kept across logoffs") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon);
+  REQUIRE(agents.all_registered(api));
+
+  auto first = xml.launch("u03", "Personal");
+  REQUIRE_MESSAGE(first.error.empty(), first.body);
+  const auto machine = agents.by_address.at(first.address);
+  CHECK(machine.rfind("TEST\\pc-", 0) == 0);
+  CHECK(api.total("/api/v1/assignments?user=TEST%5Cu03&limit=1") == 1);
+  CHECK(has_session(agents.at(first.address), first.session(), cbp::SessionState::active));
+  REQUIRE(agents.at(first.address).logoff_session(first.session()));
+  CHECK(await_session(api, first.session(), "state", "LoggedOff") == "LoggedOff");
+  // Logged off and back: the same machine, no second assignment (max_desktops = 1).
+  auto back = xml.launch("u03", "Personal");
+  REQUIRE_MESSAGE(back.error.empty(), back.body);
+  CHECK(back.address == first.address);
+  CHECK(api.total("/api/v1/assignments?user=TEST%5Cu03&limit=1") == 1);
+  // Someone not in the rules has no desktop.
+  auto outsider = xml.launch("outsider", "Personal");
+  CHECK_FALSE(outsider.error.empty());
+  CHECK(outsider.address.empty());
+}
+
+TEST_CASE("launch: concurrent launches never double-book a machine and every accepted launch is kept") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  Api api(daemon);
+  Agents agents(daemon, std::nullopt);  // no client connects: every machine stays reserved
+  REQUIRE(agents.all_registered(api));
+
+  // 12 distinct users storm the 4 pooled desktops and, at the same time, the 6 personal ones.
+  std::mutex mutex;
+  std::vector<std::pair<std::string, Launch>> results;
+  std::vector<std::thread> threads;
+  for (int i = 1; i <= 12; ++i)
+    for (const std::string group : {"Pool", "Personal"})
+      threads.emplace_back([&, i, group] {
+        Xml xml(daemon);
+        auto l = xml.launch(user_name(i), group);
+        std::lock_guard lock(mutex);
+        results.emplace_back(group, std::move(l));
+      });
+  for (auto& t : threads) t.join();
+
+  std::map<std::string, std::set<std::string>> machines_given;  // group -> addresses
+  std::map<std::string, int> accepted, refused;
+  for (const auto& [group, l] : results) {
+    if (l.error.empty()) {
+      ++accepted[group];
+      CHECK_MESSAGE(machines_given[group].insert(l.address).second, "machine given twice: " << l.address);
+      // Every accepted launch has its pending session stored.
+      CHECK(api.session_field(l.session(), "state") == "PreparingNewSession");
+    } else {
+      ++refused[group];
+      CHECK_MESSAGE(l.error == "no-available-workstation", l.body);
+    }
+  }
+  CHECK(accepted["Pool"] == kPool);
+  CHECK(refused["Pool"] == 12 - kPool);
+  CHECK(accepted["Personal"] == kPersonal);
+  CHECK(refused["Personal"] == 12 - kPersonal);
+  // Assignments never exceed the rule: one machine per user, one user per machine.
+  auto page = api.get("/api/v1/assignments?limit=100");
+  REQUIRE(page.has_value());
+  std::set<std::string> users, assigned;
+  for (const auto& a : page->at("items").as_array()) {
+    CHECK(users.insert(text(a.as_object(), "user")).second);
+    CHECK(assigned.insert(text(a.as_object(), "machine")).second);
+  }
+  CHECK(assigned.size() == static_cast<std::size_t>(kPersonal));
+  // The refusals are explained in the audit trail.
+  CHECK(audit_detail(api, "launch-refused").find("AllMachinesInUse") != std::string::npos);
+}
+
+TEST_CASE("launch: failures are explained, a refused prepare fails over, a wrong user is logged off") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+
+  // No agent yet: every machine is unregistered.
+  auto none = xml.launch("u01", "Pool");
+  CHECK(none.error == "no-available-workstation");
+  CHECK(audit_detail(api, "launch-refused").find("AllMachinesUnregistered") != std::string::npos);
+
+  Agents agents(daemon);
+  REQUIRE(agents.all_registered(api));
+  // Maintenance mode on the group.
+  REQUIRE(api.call("PATCH", "/api/v1/delivery-groups/Pool", R"({"in_maintenance_mode":true})").status == 200);
+  CHECK_FALSE(xml.launch("u01", "Pool").error.empty());
+  CHECK(audit_detail(api, "launch-refused").find("DeliveryGroupInMaintenance") != std::string::npos);
+  REQUIRE(api.call("PATCH", "/api/v1/delivery-groups/Pool", R"({"in_maintenance_mode":false})").status == 200);
+
+  // pool-2 and pool-3 in maintenance; pool-1 never answers prepare_session. A launch lands on
+  // pool-4 (after failing over from pool-1 if it tried it first); the next one has only pool-1
+  // left: the prepare fails, which is recorded on the machine and explained.
+  for (const std::string m : {"pool-2", "pool-3"})
+    REQUIRE(api.call("PATCH", "/api/v1/machines/TEST%5C" + m, R"({"in_maintenance_mode":true})").status == 200);
+  vda::Faults silent;
+  silent.ignore_commands = true;
+  agents.by_name.at("TEST\\pool-1").set_faults(silent);
+  auto ok = xml.launch("u05", "Pool");
+  REQUIRE_MESSAGE(ok.error.empty(), ok.body);
+  CHECK(agents.by_address.at(ok.address) == "TEST\\pool-4");
+  CHECK(has_session(agents.by_name.at("TEST\\pool-4"), ok.session(), cbp::SessionState::active));
+  auto failed = xml.launch("u06", "Pool");
+  CHECK_FALSE(failed.error.empty());
+  CHECK(api.machine_field("TEST\\pool-1", "last_connection_failure") == "SessionPreparation");
+  CHECK(audit_detail(api, "launch-failed").find("SessionPrepareFailure") != std::string::npos);
+
+  // Someone else logs on to a session brokered for u07: the broker has the agent log it off.
+  auto pc = xml.launch("u07", "Personal");
+  REQUIRE_MESSAGE(pc.error.empty(), pc.body);
+  auto& agent = agents.at(pc.address);
+  CHECK(has_session(agent, pc.session(), cbp::SessionState::active));
+  agent.send_raw(R"({"type":"session_event","event":"Reconnected","session":{"session_key":")" + pc.session() +
+                 R"(","user":"TEST\\u08","client_name":"INTRUDER","client_address":"192.0.2.66","protocol":"HDX"}})");
+  CHECK(agent.wait_for([](const vda::MachineStatus& s) { return s.sessions.empty(); }, kWait));
+  CHECK(await_session(api, pc.session(), "state", "LoggedOff") == "LoggedOff");
+  CHECK(api.session_field(pc.session(), "user_name") == "TEST\\u07");
+  CHECK(audit_detail(api, "session-wrong-user", pc.session()).find("TEST\\\\u08") != std::string::npos);
+}
+
+TEST_CASE("launch: a client that never connects releases its machine (ConnectionTimeout)") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir, 10)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon, std::nullopt);
+  REQUIRE(agents.all_registered(api));
+  auto l = xml.launch("u01", "Pool");
+  REQUIRE_MESSAGE(l.error.empty(), l.body);
+  const auto machine = agents.by_address.at(l.address);
+  CHECK(api.session_field(l.session(), "state") == "PreparingNewSession");
+  CHECK(await_session(api, l.session(), "state", "<gone>") == "<gone>");
+  CHECK(api.machine_field(machine, "last_connection_failure") == "ConnectionTimeout");
+  CHECK(audit_detail(api, "launch-timeout", l.session()).find("ConnectionTimeout") != std::string::npos);
+}
+
+TEST_CASE("launch: a restart of brokerd mid-session keeps sessions and assignments; agents re-register") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  const std::string ports = std::to_string(daemon.xml_port()) + " " + std::to_string(daemon.agent_port()) + " " +
+                            std::to_string(daemon.admin_port());
+  std::string pool_key, pc_key, pool_address, pc_address;
+  Agents agents(daemon);
+  {
+    Api api(daemon);
+    Xml xml(daemon);
+    REQUIRE(agents.all_registered(api));
+    auto pool = xml.launch("u01", "Pool");
+    auto pc = xml.launch("u02", "Personal");
+    REQUIRE_MESSAGE(pool.error.empty(), pool.body);
+    REQUIRE_MESSAGE(pc.error.empty(), pc.body);
+    pool_key = pool.session();
+    pc_key = pc.session();
+    pool_address = pool.address;
+    pc_address = pc.address;
+    CHECK(await_session(api, pool_key, "state", "Active") == "Active");
+    CHECK(await_session(api, pc_key, "state", "Active") == "Active");
+  }
+  REQUIRE(daemon.stop() == 0);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir, 200, ports)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  // The agents reconnect on their own, register and report their sessions.
+  REQUIRE(agents.all_registered(api));
+  CHECK(await_session(api, pool_key, "state", "Active") == "Active");
+  CHECK(api.session_field(pool_key, "brokered") == "true");
+  CHECK(api.session_field(pc_key, "user_name") == "TEST\\u02");
+  CHECK(api.total("/api/v1/assignments?user=TEST%5Cu02&limit=1") == 1);
+  CHECK(await_machine(api, agents.by_address.at(pool_address), "summary_state", "InUse") == "InUse");
+  // Nothing is handed out twice: the other users get other machines, u01 reconnects.
+  for (int i = 3; i <= kPool + 1; ++i) {
+    auto l = xml.launch(user_name(i), "Pool");
+    CHECK(l.address != pool_address);
+  }
+  auto again = xml.launch("u01", "Pool");
+  CHECK(again.session() == pool_key);
+  CHECK(again.address == pool_address);
+  auto pc_again = xml.launch("u02", "Personal");
+  CHECK(pc_again.address == pc_address);
+}
