@@ -258,8 +258,7 @@ AdminApi::AdminApi(broker::SiteObjects& site, storage::Repository& repository, c
   metrics_.describe("broker_machines", common::Metrics::Type::gauge, "Machines by registration state.");
   metrics_.describe("broker_sessions", common::Metrics::Type::gauge, "Sessions by state.");
   metrics_.describe("broker_up", common::Metrics::Type::gauge, "1 while the broker serves.");
-  metrics_.describe("broker_storage_commit_seconds", common::Metrics::Type::histogram,
-                    "Time to commit one storage transaction.");
+  // broker_storage_* are described by storage (storage::SqliteOptions::metrics).
 }
 
 void AdminApi::set_listeners_ready(std::vector<std::string> names) {

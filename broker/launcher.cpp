@@ -531,7 +531,12 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         if (!outcome.ok()) return make_error(errc::conflict, outcome.message);  // roll back
         return {};
       });
-      if (!st && outcome.ok()) outcome = failed(LaunchFailure::storage_error, st.error().describe());
+      if (!st && outcome.ok()) {
+        // The transaction did not commit (its batch failed): undo the in-memory load bump too.
+        outcome = failed(LaunchFailure::storage_error, st.error().describe());
+        std::lock_guard lock(decide_mutex);
+        bumps.erase(res.machine);
+      }
     }
     if (!outcome.ok()) {
       if (!a->last_error.empty() && (outcome.failure == LaunchFailure::all_in_use || outcome.failure == LaunchFailure::no_machines ||
@@ -572,8 +577,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
               res.reconnect ? "reconnects to" : "launches", res.prepare.resource, res.machine, res.session_key);
     const auto took =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - a->started).count();
-    finish(a, std::move(r));
-    // BrokeringDuration, informational: written after the reply, not part of the launch's commit.
+    // BrokeringDuration, informational: written beside the reply, not part of the launch's
+    // commit. Posted before finish(): once the launch is finished its owner may go away.
     auto self = shared_from_this();
     work.post([self, key = res.session_key, took] {
       auto st = self->repo.write([&](storage::Transaction& tx) -> Status {
@@ -587,6 +592,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       });
       if (!st) self->log->warn("launch: brokering duration of {} not stored: {}", key, st.error().describe());
     });
+    finish(a, std::move(r));
   }
 
   void prepare_failed(const std::shared_ptr<Attempt>& a, const Reservation& res, const std::string& error) {

@@ -289,8 +289,10 @@ TEST_CASE("launcher: a refused preparation fails over to another machine and is 
   Fixture f;
   f.agents.refuse = {"DEMO\\pool-1", "DEMO\\pool-2"};
   f.update(Kind::machine, "DEMO\\pool-3", "in_maintenance_mode", true);
-  // pool-1, pool-2 refuse and pool-4 works: whatever the order, the launch ends on pool-4.
-  for (int i = 0; i < 5; ++i) {
+  // pool-1, pool-2 refuse and pool-4 works: whatever the order, the launch ends on pool-4. Each
+  // launch tries pool-1 before pool-4 with probability 1/2: over 40 launches both refusing
+  // machines are tried (all but certainly).
+  for (int i = 0; i < 40; ++i) {
     auto r = f.launch("carol" + std::to_string(i), "pool-desktop");
     REQUIRE_MESSAGE(r.ok(), r.message);
     CHECK(r.machine == "DEMO\\pool-4");

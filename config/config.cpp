@@ -385,8 +385,9 @@ const toml::table* Loader::section(const toml::table& root, std::string_view nam
 void Loader::read_daemon(const toml::table& root) {
   const toml::table* t = section(root, "daemon");
   if (!t) return;
-  TableReader r(*this, *t, "daemon", {"io_threads", "shutdown_grace_seconds"});
+  TableReader r(*this, *t, "daemon", {"io_threads", "worker_threads", "shutdown_grace_seconds"});
   if (auto v = r.integer("io_threads", 1, 256)) config_.io_threads = static_cast<int>(*v);
+  if (auto v = r.integer("worker_threads", 1, 256)) config_.worker_threads = static_cast<int>(*v);
   if (auto v = r.integer("shutdown_grace_seconds", 0, 3600)) config_.shutdown_grace_seconds = static_cast<int>(*v);
   r.finish();
 }

@@ -50,6 +50,7 @@ struct Config {
   int database_busy_timeout_ms = 5000;
   common::LogOptions log;
   int io_threads = 2;
+  int worker_threads = 8;  // the work queue: storage and other blocking work
   int shutdown_grace_seconds = 10;
   std::vector<AdminToken> admin_tokens;
   // Admin-port paths served without a bearer token besides /healthz (e.g. "/metrics", "/readyz").

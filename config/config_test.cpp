@@ -77,6 +77,7 @@ TEST_CASE("the example file loads and keeps the documented defaults") {
   const config::Config defaults;
   const config::Listener listener;
   CHECK(c.io_threads == defaults.io_threads);
+  CHECK(c.worker_threads == defaults.worker_threads);
   CHECK(c.shutdown_grace_seconds == defaults.shutdown_grace_seconds);
   CHECK(c.xml.port == 8080);
   CHECK(c.agent.port == 8081);

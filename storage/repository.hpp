@@ -2,7 +2,9 @@
 // interface; storage/sqlite/ implements it (a PostgreSQL implementation can slot in later).
 //
 // Threading: every call blocks on disk I/O, so call it off the I/O threads (the engine's work
-// queue). Implementations are thread-safe: transactions are serialised.
+// queue). Implementations are thread-safe: transactions are serialised, and concurrent write()
+// calls are committed together (group commit; docs/architecture.md, "Durability and group
+// commit").
 #pragma once
 
 #include "common/error.hpp"
@@ -111,23 +113,39 @@ class Repository {
  public:
   virtual ~Repository() = default;
 
-  // Runs fn inside one write transaction (BEGIN IMMEDIATE): committed when fn returns success,
-  // rolled back when it returns an error (which is returned) or throws (rethrown).
+  // Runs fn as one atomic, isolated write: its changes are committed when fn returns success,
+  // rolled back when it returns an error (which is returned) or throws (rethrown in the caller's
+  // thread). Success means durable: the commit reached the disk (survives a power loss).
+  // Group commit: fn may run in one SQL transaction (BEGIN IMMEDIATE ... COMMIT) with the
+  // functions of other concurrent write() calls, each in its own savepoint, so:
+  // - fn may run on another thread than the caller's (no thread-local state; do not take a lock
+  //   inside fn that another thread may hold while it calls write());
+  // - fn sees the changes of the functions run before it in the same batch; a failing neighbour
+  //   does not roll fn back, but a failed COMMIT (or a database error that aborts the whole
+  //   transaction) fails every function of the batch that had succeeded, so in-memory effects
+  //   made inside fn must be undone when write() returns an error;
+  // - holding a mutex of one's own across write() serialises the callers and prevents batching.
+  // Calling the repository from inside fn fails with errc::internal; errc::unavailable once
+  // close() has been called (also for calls queued when it was called).
   virtual Status write(const std::function<Status(Transaction&)>& fn) = 0;
-  // Runs fn inside a read transaction (a consistent snapshot).
+  // Runs fn inside a read transaction (a consistent snapshot), on the caller's thread. Reads and
+  // write batches take turns in arrival order, so neither starves the other.
   virtual Status read(const std::function<Status(Transaction&)>& fn) = 0;
 
   // A cheap liveness probe for /readyz.
   virtual Status ping() = 0;
   virtual SchemaInfo schema() const = 0;
-  // Checkpoints the WAL and closes; later calls fail with errc::unavailable.
+  // Waits for the transaction in progress, checkpoints the WAL and closes; calls still waiting
+  // (queued write()s included) and later calls fail with errc::unavailable.
   virtual void close() = 0;
 };
 
 struct SqliteOptions {
   std::string path;                 // ":memory:" for tests
   int busy_timeout_ms = 5000;
-  common::Metrics* metrics = nullptr;  // optional: storage_commit_seconds histogram
+  // optional: broker_storage_commit_seconds histogram, broker_storage_commit_batches_total and
+  // broker_storage_commit_batch_writes_total counters (group-commit batch sizes)
+  common::Metrics* metrics = nullptr;
 };
 
 // Opens (creating if absent) and migrates the database. Fails with errc::incompatible for a

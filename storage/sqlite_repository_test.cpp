@@ -1,20 +1,27 @@
 // Tests of storage::open_sqlite(): schema, generic CRUD over every kind, references, renames,
-// transactions, and the refusal of files that are not (healthy, compatible) openbroker databases.
+// transactions, group commit, and the refusal of files that are not (healthy, compatible)
+// openbroker databases.
 #include "common/clock.hpp"
 #include "common/metrics.hpp"
 #include "common/model.hpp"
 #include "storage/repository.hpp"
 #include "storage/sqlite/schema.hpp"
+#include "storage/sqlite/sqlite_repository.hpp"
 
 #include <doctest/doctest.h>
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <iterator>
 #include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <stdexcept>
@@ -1020,4 +1027,311 @@ TEST_CASE("transactions from several threads are serialised") {
   // A second connection to the same file (another process, e.g. an admin's sqlite3) sees it.
   auto other = open_repo(dir.file("threads.db"));
   read_ok(*other, [](Transaction& tx) { CHECK(tx.count(Kind::machine, {}).value() == 100); });
+}
+
+// --- group commit ------------------------------------------------------------------------------
+
+namespace {
+
+// The value of an unlabelled counter or gauge in the rendered metrics; 0 when absent.
+double metric_value(const common::Metrics& metrics, const std::string& name) {
+  const std::string text = "\n" + metrics.render();
+  const auto pos = text.find("\n" + name + " ");
+  if (pos == std::string::npos) return 0;
+  return std::stod(text.substr(pos + name.size() + 2));
+}
+
+// Polls `done` until it holds; fails the test (instead of hanging) after a minute.
+void wait_until(const std::function<bool()>& done) {
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > give_up) {
+      FAIL_CHECK("condition not reached");
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// A write() that holds the connection until release(): while it runs, other writers queue up,
+// and they are all taken into the next batch together. Creates catalog `name`.
+class HeldWrite {
+ public:
+  HeldWrite(Repository& repo, std::string name) {
+    auto entered = entered_.get_future();
+    thread_ = std::thread([this, &repo, name = std::move(name)] {
+      status_ = repo.write([&](Transaction& tx) -> common::Status {
+        auto r = tx.create(make_default(Kind::catalog, name));
+        entered_.set_value();
+        release_.get_future().wait();
+        if (!r) return r.error();
+        return {};
+      });
+    });
+    entered.wait();
+  }
+  ~HeldWrite() { join(); }
+  HeldWrite(const HeldWrite&) = delete;
+  HeldWrite& operator=(const HeldWrite&) = delete;
+
+  // Lets the held write finish and waits for its write() to return.
+  common::Status join() {
+    if (!released_) {
+      released_ = true;
+      release_.set_value();
+    }
+    if (thread_.joinable()) thread_.join();
+    return status_;
+  }
+
+ private:
+  std::promise<void> entered_, release_;
+  bool released_ = false;
+  std::thread thread_;
+  common::Status status_;
+};
+
+}  // namespace
+
+TEST_CASE("group commit: many concurrent writers all commit, durably") {
+  TempDir dir;
+  const std::string path = dir.file("group.db");
+  common::Metrics metrics;
+  auto repo = open_repo(path, &metrics);
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c1")); });
+  constexpr int kThreads = 16;
+  constexpr int kWrites = 20;
+  std::atomic<int> failures{0};
+  std::atomic<bool> writing{true};
+  std::atomic<bool> reads_ok{true};
+  // A reader alongside the writers: each snapshot sees every earlier commit, never fewer.
+  std::thread reader([&] {
+    std::int64_t last = 0;
+    while (writing) {
+      auto st = repo->read([&](Transaction& tx) -> common::Status {
+        auto n = tx.count(Kind::machine, {});
+        if (!n) return n.error();
+        if (*n < last) reads_ok = false;
+        last = *n;
+        return {};
+      });
+      if (!st) reads_ok = false;
+    }
+  });
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kWrites; ++i) {
+        // Like a launch: a new row and an update of a shared one, in one write().
+        auto st = repo->write([&](Transaction& tx) -> common::Status {
+          auto m = tx.create(machine("t" + std::to_string(t) + "-" + std::to_string(i), "c1"));
+          if (!m) return m.error();
+          auto c = tx.get(Kind::catalog, "c1");
+          if (!c) return c.error();
+          if (auto u = tx.update("c1", *c); !u) return u.error();
+          return {};
+        });
+        if (!st) ++failures;
+      }
+    });
+  for (auto& t : threads) t.join();
+  writing = false;
+  reader.join();
+  CHECK(failures == 0);
+  CHECK(reads_ok);
+  read_ok(*repo, [&](Transaction& tx) { CHECK(tx.count(Kind::machine, {}).value() == kThreads * kWrites); });
+  // Every write() was served by exactly one committed batch; batches never exceed 64.
+  const double batches = metric_value(metrics, "broker_storage_commit_batches_total");
+  const double writes = metric_value(metrics, "broker_storage_commit_batch_writes_total");
+  CHECK(writes == 1 + kThreads * kWrites);
+  CHECK(batches >= writes / 64);
+  CHECK(batches <= writes);
+  CHECK(metric_value(metrics, "broker_storage_commit_seconds_count") == batches);
+  CHECK(metrics.render().find("# TYPE broker_storage_commit_batches_total counter") != std::string::npos);
+
+  repo->close();
+  auto reopened = open_repo(path);
+  read_ok(*reopened, [&](Transaction& tx) { CHECK(tx.count(Kind::machine, {}).value() == kThreads * kWrites); });
+}
+
+TEST_CASE("group commit: a failing or throwing write does not roll back its batch neighbours") {
+  TempDir dir;
+  const std::string path = dir.file("batch.db");
+  common::Metrics metrics;
+  auto repo = open_repo(path, &metrics);
+  write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c1")); });
+  const double batches_before = metric_value(metrics, "broker_storage_commit_batches_total");
+  const double writes_before = metric_value(metrics, "broker_storage_commit_batch_writes_total");
+
+  // Six writers queue behind a held write; they form one batch, run by one leader thread.
+  std::mutex ids_mutex;
+  std::set<std::thread::id> runners;  // threads that ran the queued functions
+  auto ran_here = [&] {
+    std::lock_guard lock(ids_mutex);
+    runners.insert(std::this_thread::get_id());
+  };
+  auto create = [&](const std::string& name) {
+    return [&, name](Transaction& tx) -> common::Status {
+      ran_here();
+      auto r = tx.create(make_default(Kind::catalog, name));
+      if (!r) return r.error();
+      return {};
+    };
+  };
+  std::map<std::string, std::function<common::Status(Transaction&)>> fns;
+  fns["ok1"] = create("ok1");
+  fns["ok2"] = create("ok2");
+  // (No REQUIRE in these: they run on the leader's thread.)
+  fns["fails"] = [&](Transaction& tx) -> common::Status {
+    ran_here();
+    if (auto r = tx.create(make_default(Kind::catalog, "fails")); !r) return r.error();
+    return common::make_error(errc::invalid_argument, "changed my mind");
+  };
+  fns["throws"] = [&](Transaction& tx) -> common::Status {
+    ran_here();
+    if (auto r = tx.create(make_default(Kind::catalog, "throws")); !r) return r.error();
+    throw std::runtime_error("bug in a batch");
+  };
+  fns["conflict"] = [&](Transaction& tx) -> common::Status {
+    ran_here();
+    if (auto r = tx.create(make_default(Kind::catalog, "conflict")); !r) return r.error();
+    auto dup = tx.create(make_default(Kind::catalog, "held"));  // committed by the held write
+    if (!dup) return dup.error();
+    return {};
+  };
+  std::atomic<int> nested_read{0}, nested_write{0};
+  fns["nested"] = [&](Transaction& tx) -> common::Status {
+    ran_here();
+    // Run by the leader's thread, the repository still sees it as inside a transaction.
+    auto r = repo->read([](Transaction&) -> common::Status { return {}; });
+    nested_read = r ? 0 : static_cast<int>(r.error().code);
+    auto w = repo->write([](Transaction&) -> common::Status { return {}; });
+    nested_write = w ? 0 : static_cast<int>(w.error().code);
+    if (auto c = tx.create(make_default(Kind::catalog, "nested")); !c) return c.error();
+    return {};
+  };
+
+  std::map<std::string, common::Status> results;
+  std::string thrown;
+  {
+    HeldWrite held(*repo, "held");
+    std::vector<std::thread> threads;
+    std::mutex results_mutex;
+    for (auto& [name, fn] : fns)
+      threads.emplace_back([&, name = name] {
+        common::Status st;
+        try {
+          st = repo->write(fns.at(name));
+        } catch (const std::runtime_error& e) {
+          std::lock_guard lock(results_mutex);
+          thrown = name + ": " + e.what();
+        }
+        std::lock_guard lock(results_mutex);
+        results[name] = st;
+      });
+    wait_until([&] { return storage::sqlite::write_queue_state(*repo).queued == fns.size(); });
+    CHECK(held.join().has_value());
+    for (auto& t : threads) t.join();
+  }
+
+  CHECK(results.at("ok1").has_value());
+  CHECK(results.at("ok2").has_value());
+  CHECK(results.at("nested").has_value());
+  REQUIRE(!results.at("fails"));
+  CHECK(results.at("fails").error().message == "changed my mind");
+  REQUIRE(!results.at("conflict"));
+  CHECK(results.at("conflict").error().code == errc::conflict);
+  CHECK(thrown == "throws: bug in a batch");  // rethrown in the caller's thread
+  CHECK(nested_read == static_cast<int>(errc::internal));
+  CHECK(nested_write == static_cast<int>(errc::internal));
+  CHECK(runners.size() == 1);  // one leader ran every function of the batch
+
+  // The held write, then one batch of six (one COMMIT for all of them).
+  CHECK(metric_value(metrics, "broker_storage_commit_batches_total") - batches_before == 2);
+  CHECK(metric_value(metrics, "broker_storage_commit_batch_writes_total") - writes_before == 7);
+
+  auto check_catalogs = [](Repository& r) {
+    read_ok(r, [](Transaction& tx) {
+      std::set<std::string> names;
+      for (const auto& c : tx.list(Kind::catalog, {}).value()) names.insert(c.name);
+      CHECK(names == std::set<std::string>{"c1", "held", "ok1", "ok2", "nested"});
+    });
+  };
+  check_catalogs(*repo);
+  repo->close();
+  check_catalogs(*open_repo(path));
+}
+
+TEST_CASE("group commit: later functions of a batch see the earlier ones' writes") {
+  auto repo = memory_repo();
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  {
+    HeldWrite held(*repo, "c1");
+    for (int i = 0; i < 8; ++i)
+      threads.emplace_back([&, i] {
+        // Each appends to the same catalog's description what it read there: every function sees
+        // its predecessors' updates, so no update is lost.
+        auto st = repo->write([&](Transaction& tx) -> common::Status {
+          auto c = tx.get(Kind::catalog, "c1");
+          if (!c) return c.error();
+          c->fields["description"] = c->text("description") + std::to_string(i);
+          if (auto u = tx.update("c1", *c); !u) return u.error();
+          return {};
+        });
+        if (!st) ++failures;
+      });
+    wait_until([&] { return storage::sqlite::write_queue_state(*repo).queued == 8; });
+    CHECK(held.join().has_value());
+    for (auto& t : threads) t.join();
+  }
+  CHECK(failures == 0);
+  read_ok(*repo, [](Transaction& tx) {
+    auto description = tx.get(Kind::catalog, "c1").value().text("description");
+    std::sort(description.begin(), description.end());
+    CHECK(description == "01234567");
+  });
+}
+
+TEST_CASE("group commit: close() fails the writers still queued, after the batch in progress") {
+  TempDir dir;
+  const std::string path = dir.file("close.db");
+  auto repo = open_repo(path);
+  std::vector<common::Status> results(3);
+  std::vector<std::thread> threads;
+  std::thread closer;
+  common::Status held_status;
+  {
+    HeldWrite held(*repo, "held");
+    for (std::size_t i = 0; i < results.size(); ++i)
+      threads.emplace_back([&, i] {
+        results[i] = repo->write([&](Transaction& tx) -> common::Status {
+          auto r = tx.create(make_default(Kind::catalog, "queued-" + std::to_string(i)));
+          if (!r) return r.error();
+          return {};
+        });
+      });
+    wait_until([&] { return storage::sqlite::write_queue_state(*repo).queued == results.size(); });
+    closer = std::thread([&] { repo->close(); });
+    wait_until([&] { return storage::sqlite::write_queue_state(*repo).closing; });
+    // New calls fail at once, without waiting for the held write.
+    CHECK(repo->write([](Transaction&) -> common::Status { return {}; }).error().code == errc::unavailable);
+    CHECK(repo->read([](Transaction&) -> common::Status { return {}; }).error().code == errc::unavailable);
+    held_status = held.join();
+  }
+  for (auto& t : threads) t.join();
+  closer.join();
+  CHECK(held_status.has_value());  // it was running: it commits
+  for (const auto& st : results) {
+    REQUIRE(!st);
+    CHECK(st.error().code == errc::unavailable);
+    CHECK(st.error().message == "storage is closed");
+  }
+  CHECK(storage::sqlite::write_queue_state(*repo).queued == 0);
+  auto reopened = open_repo(path);
+  read_ok(*reopened, [](Transaction& tx) {
+    auto all = tx.list(Kind::catalog, {}).value();
+    REQUIRE(all.size() == 1);
+    CHECK(all[0].name == "held");
+  });
 }

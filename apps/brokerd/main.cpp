@@ -136,7 +136,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   log->info("database {} (schema version {})", cfg.database_path, repository.schema().version);
 
   broker::SiteObjects site(repository, log);
-  common::WorkQueue work(2);
+  common::WorkQueue work(cfg.worker_threads);
 
   common::SystemClock clock;
   identity::BuiltinDirectory directory(repository, clock);

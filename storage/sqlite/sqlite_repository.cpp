@@ -1,5 +1,9 @@
 // storage/sqlite/sqlite_repository.cpp: storage::open_sqlite(): opening and checking the file,
-// connection settings, migrations, and the transaction wrapper (one connection behind a mutex).
+// connection settings, migrations, and the transaction wrapper: one connection, handed to one
+// caller at a time in arrival order, with group commit for write() (docs/architecture.md,
+// "Durability and group commit").
+#include "storage/sqlite/sqlite_repository.hpp"
+
 #include "common/metrics.hpp"
 #include "storage/repository.hpp"
 #include "storage/sqlite/connection.hpp"
@@ -8,11 +12,15 @@
 
 #include <sqlite3.h>
 
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <exception>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -26,20 +34,83 @@ using sqlite::Connection;
 
 constexpr std::string_view kMemory = ":memory:";
 constexpr std::string_view kCommitMetric = "broker_storage_commit_seconds";
+constexpr std::string_view kBatchesMetric = "broker_storage_commit_batches_total";
+constexpr std::string_view kBatchWritesMetric = "broker_storage_commit_batch_writes_total";
 
+// The most write() calls one COMMIT serves; later arrivals form the next batch.
+constexpr std::size_t kMaxBatch = 64;
+
+// Group commit
+// ------------
+// The connection is a resource handed to one holder at a time, in arrival order (a FIFO hand-off,
+// so neither readers nor writers can be starved): read(), ping(), close() and the leader of a
+// write batch each wait for their turn.
+//
+// write() queues its function. A caller that finds no leader elected becomes the leader: it waits
+// for the connection, takes up to kMaxBatch queued functions (its own first), elects the next
+// queued writer (if any) as the next leader, and runs BEGIN IMMEDIATE, each function inside its
+// own SAVEPOINT, then one COMMIT. Every other caller sleeps until the leader hands it its result.
+// A lone writer is the leader of a batch of one and never waits for company: batches form only
+// from writers that were already waiting while the previous batch held the connection.
 class SqliteRepository final : public Repository {
  public:
   SqliteRepository(std::unique_ptr<Connection> db, SchemaInfo info, common::Metrics* metrics)
       : db_(std::move(db)), info_(std::move(info)), metrics_(metrics) {}
   ~SqliteRepository() override { close(); }
 
-  Status write(const std::function<Status(Transaction&)>& fn) override { return run(fn, true); }
-  Status read(const std::function<Status(Transaction&)>& fn) override { return run(fn, false); }
+  Status write(const std::function<Status(Transaction&)>& fn) override {
+    if (inside()) return nested();
+    PendingWrite self{&fn};
+    {
+      std::unique_lock lock(mutex_);
+      if (closing_) return closed();
+      writers_.push_back(&self);
+      if (!leader_elected_) {
+        leader_elected_ = true;
+        self.leader = true;
+      } else {
+        self.wake.wait(lock, [&] { return self.leader || self.done; });
+      }
+      if (!self.done) lead(lock, self);
+    }
+    if (self.thrown) std::rethrow_exception(self.thrown);
+    return std::move(self.result);
+  }
+
+  Status read(const std::function<Status(Transaction&)>& fn) override {
+    if (inside()) return nested();
+    Turn turn;
+    if (!take_connection(turn)) return closed();
+    Lease lease(*this);
+    Inside mark(owner_);
+    if (auto ok = db_->exec("BEGIN"); !ok) return ok;
+    sqlite::SqliteTransaction tx(*db_, false);
+    Status result;
+    try {
+      result = fn(tx);
+    } catch (...) {
+      tx.finish();
+      rollback();
+      throw;
+    }
+    tx.finish();
+    // A read transaction has nothing to commit: ending it either way releases the snapshot.
+    if (!result) {
+      rollback();
+      return result;
+    }
+    if (auto ok = db_->exec("COMMIT"); !ok) {
+      rollback();
+      return ok;
+    }
+    return {};
+  }
 
   Status ping() override {
     if (inside()) return nested();
-    std::lock_guard lock(mutex_);
-    if (!db_) return closed();
+    Turn turn;
+    if (!take_connection(turn)) return closed();
+    Lease lease(*this);
     auto st = db_->prepare("SELECT 1");
     if (!st) return st.error();
     auto row = st->step();
@@ -50,16 +121,56 @@ class SqliteRepository final : public Repository {
   SchemaInfo schema() const override { return info_; }
 
   // A no-op when already closed, and when called from inside write()/read() (it would deadlock).
+  // Waits for the holder of the connection (a write batch in progress commits); every call
+  // still waiting for the connection, and every queued write(), then fails with unavailable.
   void close() override {
     if (inside()) return;
-    std::lock_guard lock(mutex_);
+    Turn turn;
+    {
+      std::unique_lock lock(mutex_);
+      closing_ = true;
+      acquire(lock, turn);
+    }
+    Lease lease(*this);
     if (!db_) return;
     (void)db_->exec("PRAGMA wal_checkpoint(TRUNCATE)");
     db_.reset();
   }
 
+  sqlite::WriteQueueState write_queue_state() {
+    std::lock_guard lock(mutex_);
+    return {writers_.size(), closing_};
+  }
+
  private:
-  // Marks the calling thread as the one inside a transaction, for the nesting check.
+  // A caller waiting for the connection.
+  struct Turn {
+    std::condition_variable wake;
+    bool granted = false;
+  };
+
+  // One write() call: its function, and its outcome once its batch is done.
+  struct PendingWrite : Turn {
+    explicit PendingWrite(const std::function<Status(Transaction&)>* f) : fn(f) {}
+    const std::function<Status(Transaction&)>* fn;
+    bool leader = false;  // elected to run the next batch
+    bool done = false;    // result/thrown are final
+    Status result;
+    std::exception_ptr thrown;
+  };
+
+  // The functions of one batch, in queue order (a fixed array: taking a batch never allocates
+  // while the connection is held).
+  struct Batch {
+    std::array<PendingWrite*, kMaxBatch> items{};
+    std::size_t size = 0;
+    PendingWrite** begin() { return items.data(); }
+    PendingWrite** end() { return items.data() + size; }
+    PendingWrite* operator[](std::size_t i) const { return items[i]; }
+  };
+
+  // Marks the calling thread as the one inside a transaction, for the nesting check. While a
+  // leader runs a batch, that is the leader's thread (it runs the other callers' functions).
   class Inside {
    public:
     explicit Inside(std::atomic<std::thread::id>& owner) : owner_(owner) { owner_ = std::this_thread::get_id(); }
@@ -71,50 +182,186 @@ class SqliteRepository final : public Repository {
     std::atomic<std::thread::id>& owner_;
   };
 
+  // Gives the connection back (to the next in line) at scope exit.
+  class Lease {
+   public:
+    explicit Lease(SqliteRepository& repo) : repo_(repo) {}
+    ~Lease() {
+      std::lock_guard lock(repo_.mutex_);
+      repo_.release();
+    }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+
+   private:
+    SqliteRepository& repo_;
+  };
+
   bool inside() const { return owner_.load() == std::this_thread::get_id(); }
   static Error nested() {
     return Error(errc::internal, "the repository was called from inside one of its own transactions");
   }
   static Error closed() { return Error(errc::unavailable, "storage is closed"); }
 
-  void rollback() {
-    if (sqlite3_get_autocommit(db_->handle()) == 0) (void)db_->exec("ROLLBACK");
+  // Waits (mutex_ held through `lock`) until the connection is the caller's.
+  void acquire(std::unique_lock<std::mutex>& lock, Turn& turn) {
+    if (!busy_) {
+      busy_ = true;
+      return;
+    }
+    turn.granted = false;
+    line_.push_back(&turn);
+    turn.wake.wait(lock, [&] { return turn.granted; });
   }
 
-  Status run(const std::function<Status(Transaction&)>& fn, bool write) {
-    if (inside()) return nested();
-    std::lock_guard lock(mutex_);
-    if (!db_) return closed();
-    Inside mark(owner_);
-    if (auto ok = db_->exec(write ? "BEGIN IMMEDIATE" : "BEGIN"); !ok) return ok;
-    sqlite::SqliteTransaction tx(*db_, write);
-    Status result;
+  // Hands the connection to the next in line, or marks it free. mutex_ held.
+  void release() {
+    if (line_.empty()) {
+      busy_ = false;
+      return;
+    }
+    Turn* next = line_.front();
+    line_.pop_front();
+    next->granted = true;
+    next->wake.notify_one();
+  }
+
+  // Takes the connection for read()/ping(); false (connection not taken) once closing.
+  bool take_connection(Turn& turn) {
+    std::unique_lock lock(mutex_);
+    if (closing_) return false;
+    acquire(lock, turn);
+    if (closing_ || !db_) {
+      release();
+      return false;
+    }
+    return true;
+  }
+
+  void rollback() {
+    if (in_transaction()) (void)db_->exec("ROLLBACK");
+  }
+  bool in_transaction() const { return sqlite3_get_autocommit(db_->handle()) == 0; }
+
+  // The leader's part of write(): `self` is the front of writers_. Returns with self.done set.
+  void lead(std::unique_lock<std::mutex>& lock, PendingWrite& self) {
+    acquire(lock, self);
+    Batch batch;
+    while (!writers_.empty() && batch.size < kMaxBatch) {
+      batch.items[batch.size++] = writers_.front();
+      writers_.pop_front();
+    }
+    // The writers that queued behind this batch elect their leader now: it lines up for the
+    // connection and takes whoever has queued by the time its turn comes.
+    if (writers_.empty()) {
+      leader_elected_ = false;
+    } else {
+      writers_.front()->leader = true;
+      writers_.front()->wake.notify_one();
+    }
+    const bool open = !closing_ && db_;
+    lock.unlock();
+    if (open) {
+      Inside mark(owner_);
+      run_batch(batch);
+    } else {
+      for (auto* p : batch) p->result = closed();
+    }
+    lock.lock();
+    release();
+    for (auto* p : batch) {
+      p->done = true;
+      if (p != &self) p->wake.notify_one();  // under mutex_: the waiter cannot return (and die) first
+    }
+  }
+
+  // Runs one queued function inside its own savepoint: on error or exception only its own
+  // changes are rolled back. false when the enclosing transaction did not survive (SQLite rolled
+  // it back after an I/O or similar error, or the savepoint could not be ended).
+  bool run_one(PendingWrite& p) {
+    if (auto ok = db_->exec("SAVEPOINT openbroker_write"); !ok) {
+      p.result = ok;
+      return in_transaction();
+    }
+    sqlite::SqliteTransaction tx(*db_, true);
+    bool failed = false;
     try {
-      result = fn(tx);
+      p.result = (*p.fn)(tx);
+      failed = !p.result;
     } catch (...) {
-      tx.finish();
-      rollback();
-      throw;
+      p.thrown = std::current_exception();
+      failed = true;
     }
     tx.finish();
-    if (!result) {
-      rollback();
-      return result;
+    if (!in_transaction()) {
+      if (!failed) p.result = Error(errc::storage_error, "database " + db_->path() + ": transaction lost");
+      return false;
     }
-    const auto start = std::chrono::steady_clock::now();
-    if (auto ok = db_->exec("COMMIT"); !ok) {
-      rollback();
-      return ok;
-    }
-    if (write && metrics_)
-      metrics_->observe(kCommitMetric, {},
-                        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    return {};
+    Status ended;
+    if (failed) ended = db_->exec("ROLLBACK TO openbroker_write");
+    if (ended) ended = db_->exec("RELEASE openbroker_write");
+    if (!ended && !failed) p.result = ended;
+    return ended.has_value();
   }
 
-  std::mutex mutex_;
+  // Runs a batch: BEGIN IMMEDIATE, each function in order in its savepoint, one COMMIT. Fills
+  // every function's result. Never throws (an exception from a function is stored for its
+  // caller; anything else thrown here fails the rest of the batch with it).
+  void run_batch(const Batch& batch) {
+    std::size_t next = 0;
+    while (next < batch.size) {
+      const std::size_t first = next;
+      try {
+        if (auto ok = db_->exec("BEGIN IMMEDIATE"); !ok) {
+          for (; next < batch.size; ++next) batch[next]->result = ok;
+          return;
+        }
+        bool survived = true;
+        while (survived && next < batch.size) survived = run_one(*batch[next++]);
+        if (!survived) {
+          // The transaction is gone with the changes of this batch's earlier functions: fail
+          // them too; the functions not run yet go on in a new transaction.
+          rollback();
+          const Error lost(errc::storage_error, "database " + db_->path() +
+                                                    ": transaction rolled back after a database error in the "
+                                                    "same commit batch");
+          for (std::size_t i = first; i + 1 < next; ++i)
+            if (!batch[i]->thrown && batch[i]->result) batch[i]->result = lost;
+          continue;
+        }
+        const auto start = std::chrono::steady_clock::now();
+        if (auto ok = db_->exec("COMMIT"); !ok) {
+          rollback();
+          for (std::size_t i = first; i < next; ++i)
+            if (!batch[i]->thrown && batch[i]->result) batch[i]->result = ok;
+          continue;
+        }
+        if (metrics_) {
+          metrics_->observe(kCommitMetric, {},
+                            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+          metrics_->add(kBatchesMetric, {});
+          metrics_->add(kBatchWritesMetric, {}, static_cast<double>(next - first));
+        }
+      } catch (...) {
+        // Not from a function (run_one catches those): e.g. bad_alloc. Nothing of the
+        // transaction is committed.
+        const auto error = std::current_exception();
+        rollback();
+        for (std::size_t i = first; i < batch.size; ++i)
+          if (!batch[i]->thrown) batch[i]->thrown = error;
+        return;
+      }
+    }
+  }
+
+  std::mutex mutex_;                   // guards the fields below up to owner_
+  bool busy_ = false;                  // someone holds the connection
+  std::deque<Turn*> line_;             // waiting for the connection, first come first served
+  std::deque<PendingWrite*> writers_;  // queued write() calls not yet taken into a batch
+  bool leader_elected_ = false;        // writers_.front() is the elected leader of the next batch
+  bool closing_ = false;               // close() was called: no new transactions
   std::atomic<std::thread::id> owner_{};
-  std::unique_ptr<Connection> db_;  // guarded by mutex_; null once closed
+  std::unique_ptr<Connection> db_;  // used only by the connection's holder; null once closed
   const SchemaInfo info_;
   common::Metrics* metrics_;
 };
@@ -218,7 +465,7 @@ Result<std::unique_ptr<Repository>> open_sqlite(const SqliteOptions& options) {
   if (*mode != (memory ? "memory" : "wal"))
     return Error(errc::storage_error, "cannot switch database " + path + " to WAL journal mode (it stays in '" + *mode +
                                           "' mode); is it on a network file system?");
-  if (auto ok = db.exec("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL"); !ok) return ok.error();
+  if (auto ok = db.exec("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL"); !ok) return ok.error();
   auto fk = pragma_text(db, "PRAGMA foreign_keys");
   if (!fk) return fk.error();
   if (*fk != "1") return Error(errc::storage_error, "this SQLite library does not enforce foreign keys");
@@ -227,11 +474,25 @@ Result<std::unique_ptr<Repository>> open_sqlite(const SqliteOptions& options) {
   if (!version) return version.error();
   if (auto ok = sqlite::verify_schema(db); !ok) return ok.error();
 
-  if (options.metrics)
+  if (options.metrics) {
     options.metrics->describe(kCommitMetric, common::Metrics::Type::histogram,
-                              "time to commit one storage write transaction");
+                              "time to commit one storage write batch (one COMMIT and one disk flush)");
+    options.metrics->describe(kBatchesMetric, common::Metrics::Type::counter,
+                              "storage write batches committed (group commit: one COMMIT and disk flush each)");
+    options.metrics->describe(kBatchWritesMetric, common::Metrics::Type::counter,
+                              "write() calls run in committed batches; divided by "
+                              "broker_storage_commit_batches_total it is the mean batch size");
+  }
   SchemaInfo info{*version, current_schema_version(), path};
   return std::unique_ptr<Repository>(new SqliteRepository(std::move(*opened), std::move(info), options.metrics));
 }
 
+namespace sqlite {
+
+WriteQueueState write_queue_state(Repository& repo) {
+  auto* sqlite = dynamic_cast<SqliteRepository*>(&repo);
+  return sqlite ? sqlite->write_queue_state() : WriteQueueState{};
+}
+
+}  // namespace sqlite
 }  // namespace storage
