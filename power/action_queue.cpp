@@ -1,0 +1,1 @@
+// power/action_queue.cpp: (being written)

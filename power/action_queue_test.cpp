@@ -1,0 +1,1 @@
+// power/action_queue_test.cpp: (being written)

@@ -1,0 +1,1 @@
+// power/libvirt_driver.cpp: (being written)

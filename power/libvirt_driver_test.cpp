@@ -1,0 +1,1 @@
+// power/libvirt_driver_test.cpp: (being written)

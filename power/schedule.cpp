@@ -1,0 +1,1 @@
+// power/schedule.cpp: (being written)

@@ -1,0 +1,1 @@
+// power/schedule_test.cpp: (being written)

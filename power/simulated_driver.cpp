@@ -1,0 +1,1 @@
+// power/simulated_driver.cpp: (being written)

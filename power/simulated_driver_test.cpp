@@ -1,0 +1,1 @@
+// power/simulated_driver_test.cpp: (being written)
