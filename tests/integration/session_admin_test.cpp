@@ -8,6 +8,7 @@
 #include "net/http.hpp"
 #include "net/http_client.hpp"
 #include "tests/integration/daemon.hpp"
+#include "tests/integration/support.hpp"
 #include "tools/vda-agent/agent.hpp"
 
 #include <boost/json.hpp>
@@ -24,14 +25,11 @@
 #include <thread>
 #include <vector>
 
-namespace json = boost::json;
 using itest::Daemon;
 using itest::TempDir;
-using vda::Millis;
+using namespace itest::support;
 
 namespace {
-
-constexpr Millis kWait{20000};  // upper bound for anything to happen
 
 // Two multi-session hosts, TEST\rds-1 and TEST\rds-2, in one delivery group.
 const char* kSite = R"(
@@ -53,85 +51,13 @@ catalog = "hosts"
 delivery_group = "hosts-group"
 )";
 
-std::string text(const json::object& o, const std::string& field) {
-  const auto* v = o.if_contains(field);
-  if (!v || v->is_null()) return {};
-  if (v->is_string()) return std::string(v->get_string());
-  if (v->is_bool()) return v->get_bool() ? "true" : "false";
-  return json::serialize(*v);
-}
-
-class Api {
- public:
-  explicit Api(const Daemon& d) : http_(d.admin_url()) {}
-
-  net::ClientResponse call(const std::string& method, const std::string& target, const std::string& body = {}) {
-    std::vector<std::pair<std::string, std::string>> h{{"Authorization", std::string("Bearer ") + itest::kToken}};
-    if (!body.empty()) h.emplace_back("Content-Type", "application/json");
-    auto r = http_.request(method, target, body, h);
-    REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().message));
-    return *r;
-  }
-  std::optional<json::object> get(const std::string& target) {
-    auto r = call("GET", target);
-    if (r.status != 200) return std::nullopt;
-    auto v = json::parse(r.body);
-    REQUIRE(v.is_object());
-    return v.as_object();
-  }
-  // POST /api/v1/sessions/{name}/{command}.
-  net::ClientResponse action(const std::string& session, const std::string& command, const std::string& body = {}) {
-    return call("POST", "/api/v1/sessions/" + net::percent_encode(session) + "/" + command, body);
-  }
-  // The session's state; "<gone>" when the broker no longer lists it.
-  std::string session_state(const std::string& key) {
-    auto s = get("/api/v1/sessions/" + net::percent_encode(key));
-    return s ? text(*s, "state") : std::string("<gone>");
-  }
-  std::string machine_field(const std::string& name, const std::string& field) {
-    auto m = get("/api/v1/machines/" + net::percent_encode(name));
-    return m ? text(*m, field) : std::string("<no machine>");
-  }
-  std::string new_secret(const std::string& machine) {
-    auto r = call("POST", "/api/v1/machines/" + net::percent_encode(machine) + "/secret");
-    REQUIRE_MESSAGE(r.status == 200, r.body);
-    return text(json::parse(r.body).as_object(), "secret");
-  }
-  // The items of GET /api/v1/audit?<query>.
-  json::array audit(const std::string& query) {
-    auto page = get("/api/v1/audit?" + query);
-    REQUIRE_MESSAGE(page.has_value(), query);
-    return page->at("items").as_array();
-  }
-
- private:
-  net::HttpClient http_;
-};
-
-template <class T>
-T poll(const std::function<T()>& probe, const T& want, Millis timeout = kWait) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  T got = probe();
-  while (got != want && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    got = probe();
-  }
-  return got;
-}
-
 std::string await_state(Api& api, const std::string& key, const std::string& state) {
-  return poll<std::string>([&] { return api.session_state(key); }, state);
+  return poll<std::string>([&] { return api.session_field(key, "state"); }, state);
 }
 
-// A logged-off session leaves the list (or, where the broker keeps ended sessions for a while,
-// shows as LoggedOff): true once it has.
+// A logged-off session is kept as LoggedOff (docs/cbp.md "Session states"): true once it is.
 bool await_ended(Api& api, const std::string& key) {
-  return poll<bool>(
-      [&] {
-        const auto s = api.session_state(key);
-        return s == "<gone>" || s == "LoggedOff";
-      },
-      true);
+  return poll<bool>([&] { return api.session_field(key, "state") == "LoggedOff"; }, true);
 }
 
 // Whether the session is among the live ones GET /api/v1/sessions lists.
@@ -276,7 +202,7 @@ TEST_CASE("session admin: log off, disconnect and message sessions through the a
     auto plain = api.action("s-3", "message", R"({"text":"no title"})");
     CHECK_MESSAGE(plain.status == 200, plain.body);
     CHECK(host.status().messages.back() == "no title");
-    CHECK(api.session_state("s-3") == "Active");
+    CHECK(api.session_field("s-3", "state") == "Active");
     auto items = api.audit("action=session-message&object=s-3");
     REQUIRE(items.size() == 2);
     const auto& after = items[1].as_object().at("after").as_object();  // newest first
@@ -337,7 +263,7 @@ TEST_CASE("session admin: log off, disconnect and message sessions through the a
     auto anon = anonymous.request("POST", "/api/v1/sessions/s-5/logoff");
     REQUIRE(anon.has_value());
     CHECK(anon->status == 401);
-    CHECK(api.session_state("s-5") == "Active");
+    CHECK(api.session_field("s-5", "state") == "Active");
   }
 
   SUBCASE("brokerctl session logoff, disconnect, message; then the agent is gone") {
@@ -380,7 +306,7 @@ TEST_CASE("session admin: log off, disconnect and message sessions through the a
     host.stop();
     CHECK(poll<std::string>([&] { return api.machine_field("TEST\\rds-1", "registration_state"); }, "Unregistered") ==
           "Unregistered");
-    REQUIRE(api.session_state("s-2") != "<gone>");
+    REQUIRE(api.session_field("s-2", "state") != "<gone>");
     auto r = api.action("s-2", "logoff");
     CHECK(r.status == 409);
     CHECK(error_code(r) == "agent_not_connected");

@@ -78,6 +78,17 @@ class Api {
     return page->at("total").as_int64();
   }
 
+  // POST /api/v1/sessions/{name}/{command} (logoff, disconnect, message).
+  net::ClientResponse action(const std::string& session, const std::string& command, const std::string& body = {}) {
+    return call("POST", "/api/v1/sessions/" + net::percent_encode(session) + "/" + command, body);
+  }
+  // The items of GET /api/v1/audit?<query> (newest first).
+  json::array audit(const std::string& query) {
+    auto page = get("/api/v1/audit?" + query);
+    REQUIRE_MESSAGE(page.has_value(), query);
+    return page->at("items").as_array();
+  }
+
   // POST /api/v1/machines/{name}/secret: the new secret, shown once.
   std::string new_secret(const std::string& machine) {
     auto r = call("POST", "/api/v1/machines/" + net::percent_encode(machine) + "/secret");
