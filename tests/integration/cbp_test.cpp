@@ -13,6 +13,7 @@
 #include "tests/integration/daemon.hpp"
 #include "tests/integration/support.hpp"
 #include "tools/vda-agent/agent.hpp"
+#include "tools/vda-agent/power_follower.hpp"
 #include "tools/vda-agent/raw_connection.hpp"
 
 #include <boost/json.hpp>
@@ -721,4 +722,38 @@ TEST_CASE("cbp: a thousand agents enroll, register and stop gracefully") {
   CHECK(api.total("/api/v1/machines?catalog=desktops&last_deregistration_reason=AgentShutdown&limit=1") ==
         kMachines);
   CHECK(api.total("/api/v1/machines?catalog=desktops&registration_state=Unregistered&limit=1") == kMachines + 4);
+}
+
+TEST_CASE("cbp: agents that follow a simulated hypervisor's power states") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(itest::base_config(dir, site_config())), daemon.log());
+  Api api(daemon);
+  vda::Fleet fleet(fleet_options(daemon));
+  auto off = fleet.add(with_secret(machine_config("TEST\\vm-1", "desktops", 1), api.new_secret("TEST\\vm-1")));
+  auto unnamed = fleet.add(with_secret(machine_config("TEST\\vm-2", "desktops", 2), api.new_secret("TEST\\vm-2")));
+  const auto file = dir.file("power-state.json");
+  dir.write("power-state.json", R"({"machines": {"vm-1": "Off"}})");
+  vda::PowerFollower follower(fleet, file, Millis{50});
+  follower.start();
+  // A machine the file does not name runs as usual; one whose VM is off stays down.
+  REQUIRE_MESSAGE(registered(unnamed), describe(unnamed));
+  CHECK_FALSE(off.status().running);
+  CHECK(off.status().connects == 0);
+
+  // Powered on: its agent registers. Shut down: goodbye AgentShutdown. Suspended: AgentSuspended.
+  dir.write("power-state.json", R"({"machines": {"vm-1": "On"}})");
+  REQUIRE_MESSAGE(registered(off), describe(off));
+  CHECK(await_machine(api, "TEST\\vm-1", "registration_state", "Registered") == "Registered");
+  dir.write("power-state.json", R"({"machines": {"vm-1": "Off"}})");
+  CHECK(await_machine(api, "TEST\\vm-1", "registration_state", "Unregistered") == "Unregistered");
+  CHECK(api.machine_field("TEST\\vm-1", "last_deregistration_reason") == "AgentShutdown");
+  dir.write("power-state.json", R"({"machines": {"TEST\\vm-1": "On"}})");  // full names work too
+  CHECK(await_machine(api, "TEST\\vm-1", "registration_state", "Registered") == "Registered");
+  dir.write("power-state.json", R"({"machines": {"vm-1": "Suspended"}})");
+  CHECK(await_machine(api, "TEST\\vm-1", "last_deregistration_reason", "AgentSuspended") == "AgentSuspended");
+  // A file being rewritten (not JSON) changes nothing.
+  dir.write("power-state.json", "{\"machin");
+  CHECK_FALSE(follower.apply());
+  CHECK(unnamed.status().state == vda::State::registered);
 }

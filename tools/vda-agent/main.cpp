@@ -3,12 +3,14 @@
 // machine say goodbye (AgentShutdown) before the process exits.
 #include "common/log.hpp"
 #include "tools/vda-agent/agent.hpp"
+#include "tools/vda-agent/power_follower.hpp"
 
 #include <spdlog/spdlog.h>
 
 #include <csignal>
 #include <ctime>
 #include <iostream>
+#include <memory>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -44,6 +46,9 @@ options:
   --client-delay SECONDS|never after prepare_session, the simulated client connects (2)
   --start-spread SECONDS       spread the first connections over this many seconds (0)
   --threads N                  I/O threads for all machines (2)
+  --power-state-file FILE      follow a simulated hypervisor: a machine runs while this file
+                               (written by brokerd's simulated power driver) says its VM is On,
+                               and says goodbye when it goes Off or Suspended
   --log-level LEVEL            trace, debug, info, warn, error (info)
   --version, --help
 )";
@@ -107,7 +112,7 @@ std::string expand(const std::string& pattern, int n) {
 int main(int argc, char** argv) {
   vda::FleetOptions fo;
   std::vector<Group> groups;
-  std::string catalog, enroll_key, secret, address_base = "10.99.0.1", os, log_level = "info";
+  std::string catalog, enroll_key, secret, power_file, address_base = "10.99.0.1", os, log_level = "info";
   cbp::SessionSupport support = cbp::SessionSupport::single_session;
   int port = 1494, max_sessions = 20, pending_range = -1;
   bool have_broker = false;
@@ -148,6 +153,8 @@ int main(int argc, char** argv) {
         secret = next();
       } else if (arg == "--secrets-file") {
         fo.secrets_file = next();
+      } else if (arg == "--power-state-file") {
+        power_file = next();
       } else if (arg == "--ca-file") {
         fo.ca_file = next();
       } else if (arg == "--address-base") {
@@ -224,7 +231,14 @@ int main(int argc, char** argv) {
       }
     }
     log->info("{} starting {} machines against {}", vda::agent_version(), names.size(), fo.broker_url);
-    fleet.start();
+    std::unique_ptr<vda::PowerFollower> follower;
+    if (power_file.empty()) {
+      fleet.start();
+    } else {
+      log->info("machines follow the power states in {}", power_file);
+      follower = std::make_unique<vda::PowerFollower>(fleet, power_file);
+      follower->start();
+    }
 
     int received = 0;
     for (;;) {
@@ -240,7 +254,7 @@ int main(int argc, char** argv) {
           any_running = true;
           break;
         }
-      if (!any_running) {
+      if (!any_running && !follower) {  // with a power file, every VM may just be off
         log->error("every machine has stopped (see the errors above); exiting");
         return 1;
       }
