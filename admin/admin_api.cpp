@@ -1,6 +1,7 @@
 #include "admin/admin_api.hpp"
 
 #include "broker/launcher.hpp"
+#include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
 #include "common/crypto.hpp"
 #include "common/metrics.hpp"
@@ -14,6 +15,8 @@
 
 #include <algorithm>
 #include <charconv>
+#include <optional>
+#include <set>
 
 namespace admin {
 
@@ -242,6 +245,81 @@ struct PendingAction : std::enable_shared_from_this<PendingAction> {
   }
 };
 
+// ---- Power actions (docs/power.md "Admin API and brokerctl")
+
+json::value time_json(common::SysTime t) {
+  if (t == common::SysTime{}) return nullptr;
+  return json::value(common::format_time(t));
+}
+
+// One power action as the admin API shows it (the fields of the power_action kind, plus attempts).
+json::object action_json(const broker::PowerAction& a) {
+  return json::object{
+      {"id", a.id},
+      {"name", std::to_string(a.id)},
+      {"machine", a.vm.machine},
+      {"hypervisor_connection", a.hypervisor_connection},
+      {"action", power::to_string(a.action)},
+      {"state", power::to_string(a.state)},
+      {"base_priority", a.base_priority},
+      {"actual_priority", a.actual_priority},
+      {"reason", a.reason},
+      {"request_time", time_json(a.request_time)},
+      {"start_time", time_json(a.start_time)},
+      {"completion_time", time_json(a.completion_time)},
+      {"failure_reason", a.failure_reason.empty() ? json::value(nullptr) : json::value(a.failure_reason)},
+      {"attempts", a.attempts}};
+}
+
+std::string action_names() {
+  std::string out;
+  for (auto a : {power::Action::turn_on, power::Action::turn_off, power::Action::shutdown, power::Action::reset,
+                 power::Action::restart, power::Action::suspend, power::Action::resume})
+    out += (out.empty() ? "" : ", ") + std::string(power::to_string(a));
+  return out;
+}
+
+std::string state_names() {
+  std::string out;
+  for (std::size_t i = 0; i < power::kActionStateCount; ++i)
+    out += (out.empty() ? "" : ", ") + std::string(power::to_string(static_cast<power::ActionState>(i)));
+  return out;
+}
+
+// The priority member of a create or PATCH body: an integer from kMinPriority to kMaxPriority.
+common::Result<int> priority_value(const json::value& v) {
+  const std::string range =
+      "must be an integer from " + std::to_string(power::kMinPriority) + " to " + std::to_string(power::kMaxPriority);
+  if (v.is_int64() && v.get_int64() >= power::kMinPriority && v.get_int64() <= power::kMaxPriority)
+    return static_cast<int>(v.get_int64());
+  if (v.is_uint64() && v.get_uint64() <= static_cast<std::uint64_t>(power::kMaxPriority))
+    return static_cast<int>(v.get_uint64());
+  return Error(errc::invalid_argument, range, "priority");
+}
+
+// A power action's id from the path: a positive integer (anything else names no action).
+std::optional<std::int64_t> action_id(const std::string& text) {
+  std::int64_t id = 0;
+  if (!parse_int(text, id) || id <= 0) return std::nullopt;
+  return id;
+}
+
+// An audit entry of a power action (actor, action and kind are filled by the caller).
+storage::AuditEntry audit_entry(std::int64_t id, const json::object* before, const json::object* after) {
+  storage::AuditEntry e;
+  e.object = std::to_string(id);
+  if (before) e.before = json::serialize(*before);
+  if (after) e.after = json::serialize(*after);
+  return e;
+}
+
+Error no_action(const std::string& id) { return Error(errc::not_found, "no power action with id '" + id + "'"); }
+
+Error not_pending(const broker::PowerAction& a, const char* what) {
+  return Error(errc::conflict, "power action " + std::to_string(a.id) + " is " +
+                                   std::string(power::to_string(a.state)) + "; only Pending actions can be " + what);
+}
+
 }  // namespace
 
 AdminApi::AdminApi(broker::SiteObjects& site, storage::Repository& repository, common::WorkQueue& work,
@@ -258,6 +336,11 @@ AdminApi::AdminApi(broker::SiteObjects& site, storage::Repository& repository, c
   metrics_.describe("broker_machines", common::Metrics::Type::gauge, "Machines by registration state.");
   metrics_.describe("broker_sessions", common::Metrics::Type::gauge, "Sessions by state.");
   metrics_.describe("broker_up", common::Metrics::Type::gauge, "1 while the broker serves.");
+  metrics_.describe("broker_power_actions", common::Metrics::Type::gauge,
+                    "Power actions by hypervisor connection and state (queued, running, and finished within the "
+                    "retention).");
+  metrics_.describe("broker_power_queue_depth", common::Metrics::Type::gauge,
+                    "Pending power actions by hypervisor connection.");
   // broker_storage_* are described by storage (storage::SqliteOptions::metrics).
 }
 
@@ -265,6 +348,8 @@ void AdminApi::set_listeners_ready(std::vector<std::string> names) {
   listener_names_ = std::move(names);
   listeners_ready_ = true;
 }
+
+void AdminApi::set_power_manager(broker::PowerManager* power) { power_ = power; }
 
 void AdminApi::handle(HttpRequest&& request, net::Responder respond) {
   if (request.path == "/healthz") {
@@ -398,6 +483,232 @@ void AdminApi::start_session_action(const std::string& session, const std::strin
   if (!st) return fail(st.error());
 }
 
+// /api/v1/power-actions[/{id}[/cancel]] with a PowerManager. The actions are the manager's (its
+// queues' memory; storage holds the same rows). Everything the manager could refuse as
+// invalid_argument is checked here first, so that its invalid_argument on submit() can only mean
+// "not power-managed" (409).
+HttpResponse AdminApi::power_actions(const HttpRequest& req, const std::vector<std::string>& parts,
+                                     const std::string& actor, broker::PowerManager& power) {
+  const auto& m = req.method;
+  auto with_route = [](HttpResponse r, const char* route) {
+    r.route = route;
+    return r;
+  };
+  // Audit entries of one request, in one transaction; a failure is logged (the change is made).
+  auto write_audit = [&](const char* action, std::vector<storage::AuditEntry> entries) {
+    auto st = repository_.write([&](storage::Transaction& tx) -> common::Status {
+      for (auto& e : entries) {
+        e.actor = actor;
+        e.action = action;
+        e.kind = "power_action";
+        if (auto r = tx.append_audit(e); !r) return r;
+      }
+      return {};
+    });
+    if (!st) logger_->error("admin: cannot audit {} by {}: {}", action, actor, st.error().describe());
+  };
+
+  if (parts.size() == 3) {
+    constexpr const char* route = "/api/v1/power-actions";
+    if (m == "GET") {
+      std::int64_t limit = 100, offset = 0;
+      std::optional<std::string> machine, connection, reason;
+      std::set<power::ActionState> states;
+      std::set<power::Action> actions;
+      for (const auto& [k, v] : req.query_params()) {
+        if (k == "limit" || k == "offset") {
+          std::int64_t n;
+          if (!parse_int(v, n) || n < 0 || (k == "limit" && n > static_cast<std::int64_t>(options_.max_page)))
+            return with_route(
+                reply_error(Error(errc::invalid_argument,
+                                  "must be an integer from 0 to " + std::to_string(options_.max_page), k)),
+                route);
+          (k == "limit" ? limit : offset) = n;
+        } else if (k == "machine") {
+          machine = v;
+        } else if (k == "hypervisor_connection") {
+          connection = v;
+        } else if (k == "reason") {
+          reason = v;
+        } else if (k == "state") {
+          for (const auto& name : split_list(v)) {
+            power::ActionState st;
+            if (!power::from_string(name, st))
+              return with_route(reply_error(Error(errc::invalid_argument,
+                                                  "'" + name + "' is not a state (use " + state_names() + ")", k)),
+                                route);
+            states.insert(st);
+          }
+          if (states.empty())
+            return with_route(reply_error(Error(errc::invalid_argument, "must name a state", k)), route);
+        } else if (k == "action") {
+          for (const auto& name : split_list(v)) {
+            power::Action a;
+            if (!power::from_string(name, a))
+              return with_route(reply_error(Error(errc::invalid_argument,
+                                                  "'" + name + "' is not an action (use " + action_names() + ")", k)),
+                                route);
+            actions.insert(a);
+          }
+          if (actions.empty())
+            return with_route(reply_error(Error(errc::invalid_argument, "must name an action", k)), route);
+        } else {
+          return with_route(reply_error(Error(errc::invalid_argument,
+                                              "unknown query parameter (use machine, state, action, "
+                                              "hypervisor_connection, reason, limit, offset)",
+                                              k)),
+                            route);
+        }
+      }
+      auto all = power.actions();
+      std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+      json::array items;
+      std::int64_t total = 0;
+      for (const auto& a : all) {
+        if (machine && a.vm.machine != *machine) continue;
+        if (connection && a.hypervisor_connection != *connection) continue;
+        if (reason && a.reason != *reason) continue;
+        if (!states.empty() && !states.contains(a.state)) continue;
+        if (!actions.empty() && !actions.contains(a.action)) continue;
+        if (total >= offset && total - offset < limit) items.push_back(action_json(a));
+        ++total;
+      }
+      return with_route(
+          json_reply(200,
+                     json::object{{"items", std::move(items)}, {"total", total}, {"offset", offset}, {"limit", limit}}),
+          route);
+    }
+    if (m != "POST") return with_route(method_not_allowed("GET, POST"), route);
+
+    // POST {"machines": [...], "action": "TurnOn", "priority": 30?}
+    auto body = parse_body(req.body);
+    if (!body) return with_route(reply_error(body.error()), route);
+    std::vector<std::string> machines;
+    std::optional<power::Action> action;
+    int priority = power::kAdminPriority;
+    bool has_machines = false;
+    for (const auto& [key, value] : *body) {
+      const std::string k(key);
+      if (k == "machines") {
+        has_machines = true;
+        if (!value.is_array())
+          return with_route(reply_error(Error(errc::invalid_argument, "must be a list of machine names", k)), route);
+        for (const auto& e : value.get_array()) {
+          if (!e.is_string() || e.get_string().empty())
+            return with_route(reply_error(Error(errc::invalid_argument, "must be a list of machine names", k)), route);
+          std::string name(e.get_string());
+          if (std::find(machines.begin(), machines.end(), name) == machines.end()) machines.push_back(std::move(name));
+        }
+      } else if (k == "action") {
+        power::Action a;
+        if (!value.is_string() || !power::from_string(value.get_string(), a))
+          return with_route(reply_error(Error(errc::invalid_argument, "must be one of " + action_names(), k)), route);
+        action = a;
+      } else if (k == "priority") {
+        auto p = priority_value(value);
+        if (!p) return with_route(reply_error(p.error()), route);
+        priority = *p;
+      } else {
+        return with_route(
+            reply_error(Error(errc::invalid_argument,
+                              "is not a member of a power action request (use machines, action, priority)", k)),
+            route);
+      }
+    }
+    if (!has_machines) return with_route(reply_error(Error(errc::invalid_argument, "is required", "machines")), route);
+    if (machines.empty())
+      return with_route(reply_error(Error(errc::invalid_argument, "must name at least one machine", "machines")),
+                        route);
+    if (machines.size() > options_.max_page)
+      return with_route(
+          reply_error(Error(errc::invalid_argument,
+                            "must name at most " + std::to_string(options_.max_page) + " machines", "machines")),
+          route);
+    if (!action) return with_route(reply_error(Error(errc::invalid_argument, "is required", "action")), route);
+    // The manager checks every machine before it queues anything: not_found (404) for an unknown
+    // one; invalid_argument for one that is not power-managed, which is a 409 here (the request
+    // is well-formed; the machine's catalog has no running hypervisor connection).
+    auto submitted = power.submit(machines, *action, priority, "Admin");
+    if (!submitted) {
+      Error e = submitted.error();
+      if (e.code == errc::invalid_argument) e.code = errc::conflict;
+      return with_route(reply_error(e), route);
+    }
+    json::array items;
+    std::vector<storage::AuditEntry> entries;
+    for (const auto& a : *submitted) {
+      json::object j = action_json(a);
+      entries.push_back(audit_entry(a.id, nullptr, &j));
+      items.push_back(std::move(j));
+    }
+    write_audit("power-action-create", entries);
+    logger_->info("admin: {} queued {} for {} machine(s) (priority {})", actor, power::to_string(*action),
+                  machines.size(), priority);
+    return with_route(json_reply(201, json::object{{"items", std::move(items)}}), route);
+  }
+
+  const auto id = action_id(parts[3]);
+  if (parts.size() == 5 && parts[4] == "cancel") {
+    constexpr const char* route = "/api/v1/power-actions/{id}/cancel";
+    if (m != "POST") return with_route(method_not_allowed("POST"), route);
+    auto before = id ? power.get(*id) : std::nullopt;
+    if (!before) return with_route(reply_error(no_action(parts[3])), route);
+    if (before->state != power::ActionState::pending)
+      return with_route(reply_error(not_pending(*before, "canceled")), route);
+    if (auto st = power.cancel(*id); !st) return with_route(reply_error(st.error()), route);
+    auto after = power.get(*id);
+    if (!after) {  // forgotten at once (no retention): show what it became
+      after = before;
+      after->state = power::ActionState::canceled;
+    }
+    json::object j = action_json(*after);
+    const json::object was = action_json(*before);
+    write_audit("power-action-cancel", {audit_entry(*id, &was, &j)});
+    logger_->info("admin: {} canceled power action {} ({} of {})", actor, *id, power::to_string(after->action),
+                  after->vm.machine);
+    return with_route(json_reply(200, j), route);
+  }
+  if (parts.size() != 4) {
+    auto r = reply_error(Error(errc::not_found, "no such endpoint: " + req.path));
+    r.route = "other";
+    return r;
+  }
+  constexpr const char* route = "/api/v1/power-actions/{id}";
+  if (m == "GET") {
+    auto a = id ? power.get(*id) : std::nullopt;
+    return with_route(a ? json_reply(200, action_json(*a)) : reply_error(no_action(parts[3])), route);
+  }
+  if (m != "PATCH") return with_route(method_not_allowed("GET, PATCH"), route);
+  // PATCH {"priority": N}
+  auto before = id ? power.get(*id) : std::nullopt;
+  if (!before) return with_route(reply_error(no_action(parts[3])), route);
+  auto body = parse_body(req.body);
+  if (!body) return with_route(reply_error(body.error()), route);
+  std::optional<int> priority;
+  for (const auto& [key, value] : *body) {
+    const std::string k(key);
+    if (k != "priority")
+      return with_route(reply_error(Error(errc::invalid_argument, "cannot be changed (only priority)", k)), route);
+    auto p = priority_value(value);
+    if (!p) return with_route(reply_error(p.error()), route);
+    priority = *p;
+  }
+  if (!priority) return with_route(reply_error(Error(errc::invalid_argument, "is required", "priority")), route);
+  if (before->state != power::ActionState::pending)
+    return with_route(reply_error(not_pending(*before, "re-prioritised")), route);
+  if (auto st = power.set_priority(*id, *priority); !st) return with_route(reply_error(st.error()), route);
+  auto after = power.get(*id);
+  if (!after) {
+    after = before;
+    after->actual_priority = *priority;
+  }
+  json::object j = action_json(*after);
+  const json::object was = action_json(*before);
+  write_audit("power-action-priority", {audit_entry(*id, &was, &j)});
+  logger_->info("admin: {} set the priority of power action {} to {}", actor, *id, *priority);
+  return with_route(json_reply(200, j), route);
+}
+
 HttpResponse AdminApi::readyz() {
   json::object body;
   bool ready = true;
@@ -425,6 +736,20 @@ HttpResponse AdminApi::metrics() {
   if (auto counts = site_.count_by(model::Kind::session, "state")) {
     metrics_.clear("broker_sessions");
     for (const auto& [state, n] : *counts) metrics_.set("broker_sessions", {{"state", state}}, static_cast<double>(n));
+  }
+  if (auto* power = power_.load()) {
+    const auto stats = power->stats();
+    metrics_.clear("broker_power_actions");
+    metrics_.clear("broker_power_queue_depth");
+    for (const auto& [connection, st] : stats) {
+      for (std::size_t i = 0; i < power::kActionStateCount; ++i)
+        metrics_.set("broker_power_actions",
+                     {{"hypervisor_connection", connection},
+                      {"state", std::string(power::to_string(static_cast<power::ActionState>(i)))}},
+                     static_cast<double>(st.by_state[i]));
+      metrics_.set("broker_power_queue_depth", {{"hypervisor_connection", connection}},
+                   static_cast<double>(st.queue_depth));
+    }
   }
   HttpResponse r;
   r.content_type = "text/plain; version=0.0.4; charset=utf-8";
@@ -540,6 +865,23 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
     return with_route(updated ? json_reply(200, model::to_json(*updated)) : reply_error(updated.error()), "/api/v1/site");
   }
 
+  if (noun == "power-actions") {
+    if (auto* power = power_.load()) return power_actions(req, parts, actor, *power);
+    // Without a power manager the stored actions stay listed (the read-only routes below); the
+    // changes need one.
+    std::string route;
+    if (parts.size() == 3 && m == "POST")
+      route = "/api/v1/power-actions";
+    else if (parts.size() == 4 && m == "PATCH")
+      route = "/api/v1/power-actions/{id}";
+    else if (parts.size() == 5 && parts[4] == "cancel")
+      route = "/api/v1/power-actions/{id}/cancel";
+    if (!route.empty())
+      return with_route(
+          reply_error(Error(errc::unavailable, "power actions cannot be changed: this broker has no power manager")),
+          route);
+  }
+
   const model::KindSpec* ks = model::find_kind(noun);
   if (ks && ks->kind == model::Kind::machine && parts.size() == 5 && parts[4] == "secret") {
     if (m != "POST") return method_not_allowed("POST");
@@ -602,7 +944,19 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
   const std::string& name = parts[3];
   if (m == "GET") {
     auto obj = site_.get(ks->kind, name);
-    return with_route(obj ? json_reply(200, model::to_json(*obj)) : reply_error(obj.error()), route);
+    if (!obj) return with_route(reply_error(obj.error()), route);
+    json::object body = model::to_json(*obj);
+    if (auto* power = power_.load(); power && ks->kind == model::Kind::machine) {
+      json::array pending;
+      for (const auto& a : power->actions())
+        if (a.vm.machine == obj->name && !power::finished(a.state))
+          pending.push_back(json::object{{"id", a.id},
+                                         {"action", power::to_string(a.action)},
+                                         {"state", power::to_string(a.state)},
+                                         {"actual_priority", a.actual_priority}});
+      body["pending_power_actions"] = std::move(pending);
+    }
+    return with_route(json_reply(200, body), route);
   }
   if (!ks->api_writable) return with_route(method_not_allowed("GET"), route);
   if (m == "DELETE") {

@@ -1,7 +1,7 @@
 // admin/admin_api.hpp: the REST/JSON admin API, health and metrics on the admin listener.
 // Routes and shapes: docs/openapi.yaml. It only translates: HTTP + JSON in, calls on
-// broker::SiteObjects (and broker::Launcher for session actions) on the work queue, JSON out;
-// errors become replies in one place (reply_error).
+// broker::SiteObjects (broker::Launcher for session actions, broker::PowerManager for power
+// actions) on the work queue, JSON out; errors become replies in one place (reply_error).
 #pragma once
 
 #include "net/http.hpp"
@@ -21,6 +21,7 @@ class WorkQueue;
 }  // namespace common
 namespace broker {
 class Launcher;
+class PowerManager;
 class SiteObjects;
 }  // namespace broker
 namespace storage {
@@ -57,6 +58,15 @@ class AdminApi {
   // /readyz reports not ready until the daemon says its listeners are up.
   void set_listeners_ready(std::vector<std::string> names);
 
+  // Serves the power actions through `power` (docs/power.md "Admin API and brokerctl"):
+  // GET/POST /api/v1/power-actions, GET/PATCH /api/v1/power-actions/{id},
+  // POST /api/v1/power-actions/{id}/cancel, the pending actions in GET /api/v1/machines/{name}
+  // and the broker_power_* gauges of /metrics. Without it (nullptr, the default) the listing is
+  // read from storage and the changes answer 503. Call before the admin listener serves (or
+  // any time: the pointer is read atomically per request); `power` must outlive the AdminApi
+  // and the requests already dispatched to it.
+  void set_power_manager(broker::PowerManager* power);
+
  private:
   net::HttpResponse dispatch(const net::HttpRequest& request, const std::string& actor);
   net::HttpResponse audit(const net::HttpRequest& request);
@@ -66,6 +76,9 @@ class AdminApi {
   // The part of a session action that runs on the work queue.
   void start_session_action(const std::string& session, const std::string& command, const std::string& body,
                             const std::string& actor, const std::shared_ptr<net::Responder>& respond);
+  // /api/v1/power-actions[/{id}[/cancel]] with a PowerManager; on the work queue.
+  net::HttpResponse power_actions(const net::HttpRequest& request, const std::vector<std::string>& parts,
+                                  const std::string& actor, broker::PowerManager& power);
   net::HttpResponse readyz();
   net::HttpResponse metrics();
 
@@ -76,6 +89,7 @@ class AdminApi {
   AdminOptions options_;
   std::shared_ptr<spdlog::logger> logger_;
   broker::Launcher* launcher_;  // may be null
+  std::atomic<broker::PowerManager*> power_{nullptr};
   std::chrono::steady_clock::time_point started_;
   std::atomic<bool> listeners_ready_{false};
   std::vector<std::string> listener_names_;  // written once before listeners_ready_ is set

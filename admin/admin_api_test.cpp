@@ -1,9 +1,11 @@
-// Unit tests of the admin API's session actions and audit filter: the handler with an in-memory
-// database, a real broker::Launcher and a scripted agent channel (answers chosen per session,
-// held until the test releases them). The real daemon and agent: tests/integration.
+// Unit tests of the admin API's session actions, power actions and audit filter: the handler with
+// an in-memory database, a real broker::Launcher and a scripted agent channel (answers chosen per
+// session, held until the test releases them), and a real broker::PowerManager on a simulated
+// hypervisor connection driven by a ManualClock. The real daemon and agent: tests/integration.
 #include "admin/admin_api.hpp"
 
 #include "broker/launcher.hpp"
+#include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
@@ -77,6 +79,7 @@ struct Reply {
   json::object body;
   std::string route;
   std::map<std::string, std::string> headers;
+  std::string raw;  // the body as sent
 };
 
 struct Fixture {
@@ -87,9 +90,12 @@ struct Fixture {
   common::WorkQueue work{2};
   std::unique_ptr<broker::SiteObjects> site;
   std::unique_ptr<broker::Launcher> launcher;
+  std::unique_ptr<broker::PowerManager> power;
   std::unique_ptr<admin::AdminApi> api;
 
-  explicit Fixture(bool with_launcher = true) {
+  // with_power: a simulated hypervisor connection "sim" (2 new actions per clock minute) with the
+  // catalog "pool" and its machines DEMO\pool-1..4, run by a PowerManager.
+  explicit Fixture(bool with_launcher = true, bool with_power = false) {
     storage::SqliteOptions o;
     o.path = ":memory:";
     auto r = storage::open_sqlite(o);
@@ -108,6 +114,22 @@ struct Fixture {
       Object m = make_default(Kind::machine, "DEMO\\rds-1");
       m.fields["catalog"] = std::string("hosts");
       if (auto c = tx.create(m); !c) return c.error();
+      if (with_power) {
+        Object h = make_default(Kind::hypervisor_connection, "sim");
+        h.fields["driver"] = std::string("simulated");
+        h.fields["max_new_actions_per_minute"] = std::int64_t{2};
+        h.fields["max_percentage_active_actions"] = std::int64_t{100};
+        if (auto c = tx.create(h); !c) return c.error();
+        Object pool = make_default(Kind::catalog, "pool");
+        pool.fields["hypervisor_connection"] = std::string("sim");
+        if (auto c = tx.create(pool); !c) return c.error();
+        for (int i = 1; i <= 4; ++i) {
+          Object pm = make_default(Kind::machine, "DEMO\\pool-" + std::to_string(i));
+          pm.fields["catalog"] = std::string("pool");
+          pm.fields["power_state"] = std::string("On");
+          if (auto c = tx.create(pm); !c) return c.error();
+        }
+      }
       for (const char* key : {"s-1", "s-2", "DEMO\\odd+key", "ended"}) {
         Object s = make_default(Kind::session, key);
         s.fields["machine"] = std::string("DEMO\\rds-1");
@@ -116,8 +138,21 @@ struct Fixture {
       }
       return {};
     }));
+    if (with_power) {
+      common::SysTime start;
+      REQUIRE(common::parse_time("2026-11-23T10:00:00.000Z", start));
+      clock.set(start);  // time zero would read as "not yet"
+      broker::PowerManagerOptions po;
+      po.tick = std::chrono::milliseconds(5);  // real time: how soon the queue notices changes
+      power = std::make_unique<broker::PowerManager>(*repo, clock, common::null_logger(), po);
+      REQUIRE(power->start());
+      api->set_power_manager(power.get());
+    }
   }
-  ~Fixture() { work.stop(); }
+  ~Fixture() {
+    work.stop();
+    if (power) power->stop();
+  }
 
   // Starts a request; the future gets the reply.
   std::future<Reply> start(const std::string& method, const std::string& target, const std::string& body = {},
@@ -139,6 +174,7 @@ struct Fixture {
       out.status = r.status;
       out.route = r.route;
       for (const auto& [k, v] : r.headers) out.headers[k] = v;
+      out.raw = r.body;
       if (r.content_type == "application/json") out.body = json::parse(r.body).as_object();
       promise->set_value(std::move(out));
     });
@@ -306,4 +342,248 @@ TEST_CASE("the audit log filters on actions, newest first, paged past the scan c
   auto bad = f.call("GET", "/api/v1/audit?action=");
   CHECK(bad.status == 400);
   CHECK(f.call("GET", "/api/v1/audit?verb=x").status == 400);
+}
+
+namespace {
+
+// Polls `done` (every 5 ms, for up to 20 s of real time): the power queues are asynchronous.
+template <class F>
+bool eventually(F done) {
+  for (int i = 0; i < 4000; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return done();
+}
+
+std::int64_t total(const Reply& r) { return r.body.at("total").as_int64(); }
+
+}  // namespace
+
+TEST_CASE("power actions: created for several machines, listed, completed, shown on the machine") {
+  Fixture f(true, true);
+  auto created =
+      f.call("POST", "/api/v1/power-actions", R"({"machines":["DEMO\\pool-1","DEMO\\pool-2"],"action":"TurnOff"})");
+  REQUIRE(created.status == 201);
+  CHECK(created.route == "/api/v1/power-actions");
+  const auto& items = created.body.at("items").as_array();
+  REQUIRE(items.size() == 2);
+  for (std::size_t i = 0; i < 2; ++i) {
+    const auto& a = items[i].as_object();
+    CHECK(text(a, "machine") == "DEMO\\pool-" + std::to_string(i + 1));
+    CHECK(text(a, "hypervisor_connection") == "sim");
+    CHECK(text(a, "action") == "TurnOff");
+    CHECK(text(a, "reason") == "Admin");
+    CHECK(a.at("base_priority").as_int64() == 30);
+    CHECK(a.at("actual_priority").as_int64() == 30);
+    CHECK(text(a, "name") == std::to_string(a.at("id").as_int64()));
+    CHECK(a.at("request_time").is_string());
+    const auto st = text(a, "state");
+    CHECK((st == "Pending" || st == "Started" || st == "Completed"));
+  }
+  // A hard power-off is done at once: both complete without the clock moving.
+  REQUIRE(eventually([&] { return total(f.call("GET", "/api/v1/power-actions?state=Completed")) == 2; }));
+  auto list = f.call("GET", "/api/v1/power-actions");
+  REQUIRE(list.status == 200);
+  CHECK(total(list) == 2);
+  CHECK(list.body.at("limit").as_int64() == 100);
+  const auto& done = list.body.at("items").as_array()[0].as_object();
+  CHECK(done.at("start_time").is_string());
+  CHECK(done.at("completion_time").is_string());
+  CHECK(done.at("failure_reason").is_null());
+  CHECK(done.at("attempts").as_int64() == 1);
+  const auto id = done.at("id").as_int64();
+  auto one = f.call("GET", "/api/v1/power-actions/" + std::to_string(id));
+  CHECK(one.status == 200);
+  CHECK(one.route == "/api/v1/power-actions/{id}");
+  CHECK(text(one.body, "state") == "Completed");
+  CHECK(f.call("GET", "/api/v1/power-actions/999").status == 404);
+  CHECK(f.call("GET", "/api/v1/power-actions/abc").status == 404);
+
+  // Filters and paging.
+  CHECK(total(f.call("GET", "/api/v1/power-actions?machine=DEMO%5Cpool-2")) == 1);
+  CHECK(total(f.call("GET", "/api/v1/power-actions?hypervisor_connection=sim&action=TurnOff,TurnOn")) == 2);
+  CHECK(total(f.call("GET", "/api/v1/power-actions?action=TurnOn")) == 0);
+  CHECK(total(f.call("GET", "/api/v1/power-actions?state=Pending,Started")) == 0);
+  auto page = f.call("GET", "/api/v1/power-actions?limit=1&offset=1");
+  CHECK(total(page) == 2);
+  REQUIRE(page.body.at("items").as_array().size() == 1);
+  CHECK(text(page.body.at("items").as_array()[0].as_object(), "machine") == "DEMO\\pool-2");
+
+  // The machines show their new power state, and no pending actions.
+  REQUIRE(
+      eventually([&] { return text(f.call("GET", "/api/v1/machines/DEMO%5Cpool-1").body, "power_state") == "Off"; }));
+  auto m = f.call("GET", "/api/v1/machines/DEMO%5Cpool-1");
+  CHECK(m.body.at("pending_power_actions").as_array().empty());
+  CHECK(text(m.body, "fault_state") == "None");
+  CHECK(
+      !f.call("GET", "/api/v1/machines").body.at("items").as_array()[0].as_object().contains("pending_power_actions"));
+
+  auto audit = f.call("GET", "/api/v1/audit?action=power-action-create");
+  REQUIRE(audit.body.at("items").as_array().size() == 2);
+  const auto& entry = audit.body.at("items").as_array()[0].as_object();
+  CHECK(text(entry, "actor") == "token:unit");
+  CHECK(text(entry, "kind") == "power_action");
+  CHECK(text(entry.at("after").as_object(), "action") == "TurnOff");
+}
+
+TEST_CASE("power actions: pending ones are canceled and re-prioritised; metrics count them") {
+  Fixture f(true, true);
+  // Two new actions per clock minute, and the clock stands still: two start, two wait.
+  auto created =
+      f.call("POST", "/api/v1/power-actions",
+             R"({"machines":["DEMO\\pool-1","DEMO\\pool-2","DEMO\\pool-3","DEMO\\pool-4"],"action":"TurnOff"})");
+  REQUIRE(created.status == 201);
+  std::vector<std::int64_t> ids;
+  for (const auto& a : created.body.at("items").as_array()) ids.push_back(a.as_object().at("id").as_int64());
+  REQUIRE(ids.size() == 4);
+  REQUIRE(eventually([&] { return total(f.call("GET", "/api/v1/power-actions?state=Completed")) == 2; }));
+  auto pending = f.call("GET", "/api/v1/power-actions?state=Pending");
+  REQUIRE(total(pending) == 2);
+  const auto waiting = pending.body.at("items").as_array()[0].as_object().at("id").as_int64();
+  const auto other = pending.body.at("items").as_array()[1].as_object().at("id").as_int64();
+  const auto finished = f.call("GET", "/api/v1/power-actions?state=Completed")
+                            .body.at("items")
+                            .as_array()[0]
+                            .as_object()
+                            .at("id")
+                            .as_int64();
+  const auto path = [](std::int64_t id) { return "/api/v1/power-actions/" + std::to_string(id); };
+
+  // The machine shows its pending action.
+  const std::string waiting_machine = text(f.call("GET", path(waiting)).body, "machine");
+  auto m = f.call("GET", "/api/v1/machines/" + net::percent_encode(waiting_machine));
+  REQUIRE(m.body.at("pending_power_actions").as_array().size() == 1);
+  const auto& p = m.body.at("pending_power_actions").as_array()[0].as_object();
+  CHECK(p.at("id").as_int64() == waiting);
+  CHECK(text(p, "action") == "TurnOff");
+  CHECK(text(p, "state") == "Pending");
+
+  // Metrics: counts by state and the queue depth.
+  auto metrics = f.call("GET", "/metrics");
+  REQUIRE(metrics.status == 200);
+  CHECK(metrics.raw.find("# TYPE broker_power_actions gauge") != std::string::npos);
+  CHECK(metrics.raw.find("broker_power_actions{hypervisor_connection=\"sim\",state=\"Pending\"} 2") !=
+        std::string::npos);
+  CHECK(metrics.raw.find("broker_power_actions{hypervisor_connection=\"sim\",state=\"Completed\"} 2") !=
+        std::string::npos);
+  CHECK(metrics.raw.find("broker_power_actions{hypervisor_connection=\"sim\",state=\"Failed\"} 0") !=
+        std::string::npos);
+  CHECK(metrics.raw.find("broker_power_queue_depth{hypervisor_connection=\"sim\"} 2") != std::string::npos);
+
+  // Cancel one.
+  auto canceled = f.call("POST", path(waiting) + "/cancel");
+  REQUIRE(canceled.status == 200);
+  CHECK(canceled.route == "/api/v1/power-actions/{id}/cancel");
+  CHECK(text(canceled.body, "state") == "Canceled");
+  CHECK(text(f.call("GET", path(waiting)).body, "state") == "Canceled");
+  auto again = f.call("POST", path(waiting) + "/cancel");
+  CHECK(again.status == 409);
+  CHECK(message(again) ==
+        "power action " + std::to_string(waiting) + " is Canceled; only Pending actions can be canceled");
+  CHECK(f.call("POST", path(finished) + "/cancel").status == 409);
+  CHECK(f.call("POST", "/api/v1/power-actions/999/cancel").status == 404);
+  CHECK(f.call("POST", "/api/v1/power-actions/x/cancel").status == 404);
+  auto get_cancel = f.call("GET", path(other) + "/cancel");
+  CHECK(get_cancel.status == 405);
+  CHECK(get_cancel.headers["Allow"] == "POST");
+
+  // Re-prioritise the other.
+  auto changed = f.call("PATCH", path(other), R"({"priority":5})");
+  REQUIRE(changed.status == 200);
+  CHECK(changed.body.at("actual_priority").as_int64() == 5);
+  CHECK(changed.body.at("base_priority").as_int64() == 30);
+  CHECK(text(changed.body, "state") == "Pending");
+  CHECK(f.call("PATCH", path(other), R"({"priority":1001})").status == 400);
+  CHECK(f.call("PATCH", path(other), R"({"priority":-1})").status == 400);
+  CHECK(f.call("PATCH", path(other), R"({"priority":"5"})").status == 400);
+  CHECK(f.call("PATCH", path(other), R"({"state":"Completed"})").status == 400);
+  CHECK(f.call("PATCH", path(other), R"({})").status == 400);
+  CHECK(f.call("PATCH", path(finished), R"({"priority":5})").status == 409);
+  CHECK(f.call("PATCH", path(waiting), R"({"priority":5})").status == 409);
+  CHECK(f.call("PATCH", "/api/v1/power-actions/999", R"({"priority":5})").status == 404);
+  CHECK(f.call("DELETE", path(other)).status == 405);
+
+  // A minute later the throttle lets the last one run.
+  f.clock.advance(std::chrono::seconds(61));
+  REQUIRE(eventually([&] { return total(f.call("GET", "/api/v1/power-actions?state=Completed")) == 3; }));
+  CHECK(text(f.call("GET", path(other)).body, "state") == "Completed");
+  CHECK(text(f.call("GET", path(waiting)).body, "state") == "Canceled");
+  metrics = f.call("GET", "/metrics");
+  CHECK(metrics.raw.find("broker_power_actions{hypervisor_connection=\"sim\",state=\"Canceled\"} 1") !=
+        std::string::npos);
+  CHECK(metrics.raw.find("broker_power_actions{hypervisor_connection=\"sim\",state=\"Pending\"} 0") !=
+        std::string::npos);
+  CHECK(metrics.raw.find("broker_power_queue_depth{hypervisor_connection=\"sim\"} 0") != std::string::npos);
+
+  auto cancels = f.call("GET", "/api/v1/audit?action=power-action-cancel");
+  REQUIRE(cancels.body.at("items").as_array().size() == 1);
+  const auto& c = cancels.body.at("items").as_array()[0].as_object();
+  CHECK(text(c, "object") == std::to_string(waiting));
+  CHECK(text(c.at("before").as_object(), "state") == "Pending");
+  CHECK(text(c.at("after").as_object(), "state") == "Canceled");
+  auto priorities = f.call("GET", "/api/v1/audit?action=power-action-priority");
+  REQUIRE(priorities.body.at("items").as_array().size() == 1);
+  const auto& pr = priorities.body.at("items").as_array()[0].as_object();
+  CHECK(pr.at("before").as_object().at("actual_priority").as_int64() == 30);
+  CHECK(pr.at("after").as_object().at("actual_priority").as_int64() == 5);
+  CHECK(f.call("GET", "/api/v1/audit?action=power-action-create").body.at("items").as_array().size() == 4);
+}
+
+TEST_CASE("power action requests that are refused queue nothing") {
+  Fixture f(true, true);
+  const std::string path = "/api/v1/power-actions";
+  auto bad_action = f.call("POST", path, R"({"machines":["DEMO\\pool-1"],"action":"Explode"})");
+  CHECK(bad_action.status == 400);
+  CHECK(code(bad_action) == "invalid_argument");
+  CHECK(bad_action.body.at("error").as_object().at("fields").as_array()[0].as_object().at("field") == "action");
+  CHECK(f.call("POST", path, R"({"machines":["DEMO\\pool-1"]})").status == 400);
+  CHECK(f.call("POST", path, R"({"machines":[],"action":"TurnOn"})").status == 400);
+  CHECK(f.call("POST", path, R"({"action":"TurnOn"})").status == 400);
+  CHECK(f.call("POST", path, R"({"machines":"DEMO\\pool-1","action":"TurnOn"})").status == 400);
+  CHECK(f.call("POST", path, R"({"machines":[""],"action":"TurnOn"})").status == 400);
+  CHECK(f.call("POST", path, R"({"machines":["DEMO\\pool-1"],"action":"TurnOn","priority":1001})").status == 400);
+  CHECK(f.call("POST", path, R"({"machines":["DEMO\\pool-1"],"action":"TurnOn","priority":2.5})").status == 400);
+  CHECK(f.call("POST", path, R"({"machines":["DEMO\\pool-1"],"action":"TurnOn","when":"now"})").status == 400);
+  CHECK(f.call("POST", path, "not json").status == 400);
+  auto unknown = f.call("POST", path, R"({"machines":["DEMO\\pool-1","DEMO\\nope"],"action":"TurnOn"})");
+  CHECK(unknown.status == 404);
+  CHECK(message(unknown) == "machines: no machine named 'DEMO\\nope'");
+  auto unmanaged = f.call("POST", path, R"({"machines":["DEMO\\pool-1","DEMO\\rds-1"],"action":"TurnOn"})");
+  CHECK(unmanaged.status == 409);
+  CHECK(code(unmanaged) == "conflict");
+  CHECK(message(unmanaged).find("DEMO\\rds-1") != std::string::npos);
+  auto wrong = f.call("PUT", path);
+  CHECK(wrong.status == 405);
+  CHECK(wrong.headers["Allow"] == "GET, POST");
+  CHECK(f.call("GET", path + "?state=Sleeping").status == 400);
+  CHECK(f.call("GET", path + "?state=").status == 400);
+  CHECK(f.call("GET", path + "?action=Explode").status == 400);
+  CHECK(f.call("GET", path + "?colour=red").status == 400);
+  CHECK(f.call("GET", path + "?limit=5000").status == 400);
+  CHECK(f.call("GET", "/api/v1/power-actions/1/retry").status == 404);
+  CHECK(total(f.call("GET", path)) == 0);
+  CHECK(f.call("GET", "/api/v1/audit?kind=power_action").body.at("items").as_array().empty());
+
+  // An explicit priority; the same action again for the same machine is the same action.
+  auto first = f.call("POST", path, R"({"machines":["DEMO\\pool-1"],"action":"Restart","priority":7})");
+  REQUIRE(first.status == 201);
+  const auto& a = first.body.at("items").as_array()[0].as_object();
+  CHECK(a.at("base_priority").as_int64() == 7);
+  CHECK(text(a, "action") == "Restart");
+}
+
+TEST_CASE("without a power manager the stored power actions are listed and changes answer 503") {
+  Fixture f;
+  auto list = f.call("GET", "/api/v1/power-actions");
+  CHECK(list.status == 200);
+  CHECK(total(list) == 0);
+  auto create = f.call("POST", "/api/v1/power-actions", R"({"machines":["DEMO\\rds-1"],"action":"TurnOn"})");
+  CHECK(create.status == 503);
+  CHECK(code(create) == "unavailable");
+  CHECK(f.call("PATCH", "/api/v1/power-actions/1", R"({"priority":5})").status == 503);
+  CHECK(f.call("POST", "/api/v1/power-actions/1/cancel").status == 503);
+  CHECK(f.call("GET", "/api/v1/power-actions/1").status == 404);
+  CHECK(!f.call("GET", "/api/v1/machines/DEMO%5Crds-1").body.contains("pending_power_actions"));
+  CHECK(f.call("GET", "/metrics").raw.find("broker_power_actions{") == std::string::npos);
 }

@@ -1,6 +1,7 @@
 #include "common/model.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <limits>
 #include <ostream>
 
@@ -86,6 +87,8 @@ FieldSpec time_field(std::string_view name, std::string_view help) {
 constexpr std::int64_t kDay = 86400;
 const std::vector<std::string_view> kSessionSupport{"SingleSession", "MultiSession"};
 const std::vector<std::string_view> kColorDepth{"FourBit", "EightBit", "SixteenBit", "TwentyFourBit"};
+const std::vector<std::string_view> kDays{"Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
+                                          "Saturday", "Sunday",  "Weekdays",  "Weekend"};
 
 std::vector<KindSpec> build_specs() {
   std::vector<KindSpec> kinds;
@@ -112,11 +115,13 @@ std::vector<KindSpec> build_specs() {
   kinds.push_back({Kind::hypervisor_connection, "hypervisor_connection", "hypervisor-connections",
                    "hypervisor_connections", true, false, {
       [] { auto f = choice("driver", {"simulated", "libvirt"}, "simulated", "power driver"); f.required = true; return f; }(),
-      text_field("uri", "libvirt connection URI, e.g. qemu:///system or test:///default"),
+      text_field("uri", "libvirt connection URI, e.g. qemu:///system or test:///default; simulated: file:PATH where the VMs' power states are written for reference agents"),
       flag("enabled", true, "power actions run only on enabled connections"),
       number("max_absolute_active_actions", 100, 1, 100000, "throttle: power actions started at once"),
       number("max_percentage_active_actions", 20, 1, 100, "throttle: active actions as a percentage of machines"),
       number("max_new_actions_per_minute", 10, 1, 100000, "throttle: actions started per minute"),
+      number("simulated_boot_delay_seconds", 20, 0, 3600, "simulated driver: seconds from TurnOn to On"),
+      number("simulated_shutdown_delay_seconds", 10, 0, 3600, "simulated driver: seconds from Shutdown to Off"),
       text_field("description", "free text"),
   }});
 
@@ -149,6 +154,24 @@ std::vector<KindSpec> build_specs() {
       flag("shutdown_desktops_after_use", false, "power off single-session machines after logoff"),
       number("settlement_period_before_use_seconds", 0, 0, kDay, "idle time after registration before use"),
       number("settlement_period_before_auto_shutdown_seconds", 0, 0, kDay, "delay before automatic shutdown"),
+  }});
+
+  // Hours are the group's time_zone wall-clock hours; per-hour lists have 24 elements, 00:00 first.
+  kinds.push_back({Kind::power_time_scheme, "power_time_scheme", "power-time-schemes", "power_time_schemes", true,
+                   false, {
+      ref("delivery_group", Kind::delivery_group, true, "the group the scheme is for"),
+      [] { auto f = list("days_of_week", "days the scheme applies to: Monday .. Sunday, Weekdays, Weekend");
+           f.default_value = std::monostate{}; f.required = true; f.choices = kDays; f.min_items = 1; f.max_items = 9;
+           return f; }(),
+      [] { auto f = list("peak_hours", "24 values, \"true\" or \"false\": peak hours (element 0 is 00:00-00:59)",
+                         TextList(24, "false"));
+           f.choices = {"true", "false"}; f.min_items = f.max_items = 24; return f; }(),
+      [] { auto f = list("pool_size", "24 integers as text: machines kept powered on each hour (-1: not managed)",
+                         TextList(24, "-1"));
+           f.min = -1; f.max = 100000; f.min_items = f.max_items = 24; return f; }(),
+      flag("pool_using_percentage", false, "pool_size values are percentages (0..100) of the group's machines"),
+      flag("enabled", true, "disabled schemes are ignored"),
+      text_field("description", "free text"),
   }});
 
   kinds.push_back({Kind::machine, "machine", "machines", "machines", true, false, {
@@ -394,6 +417,37 @@ std::string join_choices(const std::vector<std::string_view>& c) {
   }
   return out;
 }
+// Whole decimal integers only ("-1", "12"), no signs other than a leading '-', no spaces.
+bool parse_integer(const std::string& text, std::int64_t& out) {
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  if (first == last) return false;
+  auto [end, ec] = std::from_chars(first, last, out);
+  return ec == std::errc{} && end == last;
+}
+
+// A text_list value against its spec: "" or the message (without "field: ").
+std::string check_list(const FieldSpec& f, const TextList& l) {
+  if (f.max_items > 0 && (l.size() < f.min_items || l.size() > f.max_items)) {
+    if (f.min_items == f.max_items)
+      return "must have exactly " + std::to_string(f.max_items) + " elements, not " + std::to_string(l.size());
+    return "must have " + std::to_string(f.min_items) + " to " + std::to_string(f.max_items) + " elements, not " +
+           std::to_string(l.size());
+  }
+  for (std::size_t i = 0; i < l.size(); ++i) {
+    const std::string& e = l[i];
+    if (e.empty()) return "list elements must not be empty";
+    if (!f.choices.empty() && std::find(f.choices.begin(), f.choices.end(), e) == f.choices.end())
+      return "'" + e + "' (element " + std::to_string(i) + ") is not one of " + join_choices(f.choices);
+    if (f.min < f.max) {
+      std::int64_t n = 0;
+      if (!parse_integer(e, n) || n < f.min || n > f.max)
+        return "'" + e + "' (element " + std::to_string(i) + ") is not an integer between " + std::to_string(f.min) +
+               " and " + std::to_string(f.max);
+    }
+  }
+  return {};
+}
 }  // namespace
 
 std::string validate_fields(const Object& obj) {
@@ -420,10 +474,14 @@ std::string validate_fields(const Object& obj) {
     }
     if (auto* n = std::get_if<std::int64_t>(&value); n && f->min < f->max && (*n < f->min || *n > f->max))
       return key + ": must be between " + std::to_string(f->min) + " and " + std::to_string(f->max);
-    if (auto* l = std::get_if<TextList>(&value))
-      for (const auto& e : *l)
-        if (e.empty()) return key + ": list elements must not be empty";
+    if (auto* l = std::get_if<TextList>(&value)) {
+      if (auto msg = check_list(*f, *l); !msg.empty()) return key + ": " + msg;
+    }
   }
+  if (obj.kind == Kind::power_time_scheme && obj.flag("pool_using_percentage"))
+    for (const auto& e : obj.list("pool_size"))
+      if (std::int64_t n = 0; parse_integer(e, n) && n > 100)
+        return "pool_size: '" + e + "' is more than 100 (pool_using_percentage is on: values are percentages)";
   for (const auto& f : ks.fields)
     if (f.required && !obj.fields.contains(f.name)) return std::string(f.name) + ": is required";
   return {};

@@ -9,6 +9,7 @@
 // value per field. The engine reads fields with the typed accessors.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <iosfwd>
 #include <map>
@@ -26,6 +27,7 @@ enum class Kind {
   hypervisor_connection,
   catalog,
   delivery_group,
+  power_time_scheme,  // peak hours and pool sizes of a delivery group (site-model-reference 2.8)
   machine,
   application,
   rule,
@@ -54,7 +56,12 @@ struct FieldSpec {
   // Run-time switch (maintenance mode): the config file gives the initial value; the admin API
   // may change it even on objects the config file declares, and reconciliation keeps that change.
   bool operational = false;
-  std::int64_t min = 0, max = 0;  // integer bounds when min < max
+  // Integer bounds when min < max. For a text_list, each element must then be the decimal text of
+  // an integer within them (pool sizes per hour: "-1", "5").
+  std::int64_t min = 0, max = 0;
+  // text_list only: element count bounds when max_items > 0 (24 for per-hour lists). `choices`,
+  // when given, apply to each element of a text_list.
+  std::size_t min_items = 0, max_items = 0;
   std::string_view help;          // one line, for docs and error messages
 };
 

@@ -906,6 +906,40 @@ void Loader::check_rules_between_objects() {
       error(d.key_line("delivery_type"), d.path + ".delivery_type",
             "a Private delivery group cannot be DesktopsAndApps (use DesktopsOnly or AppsOnly)");
   }
+  // Power time schemes: the schemes of one delivery group must not share a day (site-model-reference 2.8).
+  {
+    // The single days first (bit 0 is Sunday), then the two sets.
+    static constexpr std::pair<std::string_view, unsigned> kDays[] = {
+        {"Monday", 1u << 1}, {"Tuesday", 1u << 2},  {"Wednesday", 1u << 3}, {"Thursday", 1u << 4},
+        {"Friday", 1u << 5}, {"Saturday", 1u << 6}, {"Sunday", 1u << 0},    {"Weekdays", 0x3eu},
+        {"Weekend", 0x41u}};
+    const auto bits_of = [&](const TextList& days) {
+      unsigned bits = 0;
+      for (const auto& d : days)
+        for (const auto& [name, b] : kDays)
+          if (d == name) bits |= b;
+      return bits;
+    };
+    std::map<std::string, std::vector<std::pair<const Declared*, unsigned>>> by_group;
+    for (const auto& d : declared_[Kind::power_time_scheme]) {
+      if (!d.usable("delivery_group") || !d.usable("days_of_week")) continue;
+      const unsigned bits = bits_of(d.obj.list("days_of_week"));
+      auto& seen = by_group[d.obj.text("delivery_group")];
+      for (const auto& [other, other_bits] : seen) {
+        const unsigned shared = bits & other_bits;
+        if (!shared) continue;
+        std::string days;
+        for (std::size_t i = 0; i < 7; ++i)
+          if (shared & kDays[i].second) days += (days.empty() ? "" : ", ") + std::string(kDays[i].first);
+        error(d.key_line("days_of_week"), d.path + ".days_of_week",
+              "shares " + days + " with power time scheme " + in_quotes(other->obj.name) + " (line " +
+                  std::to_string(other->line) + "); the schemes of delivery group " +
+                  in_quotes(d.obj.text("delivery_group")) + " must not overlap days");
+        break;
+      }
+      seen.emplace_back(&d, bits);
+    }
+  }
   // Rules: each type fits only some delivery groups.
   for (const auto& d : declared_[Kind::rule]) {
     if (!d.usable("rule_type") || !d.usable("delivery_group")) continue;
@@ -941,7 +975,7 @@ LoadResult Loader::run(std::string_view text) {
 
   TableReader top(*this, root, "",
                   {"daemon", "listeners", "database", "logging", "admin", "sta", "site", "hypervisor_connection", "catalog",
-                   "delivery_group", "machine", "application", "rule", "assignment", "user", "group"});
+                   "delivery_group", "power_time_scheme", "machine", "application", "rule", "assignment", "user", "group"});
   for (const auto& ks : model::all_kinds()) {
     if (!ks.api_writable)
       top.refuse(ks.name, std::string(ks.name) + " objects are maintained by the broker and cannot be declared in the config file");

@@ -319,6 +319,68 @@ TEST_CASE("delivery group and rule combinations") {
         "t.toml:1: rule[1].rule_type: is required");
 }
 
+TEST_CASE("power time schemes: 24 hourly values, day names, pool sizes, a known group, no overlaps") {
+  const std::string group = "[[delivery_group]]\nname = \"pool\"\n";  // lines 1-2
+  const auto hours = [](const std::string& value, int n = 24) {
+    std::string out = "[";
+    for (int i = 0; i < n; ++i) out += (i ? ", \"" : "\"") + value + "\"";
+    return out + "]";
+  };
+  // A valid scheme: peak 08:00-17:59 on weekdays, five machines during the day.
+  std::string peak = "[", pool = "[";
+  for (int h = 0; h < 24; ++h) {
+    peak += std::string(h ? ", " : "") + (h >= 8 && h < 18 ? "\"true\"" : "\"false\"");
+    pool += std::string(h ? ", " : "") + (h >= 7 && h < 19 ? "\"5\"" : "\"0\"");
+  }
+  peak += "]";
+  pool += "]";
+  const std::string scheme = "[[power_time_scheme]]\nname = \"weekdays\"\ndelivery_group = \"pool\"\n";  // 3-5
+  auto r = load(group + scheme + "days_of_week = [\"Weekdays\"]\npeak_hours = " + peak + "\npool_size = " + pool +
+                "\n[[power_time_scheme]]\nname = \"weekend\"\ndelivery_group = \"pool\"\ndays_of_week = [\"Saturday\", "
+                "\"Sunday\"]\nenabled = false\n");
+  INFO(all_errors(r));
+  REQUIRE(r.errors.empty());
+  const Object* weekdays = named(*r.config, Kind::power_time_scheme, "weekdays");
+  REQUIRE(weekdays);
+  CHECK(weekdays->text("delivery_group") == "pool");
+  CHECK(weekdays->list("days_of_week") == common::model::TextList{"Weekdays"});
+  CHECK(weekdays->list("peak_hours")[8] == "true");
+  CHECK(weekdays->list("pool_size")[7] == "5");
+  const Object* weekend = named(*r.config, Kind::power_time_scheme, "weekend");
+  REQUIRE(weekend);
+  CHECK(weekend->list("pool_size") == common::model::TextList(24, "-1"));  // defaults: not managed
+  CHECK(weekend->list("peak_hours") == common::model::TextList(24, "false"));
+  CHECK(!weekend->flag("enabled"));
+
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Weekdays\"]\npeak_hours = " + hours("false", 23) + "\n"))
+            .describe() == "t.toml:7: power_time_scheme[1].peak_hours: must have exactly 24 elements, not 23");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Weekdays\"]\npool_size = " + hours("1", 25) + "\n"))
+            .message == "must have exactly 24 elements, not 25");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Monday\", \"Funday\"]\n")).describe() ==
+        "t.toml:6: power_time_scheme[1].days_of_week: 'Funday' (element 1) is not one of Monday, Tuesday, Wednesday, "
+        "Thursday, Friday, Saturday, Sunday, Weekdays, Weekend");
+  CHECK(only_error(load(group + scheme)).describe() == "t.toml:3: power_time_scheme[1].days_of_week: is required");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Monday\"]\npeak_hours = " + hours("yes") + "\n")).message ==
+        "'yes' (element 0) is not one of true, false");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Monday\"]\npool_size = " + hours("-2") + "\n")).describe() ==
+        "t.toml:7: power_time_scheme[1].pool_size: '-2' (element 0) is not an integer between -1 and 100000");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Monday\"]\npool_size = " + hours("five") + "\n")).message ==
+        "'five' (element 0) is not an integer between -1 and 100000");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Monday\"]\npool_using_percentage = true\npool_size = " +
+                        hours("120") + "\n"))
+            .message == "'120' is more than 100 (pool_using_percentage is on: values are percentages)");
+  CHECK(only_error(load("[[power_time_scheme]]\nname = \"s\"\ndelivery_group = \"nope\"\ndays_of_week = [\"Monday\"]\n"))
+            .describe() == "t.toml:3: power_time_scheme[1].delivery_group: no delivery_group named 'nope' in this file");
+  CHECK(only_error(load(group + scheme + "days_of_week = [\"Weekdays\"]\n[[power_time_scheme]]\nname = \"fri\"\n"
+                                         "delivery_group = \"pool\"\ndays_of_week = [\"Friday\", \"Saturday\"]\n"))
+            .describe() == "t.toml:10: power_time_scheme[2].days_of_week: shares Friday with power time scheme 'weekdays' "
+                           "(line 3); the schemes of delivery group 'pool' must not overlap days");
+  // The same days on different groups are fine.
+  CHECK(load(group + "[[delivery_group]]\nname = \"other\"\n" + scheme + "days_of_week = [\"Weekdays\"]\n" +
+             "[[power_time_scheme]]\nname = \"o\"\ndelivery_group = \"other\"\ndays_of_week = [\"Weekdays\"]\n")
+            .errors.empty());
+}
+
 TEST_CASE("assignments: exactly one of user and client_ip, name optional") {
   const std::string base = "[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncatalog = \"c\"\n";
   auto r = load(base + "[[assignment]]\nmachine = \"m\"\nuser = \"DEMO\\\\alice\"\n"

@@ -104,6 +104,16 @@ bool operational(const F& f) {
   }
 }
 
+// FieldSpec::min_items and max_items (text_list element counts), optional in the same way.
+template <class F>
+std::string item_bounds(const F& f) {
+  if constexpr (requires { f.min_items; f.max_items; }) {
+    return ",\"min_items\":" + std::to_string(f.min_items) + ",\"max_items\":" + std::to_string(f.max_items);
+  } else {
+    return ",\"min_items\":0,\"max_items\":0";
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -124,7 +134,7 @@ int main() {
       std::cout << "],\"references\":" << (f.references ? quote(spec(*f.references).name) : std::string("null"))
                 << ",\"state\":" << (f.state ? "true" : "false") << ",\"secret\":" << (f.secret ? "true" : "false")
                 << ",\"operational\":" << (operational(f) ? "true" : "false") << ",\"min\":" << f.min
-                << ",\"max\":" << f.max << ",\"help\":" << quote(f.help) << "}";
+                << ",\"max\":" << f.max << item_bounds(f) << ",\"help\":" << quote(f.help) << "}";
     }
     std::cout << "]}";
   }
@@ -177,6 +187,9 @@ KIND_DESCRIPTIONS = {
     "catalog": "A collection of machines of one kind: allocation (Static or Random), session support, provisioning.",
     "delivery_group": "Machines delivered to users: desktops, applications or both, Private (assigned) or "
                       "Shared (pooled). A Private group cannot deliver DesktopsAndApps.",
+    "power_time_scheme": "Peak hours and pool sizes, per hour, of a delivery group on some days of the week, in the "
+                         "group's time_zone (see docs/power.md). The per-hour lists have 24 elements, the first for "
+                         "00:00-00:59.",
     "machine": "A desktop or session host. Names are `DOMAIN\\name` (URL-encode the backslash in paths: "
                "`DEMO%5Cpool-01`). Its delivery group's session_support must equal its catalog's. "
                "Registration, power and session fields are maintained by the broker.",
@@ -190,8 +203,10 @@ KIND_DESCRIPTIONS = {
             "PBKDF2 hash and never returned.",
     "group": "A group of the built-in directory; members are user and group names (groups nest).",
     "session": "A session as the broker knows it, written by the engine (read-only). Its name is the session key.",
-    "power_action": "A queued, running or finished power action, written by the power module (read-only). Its name "
-                    "is its uid.",
+    "power_action": "A power action of a machine, as its hypervisor connection's queue has it: Pending, Started, "
+                    "or finished (Completed, Failed, Canceled, Lost) within the last hour. Launches, power policy "
+                    "and admins create them; admins also cancel and re-prioritise Pending ones (docs/power.md). "
+                    "Its name is its id as text.",
 }
 
 # Extra sentences for single fields, appended to FieldSpec::help.
@@ -203,6 +218,9 @@ FIELD_NOTES = {
     ("delivery_group", "delivery_type"): "DesktopsAndApps is not allowed for Private groups.",
     ("rule", "rule_type"): "assignment rules need a Private group, entitlement rules a Shared group.",
     ("hypervisor_connection", "driver"): "Cannot be null.",
+    ("power_time_scheme", "pool_size"): "Each element is the decimal text of an integer from -1 to 100000 (at most "
+                                        "100 when pool_using_percentage is true).",
+    ("power_time_scheme", "days_of_week"): "The schemes of one delivery group must not share a day.",
 }
 
 ERROR_CODES = ["invalid_argument", "not_found", "conflict", "unauthorized", "forbidden", "unavailable",
@@ -236,20 +254,22 @@ Every error reply has the body `{"error": {"code", "message", "fields"?}}`; `fie
 | 403 | forbidden | authenticated but not allowed (not used by this version) |
 | 404 | not_found | unknown object or route |
 | 405 | method_not_allowed | wrong method; the `Allow` header lists the right ones |
-| 409 | conflict | duplicate name; deleting an object that is still referenced (e.g. a delivery group that still has machines); changing or deleting an object declared in the config file; a session action on a session that has logged off |
+| 409 | conflict | duplicate name; deleting an object that is still referenced (e.g. a delivery group that still has machines); changing or deleting an object declared in the config file; a session action on a session that has logged off; a power action for a machine that is not power-managed; canceling or re-prioritising a power action that is not Pending |
 | 409 | agent_not_connected, agent_refused | session actions: the machine's agent is not connected (or disconnected before it answered), or it refused the command (its error is in the message) |
 | 413 | payload_too_large | body larger than `[listeners.admin] body_limit_bytes` (default 1 MiB) |
 | 500 | internal, storage_error, incompatible | a bug, or the database failed |
-| 503 | unavailable | storage unavailable, or the broker is shutting down |
+| 503 | unavailable | storage unavailable, or the broker is shutting down; session or power actions on a broker built without the launcher or power management |
 | 504 | agent_timeout | session actions: the machine's agent did not answer in time (5 s) |
 
 ## Objects
 
 Each writable kind has a collection `/{plural}` (GET list, POST create) and items
-`/{plural}/{name}` (GET, PATCH merge, PUT replace, DELETE). Sessions and power actions are
-read-only (GET only; other methods get 405); sessions are acted on with
-`POST /sessions/{name}/logoff`, `/disconnect` and `/message`, which the broker sends to the
-session's agent. The site settings are `/site` (GET, PATCH).
+`/{plural}/{name}` (GET, PATCH merge, PUT replace, DELETE). Sessions are read-only (GET only;
+other methods get 405); they are acted on with `POST /sessions/{name}/logoff`, `/disconnect`
+and `/message`, which the broker sends to the session's agent. Power actions have their own
+routes: `POST /power-actions` queues one per machine, `PATCH /power-actions/{id}` changes a
+Pending one's priority, `POST /power-actions/{id}/cancel` cancels it. The site settings are
+`/site` (GET, PATCH).
 
 * Every object has `id`, `name`, `owner` (`api`, or `config:<path>` for objects declared in
   the config file), `config_owned`, `created_at` and `updated_at` (RFC 3339 UTC with
@@ -329,6 +349,13 @@ def field_schema(kind, f, for_output):
     elif t == "text_list":
         s["type"] = "array"
         s["items"] = {"type": "string", "minLength": 1}
+        if f["choices"]:
+            s["items"]["enum"] = list(f["choices"])
+        if f["min"] < f["max"]:
+            s["items"]["pattern"] = "^-?[0-9]+$"
+        if f.get("max_items"):
+            s["minItems"] = f["min_items"]
+            s["maxItems"] = f["max_items"]
     else:
         raise SystemExit("gen-openapi: unknown field type %r of %s.%s" % (t, kind["name"], f["name"]))
     if nullable_field(f):
@@ -616,7 +643,9 @@ What happened (the list may grow). Changes: `create`, `update`, `delete` (API or
 could be given; object: the resource), `launch-failed` (the agent could not prepare the
 session), `launch-timeout` (the client never came). Session actions (actor: the admin token,
 kind `session`; `after`: `{"machine", "result": "done"|"failed", "error"?, "title"?, "text"?}`):
-`session-logoff`, `session-disconnect`, `session-message`."""
+`session-logoff`, `session-disconnect`, `session-message`. Power actions (actor: the admin token, kind
+`power_action`, object: the action's id; `before`/`after`: the action): `power-action-create` (one entry per
+action returned), `power-action-cancel`, `power-action-priority`."""
 
 
 def session_action_paths():
@@ -672,6 +701,169 @@ def session_action_paths():
         post["responses"] = dict(sorted(post["responses"].items()))
         paths["/sessions/{name}/" + command] = {"post": post}
     return paths
+
+POWER_ACTION_STATES = ["Pending", "Started", "Completed", "Failed", "Canceled", "Lost"]
+POWER_ACTIONS = ["TurnOn", "TurnOff", "Shutdown", "Reset", "Restart", "Suspend", "Resume"]
+
+
+def power_action_schema(kind):
+    """The power action as the admin API shows it (admin/admin_api.cpp action_json): the manager's
+    record, not the stored object (no owner, config_owned, created_at, updated_at; plus attempts)."""
+    props = {
+        "id": {"type": "integer", "format": "int64", "readOnly": True,
+               "description": "Assigned by the broker, unique in the site."},
+        "name": {"type": "string", "readOnly": True, "description": "The id as text."},
+    }
+    for f in visible_fields(kind):
+        s = field_schema(kind, f, True)
+        s.pop("default", None)
+        props[f["name"]] = s
+    props["state"]["enum"] = POWER_ACTION_STATES
+    props["state"]["description"] = ("Pending (queued, or waiting for a retry), Started (sent to the hypervisor, "
+                                     "followed until the machine reaches the action's target state), Completed, "
+                                     "Failed, Canceled, Lost. Read-only: maintained by the broker.")
+    props["hypervisor_connection"].pop("nullable", None)
+    props["hypervisor_connection"]["x-references"] = "hypervisor_connection"
+    props["hypervisor_connection"]["description"] = "The connection whose queue runs it. Names a hypervisor connection."
+    props["actual_priority"]["description"] = ("The priority the queue orders by (lower first): the base priority, "
+                                               "unless boosted by a more urgent request or changed by an admin.")
+    for t, what in [("request_time", "When it was queued."),
+                    ("start_time", "When it was sent to the hypervisor (the latest attempt); null before."),
+                    ("completion_time", "When it finished; null before.")]:
+        props[t]["description"] = what + " RFC 3339 UTC with milliseconds."
+    props["failure_reason"]["description"] = ("Why it failed; while a retry waits (Pending), the failure being "
+                                              "retried; null otherwise.")
+    props["attempts"] = {"type": "integer", "minimum": 0, "readOnly": True,
+                         "description": "Times it was sent to the hypervisor (retries included)."}
+    return {
+        "type": "object",
+        "description": KIND_DESCRIPTIONS["power_action"],
+        "required": list(props.keys()),
+        "properties": props,
+        "example": {"id": 12, "name": "12", "machine": "DEMO\\pool-01", "hypervisor_connection": "lab",
+                    "action": "TurnOn", "state": "Started", "base_priority": 30, "actual_priority": 30,
+                    "reason": "Admin", "request_time": "2026-11-23T10:42:55.123Z",
+                    "start_time": "2026-11-23T10:42:55.200Z", "completion_time": None, "failure_reason": None,
+                    "attempts": 1},
+    }
+
+
+def power_action_paths():
+    """/power-actions, /power-actions/{id}, /power-actions/{id}/cancel (admin/admin_api.cpp power_actions)."""
+    tag = "power-actions"
+    one = ref("schemas", "PowerAction")
+    id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "format": "int64"},
+                "example": 12, "description": "The power action's id."}
+    not_found = error_response("not_found: no power action with that id.", "not_found",
+                               "no power action with id '12'")
+    def not_pending(what):
+        return error_response("conflict: the action is not Pending (it has started or finished).", "conflict",
+                              "power action 12 is Started; only Pending actions can be " + what)
+    unavailable = error_response(
+        "unavailable: the broker has no power management (then only GET works, on the stored actions), or it is "
+        "shutting down.", "unavailable", "power actions cannot be changed: this broker has no power manager")
+
+    def with_codes(base, **extra):
+        out = dict(base)
+        out.update(extra)
+        return dict(sorted(out.items()))
+
+    list_params = [
+        {"name": "machine", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "Only the actions of this machine."},
+        {"name": "state", "in": "query", "required": False, "schema": {"type": "string"},
+         "example": "Pending,Started",
+         "description": "Only actions in one of these states (comma-separated): " + ", ".join(POWER_ACTION_STATES) +
+                        ". Another value is a 400."},
+        {"name": "action", "in": "query", "required": False, "schema": {"type": "string"}, "example": "TurnOn",
+         "description": "Only these actions (comma-separated): " + ", ".join(POWER_ACTIONS) + "."},
+        {"name": "hypervisor_connection", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "Only the actions of this connection's queue."},
+        {"name": "reason", "in": "query", "required": False, "schema": {"type": "string"}, "example": "Admin",
+         "description": "Only actions of this origin (Launch, Admin, Policy, IdlePool, ...)."},
+        ref("parameters", "limit"), ref("parameters", "offset"),
+    ]
+    create_body = {
+        "type": "object", "required": ["machines", "action"], "additionalProperties": False,
+        "properties": {
+            "machines": {"type": "array", "minItems": 1, "maxItems": 1000,
+                         "items": {"type": "string", "minLength": 1, "x-references": "machine"},
+                         "description": "The machines (names; duplicates count once)."},
+            "action": {"type": "string", "enum": POWER_ACTIONS,
+                       "description": "TurnOff is a hard power-off, Shutdown a guest shutdown; Reset a hard reset, "
+                                      "Restart a guest reboot."},
+            "priority": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 30,
+                         "description": "Base priority; lower runs first (launches are 10, schedules 40, "
+                                        "policy 50)."},
+        },
+    }
+    created = {"type": "object", "required": ["items"], "properties": {
+        "items": {"type": "array", "items": one,
+                  "description": "One action per machine, in the order given. A machine that already had the "
+                                 "same action Pending (or Started, except Reset and Restart) gets that action "
+                                 "back, its priority lowered to this request's when that is more urgent."}}}
+    patch_body = {"type": "object", "required": ["priority"], "additionalProperties": False, "properties": {
+        "priority": {"type": "integer", "minimum": 0, "maximum": 1000,
+                     "description": "The new actual priority (the base priority is kept)."}}}
+    collection = {
+        "get": {
+            "tags": [tag], "operationId": "listPowerActions", "summary": "List power actions",
+            "description": "The actions of every connection's queue, by id: Pending, Started, and those finished "
+                           "within the last hour. Other query parameters are a 400. Without power management "
+                           "(not the case in brokerd) the stored actions are listed, with the filters of the "
+                           "other lists. `brokerctl power list [--machine M] [--state S]`.",
+            "parameters": list_params,
+            "responses": responses(400, 401, 500, 503, ok={"200": {
+                "description": "A page of power actions.", "content": json_content(ref("schemas", "PowerActionList"))}}),
+        },
+        "post": {
+            "tags": [tag], "operationId": "createPowerActions", "summary": "Queue a power action for machines",
+            "description": "Queues the action for each machine with reason Admin; nothing is queued when one "
+                           "machine is unknown (404) or not power-managed (409: its catalog names no hypervisor "
+                           "connection, or that connection's driver could not be started). Audited as "
+                           "`power-action-create`, one entry per action. Other methods get 405 with "
+                           "`Allow: GET, POST`. `brokerctl power create ACTION MACHINE... [--priority N]`.",
+            "requestBody": {"required": True, "content": json_content(create_body, {
+                "machines": ["DEMO\\pool-01", "DEMO\\pool-02"], "action": "Shutdown"})},
+            "responses": with_codes(responses(400, 401, 413, 500, ok={"201": {
+                "description": "Queued.", "content": json_content(created)}}),
+                **{"404": error_response("not_found: a machine does not exist.", "not_found",
+                                         "machines: no machine named 'DEMO\\pool-99'"),
+                   "409": error_response("conflict: a machine is not power-managed.", "conflict",
+                                         "machines: machine 'DEMO\\rds-01' is not power-managed (its catalog has "
+                                         "no hypervisor_connection)"),
+                   "503": unavailable}),
+        },
+    }
+    item = {
+        "parameters": [id_param],
+        "get": {
+            "tags": [tag], "operationId": "getPowerAction", "summary": "Get a power action",
+            "responses": with_codes(responses(401, 500, 503, ok={"200": {
+                "description": "The power action.", "content": json_content(one)}}), **{"404": not_found}),
+        },
+        "patch": {
+            "tags": [tag], "operationId": "setPowerActionPriority", "summary": "Change a Pending action's priority",
+            "description": "Sets the actual priority (0 to 1000, lower runs first); only `priority` may be given. "
+                           "Audited as `power-action-priority`. Other methods get 405 with `Allow: GET, PATCH`. "
+                           "`brokerctl power priority ID N`.",
+            "requestBody": {"required": True, "content": json_content(patch_body, {"priority": 5})},
+            "responses": with_codes(responses(400, 401, 413, 500, ok={"200": {
+                "description": "The action with its new priority.", "content": json_content(one)}}),
+                **{"404": not_found, "409": not_pending("re-prioritised"), "503": unavailable}),
+        },
+    }
+    cancel = {"post": {
+        "tags": [tag], "operationId": "cancelPowerAction", "summary": "Cancel a Pending power action",
+        "description": "Pending becomes Canceled; a Started action cannot be canceled (409). The body, if any, is ignored. "
+                       "Audited as `power-action-cancel`. Other methods get 405 with `Allow: POST`. "
+                       "`brokerctl power cancel ID`.",
+        "parameters": [id_param],
+        "responses": with_codes(responses(401, 500, ok={"200": {
+            "description": "The canceled action.", "content": json_content(one)}}),
+            **{"404": not_found, "409": not_pending("canceled"), "503": unavailable}),
+    }}
+    return {"/power-actions": collection, "/power-actions/{id}": item, "/power-actions/{id}/cancel": cancel}
 
 
 def error_schema():
@@ -765,6 +957,17 @@ def build(kinds):
             schemas[sname + "Create"] = input_schema(k, "create")
             schemas[sname + "Replace"] = input_schema(k, "replace")
             schemas[sname + "Patch"] = input_schema(k, "patch")
+    schemas["PowerAction"] = power_action_schema(by_name["power_action"])
+    schemas["Machine"]["properties"]["pending_power_actions"] = {
+        "type": "array", "readOnly": True,
+        "description": "Only in `GET /machines/{name}`, and only with power management: the machine's Pending "
+                       "and Started power actions.",
+        "items": {"type": "object", "required": ["id", "action", "state", "actual_priority"], "properties": {
+            "id": {"type": "integer", "format": "int64"},
+            "action": {"type": "string", "enum": POWER_ACTIONS},
+            "state": {"type": "string", "enum": ["Pending", "Started"]},
+            "actual_priority": {"type": "integer"}}},
+    }
     schemas["AuditEntry"] = {
         "type": "object",
         "required": ["id", "time", "actor", "action", "kind", "object", "before", "after"],
@@ -894,7 +1097,9 @@ def build(kinds):
                                                                "content": json_content(ref("schemas", "AuditPage"))}}),
     }}
     for k in kinds:
-        if k["name"] != "site":
+        if k["name"] == "power_action":
+            paths.update(power_action_paths())
+        elif k["name"] != "site":
             paths.update(kind_paths(kinds, k))
         if k["name"] == "session":
             paths.update(session_action_paths())
@@ -941,6 +1146,9 @@ def build(kinds):
         "* `broker_http_connections{listener}` gauge: open connections",
         "* `broker_machines{registration_state}` gauge",
         "* `broker_sessions{state}` gauge",
+        "* `broker_power_actions{hypervisor_connection,state}` gauge: power actions by state (Pending, Started, "
+        "and those finished within the retention), every state listed",
+        "* `broker_power_queue_depth{hypervisor_connection}` gauge: Pending power actions",
         "* `broker_storage_commit_seconds` histogram: one group commit (a batch of write transactions)",
         "* `broker_storage_commit_batches_total` counter: group commits",
         "* `broker_storage_commit_batch_writes_total` counter: write transactions committed in them (their ratio is the mean batch size)",

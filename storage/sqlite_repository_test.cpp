@@ -693,6 +693,59 @@ TEST_CASE("a rename cascades to referencing columns and list elements") {
   CHECK(raw.rows("PRAGMA foreign_key_check").empty());
 }
 
+TEST_CASE("migration 3: a version 2 database gains power time schemes, which keep their hourly lists") {
+  TempDir dir;
+  const std::string path = dir.file("v2.db");
+  {  // A database as brokerd 2 left it: migrations 1 and 2, and a delivery group.
+    { std::ofstream touch(path); }
+    RawDb raw(path);
+    for (const auto& m : storage::sqlite::migrations()) {
+      if (m.version > 2) break;
+      raw.exec(std::string(m.sql));
+      raw.exec("INSERT INTO schema_version VALUES (" + std::to_string(m.version) + ", '2026-01-01T00:00:00.000Z', 'x')");
+    }
+    raw.exec("INSERT INTO delivery_groups (name, owner, created_at, updated_at, time_zone) "
+             "VALUES ('g1', 'api', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', 'Europe/London')");
+  }
+  auto repo = open_repo(path);  // migrates and checks the schema against the descriptors
+  TextList peak(24, "false"), pool(24, "-1");
+  for (std::size_t h = 7; h < 19; ++h) {
+    peak[h] = "true";
+    pool[h] = std::to_string(h);
+  }
+  write_ok(*repo, [&](Transaction& tx) {
+    Object s = make_default(Kind::power_time_scheme, "week");
+    s.fields["delivery_group"] = std::string("g1");
+    s.fields["days_of_week"] = TextList{"Weekdays", "Saturday"};
+    s.fields["peak_hours"] = peak;
+    s.fields["pool_size"] = pool;
+    create_ok(tx, s);
+  });
+  read_ok(*repo, [&](Transaction& tx) {
+    auto s = tx.get(Kind::power_time_scheme, "week");
+    REQUIRE(s.has_value());
+    CHECK(s->list("days_of_week") == TextList{"Weekdays", "Saturday"});
+    CHECK(s->list("peak_hours") == peak);
+    CHECK(s->list("pool_size") == pool);
+    CHECK(tx.list(Kind::power_time_scheme, {{{"delivery_group", "g1"}}})->size() == 1);
+  });
+  auto e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::delivery_group, "g1"); });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message.find("is still used by power") != std::string::npos);
+  write_ok(*repo, [](Transaction& tx) {
+    Object g = *tx.get(Kind::delivery_group, "g1");
+    g.name = "group-one";
+    REQUIRE(tx.update("g1", g).has_value());
+    CHECK(tx.get(Kind::power_time_scheme, "week")->text("delivery_group") == "group-one");
+    REQUIRE(tx.remove(Kind::power_time_scheme, "week").has_value());
+    REQUIRE(tx.remove(Kind::delivery_group, "group-one").has_value());
+  });
+  repo->close();
+  RawDb raw(path);
+  CHECK(raw.rows("SELECT max(version) FROM schema_version") == std::vector<std::vector<std::string>>{{"3"}});
+  CHECK(raw.rows("SELECT count(*) FROM power_time_scheme_pool_size") == std::vector<std::vector<std::string>>{{"0"}});
+}
+
 TEST_CASE("a failed or throwing transaction leaves nothing behind") {
   auto repo = memory_repo();
   auto status = repo->write([](Transaction& tx) -> common::Status {

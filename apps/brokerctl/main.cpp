@@ -11,7 +11,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -29,9 +31,9 @@ constexpr const char* kUsage = R"(usage: brokerctl [--url URL] [--token TOKEN] [
   --token TOKEN  admin bearer token (default $OPENBROKER_TOKEN)
   --json         print the API's JSON instead of tables
 
-nouns: machine, catalog, group (delivery group), application, rule, assignment, user,
-       user-group (directory group), hypervisor, session, power-action (read-only: session, power-action;
-       sessions take logoff, disconnect and message below)
+nouns: machine, catalog, group (delivery group), scheme (power time scheme), application, rule, assignment,
+       user, user-group (directory group), hypervisor, session (read-only; sessions take logoff, disconnect
+       and message below), power (power actions: the verbs below)
 
   NOUN list [FIELD=VALUE ...] [--limit N] [--offset N]   list, filtered on fields
   NOUN get NAME
@@ -45,6 +47,14 @@ nouns: machine, catalog, group (delivery group), application, rule, assignment, 
   session logoff NAME                                    log the session off (waits for its agent)
   session disconnect NAME                                disconnect the client, keep the session
   session message NAME --text TEXT [--title TITLE]       show a message in the session
+  power list [--machine M] [--state S[,S...]] [--action A[,A...]] [--limit N] [--offset N]
+                                                         power actions (queued, running, finished in the last hour)
+  power get ID
+  power create ACTION MACHINE [MACHINE ...] [--priority N]
+                                                         queue TurnOn, TurnOff, Shutdown, Reset, Restart, Suspend or
+                                                         Resume (priority 0..1000, lower runs first; default 30)
+  power cancel ID                                        cancel a Pending action
+  power priority ID N                                    change a Pending action's priority
   site get | site update FIELD=VALUE ...
   audit [list] [kind=K] [object=NAME] [actor=A] [--action A[,A...]] [--limit N] [--offset N]
                                                          e.g. audit list --action launch-failed,launch-refused
@@ -80,6 +90,8 @@ const model::KindSpec& noun_kind(const std::string& noun) {
       {"session", model::Kind::session},           {"sessions", model::Kind::session},
       {"power-action", model::Kind::power_action}, {"power-actions", model::Kind::power_action},
       {"power", model::Kind::power_action},
+      {"power-time-scheme", model::Kind::power_time_scheme}, {"power-time-schemes", model::Kind::power_time_scheme},
+      {"scheme", model::Kind::power_time_scheme},  {"schemes", model::Kind::power_time_scheme},
   };
   auto it = nouns.find(noun);
   if (it == nouns.end()) throw UsageError("unknown noun '" + noun + "'");
@@ -92,6 +104,7 @@ std::vector<std::string> default_columns(model::Kind k) {
     case K::machine: return {"name", "catalog", "delivery_group", "registration_state", "last_deregistration_reason", "power_state", "summary_state", "in_maintenance_mode", "tags", "source"};
     case K::catalog: return {"name", "allocation_type", "session_support", "provisioning_type", "hypervisor_connection", "source"};
     case K::delivery_group: return {"name", "desktop_kind", "delivery_type", "session_support", "enabled", "in_maintenance_mode", "source"};
+    case K::power_time_scheme: return {"name", "delivery_group", "days_of_week", "pool_using_percentage", "enabled", "source"};
     case K::application: return {"name", "published_name", "command_line_executable", "delivery_groups", "enabled", "source"};
     case K::rule: return {"name", "rule_type", "delivery_group", "enabled", "included_users", "source"};
     case K::assignment: return {"name", "machine", "user", "client_ip", "rule"};
@@ -99,7 +112,7 @@ std::vector<std::string> default_columns(model::Kind k) {
     case K::group: return {"name", "domain", "members", "source"};
     case K::hypervisor_connection: return {"name", "driver", "uri", "enabled", "source"};
     case K::session: return {"name", "machine", "user_name", "state", "session_type", "client_name", "start_time"};
-    case K::power_action: return {"name", "machine", "action", "state", "actual_priority", "reason", "request_time"};
+    case K::power_action: return {"id", "machine", "action", "state", "actual_priority", "reason", "request_time", "failure_reason"};
     case K::site: return {};
   }
   return {"name"};
@@ -119,6 +132,12 @@ std::string cell(const json::object& o, const std::string& col) {
     std::string s;
     for (const auto& e : v.get_array()) {
       if (!s.empty()) s += ",";
+      if (e.is_object() && e.get_object().contains("id") && e.get_object().contains("action")) {
+        // pending_power_actions of a machine: "12 TurnOn (Pending)"
+        const auto& a = e.get_object();
+        s += (s.empty() ? "" : " ") + json::serialize(a.at("id")) + " " + cell(a, "action") + " (" + cell(a, "state") + ")";
+        continue;
+      }
       s += e.is_string() ? std::string(e.get_string()) : json::serialize(e);
     }
     return s.empty() ? "-" : s;
@@ -137,6 +156,9 @@ void print_table(const std::vector<std::string>& cols, const json::array& items)
     if (cols[i] == "in_maintenance_mode") h = "MAINT";
     if (cols[i] == "registration_state") h = "REGISTRATION";
     if (cols[i] == "last_deregistration_reason") h = "LAST DEREGISTRATION";
+    if (cols[i] == "actual_priority") h = "PRIORITY";
+    if (cols[i] == "request_time") h = "REQUESTED";
+    if (cols[i] == "failure_reason") h = "FAILURE";
     header.push_back(h);
     width[i] = h.size();
   }
@@ -217,7 +239,8 @@ std::string filter_query(const std::vector<std::string>& args, std::size_t from)
 bool noun_is_session(const std::string& noun) { return noun == "session" || noun == "sessions"; }
 
 // The audit table's DETAIL column: for entries whose "after" is an event record rather than an
-// object (launch failures, session actions), the reason or result and the message.
+// object (launch failures, session actions), the reason or result and the message; for power
+// actions, the action, machine, state and priority afterwards.
 void add_audit_detail(json::value& page) {
   if (!page.is_object() || !page.as_object().contains("items") || !page.as_object().at("items").is_array()) return;
   for (auto& item : page.as_object().at("items").as_array()) {
@@ -230,6 +253,11 @@ void add_audit_detail(json::value& page) {
       const auto* v = a.if_contains(key);
       return v && v->is_string() ? std::string(v->get_string()) : std::string();
     };
+    if (cell(o, "kind") == "power_action") {  // "Suspend of DEMO\rds-2: Canceled, priority 3"
+      o["detail"] = str("action") + " of " + str("machine") + ": " + str("state") + ", priority " +
+                    cell(a, "actual_priority");
+      continue;
+    }
     std::string head = !str("reason").empty() ? str("reason") : str("result");
     if (head.empty()) continue;
     std::string more = !str("message").empty() ? str("message") : str("error");
@@ -289,11 +317,92 @@ std::string read_password() {
   return pw;
 }
 
+// A whole number for a usage argument (ids, priorities).
+std::int64_t whole_number(const std::string& what, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || !end || *end || errno == ERANGE)
+    throw UsageError(what + ": expected a whole number, got '" + text + "'");
+  return n;
+}
+
+// brokerctl power list|get|create|cancel|priority: /api/v1/power-actions.
+int power_command(Client& client, const std::vector<std::string>& rest, bool as_json,
+                  const std::optional<std::string>& machine, const std::optional<std::string>& state,
+                  const std::optional<std::string>& action, const std::optional<std::string>& priority,
+                  const std::function<std::string(std::string)>& paging) {
+  const std::string base = "/api/v1/power-actions";
+  const std::vector<std::string> cols{"id",     "machine",      "action",        "state", "actual_priority",
+                                      "reason", "request_time", "failure_reason"};
+  const std::string verb = rest.size() > 1 ? rest[1] : "list";
+  auto print = [&](const json::value& v) {
+    if (as_json)
+      std::cout << json::serialize(v) << "\n";
+    else if (v.is_object() && v.as_object().contains("items") && v.as_object().at("items").is_array())
+      print_table(cols, v.as_object().at("items").as_array());
+    else if (v.is_object())
+      print_object(v.as_object());
+  };
+  auto id_arg = [&](std::size_t idx) {
+    if (rest.size() <= idx) throw UsageError("power " + verb + " needs an ID");
+    return std::to_string(whole_number("ID", rest[idx]));
+  };
+  auto describe = [](const json::value& v) {
+    const auto& o = v.as_object();
+    return json::serialize(o.at("id")) + " (" + cell(o, "action") + " of " + cell(o, "machine") + ")";
+  };
+
+  if (verb == "list") {
+    std::string q = filter_query(rest, rest.size() > 1 ? 2 : 1);
+    auto add = [&](const char* key, const std::optional<std::string>& v) {
+      if (v) q += (q.empty() ? "" : "&") + std::string(key) + "=" + net::percent_encode(*v);
+    };
+    add("machine", machine);
+    add("state", state);
+    add("action", action);
+    print(client.call("GET", base + paging(q)));
+  } else if (verb == "get" || verb == "show") {
+    const auto id = id_arg(2);
+    if (rest.size() > 3) throw UsageError("power " + verb + " takes one ID");
+    print(client.call("GET", base + "/" + id));
+  } else if (verb == "create") {
+    if (rest.size() < 4) throw UsageError("power create ACTION MACHINE [MACHINE ...]");
+    json::array machines;
+    for (std::size_t i = 3; i < rest.size(); ++i) machines.emplace_back(rest[i]);
+    json::object body{{"action", rest[2]}, {"machines", std::move(machines)}};
+    if (priority) body["priority"] = whole_number("--priority", *priority);
+    json::value b = std::move(body);
+    print(client.call("POST", base, &b));
+  } else if (verb == "cancel") {
+    const auto id = id_arg(2);
+    if (rest.size() > 3) throw UsageError("power cancel takes one ID");
+    json::value b = json::object{};
+    auto r = client.call("POST", base + "/" + id + "/cancel", &b);
+    if (as_json)
+      std::cout << json::serialize(r) << "\n";
+    else
+      std::cout << "canceled power action " << describe(r) << "\n";
+  } else if (verb == "priority") {
+    const auto id = id_arg(2);
+    if (rest.size() != 4) throw UsageError("power priority ID N");
+    json::value b = json::object{{"priority", whole_number("priority", rest[3])}};
+    auto r = client.call("PATCH", base + "/" + id, &b);
+    if (as_json)
+      std::cout << json::serialize(r) << "\n";
+    else
+      std::cout << "power action " << describe(r) << ": priority " << cell(r.as_object(), "actual_priority") << "\n";
+  } else {
+    throw UsageError("unknown verb '" + verb + "' for power (use list, get, create, cancel, priority)");
+  }
+  return 0;
+}
+
 int run(std::vector<std::string> args) {
   std::string url = std::getenv("OPENBROKER_URL") ? std::getenv("OPENBROKER_URL") : "http://127.0.0.1:8082";
   std::string token = std::getenv("OPENBROKER_TOKEN") ? std::getenv("OPENBROKER_TOKEN") : "";
   bool as_json = false;
-  std::optional<std::string> limit, offset, text, title, action;
+  std::optional<std::string> limit, offset, text, title, action, machine, state, priority;
   std::vector<std::string> rest;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const auto& a = args[i];
@@ -309,6 +418,9 @@ int run(std::vector<std::string> args) {
     else if (a == "--text") text = value();
     else if (a == "--title") title = value();
     else if (a == "--action") action = value();
+    else if (a == "--machine") machine = value();
+    else if (a == "--state") state = value();
+    else if (a == "--priority") priority = value();
     else if (a == "--help" || a == "-h") {
       std::cout << kUsage;
       return 0;
@@ -318,7 +430,12 @@ int run(std::vector<std::string> args) {
   if (rest.empty()) throw UsageError("no command given");
   if ((text || title) && !(rest.size() > 1 && noun_is_session(rest[0]) && rest[1] == "message"))
     throw UsageError("--text and --title go with session message");
-  if (action && rest[0] != "audit") throw UsageError("--action goes with audit");
+  const bool power_noun = rest[0] == "power" || rest[0] == "power-action" || rest[0] == "power-actions";
+  const bool power_list = power_noun && (rest.size() == 1 || rest[1] == "list");
+  if (action && rest[0] != "audit" && !power_list) throw UsageError("--action goes with audit and power list");
+  if ((machine || state) && !power_list) throw UsageError("--machine and --state go with power list");
+  if (priority && !(power_noun && rest.size() > 1 && rest[1] == "create"))
+    throw UsageError("--priority goes with power create (power priority ID N changes one)");
   Client client(url, token);
   const std::string noun = rest[0];
   const std::string verb = rest.size() > 1 ? rest[1] : "";
@@ -374,6 +491,8 @@ int run(std::vector<std::string> args) {
     }
     return 0;
   }
+
+  if (power_noun) return power_command(client, rest, as_json, machine, state, action, priority, paging);
 
   const auto& ks = noun_kind(noun);
   const std::string base = "/api/v1/" + std::string(ks.plural);

@@ -388,9 +388,50 @@ ALTER TABLE sessions ADD COLUMN end_time TEXT;
 CREATE INDEX sessions_state ON sessions(state);
 )sql";
 
-const std::array<Migration, 2> kMigrations{{
+// Migration 3: power time schemes (peak hours and pool sizes per hour of a delivery group), with
+// the conventions of migration 1: the per-hour lists are child tables of 24 rows each.
+constexpr std::string_view kMigration3 = R"sql(
+CREATE TABLE power_time_schemes (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL UNIQUE,
+  owner TEXT NOT NULL,
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  delivery_group TEXT REFERENCES delivery_groups(name) ON UPDATE CASCADE ON DELETE RESTRICT,
+  pool_using_percentage INTEGER,
+  enabled INTEGER,
+  description TEXT
+);
+CREATE INDEX power_time_schemes_delivery_group ON power_time_schemes(delivery_group);
+CREATE TABLE power_time_scheme_days_of_week (
+  owner_id INTEGER NOT NULL REFERENCES power_time_schemes(id) ON DELETE CASCADE,
+  position INTEGER NOT NULL,
+  value TEXT NOT NULL,
+  PRIMARY KEY (owner_id, position)
+) WITHOUT ROWID;
+CREATE INDEX power_time_scheme_days_of_week_value ON power_time_scheme_days_of_week(value);
+CREATE TABLE power_time_scheme_peak_hours (
+  owner_id INTEGER NOT NULL REFERENCES power_time_schemes(id) ON DELETE CASCADE,
+  position INTEGER NOT NULL,
+  value TEXT NOT NULL,
+  PRIMARY KEY (owner_id, position)
+) WITHOUT ROWID;
+CREATE INDEX power_time_scheme_peak_hours_value ON power_time_scheme_peak_hours(value);
+CREATE TABLE power_time_scheme_pool_size (
+  owner_id INTEGER NOT NULL REFERENCES power_time_schemes(id) ON DELETE CASCADE,
+  position INTEGER NOT NULL,
+  value TEXT NOT NULL,
+  PRIMARY KEY (owner_id, position)
+) WITHOUT ROWID;
+CREATE INDEX power_time_scheme_pool_size_value ON power_time_scheme_pool_size(value);
+ALTER TABLE hypervisor_connections ADD COLUMN simulated_boot_delay_seconds INTEGER;
+ALTER TABLE hypervisor_connections ADD COLUMN simulated_shutdown_delay_seconds INTEGER;
+)sql";
+
+const std::array<Migration, 3> kMigrations{{
     {1, "initial schema", kMigration1},
     {2, "session brokering duration and end time", kMigration2},
+    {3, "power time schemes; simulated power delays", kMigration3},
 }};
 
 }  // namespace
