@@ -429,7 +429,8 @@ Status AgentRegistry::deregister(const std::string& machine, const std::string& 
     if (!m) return m.error();
     Object updated = *m;
     updated.fields["registration_state"] = std::string("Unregistered");
-    updated.fields["summary_state"] = std::string("Unregistered");
+    // A machine powered off is Off for admins, not merely Unregistered (site-model 1.8).
+    updated.fields["summary_state"] = std::string(m->text("power_state") == "Off" ? "Off" : "Unregistered");
     updated.fields["last_deregistration_reason"] = reason;
     updated.fields["last_deregistration_time"] = common::format_time(clock_.now());
     auto r = tx.update(machine, updated);

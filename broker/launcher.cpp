@@ -80,6 +80,26 @@ struct Site {
   }
 };
 
+// Powered off (or on its way up) and not known to be broken.
+bool can_power_on(const Object& m) {
+  const auto p = m.text("power_state");
+  const auto f = m.text("fault_state", "None");
+  if (f == "FailedToStart" || f == "StuckOnBoot" || f == "VirtualMachineNotFound") return false;
+  return p == "Off" || p == "Suspended" || p == "TurningOn" || p == "Resuming";
+}
+
+bool booting(const Object& m) {
+  const auto p = m.text("power_state");
+  return p == "TurningOn" || p == "Resuming";
+}
+
+// A machine power management can start for a launch: its catalog names a hypervisor connection,
+// and it is off (or on its way up) without a fault.
+bool power_managed(const Site& site, const Object& m) {
+  const auto it = site.catalogs.find(m.text("catalog"));
+  return it != site.catalogs.end() && !it->second.text("hypervisor_connection").empty() && can_power_on(m);
+}
+
 Result<Site> read_site(storage::Transaction& tx) {
   Site s;
   storage::Query all;
@@ -138,6 +158,7 @@ std::string_view to_string(LaunchFailure f) {
     case LaunchFailure::prepare_failed: return "SessionPrepareFailure";
     case LaunchFailure::no_session: return "NoSessionToReconnect";
     case LaunchFailure::storage_error: return "StorageError";
+    case LaunchFailure::powering_on: return "PoweringOn";
   }
   return "Unknown";
 }
@@ -160,6 +181,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   std::map<std::string, Bump> bumps;  // guarded by decide_mutex
   std::mt19937_64 rng{std::random_device{}()};  // guarded by decide_mutex
   std::atomic<int> inflight{0};
+  PowerControl* power = nullptr;
 
   Impl(storage::Repository& r, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
        std::shared_ptr<spdlog::logger> l, LauncherOptions o)
@@ -171,6 +193,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::set<std::string> tried;
     int attempts = 0;
     std::string last_error;
+    std::string power_on;  // decide() chose a machine to power on (done after the transaction)
     std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   };
 
@@ -444,6 +467,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
 
     int total = 0, tagged = 0, reg = 0, open = 0;
     std::vector<Candidate> usable;
+    std::vector<const Object*> to_power;  // off but power-managed, idle, not faulted
     bool private_group = false;
     std::vector<const Object*> mine;  // machines assigned to the user (private groups)
     std::string group_of;
@@ -466,7 +490,12 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         ++total;
         if (!tag.empty() && !contains_ci(m.list("tags"), tag)) continue;
         ++tagged;
-        if (!registered(m)) continue;
+        if (!registered(m)) {
+          if (power && power_managed(site, m) && !m.flag("in_maintenance_mode") && sessions_on[m.name] == 0 &&
+              (!private_group || mine.empty() || grp->flag("automatic_power_on_for_assigned", true)))
+            to_power.push_back(&m);
+          continue;
+        }
         ++reg;
         if (m.flag("in_maintenance_mode")) continue;
         ++open;
@@ -487,6 +516,16 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       if (have >= max)
         return failed(LaunchFailure::assignment_limit, req.user.qualified_name + " already has " + std::to_string(have) +
                                                           " of the " + std::to_string(max) + " machines '" + rule->name + "' allows");
+    }
+    if (usable.empty() && !to_power.empty()) {
+      // One already on its way up first (no second machine for the same wait), else any; by name
+      // among equals so that concurrent launches converge on the same machine.
+      std::stable_sort(to_power.begin(), to_power.end(), [](const Object* x, const Object* y) {
+        const bool bx = booting(*x), by = booting(*y);
+        return bx != by ? bx : x->name < y->name;
+      });
+      a.power_on = to_power.front()->name;
+      return failed(LaunchFailure::powering_on, "no machine is ready; powering on " + a.power_on + ": retry shortly");
     }
     if (usable.empty()) {
       if (total == 0)
@@ -536,6 +575,13 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         outcome = failed(LaunchFailure::storage_error, st.error().describe());
         std::lock_guard lock(decide_mutex);
         bumps.erase(res.machine);
+      }
+    }
+    if (!a->power_on.empty() && outcome.failure == LaunchFailure::powering_on) {
+      if (auto st = power->power_on(a->power_on); !st) {
+        log->warn("launch: cannot power on {}: {}", a->power_on, st.error().describe());
+        outcome = failed(LaunchFailure::all_unregistered,
+                         "every candidate machine is off and " + a->power_on + " cannot be powered on: " + st.error().message);
       }
     }
     if (!outcome.ok()) {
@@ -803,5 +849,7 @@ Status Launcher::sweep() {
 }
 
 int Launcher::in_flight() const { return impl_->inflight.load(); }
+
+void Launcher::set_power(PowerControl* power) { impl_->power = power; }
 
 }  // namespace broker

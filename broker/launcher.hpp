@@ -50,6 +50,16 @@ struct PrepareSession {
   std::string command_line_executable, command_line_arguments, working_directory;
 };
 
+// The launcher's view of power management (broker::PowerManager implements it): a launch that
+// finds no ready machine powers one on and tells the client to retry.
+class PowerControl {
+ public:
+  virtual ~PowerControl() = default;
+  // Queues a TurnOn of the machine with launch priority (an equivalent pending action is boosted
+  // instead). Must not be called from inside a storage transaction.
+  virtual common::Status power_on(const std::string& machine) = 0;
+};
+
 class AgentChannel {
  public:
   virtual ~AgentChannel() = default;
@@ -83,6 +93,7 @@ enum class LaunchFailure {
   prepare_failed,          // every attempt to prepare a session failed
   no_session,              // reconnect: no such session of this user
   storage_error,
+  powering_on,             // no machine is ready; a power-managed one is being powered on: retry
 };
 std::string_view to_string(LaunchFailure f);  // "NotEntitled", "AllInUse", ...
 
@@ -136,6 +147,9 @@ class Launcher {
   void launch(LaunchRequest request, std::function<void(LaunchResult)> done);
   // Blocking convenience (tests, benchmarks): launch() and wait.
   LaunchResult launch_sync(LaunchRequest request);
+  // Power management for launches of machines that are off (nullptr: such machines are skipped).
+  // Set before the first launch.
+  void set_power(PowerControl* power);
 
   // A second ticket for a launch already made (NFuse RequestTicket with the launch's TicketTag):
   // same machine, user and credential kind. errc::not_found when the session is gone or belongs to

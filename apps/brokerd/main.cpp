@@ -4,6 +4,7 @@
 #include "admin/admin_api.hpp"
 #include "broker/agent_registry.hpp"
 #include "broker/launcher.hpp"
+#include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
 #include "cbp/agent_channel.hpp"
 #include "cbp/endpoint.hpp"
@@ -26,6 +27,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <mutex>
@@ -172,10 +174,17 @@ int run(const std::string& config_path, const std::string& ready_file) {
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
   broker::Launcher launcher(repository, clock, agent_channel, work, log, lopts);
+  // Power management (docs/power.md): started once the config's connections and machines are in.
+  broker::PowerManagerOptions popts;
+  popts.base_dir = std::filesystem::path(cfg.path).parent_path().string();
+  if (popts.base_dir.empty()) popts.base_dir = ".";
+  broker::PowerManager power(repository, clock, log, popts);
+  launcher.set_power(&power);
   admin::AdminOptions aopts;
   for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
   aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
   admin::AdminApi admin_api(site, repository, work, metrics, aopts, log, &launcher);
+  admin_api.set_power_manager(&power);
   xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log, &launcher);
   // The Secure Ticket Authority ([sta]) on the XML listener: POST /scripts/ctxsta.dll.
   std::unique_ptr<xmlservice::StaService> sta;
@@ -226,6 +235,11 @@ int run(const std::string& config_path, const std::string& ready_file) {
   } else if (*reset > 0) {
     log->info("{} machines marked Unregistered until their agents register again", *reset);
   }
+  if (auto st = power.start(); !st) {
+    log->critical("not started: power management: {}", st.error().describe());
+    repository.close();
+    return 1;
+  }
 
   server.start();
   admin_api.set_listeners_ready({"xml", "agent", "admin"});
@@ -240,10 +254,15 @@ int run(const std::string& config_path, const std::string& ready_file) {
   bool stopping = false;
   std::thread sweeper([&] {
     std::unique_lock lock(sweep_mutex);
-    while (!sweep_cv.wait_for(lock, std::chrono::seconds(5), [&] { return stopping; }))
+    for (int tick = 1; !sweep_cv.wait_for(lock, std::chrono::seconds(5), [&] { return stopping; }); ++tick) {
       work.post([&launcher, &log] {
         if (auto st = launcher.sweep(); !st) log->error("housekeeping: {}", st.error().describe());
       });
+      if (tick % 6 == 0)  // machines' power states, every 30 s
+        work.post([&power, &log] {
+          if (auto st = power.refresh(); !st) log->error("power: refresh: {}", st.error().describe());
+        });
+    }
   });
 
   server.wait_for_signal();
@@ -256,6 +275,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   log->info("stopping: finishing in-flight requests (up to {} s)", cfg.shutdown_grace_seconds);
   agent_endpoint.begin_shutdown();
   server.stop(std::chrono::seconds(cfg.shutdown_grace_seconds));
+  power.stop();  // pending power actions stay stored
   work.stop();
   repository.close();
   log->info("stopped");

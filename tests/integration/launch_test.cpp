@@ -8,6 +8,7 @@
 #include "common/crypto.hpp"
 #include "net/http_client.hpp"
 #include "tools/vda-agent/agent.hpp"
+#include "tools/vda-agent/power_follower.hpp"
 
 #include <boost/json.hpp>
 #include <doctest/doctest.h>
@@ -502,4 +503,77 @@ TEST_CASE("launch: a restart of brokerd mid-session keeps sessions and assignmen
   CHECK(again.address == pool_address);
   auto pc_again = xml.launch("u02", "Personal");
   CHECK(pc_again.address == pc_address);
+}
+
+TEST_CASE("launch: a powered-off machine is powered on for a launch, which succeeds once its agent registers") {
+  TempDir dir;
+  Daemon daemon(dir);
+  // The pool's catalog is power-managed by a simulated hypervisor that boots in a second and
+  // writes its VMs' states for the agents to follow.
+  std::string config = site_config(dir);
+  const std::string pool_catalog = "name = \"pool\"\n";
+  config.replace(config.find(pool_catalog), pool_catalog.size(), pool_catalog + "hypervisor_connection = \"sim\"\n");
+  config += "\n[[hypervisor_connection]]\nname = \"sim\"\ndriver = \"simulated\"\nuri = \"file:" +
+            dir.file("power.json") + "\"\nsimulated_boot_delay_seconds = 1\nsimulated_shutdown_delay_seconds = 1\n";
+  REQUIRE_MESSAGE(daemon.start(config), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  auto opts = Agents::options(daemon, Millis{100});
+  vda::Fleet fleet(opts);
+  std::vector<vda::Machine> pool;
+  for (int i = 1; i <= kPool; ++i) {
+    vda::MachineConfig c;
+    c.name = "TEST\\pool-" + std::to_string(i);
+    c.catalog = "pool";
+    c.enroll_key = kEnrollKey;
+    c.address = "10.99.0." + std::to_string(i) + ":1494";
+    pool.push_back(fleet.add(c));
+  }
+  vda::PowerFollower follower(fleet, dir.file("power.json"), Millis{50});
+  follower.start();
+  for (auto& m : pool) REQUIRE_MESSAGE(registered(m), describe(m));
+  CHECK(api.machine_field("TEST\\pool-1", "power_state") == "On");
+
+  // An admin powers the whole pool off: the agents leave (AgentShutdown), the machines are Off.
+  auto off = api.call("POST", "/api/v1/power-actions",
+                      R"({"machines":["TEST\\pool-1","TEST\\pool-2","TEST\\pool-3","TEST\\pool-4"],"action":"TurnOff"})");
+  REQUIRE_MESSAGE(off.status == 201, off.body);
+  for (int i = 1; i <= kPool; ++i) {
+    const auto name = "TEST\\pool-" + std::to_string(i);
+    CHECK(await_machine(api, name, "power_state", "Off") == "Off");
+    CHECK(await_machine(api, name, "summary_state", "Off") == "Off");
+    CHECK(api.machine_field(name, "registration_state") == "Unregistered");
+  }
+
+  // A launch finds no machine ready: it powers one on and says retry-required; the client
+  // retries until the machine's agent has registered, then gets it.
+  auto first = xml.launch("u01", "Pool");
+  CHECK_MESSAGE(first.error == "retry-required", first.body);
+  Launch l = first;
+  const auto deadline = std::chrono::steady_clock::now() + kWait;
+  while (l.error == "retry-required" && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    l = xml.launch("u01", "Pool");
+  }
+  REQUIRE_MESSAGE(l.error.empty(), l.body);
+  const auto machine = "TEST\\pool-" + l.address.substr(std::string("10.99.0.").size(), 1);
+  CHECK(api.machine_field(machine, "power_state") == "On");
+  CHECK(await_session(api, l.session(), "state", "Active") == "Active");
+  // Only that machine was powered on, by one TurnOn of launch priority, Completed once the
+  // queue has seen the machine on.
+  auto turn_on = [&] {
+    auto actions = api.get("/api/v1/power-actions?action=TurnOn");
+    REQUIRE(actions.has_value());
+    REQUIRE(actions->at("items").as_array().size() == 1);
+    return actions->at("items").as_array()[0].as_object();
+  };
+  CHECK(poll<std::string>([&] { return text(turn_on(), "state"); }, "Completed") == "Completed");
+  const auto on = turn_on();
+  CHECK(text(on, "machine") == machine);
+  CHECK(text(on, "reason") == "Launch");
+  CHECK(text(on, "base_priority") == "10");
+  // The other machines stayed off.
+  int still_off = 0;
+  for (int i = 1; i <= kPool; ++i) still_off += api.machine_field("TEST\\pool-" + std::to_string(i), "power_state") == "Off";
+  CHECK(still_off == kPool - 1);
 }

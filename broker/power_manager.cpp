@@ -1,0 +1,485 @@
+// broker/power_manager.cpp: see power_manager.hpp.
+#include "broker/power_manager.hpp"
+
+#include "common/model.hpp"
+#include "power/libvirt_driver.hpp"
+#include "power/simulated_driver.hpp"
+#include "storage/repository.hpp"
+
+#include <boost/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+namespace broker {
+
+using common::errc;
+using common::make_error;
+using common::Result;
+using common::Status;
+using common::model::Kind;
+using common::model::Object;
+
+namespace {
+
+std::string time_text(common::SysTime t) { return t == common::SysTime{} ? std::string() : common::format_time(t); }
+
+common::SysTime time_of(const std::string& text) {
+  common::SysTime t{};
+  if (!text.empty()) common::parse_time(text, t);
+  return t;
+}
+
+// The power_action object of a record (named by the action id).
+Object to_object(const PowerAction& r) {
+  Object o = common::model::make_default(Kind::power_action, std::to_string(r.id));
+  o.fields["machine"] = r.vm.machine;
+  o.fields["hypervisor_connection"] = r.hypervisor_connection;
+  o.fields["action"] = std::string(power::to_string(r.action));
+  o.fields["state"] = std::string(power::to_string(r.state));
+  o.fields["base_priority"] = static_cast<std::int64_t>(r.base_priority);
+  o.fields["actual_priority"] = static_cast<std::int64_t>(r.actual_priority);
+  o.fields["reason"] = r.reason;
+  auto put_time = [&](const char* field, common::SysTime t) {
+    if (t == common::SysTime{}) o.fields.erase(field);
+    else o.fields[field] = time_text(t);
+  };
+  put_time("request_time", r.request_time);
+  put_time("start_time", r.start_time);
+  put_time("completion_time", r.completion_time);
+  o.fields["failure_reason"] = r.failure_reason;
+  return o;
+}
+
+}  // namespace
+
+struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<PowerManager::Impl> {
+  storage::Repository& repo;
+  common::Clock& clock;
+  std::shared_ptr<spdlog::logger> log;
+  PowerManagerOptions opts;
+  std::atomic<std::int64_t> next_id{1};
+
+  struct Connection {
+    std::string name;
+    std::unique_ptr<power::PowerDriver> driver;
+    power::SimulatedDriver* simulated = nullptr;  // driver, when simulated
+    std::unique_ptr<power::ActionQueue> queue;
+    std::string state_file;                              // simulated with a uri: where states go
+    std::map<std::string, std::string> vm_states;        // vm id -> state, for the file
+    std::map<std::string, std::string> machine_of_vm;    // vm id -> machine
+  };
+  mutable std::mutex mutex;  // guards connections (the map; each Connection's own maps: file_mutex)
+  std::map<std::string, std::unique_ptr<Connection>> connections;
+  std::mutex file_mutex;
+  std::mutex observers_mutex;
+  std::vector<std::function<void(const PowerAction&)>> observers;
+
+  Impl(storage::Repository& r, common::Clock& c, std::shared_ptr<spdlog::logger> l, PowerManagerOptions o)
+      : repo(r), clock(c), log(std::move(l)), opts(std::move(o)) {}
+
+  // ActionStore (queue dispatcher threads).
+  void saved(const PowerAction& r) override {
+    auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      const Object o = to_object(r);
+      auto existing = tx.get(Kind::power_action, o.name);
+      if (existing) {
+        Object updated = *existing;
+        for (const auto& [k, v] : o.fields) updated.fields[k] = v;
+        for (const char* t : {"request_time", "start_time", "completion_time"})
+          if (!o.fields.contains(t)) updated.fields.erase(t);
+        auto u = tx.update(o.name, updated);
+        if (!u) return u.error();
+        return {};
+      }
+      if (existing.error().code != errc::not_found) return existing.error();
+      auto c = tx.create(o);
+      if (!c) return c.error();
+      return {};
+    });
+    if (!st) log->error("power: action {} not stored: {}", r.id, st.error().describe());
+  }
+  void forgotten(const PowerAction& r) override {
+    auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      auto rm = tx.remove(Kind::power_action, std::to_string(r.id));
+      if (!rm && rm.error().code != errc::not_found) return rm;
+      return {};
+    });
+    if (!st) log->error("power: action {} not removed: {}", r.id, st.error().describe());
+  }
+
+  // Updates fields of a machine (absent machines are ignored).
+  void update_machine(const std::string& machine, const std::map<std::string, std::string>& fields) {
+    auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      auto m = tx.get(Kind::machine, machine);
+      if (!m) return m.error().code == errc::not_found ? Status{} : Status{m.error()};
+      Object updated = *m;
+      bool changed = false;
+      for (const auto& [k, v] : fields)
+        if (updated.text(k) != v) {
+          updated.fields[k] = v;
+          changed = true;
+        }
+      // Summary state (site-model 1.8): an unregistered machine that is off shows Off.
+      if (fields.contains("power_state") && updated.text("registration_state") != "Registered") {
+        const std::string summary = updated.text("power_state") == "Off" ? "Off" : "Unregistered";
+        if (updated.text("summary_state") != summary) {
+          updated.fields["summary_state"] = summary;
+          changed = true;
+        }
+      }
+      if (!changed) return {};
+      auto u = tx.update(machine, updated);
+      if (!u) return u.error();
+      return {};
+    });
+    if (!st) log->warn("power: machine {} not updated: {}", machine, st.error().describe());
+  }
+
+  // A queue's action changed state.
+  void action_changed(const PowerAction& r, std::optional<power::ActionState> before) {
+    using S = power::ActionState;
+    if (before != r.state) {
+      log->info("power: {} {} on {} ({}): {}{}{}", power::to_string(r.action), r.id, r.vm.machine,
+                r.hypervisor_connection, power::to_string(r.state), r.failure_reason.empty() ? "" : ": ",
+                r.failure_reason);
+      if (r.state == S::completed) {
+        std::map<std::string, std::string> f{{"power_state", std::string(power::to_string(power::target_state(r.action)))}};
+        if (r.action == power::Action::turn_on) f["fault_state"] = "None";
+        update_machine(r.vm.machine, f);
+      } else if (r.state == S::failed && r.failure == power::Failure::not_found) {
+        update_machine(r.vm.machine, {{"fault_state", "VirtualMachineNotFound"}});
+      } else if ((r.state == S::failed || r.state == S::lost) && r.action == power::Action::turn_on) {
+        update_machine(r.vm.machine, {{"fault_state", "FailedToStart"}});
+      }
+    }
+    std::vector<std::function<void(const PowerAction&)>> copy;
+    {
+      std::lock_guard lock(observers_mutex);
+      copy = observers;
+    }
+    for (auto& o : copy) o(r);
+  }
+
+  // A simulated VM changed state: store it and rewrite the state file.
+  void vm_changed(Connection& c, const std::string& vm_id, power::PowerState state) {
+    std::string machine, file;
+    std::map<std::string, std::string> states;
+    {
+      std::lock_guard lock(file_mutex);
+      c.vm_states[vm_id] = std::string(power::to_string(state));
+      auto it = c.machine_of_vm.find(vm_id);
+      if (it != c.machine_of_vm.end()) machine = it->second;
+      file = c.state_file;
+      states = c.vm_states;
+    }
+    if (!file.empty()) write_state_file(file, states);
+    if (!machine.empty()) update_machine(machine, {{"power_state", std::string(power::to_string(state))}});
+  }
+
+  void write_state_file(const std::string& path, const std::map<std::string, std::string>& states) {
+    boost::json::object machines;
+    for (const auto& [k, v] : states) machines[k] = v;
+    const auto text = boost::json::serialize(boost::json::object{{"machines", machines}});
+    const std::string tmp = path + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << text << "\n";
+      if (!out) {
+        log->warn("power: cannot write {}", tmp);
+        return;
+      }
+    }
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) log->warn("power: cannot write {}: {}", path, ec.message());
+  }
+
+  struct ManagedMachine {
+    std::string name, connection;
+    power::VmRef vm;
+    std::string power_state;
+  };
+
+  // Every machine with the connection that powers it ("" when none).
+  Result<std::vector<ManagedMachine>> machines() const {
+    std::vector<ManagedMachine> out;
+    auto st = repo.read([&](storage::Transaction& tx) -> Status {
+      storage::Query all;
+      auto cats = tx.list(Kind::catalog, all);
+      if (!cats) return cats.error();
+      std::map<std::string, std::string> conn_of;
+      for (const auto& c : *cats) conn_of[c.name] = c.text("hypervisor_connection");
+      auto ms = tx.list(Kind::machine, all);
+      if (!ms) return ms.error();
+      for (const auto& m : *ms)
+        out.push_back({m.name, conn_of[m.text("catalog")], power::vm_ref(m.name, m.text("hosted_machine_id")),
+                       m.text("power_state")});
+      return {};
+    });
+    if (!st) return st.error();
+    return out;
+  }
+
+  Connection* find(const std::string& name) const {
+    std::lock_guard lock(mutex);
+    auto it = connections.find(name);
+    return it == connections.end() ? nullptr : it->second.get();
+  }
+};
+
+PowerManager::PowerManager(storage::Repository& repository, common::Clock& clock,
+                           std::shared_ptr<spdlog::logger> logger, PowerManagerOptions options)
+    : impl_(std::make_shared<Impl>(repository, clock, logger ? std::move(logger) : spdlog::default_logger(),
+                                   std::move(options))) {}
+
+PowerManager::~PowerManager() { stop(); }
+
+Status PowerManager::start() {
+  auto& im = *impl_;
+  std::vector<Object> conns;
+  std::vector<PowerAction> stored;
+  auto st = im.repo.read([&](storage::Transaction& tx) -> Status {
+    storage::Query all;
+    auto c = tx.list(Kind::hypervisor_connection, all);
+    if (!c) return c.error();
+    conns = std::move(*c);
+    auto actions = tx.list(Kind::power_action, all);
+    if (!actions) return actions.error();
+    auto ms = tx.list(Kind::machine, all);
+    if (!ms) return ms.error();
+    std::map<std::string, std::string> hosted;
+    for (const auto& m : *ms) hosted[m.name] = m.text("hosted_machine_id");
+    for (const auto& a : *actions) {
+      PowerAction r;
+      r.id = std::atoll(a.name.c_str());
+      if (r.id <= 0) continue;
+      r.vm = power::vm_ref(a.text("machine"), hosted[a.text("machine")]);
+      r.hypervisor_connection = a.text("hypervisor_connection");
+      if (!power::from_string(a.text("action"), r.action) || !power::from_string(a.text("state"), r.state)) continue;
+      r.base_priority = static_cast<int>(a.integer("base_priority", power::kAdminPriority));
+      r.actual_priority = static_cast<int>(a.integer("actual_priority", r.base_priority));
+      r.reason = a.text("reason");
+      r.request_time = time_of(a.text("request_time"));
+      r.start_time = time_of(a.text("start_time"));
+      r.completion_time = time_of(a.text("completion_time"));
+      r.failure_reason = a.text("failure_reason");
+      stored.push_back(std::move(r));
+    }
+    return {};
+  });
+  if (!st) return st;
+  for (const auto& r : stored) im.next_id = std::max(im.next_id.load(), r.id + 1);
+  auto machines = im.machines();
+  if (!machines) return machines.error();
+
+  std::weak_ptr<Impl> weak = impl_;
+  for (const auto& c : conns) {
+    auto conn = std::make_unique<Impl::Connection>();
+    conn->name = c.name;
+    const auto driver = c.text("driver");
+    const auto uri = c.text("uri");
+    if (driver == "simulated") {
+      power::SimulatedDriver::Options so;
+      const auto secs = [](std::int64_t n) { return std::chrono::milliseconds(n * 1000); };
+      so.boot_delay = c.fields.contains("simulated_boot_delay_seconds")
+                          ? secs(c.integer("simulated_boot_delay_seconds"))
+                          : im.opts.simulated_boot_delay;
+      so.shutdown_delay = c.fields.contains("simulated_shutdown_delay_seconds")
+                              ? secs(c.integer("simulated_shutdown_delay_seconds"))
+                              : im.opts.simulated_shutdown_delay;
+      so.tick_interval = im.opts.tick;
+      auto sim = std::make_unique<power::SimulatedDriver>(im.clock, so);
+      conn->simulated = sim.get();
+      if (!uri.empty()) {
+        std::filesystem::path p(uri.rfind("file:", 0) == 0 ? uri.substr(5) : uri);
+        if (p.is_relative()) p = std::filesystem::path(im.opts.base_dir) / p;
+        conn->state_file = p.lexically_normal().string();
+      }
+      // Every machine of the connection is a VM, in the state last stored (On when unknown).
+      for (const auto& m : *machines) {
+        if (m.connection != c.name) continue;
+        const auto initial = m.power_state == "Off"         ? power::PowerState::off
+                             : m.power_state == "Suspended" ? power::PowerState::suspended
+                                                            : power::PowerState::on;
+        conn->machine_of_vm[m.vm.vm_id] = m.name;
+        conn->vm_states[m.vm.vm_id] = std::string(power::to_string(initial));
+        sim->add(m.vm.vm_id, initial);
+      }
+      auto* raw = conn.get();
+      sim->on_change([weak, raw](const std::string& vm_id, power::PowerState s) {
+        if (auto self = weak.lock()) self->vm_changed(*raw, vm_id, s);
+      });
+      if (!conn->state_file.empty()) im.write_state_file(conn->state_file, conn->vm_states);
+      conn->driver = std::move(sim);
+    } else {
+      power::LibvirtOptions lo;
+      lo.uri = uri;
+      lo.clock = &im.clock;
+      lo.logger = im.log;
+      try {
+        conn->driver = std::make_unique<power::LibvirtDriver>(lo);
+      } catch (const std::exception& e) {
+        im.log->error("power: connection '{}' ({}) left out: {}", c.name, uri, e.what());
+        continue;
+      }
+    }
+    power::ActionQueue::Options qo;
+    qo.connection = c.name;
+    qo.limits.max_absolute_active_actions = static_cast<int>(c.integer("max_absolute_active_actions", 100));
+    qo.limits.max_percentage_active_actions = static_cast<int>(c.integer("max_percentage_active_actions", 20));
+    qo.limits.max_new_actions_per_minute = static_cast<int>(c.integer("max_new_actions_per_minute", 10));
+    qo.enabled = c.flag("enabled", true);
+    qo.retention = im.opts.retention;
+    qo.poll_interval = im.opts.tick;
+    qo.check_interval = 2 * im.opts.tick;  // a started action's machine is queried this often
+    qo.next_id = [weak] {
+      auto self = weak.lock();
+      return self ? self->next_id++ : 0;
+    };
+    conn->queue = std::make_unique<power::ActionQueue>(*conn->driver, im.clock, qo, &im);
+    std::size_t count = 0;
+    for (const auto& m : *machines) count += m.connection == c.name;
+    conn->queue->set_machine_count(count);
+    conn->queue->on_change([weak](const PowerAction& r, std::optional<power::ActionState> before) {
+      if (auto self = weak.lock()) self->action_changed(r, before);
+    });
+    std::vector<PowerAction> mine;
+    for (const auto& r : stored)
+      if (r.hypervisor_connection == c.name) mine.push_back(r);
+    const auto restored = conn->queue->restore(std::move(mine));
+    im.log->info("power: connection '{}' ({}{}{}): {} machines, {} stored actions taken back", c.name, driver,
+                 uri.empty() ? "" : " ", uri, count, restored);
+    std::lock_guard lock(im.mutex);
+    im.connections[c.name] = std::move(conn);
+  }
+  return refresh();
+}
+
+void PowerManager::stop() {
+  std::map<std::string, std::unique_ptr<Impl::Connection>> conns;
+  {
+    std::lock_guard lock(impl_->mutex);
+    conns.swap(impl_->connections);
+  }
+  for (auto& [name, c] : conns)
+    if (c->queue) c->queue->stop();
+  conns.clear();  // each Connection destroys its queue before its driver (member order)
+}
+
+Result<std::vector<PowerAction>> PowerManager::submit(const std::vector<std::string>& names, power::Action action,
+                                                      int priority, const std::string& reason) {
+  if (names.empty()) return make_error(errc::invalid_argument, "name at least one machine", "machines");
+  auto machines = impl_->machines();
+  if (!machines) return machines.error();
+  std::vector<std::pair<Impl::Connection*, power::VmRef>> targets;
+  for (const auto& n : names) {
+    auto it = std::find_if(machines->begin(), machines->end(), [&](const auto& m) { return m.name == n; });
+    if (it == machines->end()) return make_error(errc::not_found, "no machine named '" + n + "'", "machines");
+    if (it->connection.empty())
+      return make_error(errc::invalid_argument, "machine '" + n + "' is not power-managed (its catalog has no hypervisor_connection)", "machines");
+    auto* c = impl_->find(it->connection);
+    if (!c)
+      return make_error(errc::invalid_argument, "the hypervisor connection '" + it->connection + "' of machine '" + n + "' is not running", "machines");
+    targets.emplace_back(c, it->vm);
+  }
+  std::vector<PowerAction> out;
+  for (const auto& [c, vm] : targets) {
+    power::ActionRequest req;
+    req.vm = vm;
+    req.action = action;
+    req.base_priority = priority;
+    req.reason = reason;
+    auto s = c->queue->submit(req);
+    if (!s) return s.error();
+    if (auto r = c->queue->get(s->id)) out.push_back(*r);
+  }
+  return out;
+}
+
+Status PowerManager::cancel(std::int64_t id) {
+  std::lock_guard lock(impl_->mutex);
+  for (auto& [n, c] : impl_->connections)
+    if (c->queue->get(id)) return c->queue->cancel(id);
+  return make_error(errc::not_found, "no power action " + std::to_string(id));
+}
+
+Status PowerManager::set_priority(std::int64_t id, int priority) {
+  std::lock_guard lock(impl_->mutex);
+  for (auto& [n, c] : impl_->connections)
+    if (c->queue->get(id)) return c->queue->set_priority(id, priority);
+  return make_error(errc::not_found, "no power action " + std::to_string(id));
+}
+
+std::optional<PowerAction> PowerManager::get(std::int64_t id) const {
+  std::lock_guard lock(impl_->mutex);
+  for (const auto& [n, c] : impl_->connections)
+    if (auto r = c->queue->get(id)) return r;
+  return std::nullopt;
+}
+
+std::vector<PowerAction> PowerManager::actions() const {
+  std::vector<PowerAction> out;
+  std::lock_guard lock(impl_->mutex);
+  for (const auto& [n, c] : impl_->connections) {
+    auto s = c->queue->snapshot();
+    out.insert(out.end(), s.begin(), s.end());
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+  return out;
+}
+
+std::map<std::string, power::QueueStats> PowerManager::stats() const {
+  std::map<std::string, power::QueueStats> out;
+  std::lock_guard lock(impl_->mutex);
+  for (const auto& [n, c] : impl_->connections) out[n] = c->queue->stats();
+  return out;
+}
+
+bool PowerManager::manages(const std::string& machine) const {
+  auto machines = impl_->machines();
+  if (!machines) return false;
+  for (const auto& m : *machines)
+    if (m.name == machine) return !m.connection.empty() && impl_->find(m.connection) != nullptr;
+  return false;
+}
+
+Status PowerManager::refresh() {
+  auto machines = impl_->machines();
+  if (!machines) return machines.error();
+  for (const auto& m : *machines) {
+    std::string state;
+    if (m.connection.empty()) {
+      state = "Unmanaged";
+    } else if (auto* c = impl_->find(m.connection); !c) {
+      state = "Unavailable";
+    } else {
+      power::PowerState s = power::PowerState::unknown;
+      const auto o = c->driver->query(m.vm, s);
+      if (o.ok()) state = std::string(power::to_string(s));
+      else if (o.failure == power::Failure::not_found) {
+        impl_->update_machine(m.name, {{"power_state", "Unknown"}, {"fault_state", "VirtualMachineNotFound"}});
+        continue;
+      } else state = "Unavailable";
+    }
+    if (state != m.power_state) impl_->update_machine(m.name, {{"power_state", state}});
+  }
+  return {};
+}
+
+Status PowerManager::power_on(const std::string& machine) {
+  auto r = submit({machine}, power::Action::turn_on, power::kLaunchPriority, "Launch");
+  if (!r) return r.error();
+  return {};
+}
+
+void PowerManager::on_action(std::function<void(const PowerAction&)> observer) {
+  std::lock_guard lock(impl_->observers_mutex);
+  impl_->observers.push_back(std::move(observer));
+}
+
+}  // namespace broker
