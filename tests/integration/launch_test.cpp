@@ -577,3 +577,114 @@ TEST_CASE("launch: a powered-off machine is powered on for a launch, which succe
   for (int i = 1; i <= kPool; ++i) still_off += api.machine_field("TEST\\pool-" + std::to_string(i), "power_state") == "Off";
   CHECK(still_off == kPool - 1);
 }
+
+TEST_CASE("power: brokerd drives libvirt's test driver end to end (states, actions, admin API)") {
+  TempDir dir;
+  Daemon daemon(dir);
+  const std::string node = std::string(OPENBROKER_SOURCE_DIR) + "/tests/data/libvirt/test-node.xml";
+  const std::string config = itest::base_config(dir, R"(
+[[hypervisor_connection]]
+name = "kvm"
+driver = "libvirt"
+uri = "test://)" + node + R"("
+
+[[catalog]]
+name = "kvm-desktops"
+session_support = "SingleSession"
+hypervisor_connection = "kvm"
+
+[[catalog]]
+name = "physical"
+session_support = "SingleSession"
+
+[[machine]]
+name = "TEST\\desk-01"
+catalog = "kvm-desktops"
+
+[[machine]]
+name = "TEST\\desk-05"
+catalog = "kvm-desktops"
+
+[[machine]]
+name = "TEST\\ghost"
+catalog = "kvm-desktops"
+
+[[machine]]
+name = "TEST\\pc-1"
+catalog = "physical"
+)");
+  REQUIRE_MESSAGE(daemon.start(config), daemon.log());
+  Api api(daemon);
+  // At start brokerd asks the hypervisor: desk-01 runs, desk-05 is shut off, ghost has no domain,
+  // a machine without a connection is not power-managed.
+  CHECK(await_machine(api, "TEST\\desk-01", "power_state", "On") == "On");
+  CHECK(api.machine_field("TEST\\desk-05", "power_state") == "Off");
+  CHECK(api.machine_field("TEST\\ghost", "fault_state") == "VirtualMachineNotFound");
+  CHECK(api.machine_field("TEST\\pc-1", "power_state") == "Unmanaged");
+
+  // An admin powers desk-05 on and shuts desk-01 down: both complete as libvirt reports them.
+  auto created = api.call("POST", "/api/v1/power-actions", R"({"machines":["TEST\\desk-05"],"action":"TurnOn"})");
+  REQUIRE_MESSAGE(created.status == 201, created.body);
+  created = api.call("POST", "/api/v1/power-actions", R"({"machines":["TEST\\desk-01"],"action":"TurnOff"})");
+  REQUIRE_MESSAGE(created.status == 201, created.body);
+  CHECK(await_machine(api, "TEST\\desk-05", "power_state", "On") == "On");
+  CHECK(await_machine(api, "TEST\\desk-01", "power_state", "Off") == "Off");
+  auto done = [&] { return api.total("/api/v1/power-actions?state=Completed&limit=1"); };
+  CHECK(poll<std::int64_t>(done, 2) == 2);
+  // An action on a machine without a domain fails, with the fault recorded.
+  created = api.call("POST", "/api/v1/power-actions", R"({"machines":["TEST\\ghost"],"action":"TurnOn"})");
+  REQUIRE_MESSAGE(created.status == 201, created.body);
+  CHECK(poll<std::int64_t>([&] { return api.total("/api/v1/power-actions?state=Failed&limit=1"); }, 1) == 1);
+  // Not power-managed: refused.
+  CHECK(api.call("POST", "/api/v1/power-actions", R"({"machines":["TEST\\pc-1"],"action":"TurnOn"})").status == 409);
+}
+
+TEST_CASE("power: pending power actions survive a restart of brokerd") {
+  TempDir dir;
+  Daemon daemon(dir);
+  const std::string config = itest::base_config(dir, R"(
+[[hypervisor_connection]]
+name = "sim"
+driver = "simulated"
+max_new_actions_per_minute = 1
+simulated_shutdown_delay_seconds = 0
+
+[[catalog]]
+name = "pool"
+session_support = "SingleSession"
+hypervisor_connection = "sim"
+
+[[machine]]
+name = "TEST\\vm-{n}"
+count = 3
+catalog = "pool"
+)");
+  REQUIRE_MESSAGE(daemon.start(config), daemon.log());
+  std::set<std::string> pending_before;
+  {
+    Api api(daemon);
+    auto created = api.call("POST", "/api/v1/power-actions",
+                            R"({"machines":["TEST\\vm-1","TEST\\vm-2","TEST\\vm-3"],"action":"Shutdown"})");
+    REQUIRE_MESSAGE(created.status == 201, created.body);
+    // One action a minute: one runs, two wait.
+    CHECK(poll<std::int64_t>([&] { return api.total("/api/v1/power-actions?state=Completed&limit=1"); }, 1) == 1);
+    auto pending = api.get("/api/v1/power-actions?state=Pending");
+    REQUIRE(pending.has_value());
+    for (const auto& a : pending->at("items").as_array()) pending_before.insert(text(a.as_object(), "name"));
+    CHECK(pending_before.size() == 2);
+  }
+  REQUIRE(daemon.stop() == 0);
+  REQUIRE_MESSAGE(daemon.start(config), daemon.log());
+  Api api(daemon);
+  // Taken back from the database: the same two actions, and (a new minute for the throttle) one
+  // of them runs at once.
+  std::set<std::string> after;
+  auto all = api.get("/api/v1/power-actions");
+  REQUIRE(all.has_value());
+  for (const auto& a : all->at("items").as_array())
+    if (text(a.as_object(), "state") != "Completed" || pending_before.contains(text(a.as_object(), "name")))
+      after.insert(text(a.as_object(), "name"));
+  for (const auto& name : pending_before) CHECK(after.contains(name));
+  CHECK(poll<std::int64_t>([&] { return api.total("/api/v1/power-actions?state=Completed&limit=1"); }, 2) == 2);
+  CHECK(api.total("/api/v1/power-actions?state=Pending&limit=1") == 1);
+}
