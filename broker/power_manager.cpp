@@ -1,8 +1,10 @@
 // broker/power_manager.cpp: see power_manager.hpp.
 #include "broker/power_manager.hpp"
 
+#include "common/log.hpp"
 #include "common/model.hpp"
 #include "power/libvirt_driver.hpp"
+#include "power/schedule.hpp"
 #include "power/simulated_driver.hpp"
 #include "storage/repository.hpp"
 
@@ -78,6 +80,10 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
   std::mutex file_mutex;
   std::mutex observers_mutex;
   std::vector<std::function<void(const PowerAction&)>> observers;
+  power::TimeZoneDb zones;
+  const common::SysTime started_at = clock.now();
+  std::mutex power_on_mutex;
+  std::map<std::string, common::SysTime> powered_on_at;  // guarded by power_on_mutex: machine -> last seen On
 
   Impl(storage::Repository& r, common::Clock& c, std::shared_ptr<spdlog::logger> l, PowerManagerOptions o)
       : repo(r), clock(c), log(std::move(l)), opts(std::move(o)) {}
@@ -133,6 +139,10 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
         }
       }
       if (!changed) return {};
+      if (fields.contains("power_state") && updated.text("power_state") == "On" && m->text("power_state") != "On") {
+        std::lock_guard lock(power_on_mutex);
+        powered_on_at[machine] = clock.now();
+      }
       auto u = tx.update(machine, updated);
       if (!u) return u.error();
       return {};
@@ -234,7 +244,7 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
 
 PowerManager::PowerManager(storage::Repository& repository, common::Clock& clock,
                            std::shared_ptr<spdlog::logger> logger, PowerManagerOptions options)
-    : impl_(std::make_shared<Impl>(repository, clock, logger ? std::move(logger) : spdlog::default_logger(),
+    : impl_(std::make_shared<Impl>(repository, clock, logger ? std::move(logger) : common::null_logger(),
                                    std::move(options))) {}
 
 PowerManager::~PowerManager() { stop(); }
@@ -469,6 +479,86 @@ Status PowerManager::refresh() {
     if (state != m.power_state) impl_->update_machine(m.name, {{"power_state", state}});
   }
   return {};
+}
+
+Result<int> PowerManager::reconcile_pools() {
+  auto& im = *impl_;
+  std::vector<Object> groups, schemes, machines, sessions, assignments, catalogs;
+  auto st = im.repo.read([&](storage::Transaction& tx) -> Status {
+    storage::Query all;
+    for (auto [k, v] : {std::pair{Kind::delivery_group, &groups}, {Kind::power_time_scheme, &schemes},
+                        {Kind::machine, &machines}, {Kind::session, &sessions}, {Kind::assignment, &assignments},
+                        {Kind::catalog, &catalogs}}) {
+      auto r = tx.list(k, all);
+      if (!r) return r.error();
+      *v = std::move(*r);
+    }
+    return {};
+  });
+  if (!st) return st.error();
+  std::map<std::string, std::string> conn_of_catalog;
+  for (const auto& c : catalogs) conn_of_catalog[c.name] = c.text("hypervisor_connection");
+  std::set<std::string> assigned;
+  for (const auto& a : assignments) assigned.insert(a.text("machine"));
+  // Pending or started actions by machine.
+  std::map<std::string, power::Action> busy;
+  for (const auto& a : actions())
+    if (a.state == power::ActionState::pending || a.state == power::ActionState::started) busy[a.vm.machine] = a.action;
+  const auto now = im.clock.now();
+  int queued = 0;
+  for (const auto& g : groups) {
+    const auto policy = power::group_policy(g);
+    auto group_schemes = power::schemes_for_group(schemes, g.name);
+    if (!group_schemes) {
+      im.log->warn("power: delivery group '{}': {}", g.name, group_schemes.error().describe());
+      continue;
+    }
+    std::vector<power::PoolMachine> pool;
+    for (const auto& m : machines) {
+      if (m.text("delivery_group") != g.name) continue;
+      const auto conn = conn_of_catalog[m.text("catalog")];
+      if (conn.empty() || !im.find(conn)) continue;  // not power-managed
+      auto pm = power::pool_machine(m);
+      pm.assigned = assigned.contains(m.name);
+      if (auto b = busy.find(m.name); b != busy.end()) pm.pending = b->second;
+      if (pm.sessions == 0) {
+        // Its last session ended after it was last powered on (or after the broker started, when
+        // that is not known): it has been used since.
+        common::SysTime since;
+        {
+          std::lock_guard lock(im.power_on_mutex);
+          auto it = im.powered_on_at.find(m.name);
+          since = it == im.powered_on_at.end() ? im.started_at : it->second;
+        }
+        for (const auto& sess : sessions) {
+          if (sess.text("machine") != m.name || sess.text("state") != "LoggedOff") continue;
+          const auto end = time_of(sess.text("end_time"));
+          if (end >= since && (!pm.last_session_end || end > *pm.last_session_end)) pm.last_session_end = end;
+        }
+      }
+      pool.push_back(std::move(pm));
+    }
+    if (pool.empty()) continue;
+    auto zone = im.zones.find(g.text("time_zone", "UTC"));
+    if (!zone) {
+      im.log->warn("power: delivery group '{}': {}", g.name, zone.error().describe());
+      continue;
+    }
+    const auto schedule = power::evaluate(*group_schemes, **zone, now);
+    const auto plan = power::plan_pool(policy, schedule, pool, now);
+    for (const auto& a : plan.actions) {
+      const int priority = a.reason == power::kReasonPolicy ? power::kPolicyPriority : power::kSchedulePriority;
+      auto r = submit({a.machine}, a.action, priority, std::string(a.reason));
+      if (!r) {
+        im.log->warn("power: delivery group '{}': {} of {} not queued: {}", g.name, power::to_string(a.action), a.machine,
+                     r.error().describe());
+        continue;
+      }
+      im.log->info("power: delivery group '{}': {} {} ({})", g.name, power::to_string(a.action), a.machine, a.detail);
+      ++queued;
+    }
+  }
+  return queued;
 }
 
 Status PowerManager::power_on(const std::string& machine) {

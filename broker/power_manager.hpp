@@ -87,6 +87,13 @@ class PowerManager final : public PowerControl {
   // the drivers.
   common::Status refresh();
 
+  // The pool policy (docs/power.md "Power time schemes and pool policy"), once: for each
+  // single-session delivery group with power-managed machines, evaluates its power time schemes
+  // in its time zone and queues the actions power::plan_pool asks for (priority 40 for the pool,
+  // 50 for shutdowns after use). Returns how many actions were queued. brokerd runs it every
+  // minute. A group whose time zone or schemes cannot be read is logged and skipped.
+  common::Result<int> reconcile_pools();
+
   // PowerControl: TurnOn with launch priority (reason Launch).
   common::Status power_on(const std::string& machine) override;
 

@@ -262,6 +262,10 @@ int run(const std::string& config_path, const std::string& ready_file) {
         work.post([&power, &log] {
           if (auto st = power.refresh(); !st) log->error("power: refresh: {}", st.error().describe());
         });
+      if (tick % 12 == 0)  // the delivery groups' pool policy, every minute
+        work.post([&power, &log] {
+          if (auto n = power.reconcile_pools(); !n) log->error("power: pool policy: {}", n.error().describe());
+        });
     }
   });
 
