@@ -164,7 +164,10 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
       } else if (r.state == S::failed && r.failure == power::Failure::not_found) {
         update_machine(r.vm.machine, {{"fault_state", "VirtualMachineNotFound"}});
       } else if ((r.state == S::failed || r.state == S::lost) && r.action == power::Action::turn_on) {
-        update_machine(r.vm.machine, {{"fault_state", "FailedToStart"}});
+        // The hypervisor accepted the TurnOn but never reported the machine on: StuckOnBoot.
+        const bool stuck = r.state == S::failed && r.failure == power::Failure::timeout &&
+                           r.failure_reason.rfind("timed out", 0) == 0;  // the queue's completion timeout
+        update_machine(r.vm.machine, {{"fault_state", stuck ? "StuckOnBoot" : "FailedToStart"}});
       }
     }
     std::vector<std::function<void(const PowerAction&)>> copy;
@@ -213,6 +216,8 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
     std::string name, connection;
     power::VmRef vm;
     std::string power_state;
+    bool registered = false;
+    std::string fault_state;
   };
 
   // Every machine with the connection that powers it ("" when none).
@@ -228,7 +233,8 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
       if (!ms) return ms.error();
       for (const auto& m : *ms)
         out.push_back({m.name, conn_of[m.text("catalog")], power::vm_ref(m.name, m.text("hosted_machine_id")),
-                       m.text("power_state")});
+                       m.text("power_state"), m.text("registration_state") == "Registered",
+                       m.text("fault_state", "None")});
       return {};
     });
     if (!st) return st.error();
@@ -477,6 +483,15 @@ Status PowerManager::refresh() {
       } else state = "Unavailable";
     }
     if (state != m.power_state) impl_->update_machine(m.name, {{"power_state", state}});
+    if (state == "On" && !m.registered) {
+      std::optional<common::SysTime> on_since;
+      {
+        std::lock_guard lock(impl_->power_on_mutex);
+        if (auto it = impl_->powered_on_at.find(m.name); it != impl_->powered_on_at.end()) on_since = it->second;
+      }
+      if (on_since && impl_->clock.now() - *on_since > impl_->opts.registration_timeout && m.fault_state == "None")
+        impl_->update_machine(m.name, {{"fault_state", "Unregistered"}});
+    }
   }
   return {};
 }

@@ -46,6 +46,9 @@ struct PowerManagerOptions {
   std::chrono::milliseconds tick{std::chrono::seconds(1)};
   // How long finished actions stay listed.
   std::chrono::milliseconds retention{std::chrono::hours(1)};
+  // A machine powered on whose agent has not registered this long after gets fault_state
+  // Unregistered (checked by refresh()).
+  std::chrono::seconds registration_timeout{std::chrono::minutes(5)};
 };
 
 // One power action as admins see it (power_action in the site model).
@@ -83,8 +86,9 @@ class PowerManager final : public PowerControl {
 
   // Whether the machine is power-managed (its catalog names a connection that runs).
   bool manages(const std::string& machine) const;
-  // Queries every managed machine's power state and stores it (machine.power_state). Blocks on
-  // the drivers.
+  // Queries every managed machine's power state and stores it (machine.power_state); a machine on
+  // for longer than registration_timeout since the broker saw it power on, still unregistered,
+  // gets fault_state Unregistered. Blocks on the drivers.
   common::Status refresh();
 
   // The pool policy (docs/power.md "Power time schemes and pool policy"), once: for each

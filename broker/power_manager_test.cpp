@@ -75,7 +75,7 @@ TEST_CASE("power manager: the pool policy keeps the scheme's pool size and shuts
 
   // Four idle registered machines on, a pool size of one: the three highest names are shut down.
   auto queued = power.reconcile_pools();
-  REQUIRE(queued);
+  REQUIRE(queued.has_value());
   CHECK(*queued == 3);
   auto actions = power.actions();
   REQUIRE(actions.size() == 3);
@@ -87,7 +87,7 @@ TEST_CASE("power manager: the pool policy keeps the scheme's pool size and shuts
   }
   // Nothing more while they are under way or done.
   auto again = power.reconcile_pools();
-  REQUIRE(again);
+  REQUIRE(again.has_value());
   CHECK(*again == 0);
   // The queue runs them (one a minute by default: move the clock) and the machines end up Off.
   for (int i = 0; i < 200 && site.machine_field("DEMO\\pool-2", "power_state") != "Off"; ++i) {
@@ -104,7 +104,81 @@ TEST_CASE("power manager: the pool policy keeps the scheme's pool size and shuts
   CHECK(site.machine_field("DEMO\\pool-1", "power_state") == "On");
   // Pool size met: nothing to do.
   auto after = power.reconcile_pools();
-  REQUIRE(after);
+  REQUIRE(after.has_value());
   CHECK(*after == 0);
+  power.stop();
+}
+
+TEST_CASE("power manager: fault states StuckOnBoot and Unregistered") {
+  Site site;
+  // pool-1 and pool-2 off; the simulated hypervisor takes an hour to boot.
+  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto conn = tx.get(Kind::hypervisor_connection, "sim");
+    if (!conn) return conn.error();
+    Object c = *conn;
+    c.fields["simulated_boot_delay_seconds"] = std::int64_t{3600};
+    c.fields["max_new_actions_per_minute"] = std::int64_t{100};
+    if (auto u = tx.update("sim", c); !u) return u.error();
+    for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"}) {
+      auto m = tx.get(Kind::machine, name);
+      if (!m) return m.error();
+      Object o = *m;
+      o.fields["power_state"] = std::string("Off");
+      o.fields["registration_state"] = std::string("Unregistered");
+      if (auto u = tx.update(name, o); !u) return u.error();
+    }
+    return {};
+  }));
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(20);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  REQUIRE(power.start());
+  auto on = power.submit({"DEMO\\pool-1"}, power::Action::turn_on);
+  REQUIRE(on.has_value());
+  // The queue gives up after its completion timeout (10 min): the machine is stuck on boot.
+  for (int i = 0; i < 200 && site.machine_field("DEMO\\pool-1", "fault_state") != "StuckOnBoot"; ++i) {
+    site.clock.advance(std::chrono::minutes(1));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  CHECK(site.machine_field("DEMO\\pool-1", "fault_state") == "StuckOnBoot");
+  CHECK(power.get(on->front().id)->state == power::ActionState::failed);
+
+  power.stop();
+}
+
+TEST_CASE("power manager: a machine powered on whose agent never registers gets the Unregistered fault") {
+  Site site;
+  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto conn = tx.get(Kind::hypervisor_connection, "sim");
+    if (!conn) return conn.error();
+    Object c = *conn;
+    c.fields["simulated_boot_delay_seconds"] = std::int64_t{0};
+    if (auto u = tx.update("sim", c); !u) return u.error();
+    auto m = tx.get(Kind::machine, "DEMO\\pool-2");
+    if (!m) return m.error();
+    Object o = *m;
+    o.fields["power_state"] = std::string("Off");
+    o.fields["registration_state"] = std::string("Unregistered");
+    if (auto u = tx.update("DEMO\\pool-2", o); !u) return u.error();
+    return {};
+  }));
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(20);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  REQUIRE(power.start());
+  auto on = power.submit({"DEMO\\pool-2"}, power::Action::turn_on);
+  REQUIRE(on.has_value());
+  for (int i = 0; i < 500 && site.machine_field("DEMO\\pool-2", "power_state") != "On"; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(site.machine_field("DEMO\\pool-2", "power_state") == "On");
+  // Within the registration timeout: no fault. Past it, still unregistered: Unregistered.
+  site.clock.advance(std::chrono::minutes(4));
+  REQUIRE(power.refresh());
+  CHECK(site.machine_field("DEMO\\pool-2", "fault_state") == "None");
+  site.clock.advance(std::chrono::minutes(2));
+  REQUIRE(power.refresh());
+  CHECK(site.machine_field("DEMO\\pool-2", "fault_state") == "Unregistered");
+  // Registered machines that are on are never faulted for it.
+  CHECK(site.machine_field("DEMO\\pool-1", "fault_state") == "None");
   power.stop();
 }
