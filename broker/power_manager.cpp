@@ -350,7 +350,9 @@ Status PowerManager::start() {
     qo.limits.max_percentage_active_actions = static_cast<int>(c.integer("max_percentage_active_actions", 20));
     qo.limits.max_new_actions_per_minute = static_cast<int>(c.integer("max_new_actions_per_minute", 10));
     qo.enabled = c.flag("enabled", true);
-    qo.retention = im.opts.retention;
+    qo.retention = c.fields.contains("completed_action_retention_minutes")
+                       ? std::chrono::milliseconds(c.integer("completed_action_retention_minutes", 60) * 60000)
+                       : im.opts.retention;
     qo.poll_interval = im.opts.tick;
     qo.check_interval = 2 * im.opts.tick;  // a started action's machine is queried this often
     qo.next_id = [weak] {

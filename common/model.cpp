@@ -120,6 +120,7 @@ std::vector<KindSpec> build_specs() {
       number("max_absolute_active_actions", 100, 1, 100000, "throttle: power actions started at once"),
       number("max_percentage_active_actions", 20, 1, 100, "throttle: active actions as a percentage of machines"),
       number("max_new_actions_per_minute", 10, 1, 100000, "throttle: actions started per minute"),
+      number("completed_action_retention_minutes", 60, 1, 10080, "finished power actions stay listed this long"),
       number("simulated_boot_delay_seconds", 20, 0, 3600, "simulated driver: seconds from TurnOn to On"),
       number("simulated_shutdown_delay_seconds", 10, 0, 3600, "simulated driver: seconds from Shutdown to Off"),
       text_field("description", "free text"),

@@ -424,6 +424,7 @@ CREATE TABLE power_time_scheme_pool_size (
   PRIMARY KEY (owner_id, position)
 ) WITHOUT ROWID;
 CREATE INDEX power_time_scheme_pool_size_value ON power_time_scheme_pool_size(value);
+ALTER TABLE hypervisor_connections ADD COLUMN completed_action_retention_minutes INTEGER;
 ALTER TABLE hypervisor_connections ADD COLUMN simulated_boot_delay_seconds INTEGER;
 ALTER TABLE hypervisor_connections ADD COLUMN simulated_shutdown_delay_seconds INTEGER;
 )sql";
