@@ -159,6 +159,7 @@ std::string_view to_string(LaunchFailure f) {
     case LaunchFailure::no_session: return "NoSessionToReconnect";
     case LaunchFailure::storage_error: return "StorageError";
     case LaunchFailure::powering_on: return "PoweringOn";
+    case LaunchFailure::power_throttled: return "PowerActionThrottled";
   }
   return "Unknown";
 }
@@ -578,10 +579,13 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       }
     }
     if (!a->power_on.empty() && outcome.failure == LaunchFailure::powering_on) {
-      if (auto st = power->power_on(a->power_on); !st) {
-        log->warn("launch: cannot power on {}: {}", a->power_on, st.error().describe());
-        outcome = failed(LaunchFailure::all_unregistered,
-                         "every candidate machine is off and " + a->power_on + " cannot be powered on: " + st.error().message);
+      if (auto throttled = power->power_on(a->power_on); !throttled) {
+        log->warn("launch: cannot power on {}: {}", a->power_on, throttled.error().describe());
+        outcome = failed(LaunchFailure::all_unregistered, "every candidate machine is off and " + a->power_on +
+                                                              " cannot be powered on: " + throttled.error().message);
+      } else if (*throttled) {
+        outcome = failed(LaunchFailure::power_throttled,
+                         "no machine is ready; the power-on of " + a->power_on + " waits for the hypervisor connection's throttles: retry later");
       }
     }
     if (!outcome.ok()) {

@@ -56,8 +56,9 @@ class PowerControl {
  public:
   virtual ~PowerControl() = default;
   // Queues a TurnOn of the machine with launch priority (an equivalent pending action is boosted
-  // instead). Must not be called from inside a storage transaction.
-  virtual common::Status power_on(const std::string& machine) = 0;
+  // instead). Returns true when the connection's throttles hold the action back for now (power
+  // action throttled). Must not be called from inside a storage transaction.
+  virtual common::Result<bool> power_on(const std::string& machine) = 0;
 };
 
 class AgentChannel {
@@ -94,6 +95,7 @@ enum class LaunchFailure {
   no_session,              // reconnect: no such session of this user
   storage_error,
   powering_on,             // no machine is ready; a power-managed one is being powered on: retry
+  power_throttled,         // as powering_on, but the power action waits for the connection's throttles
 };
 std::string_view to_string(LaunchFailure f);  // "NotEntitled", "AllInUse", ...
 

@@ -412,3 +412,38 @@ TEST_CASE("launcher: user sessions, reissued tickets and session commands") {
   CHECK(done);
   CHECK_FALSE(f.launcher->session_command("nope", "logoff", "", "", [](bool, const std::string&) {}));
 }
+
+TEST_CASE("launcher: with no machine ready one is powered on (retry), and a throttled power-on is said so") {
+  Fixture f;
+  struct FakePower : broker::PowerControl {
+    std::vector<std::string> on;
+    bool throttle = false;
+    common::Result<bool> power_on(const std::string& machine) override {
+      on.push_back(machine);
+      return throttle;
+    }
+  } power;
+  f.launcher->set_power(&power);
+  REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto c = tx.create(make(Kind::hypervisor_connection, "sim", {{"driver", std::string("simulated")}}));
+    if (!c) return c.error();
+    return {};
+  }));
+  f.update(Kind::catalog, "single", "hypervisor_connection", std::string("sim"));
+  for (int i = 1; i <= 4; ++i) {
+    const auto m = "DEMO\\pool-" + std::to_string(i);
+    f.update(Kind::machine, m, "registration_state", std::string("Unregistered"));
+    f.update(Kind::machine, m, "power_state", std::string("Off"));
+  }
+  auto r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  CHECK(power.on == std::vector<std::string>{"DEMO\\pool-1"});
+  CHECK(f.list(Kind::session).empty());  // nothing reserved
+  // A machine already booting is preferred over powering on another.
+  f.update(Kind::machine, "DEMO\\pool-3", "power_state", std::string("TurningOn"));
+  power.throttle = true;
+  r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::power_throttled);
+  CHECK(power.on.back() == "DEMO\\pool-3");
+  CHECK(broker::to_string(r.failure) == "PowerActionThrottled");
+}

@@ -71,6 +71,8 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
     std::unique_ptr<power::PowerDriver> driver;
     power::SimulatedDriver* simulated = nullptr;  // driver, when simulated
     std::unique_ptr<power::ActionQueue> queue;
+    power::Limits limits;           // the queue's throttles
+    std::size_t machine_count = 0;  // for max_percentage_active_actions
     std::string state_file;                              // simulated with a uri: where states go
     std::map<std::string, std::string> vm_states;        // vm id -> state, for the file
     std::map<std::string, std::string> machine_of_vm;    // vm id -> machine
@@ -363,6 +365,8 @@ Status PowerManager::start() {
     std::size_t count = 0;
     for (const auto& m : *machines) count += m.connection == c.name;
     conn->queue->set_machine_count(count);
+    conn->limits = qo.limits;
+    conn->machine_count = count;
     conn->queue->on_change([weak](const PowerAction& r, std::optional<power::ActionState> before) {
       if (auto self = weak.lock()) self->action_changed(r, before);
     });
@@ -521,6 +525,9 @@ Result<int> PowerManager::reconcile_pools() {
   std::map<std::string, power::Action> busy;
   for (const auto& a : actions())
     if (a.state == power::ActionState::pending || a.state == power::ActionState::started) busy[a.vm.machine] = a.action;
+  std::map<std::string, std::vector<common::SysTime>> logoffs;  // machine -> end times of its LoggedOff sessions
+  for (const auto& sess : sessions)
+    if (sess.text("state") == "LoggedOff") logoffs[sess.text("machine")].push_back(time_of(sess.text("end_time")));
   const auto now = im.clock.now();
   int queued = 0;
   for (const auto& g : groups) {
@@ -547,11 +554,8 @@ Result<int> PowerManager::reconcile_pools() {
           auto it = im.powered_on_at.find(m.name);
           since = it == im.powered_on_at.end() ? im.started_at : it->second;
         }
-        for (const auto& sess : sessions) {
-          if (sess.text("machine") != m.name || sess.text("state") != "LoggedOff") continue;
-          const auto end = time_of(sess.text("end_time"));
+        for (const auto end : logoffs[m.name])
           if (end >= since && (!pm.last_session_end || end > *pm.last_session_end)) pm.last_session_end = end;
-        }
       }
       pool.push_back(std::move(pm));
     }
@@ -578,10 +582,20 @@ Result<int> PowerManager::reconcile_pools() {
   return queued;
 }
 
-Status PowerManager::power_on(const std::string& machine) {
+Result<bool> PowerManager::power_on(const std::string& machine) {
   auto r = submit({machine}, power::Action::turn_on, power::kLaunchPriority, "Launch");
   if (!r) return r.error();
-  return {};
+  const auto& action = r->front();
+  if (action.state != power::ActionState::pending) return false;
+  // Pending: held back if the connection's throttles are used up now (it starts when they allow).
+  auto* c = impl_->find(action.hypervisor_connection);
+  if (!c) return false;
+  const auto s = c->queue->stats();
+  const auto& l = c->limits;
+  const auto by_percent = std::max<std::size_t>(1, c->machine_count * static_cast<std::size_t>(l.max_percentage_active_actions) / 100);
+  return s.active >= static_cast<std::size_t>(l.max_absolute_active_actions) ||
+         (c->machine_count > 0 && s.active >= by_percent) ||
+         s.started_last_minute >= static_cast<std::size_t>(l.max_new_actions_per_minute);
 }
 
 void PowerManager::on_action(std::function<void(const PowerAction&)> observer) {

@@ -99,7 +99,7 @@ class PowerManager final : public PowerControl {
   common::Result<int> reconcile_pools();
 
   // PowerControl: TurnOn with launch priority (reason Launch).
-  common::Status power_on(const std::string& machine) override;
+  common::Result<bool> power_on(const std::string& machine) override;
 
   // Called (on a queue thread) whenever an action changes state.
   void on_action(std::function<void(const PowerAction&)> observer);

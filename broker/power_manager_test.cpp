@@ -182,3 +182,39 @@ TEST_CASE("power manager: a machine powered on whose agent never registers gets 
   CHECK(site.machine_field("DEMO\\pool-1", "fault_state") == "None");
   power.stop();
 }
+
+TEST_CASE("power manager: a launch's power-on says when the connection's throttles hold it back") {
+  Site site;
+  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto conn = tx.get(Kind::hypervisor_connection, "sim");
+    if (!conn) return conn.error();
+    Object c = *conn;
+    c.fields["max_new_actions_per_minute"] = std::int64_t{1};
+    c.fields["simulated_boot_delay_seconds"] = std::int64_t{3600};
+    if (auto u = tx.update("sim", c); !u) return u.error();
+    for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"}) {
+      auto m = tx.get(Kind::machine, name);
+      if (!m) return m.error();
+      Object o = *m;
+      o.fields["power_state"] = std::string("Off");
+      if (auto u = tx.update(name, o); !u) return u.error();
+    }
+    return {};
+  }));
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(20);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  REQUIRE(power.start());
+  // The first power-on of the minute starts; the second waits for the per-minute throttle.
+  auto first = power.power_on("DEMO\\pool-1");
+  REQUIRE(first.has_value());
+  CHECK_FALSE(*first);
+  for (int i = 0; i < 500 && power.stats()["sim"].started_last_minute == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  auto second = power.power_on("DEMO\\pool-2");
+  REQUIRE(second.has_value());
+  CHECK(*second);
+  // Not a power-managed machine: an error, not a throttle.
+  CHECK_FALSE(power.power_on("DEMO\\nobody").has_value());
+  power.stop();
+}

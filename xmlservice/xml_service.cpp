@@ -294,7 +294,8 @@ struct XmlService::Impl {
       case F::prepare_failed:
       case F::group_in_maintenance: return ErrorId::no_available_workstation;
       case F::storage_error: return ErrorId::service_unavailable;
-      case F::powering_on: return ErrorId::retry_required;
+      case F::powering_on:
+      case F::power_throttled: return ErrorId::retry_required;
       default: return ErrorId::unspecified;
     }
   }
