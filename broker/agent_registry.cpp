@@ -283,11 +283,39 @@ Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_in
   });
 }
 
+namespace {
+
+// The machine's session count and summary state from its stored sessions, in `tx`.
+Status refresh_summary(storage::Transaction& tx, const std::string& machine) {
+  auto m = tx.get(Kind::machine, machine);
+  if (!m) return m.error();
+  auto cat = tx.get(Kind::catalog, m->text("catalog"));
+  if (!cat) return cat.error();
+  storage::Query q;
+  q.equals.emplace_back("machine", machine);
+  auto sessions = tx.list(Kind::session, q);
+  if (!sessions) return sessions.error();
+  std::vector<std::string> states;
+  for (const auto& s : *sessions)
+    if (s.text("state") != "LoggedOff") states.push_back(s.text("state"));
+  Object updated = *m;
+  updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
+  updated.fields["summary_state"] = summary_state(m->text("registration_state") == "Registered",
+                                                  cat->text("session_support"), m->integer("load_index"), states);
+  if (common::model::same_declared_fields(updated, *m) && updated.fields == m->fields) return {};
+  auto r = tx.update(machine, updated);
+  if (!r) return r.error();
+  return {};
+}
+
+}  // namespace
+
 Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& machine, const std::string& event,
                                                          const AgentSession& a) {
   const std::string now = common::format_time(clock_.now());
   SessionEventOutcome outcome;
-  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+  // The event and the machine's summary, in one transaction.
+  auto apply = [&](storage::Transaction& tx) -> Status {
     auto existing = live_session(tx, a.session_key);
     if (!existing && existing.error().code != errc::not_found) return existing.error();
     if (event == "LoggedOff") {
@@ -355,36 +383,15 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
     auto r = existing ? tx.update(s.name, s) : tx.create(s);
     if (!r) return r.error();
     return {};
+  };
+  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    if (auto applied = apply(tx); !applied) return applied;
+    return refresh_summary(tx, machine);
   });
   if (!st) return st.error();
   if (outcome.end_session)
     logger_->warn("machine '{}': session {}: {}; ending it", machine, a.session_key, outcome.why);
-  if (auto r = refresh_summary(machine); !r) return r.error();
   return outcome;
-}
-
-Status AgentRegistry::refresh_summary(const std::string& machine) {
-  return repository_.write([&](storage::Transaction& tx) -> Status {
-    auto m = tx.get(Kind::machine, machine);
-    if (!m) return m.error();
-    auto cat = tx.get(Kind::catalog, m->text("catalog"));
-    if (!cat) return cat.error();
-    storage::Query q;
-    q.equals.emplace_back("machine", machine);
-    auto sessions = tx.list(Kind::session, q);
-    if (!sessions) return sessions.error();
-    std::vector<std::string> states;
-    for (const auto& s : *sessions)
-      if (s.text("state") != "LoggedOff") states.push_back(s.text("state"));
-    Object updated = *m;
-    updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
-    updated.fields["summary_state"] = summary_state(m->text("registration_state") == "Registered",
-                                                    cat->text("session_support"), m->integer("load_index"), states);
-    if (common::model::same_declared_fields(updated, *m) && updated.fields == m->fields) return {};
-    auto r = tx.update(machine, updated);
-    if (!r) return r.error();
-    return {};
-  });
 }
 
 Result<storage::LogonTicket> AgentRegistry::redeem_ticket(const std::string& machine, const std::string& ticket) {

@@ -108,8 +108,6 @@ class AgentRegistry {
   Status deregister(const std::string& machine, const std::string& reason);
 
  private:
-  Status refresh_summary(const std::string& machine);
-
   storage::Repository& repository_;
   common::Clock& clock_;
   std::shared_ptr<spdlog::logger> logger_;
