@@ -7,6 +7,7 @@
 #include "common/crypto.hpp"
 #include "common/log.hpp"
 #include "common/model.hpp"
+#include "common/timers.hpp"
 #include "common/work_queue.hpp"
 #include "storage/repository.hpp"
 
@@ -160,6 +161,7 @@ std::string_view to_string(LaunchFailure f) {
     case LaunchFailure::storage_error: return "StorageError";
     case LaunchFailure::powering_on: return "PoweringOn";
     case LaunchFailure::power_throttled: return "PowerActionThrottled";
+    case LaunchFailure::registration_timeout: return "RegistrationTimeout";
   }
   return "Unknown";
 }
@@ -184,6 +186,23 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   std::atomic<int> inflight{0};
   PowerControl* power = nullptr;
 
+  // Machines powered on for a launch, held for its user until they register (and claim_hold
+  // after) or until the registration timeout.
+  struct BootClaim {
+    std::string user;          // qualified name
+    common::SysTime deadline;  // powered on + timeout
+    std::chrono::seconds timeout{0};  // the site's registration_wait_timeout_seconds
+    std::optional<common::SysTime> registered_at;
+  };
+  std::map<std::string, BootClaim> claims;  // by machine; guarded by decide_mutex
+
+  struct Attempt;
+  std::mutex wait_mutex;
+  // Launches waiting for a machine to register; whoever takes an attempt out of here (the
+  // registration or its timer) carries it on.
+  std::map<std::string, std::vector<std::shared_ptr<Attempt>>> waiting;  // by machine; guarded by wait_mutex
+  common::Timers timers;
+
   Impl(storage::Repository& r, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
        std::shared_ptr<spdlog::logger> l, LauncherOptions o)
       : repo(r), clock(c), agents(a), work(w), log(std::move(l)), opts(std::move(o)) {}
@@ -196,6 +215,12 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::string last_error;
     std::string power_on;  // decide() chose a machine to power on (done after the transaction)
     std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+    std::chrono::seconds registration_timeout{180};  // the site's registration_wait_timeout_seconds
+    // Waiting for this machine to register; the answer if the wait ends first.
+    std::string wait_machine;
+    LaunchResult wait_outcome;
+    std::uint64_t wait_timer = 0;
+    std::vector<std::string> timed_out;  // machines powered on for it that never registered
   };
 
   static LaunchResult failed(LaunchFailure f, std::string message) {
@@ -234,6 +259,15 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   }
 
   bool registered(const Object& m) const { return m.text("registration_state") == "Registered"; }
+
+  // The user a machine is held for now (empty: none). Under decide_mutex.
+  std::string held_for(const std::string& machine, common::SysTime now) const {
+    auto it = claims.find(machine);
+    if (it == claims.end()) return {};
+    const auto& c = it->second;
+    const bool live = c.registered_at ? now < *c.registered_at + opts.claim_hold : now < c.deadline;
+    return live ? c.user : std::string();
+  }
 
   std::int64_t effective_load(const Object& m) {
     auto it = bumps.find(m.name);
@@ -277,6 +311,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     const auto& user = req.user;
     Requester who{&user, req.client_address, req.client_name};
     const auto ttl = ttl_for(site, req.ticket_ttl_seconds);
+    a.registration_timeout = std::chrono::seconds(site.settings.integer("registration_wait_timeout_seconds", 180));
 
     auto fill = [&](const Object& m, const std::string& group) {
       out.machine = m.name;
@@ -465,6 +500,13 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     for (const auto& s : site.sessions) ++sessions_on[s.text("machine")];
     std::set<std::string, std::less<>> assigned_machines;
     for (const auto& asg : site.snapshot.assignments) assigned_machines.insert(asg.text("machine"));
+    // Machines powered on for a launch are held for its user (single-session ones are not given
+    // to anyone else meanwhile).
+    const auto now = clock.now();
+    auto hold = [&](const Object& m) {  // 0: held for this user, 1: not held, 2: held for another
+      const auto user = held_for(m.name, now);
+      return user.empty() ? 1 : iequals(user, req.user.qualified_name) ? 0 : 2;
+    };
 
     int total = 0, tagged = 0, reg = 0, open = 0;
     std::vector<Candidate> usable;
@@ -502,6 +544,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         ++open;
         const auto load = effective_load(m);
         if (multi ? load >= kFullLoad : sessions_on[m.name] > 0) continue;
+        if (!multi && hold(m) == 2) continue;
         usable.push_back({&m, multi ? load : 0});
         group_of = g;
       }
@@ -519,9 +562,12 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
                                                           " of the " + std::to_string(max) + " machines '" + rule->name + "' allows");
     }
     if (usable.empty() && !to_power.empty()) {
-      // One already on its way up first (no second machine for the same wait), else any; by name
-      // among equals so that concurrent launches converge on the same machine.
-      std::stable_sort(to_power.begin(), to_power.end(), [](const Object* x, const Object* y) {
+      // The one held for this user first, then those held for no one (another user's only when
+      // nothing else is left); one already on its way up first (no second machine for the same
+      // wait), else any; by name among equals so that concurrent launches converge.
+      std::stable_sort(to_power.begin(), to_power.end(), [&](const Object* x, const Object* y) {
+        const int hx = hold(*x), hy = hold(*y);
+        if (hx != hy) return hx < hy;
         const bool bx = booting(*x), by = booting(*y);
         return bx != by ? bx : x->name < y->name;
       });
@@ -541,7 +587,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     // Least effective load; random among equals.
     std::shuffle(usable.begin(), usable.end(), rng);
     std::stable_sort(usable.begin(), usable.end(), [](const Candidate& x, const Candidate& y) { return x.load < y.load; });
-    const Object& m = *usable.front().machine;
+    auto pick = std::find_if(usable.begin(), usable.end(), [&](const Candidate& c) { return hold(*c.machine) == 0; });
+    const Object& m = *(pick == usable.end() ? usable.front() : *pick).machine;
+    if (pick != usable.end()) claims.erase(m.name);  // the machine powered on for this user: taken
     out.machine = m.name;
     out.machine_id = m.id;
     out.address = m.text("agent_address");
@@ -579,7 +627,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       }
     }
     if (!a->power_on.empty() && outcome.failure == LaunchFailure::powering_on) {
+      const bool held = claim(a->power_on, a->request.user.qualified_name, a->registration_timeout);
       if (auto throttled = power->power_on(a->power_on); !throttled) {
+        if (held) unclaim(a->power_on);
         log->warn("launch: cannot power on {}: {}", a->power_on, throttled.error().describe());
         outcome = failed(LaunchFailure::all_unregistered, "every candidate machine is off and " + a->power_on +
                                                               " cannot be powered on: " + throttled.error().message);
@@ -587,11 +637,19 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         outcome = failed(LaunchFailure::power_throttled,
                          "no machine is ready; the power-on of " + a->power_on + " waits for the hypervisor connection's throttles: retry later");
       }
+      if ((outcome.failure == LaunchFailure::powering_on || outcome.failure == LaunchFailure::power_throttled) &&
+          wait_for_registration(a, a->power_on, outcome))
+        return;  // goes on once it registers, or the wait ends
     }
     if (!outcome.ok()) {
-      if (!a->last_error.empty() && (outcome.failure == LaunchFailure::all_in_use || outcome.failure == LaunchFailure::no_machines ||
-                                     outcome.failure == LaunchFailure::all_unregistered))
+      const bool none_left = outcome.failure == LaunchFailure::all_in_use || outcome.failure == LaunchFailure::no_machines ||
+                             outcome.failure == LaunchFailure::all_unregistered;
+      if (!a->last_error.empty() && none_left)
         outcome = failed(LaunchFailure::prepare_failed, "no machine could prepare the session (last: " + a->last_error + ")");
+      else if (!a->timed_out.empty() && none_left)
+        outcome = failed(LaunchFailure::registration_timeout,
+                         a->timed_out.back() + " was powered on for the launch but did not register within " +
+                             std::to_string(a->registration_timeout.count()) + " s, and no other machine is available");
       record_failure(*a, outcome);
       return finish(a, std::move(outcome));
     }
@@ -681,6 +739,143 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     attempt(a);
   }
 
+  // Holds a machine about to be powered on for a launch for its user. An existing live hold is
+  // kept (false); true when this call made it.
+  bool claim(const std::string& machine, const std::string& user, std::chrono::seconds timeout) {
+    std::lock_guard lock(decide_mutex);
+    const auto now = clock.now();
+    if (!held_for(machine, now).empty()) return false;
+    claims[machine] = {user, now + timeout, timeout, std::nullopt};
+    return true;
+  }
+  void unclaim(const std::string& machine) {
+    std::lock_guard lock(decide_mutex);
+    claims.erase(machine);
+  }
+
+  // Parks the launch until the machine registers or the wait ends (power_on_wait from the
+  // launch's start, or the machine's registration deadline, whichever is first). False when
+  // there is no time left to wait: answer now.
+  bool wait_for_registration(const std::shared_ptr<Attempt>& a, const std::string& machine, const LaunchResult& outcome) {
+    using std::chrono::duration_cast;
+    using std::chrono::milliseconds;
+    auto left = opts.power_on_wait - duration_cast<milliseconds>(std::chrono::steady_clock::now() - a->started);
+    if (left <= milliseconds(0)) return false;
+    {
+      std::lock_guard lock(decide_mutex);
+      auto it = claims.find(machine);
+      if (it != claims.end() && !it->second.registered_at)
+        // Rounded up and a little after: the wait must not end a hair before the deadline.
+        left = std::min(left, std::max(milliseconds(0), std::chrono::ceil<milliseconds>(it->second.deadline - clock.now()) +
+                                                            milliseconds(20)));
+    }
+    a->wait_machine = machine;
+    a->wait_outcome = outcome;
+    {
+      std::lock_guard lock(wait_mutex);
+      waiting[machine].push_back(a);
+    }
+    log->info("launch: {} waits up to {} ms for {} to register", a->request.user.qualified_name, left.count(), machine);
+    auto self = shared_from_this();
+    a->wait_timer = timers.after(left, [self, a] {
+      if (!self->work.post([self, a] { self->wait_over(a); }) && self->unpark(a)) self->stopping(a);
+    });
+    // It may have registered between the selection and now.
+    bool now_registered = false;
+    auto st = repo.read([&](storage::Transaction& tx) -> Status {
+      auto m = tx.get(Kind::machine, machine);
+      now_registered = m && registered(*m);
+      return {};
+    });
+    if (st && now_registered) wake(machine);
+    return true;
+  }
+
+  // Takes the attempt out of the waiting list; false when someone else already has.
+  bool unpark(const std::shared_ptr<Attempt>& a) {
+    std::lock_guard lock(wait_mutex);
+    auto it = waiting.find(a->wait_machine);
+    if (it == waiting.end()) return false;
+    auto& list = it->second;
+    auto pos = std::find(list.begin(), list.end(), a);
+    if (pos == list.end()) return false;
+    list.erase(pos);
+    if (list.empty()) waiting.erase(it);
+    return true;
+  }
+
+  // The machine registered: the launches waiting for it select again.
+  void wake(const std::string& machine) {
+    std::vector<std::shared_ptr<Attempt>> woken;
+    {
+      std::lock_guard lock(wait_mutex);
+      auto it = waiting.find(machine);
+      if (it == waiting.end()) return;
+      woken = std::move(it->second);
+      waiting.erase(it);
+    }
+    auto self = shared_from_this();
+    for (auto& a : woken) {
+      timers.cancel(a->wait_timer);
+      a->wait_machine.clear();
+      if (!work.post([self, a] { self->attempt(a); })) stopping(a);
+    }
+  }
+
+  // The wait ended without the machine registering: past its registration deadline the launch
+  // fails over, else it answers retry-required (the machine stays held for the user's retry).
+  void wait_over(const std::shared_ptr<Attempt>& a) {
+    if (!unpark(a)) return;  // woken meanwhile
+    const auto machine = std::exchange(a->wait_machine, {});
+    bool timed_out = false;
+    {
+      std::lock_guard lock(decide_mutex);
+      auto it = claims.find(machine);
+      if (it != claims.end() && !it->second.registered_at && clock.now() >= it->second.deadline) {
+        claims.erase(it);
+        timed_out = true;
+      }
+    }
+    if (timed_out) {
+      registration_timed_out(machine, a->request.user.qualified_name, a->registration_timeout);
+      a->tried.insert(machine);
+      a->timed_out.push_back(machine);
+      return attempt(a);  // fail over
+    }
+    auto r = std::move(a->wait_outcome);
+    record_failure(*a, r);
+    finish(a, std::move(r));
+  }
+
+  // A machine powered on for a launch did not register in time: its fault state says why
+  // (StuckOnBoot: the hypervisor never reported it on; Unregistered: on, but its agent never
+  // registered), and the failure is recorded.
+  void registration_timed_out(const std::string& machine, const std::string& user, std::chrono::seconds timeout) {
+    std::string fault;
+    auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      auto m = tx.get(Kind::machine, machine);
+      if (!m) return m.error().code == errc::not_found ? Status{} : Status{m.error()};
+      if (registered(*m)) return {};  // registered after all
+      fault = m->text("power_state") == "On" ? "Unregistered" : "StuckOnBoot";
+      Object updated = *m;
+      updated.fields["fault_state"] = fault;
+      updated.fields["last_connection_failure"] = std::string("RegistrationTimeout");
+      if (auto r = tx.update(machine, updated); !r) return r.error();
+      return tx.append_audit(launch_audit("launch-failed", machine,
+                                          {{"user", user}, {"machine", machine}, {"reason", "RegistrationTimeout"},
+                                           {"fault_state", fault}, {"timeout_seconds", timeout.count()}}));
+    });
+    if (!st) log->error("launch: cannot record the registration timeout of {}: {}", machine, st.error().describe());
+    else if (!fault.empty())
+      log->warn("launch: {} was powered on for {} but did not register within {} s: RegistrationTimeout, fault state {}",
+                machine, user, timeout.count(), fault);
+  }
+
+  // The broker is stopping: a launch taken out of the waiting list answers at once.
+  void stopping(const std::shared_ptr<Attempt>& a) {
+    finish(a, failed(LaunchFailure::storage_error, "the broker is stopping"));
+  }
+
   void record_failure(const Attempt& a, const LaunchResult& r) {
     log->warn("launch: {} cannot launch '{}': {}: {}", a.request.user.qualified_name,
               a.request.reconnect_session.empty() ? a.request.resource : a.request.reconnect_session, to_string(r.failure),
@@ -708,7 +903,17 @@ Launcher::Launcher(storage::Repository& repository, common::Clock& clock, AgentC
     : impl_(std::make_shared<Impl>(repository, clock, agents, work,
                                    logger ? std::move(logger) : common::null_logger(), std::move(options))) {}
 
-Launcher::~Launcher() = default;
+Launcher::~Launcher() {
+  // Launches still waiting for a machine to register answer now.
+  impl_->timers.stop();
+  std::map<std::string, std::vector<std::shared_ptr<Impl::Attempt>>> waiting;
+  {
+    std::lock_guard lock(impl_->wait_mutex);
+    waiting.swap(impl_->waiting);
+  }
+  for (auto& [machine, list] : waiting)
+    for (auto& a : list) impl_->stopping(a);
+}
 
 void Launcher::launch(LaunchRequest request, std::function<void(LaunchResult)> done) {
   auto a = std::make_shared<Impl::Attempt>();
@@ -806,8 +1011,39 @@ Status Launcher::session_command(const std::string& session_key, const std::stri
   return {};
 }
 
+void Launcher::machine_registered(const std::string& machine) {
+  {
+    std::lock_guard lock(impl_->decide_mutex);
+    auto it = impl_->claims.find(machine);
+    if (it != impl_->claims.end() && !it->second.registered_at) it->second.registered_at = impl_->clock.now();
+  }
+  impl_->wake(machine);
+}
+
 Status Launcher::sweep() {
   const auto now = impl_->clock.now();
+  // Machines powered on for launches nobody waits for any more, past their registration deadline
+  // (a waiting launch handles its own); holds that have served their time are dropped.
+  std::set<std::string> waited;
+  {
+    std::lock_guard lock(impl_->wait_mutex);
+    for (const auto& [machine, list] : impl_->waiting) waited.insert(machine);
+  }
+  std::vector<std::pair<std::string, Impl::BootClaim>> expired;
+  {
+    std::lock_guard lock(impl_->decide_mutex);
+    for (auto it = impl_->claims.begin(); it != impl_->claims.end();) {
+      const auto& c = it->second;
+      const bool over = c.registered_at ? now >= *c.registered_at + impl_->opts.claim_hold : now >= c.deadline;
+      if (!over || waited.contains(it->first)) {
+        ++it;
+        continue;
+      }
+      if (!c.registered_at) expired.emplace_back(it->first, c);
+      it = impl_->claims.erase(it);
+    }
+  }
+  for (const auto& [machine, c] : expired) impl_->registration_timed_out(machine, c.user, c.timeout);
   const auto now_text = common::format_time(now);
   return impl_->repo.write([&](storage::Transaction& tx) -> Status {
     if (auto r = tx.purge_logon_tickets(now_text); !r) return r.error();

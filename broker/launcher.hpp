@@ -6,6 +6,12 @@
 //
 // Semantics: site-model-reference.md 2.3-2.7 and 2.12; docs/architecture.md "Launch".
 //
+// Power: a launch that finds no ready machine powers one on (PowerControl), holds it for the user
+// and waits for its agent to register (machine_registered()), up to power_on_wait; the front end
+// retries after that and finds the machine still held. A machine that never registers within the
+// site's registration_wait_timeout_seconds gets a fault state and the launch fails over
+// (RegistrationTimeout when no machine is left). docs/power.md "Launching on a powered-off machine".
+//
 // Concurrency: selection and reservation happen under one mutex, in the same storage transaction
 // that records the pending session, so two launches never take the same single-session machine
 // and assignments never exceed the rules. The slow part (waiting for the agent's ack) runs outside
@@ -96,6 +102,7 @@ enum class LaunchFailure {
   storage_error,
   powering_on,             // no machine is ready; a power-managed one is being powered on: retry
   power_throttled,         // as powering_on, but the power action waits for the connection's throttles
+  registration_timeout,    // the machine powered on for the launch did not register in time, none left
 };
 std::string_view to_string(LaunchFailure f);  // "NotEntitled", "AllInUse", ...
 
@@ -135,6 +142,14 @@ struct LauncherOptions {
   // No fail-over is started after this long: front ends give up on a reply after ~30 s.
   std::chrono::milliseconds launch_budget{15000};
   std::string credential_key;  // site key (64 hex) that seals credential data; empty: stored unsealed (tests)
+  // A launch that powers a machine on waits this long for its agent to register (then answers
+  // PoweringOn, retry-required). The machine stays held for the user until the site's
+  // registration_wait_timeout_seconds; past that the launch fails over (RegistrationTimeout).
+  // Front ends give up on a reply after about 30 s. 0: answer retry-required at once.
+  std::chrono::milliseconds power_on_wait{20000};
+  // A machine that registers for a user who is not waiting any more stays held for that user's
+  // retry this long.
+  std::chrono::milliseconds claim_hold{60000};
 };
 
 class Launcher {
@@ -168,8 +183,14 @@ class Launcher {
   common::Status session_command(const std::string& session_key, const std::string& command, const std::string& title,
                                  const std::string& text, AgentChannel::Done done);
 
+  // An agent has registered: launches waiting for that machine go on. Any thread.
+  void machine_registered(const std::string& machine);
+
   // Housekeeping, run periodically: pending launches whose client never came within the ticket
-  // lifetime release their machine (ConnectionTimeout); expired tickets are wiped.
+  // lifetime release their machine (ConnectionTimeout); expired tickets are wiped; machines
+  // powered on for a launch that have not registered within registration_wait_timeout_seconds
+  // get their fault state (StuckOnBoot or Unregistered) and last_connection_failure
+  // RegistrationTimeout.
   common::Status sweep();
 
   // Launches accepted and not answered yet.

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -83,7 +84,7 @@ struct Fixture {
   std::string key = common::crypto::new_site_key();
   std::unique_ptr<broker::Launcher> launcher;
 
-  Fixture() {
+  explicit Fixture(std::chrono::milliseconds power_on_wait = std::chrono::milliseconds(0)) {
     storage::SqliteOptions o;
     o.path = ":memory:";
     auto r = storage::open_sqlite(o);
@@ -92,6 +93,7 @@ struct Fixture {
     broker::LauncherOptions lo;
     lo.credential_key = key;
     lo.max_attempts = 3;
+    lo.power_on_wait = power_on_wait;
     launcher = std::make_unique<broker::Launcher>(*repo, clock, agents, work, nullptr, lo);
     std::vector<Object> objects = {
         make(Kind::catalog, "single", {}),
@@ -413,17 +415,30 @@ TEST_CASE("launcher: user sessions, reissued tickets and session commands") {
   CHECK_FALSE(f.launcher->session_command("nope", "logoff", "", "", [](bool, const std::string&) {}));
 }
 
-TEST_CASE("launcher: with no machine ready one is powered on (retry), and a throttled power-on is said so") {
-  Fixture f;
-  struct FakePower : broker::PowerControl {
-    std::vector<std::string> on;
-    bool throttle = false;
-    common::Result<bool> power_on(const std::string& machine) override {
+namespace {
+
+// Power control for launcher tests: records power-ons; `on_power` runs inside each.
+struct FakePower : broker::PowerControl {
+  std::mutex mutex;
+  std::vector<std::string> on;
+  bool throttle = false;
+  std::function<void(const std::string&)> on_power;
+  common::Result<bool> power_on(const std::string& machine) override {
+    {
+      std::lock_guard lock(mutex);
       on.push_back(machine);
-      return throttle;
     }
-  } power;
-  f.launcher->set_power(&power);
+    if (on_power) on_power(machine);
+    return throttle;
+  }
+  std::vector<std::string> powered() {
+    std::lock_guard lock(mutex);
+    return on;
+  }
+};
+
+// The Pool group's four machines power-managed, unregistered and off.
+void power_off_pool(Fixture& f) {
   REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
     auto c = tx.create(make(Kind::hypervisor_connection, "sim", {{"driver", std::string("simulated")}}));
     if (!c) return c.error();
@@ -435,15 +450,125 @@ TEST_CASE("launcher: with no machine ready one is powered on (retry), and a thro
     f.update(Kind::machine, m, "registration_state", std::string("Unregistered"));
     f.update(Kind::machine, m, "power_state", std::string("Off"));
   }
+}
+
+}  // namespace
+
+TEST_CASE("launcher: with no machine ready one is powered on (retry), held for the user, and a throttled power-on is said so") {
+  Fixture f;  // answers at once (no wait for registration)
+  FakePower power;
+  f.launcher->set_power(&power);
+  power_off_pool(f);
   auto r = f.launch("erin", "pool-desktop");
   CHECK(r.failure == LaunchFailure::powering_on);
-  CHECK(power.on == std::vector<std::string>{"DEMO\\pool-1"});
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1"});
   CHECK(f.list(Kind::session).empty());  // nothing reserved
-  // A machine already booting is preferred over powering on another.
+  // erin's retry goes back to the machine powered on for her.
+  r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  CHECK(power.powered().back() == "DEMO\\pool-1");
+  // Another user: not erin's machine; one already booting is preferred over powering on another.
   f.update(Kind::machine, "DEMO\\pool-3", "power_state", std::string("TurningOn"));
   power.throttle = true;
-  r = f.launch("erin", "pool-desktop");
+  r = f.launch("frank", "pool-desktop");
   CHECK(r.failure == LaunchFailure::power_throttled);
-  CHECK(power.on.back() == "DEMO\\pool-3");
+  CHECK(power.powered().back() == "DEMO\\pool-3");
   CHECK(broker::to_string(r.failure) == "PowerActionThrottled");
+
+  // pool-1 registers: held for erin, so frank does not get it, erin does.
+  f.update(Kind::machine, "DEMO\\pool-1", "registration_state", std::string("Registered"));
+  f.update(Kind::machine, "DEMO\\pool-1", "power_state", std::string("On"));
+  f.launcher->machine_registered("DEMO\\pool-1");
+  power.throttle = false;
+  r = f.launch("frank", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  r = f.launch("erin", "pool-desktop");
+  REQUIRE_MESSAGE(r.ok(), r.message);
+  CHECK(r.machine == "DEMO\\pool-1");
+}
+
+TEST_CASE("launcher: a launch waits for the machine it powers on and lands on it once its agent registers") {
+  Fixture f(std::chrono::seconds(30));
+  FakePower power;
+  power.on_power = [&](const std::string& machine) {
+    // The hypervisor boots it and its agent registers a little later.
+    std::thread([&f, machine] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      f.update(Kind::machine, machine, "power_state", std::string("On"));
+      f.update(Kind::machine, machine, "registration_state", std::string("Registered"));
+      f.launcher->machine_registered(machine);
+    }).detach();
+  };
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  auto r = f.launch("erin", "pool-desktop");
+  REQUIRE_MESSAGE(r.ok(), r.message);
+  CHECK(r.machine == "DEMO\\pool-1");
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1"});
+  CHECK(f.get(Kind::session, r.session_key).text("state") == "PreparingNewSession");
+  // The next user gets the next machine, powered on for them.
+  r = f.launch("frank", "pool-desktop");
+  REQUIRE_MESSAGE(r.ok(), r.message);
+  CHECK(r.machine == "DEMO\\pool-2");
+}
+
+TEST_CASE("launcher: a machine that never registers times out (StuckOnBoot or Unregistered) and the launch fails over") {
+  Fixture f(std::chrono::seconds(30));
+  REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto site = make(Kind::site, "site", {{"registration_wait_timeout_seconds", std::int64_t{60}}});
+    auto c = tx.create(site);
+    if (!c) return c.error();
+    return {};
+  }));
+  FakePower power;
+  power.on_power = [&](const std::string& machine) {
+    // pool-1 boots but its agent never registers; the others never boot. Time passes past the
+    // registration deadline (the wait ends at once, as the deadline has gone).
+    if (machine == "DEMO\\pool-1") f.update(Kind::machine, machine, "power_state", std::string("On"));
+    f.clock.advance(std::chrono::seconds(61));
+  };
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  f.update(Kind::machine, "DEMO\\pool-4", "in_maintenance_mode", true);
+  auto r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::registration_timeout);
+  CHECK(broker::to_string(r.failure) == "RegistrationTimeout");
+  CHECK(r.message.find("did not register within 60 s") != std::string::npos);
+  // Failed over across the three machines it could power on.
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1", "DEMO\\pool-2", "DEMO\\pool-3"});
+  CHECK(f.get(Kind::machine, "DEMO\\pool-1").text("fault_state") == "Unregistered");
+  CHECK(f.get(Kind::machine, "DEMO\\pool-2").text("fault_state") == "StuckOnBoot");
+  for (const char* m : {"DEMO\\pool-1", "DEMO\\pool-2", "DEMO\\pool-3"})
+    CHECK(f.get(Kind::machine, m).text("last_connection_failure") == "RegistrationTimeout");
+  CHECK(f.get(Kind::machine, "DEMO\\pool-4").text("fault_state", "None") == "None");
+  int timeouts = 0;
+  REQUIRE(f.repo->read([&](storage::Transaction& tx) -> common::Status {
+    storage::AuditQuery q;
+    auto entries = tx.list_audit(q);
+    if (!entries) return entries.error();
+    for (const auto& e : *entries)
+      if (e.action == "launch-failed" && e.after.find("RegistrationTimeout") != std::string::npos) ++timeouts;
+    return {};
+  }));
+  CHECK(timeouts == 3);
+}
+
+TEST_CASE("launcher: the sweep times out a machine powered on for a launch nobody waits for any more") {
+  Fixture f;  // answers at once
+  FakePower power;
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  auto r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  REQUIRE(f.launcher->sweep());
+  CHECK(f.get(Kind::machine, "DEMO\\pool-1").text("fault_state", "None") == "None");  // not yet
+  f.clock.advance(std::chrono::seconds(181));  // registration_wait_timeout_seconds defaults to 180
+  REQUIRE(f.launcher->sweep());
+  const auto m = f.get(Kind::machine, "DEMO\\pool-1");
+  CHECK(m.text("fault_state") == "StuckOnBoot");
+  CHECK(m.text("last_connection_failure") == "RegistrationTimeout");
+  // The next launch powers on another machine.
+  r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  CHECK(power.powered().back() == "DEMO\\pool-2");
 }

@@ -45,6 +45,7 @@ struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
   std::vector<std::weak_ptr<Connection>> all;                   // for deadlines
   std::atomic<bool> shutting_down{false};
   std::atomic<std::uint64_t> next_id{1};
+  std::function<void(const std::string&)> registered_observer;  // set before the listener starts
 
   std::mutex timer_mutex;
   std::condition_variable timer_cv;
@@ -377,6 +378,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     }
     ep->count("register", "ok");
     send(Registered{});
+    if (ep->registered_observer) ep->registered_observer(machine);
   }
 
   void on_heartbeat(const Heartbeat& hb) {
@@ -645,6 +647,10 @@ std::vector<std::string> AgentEndpoint::registered_machines() const {
   for (const auto& [m, w] : impl_->registered)
     if (!w.expired()) out.push_back(m);
   return out;
+}
+
+void AgentEndpoint::on_registered(std::function<void(const std::string& machine)> observer) {
+  impl_->registered_observer = std::move(observer);
 }
 
 }  // namespace cbp

@@ -71,6 +71,10 @@ class AgentEndpoint {
 
   std::vector<std::string> registered_machines() const;
 
+  // Called (from a worker thread) each time an agent has registered and been told so, i.e. once
+  // commands can be sent to it. Set before the agent listener starts.
+  void on_registered(std::function<void(const std::string& machine)> observer);
+
  private:
   struct Impl;
   struct Connection;

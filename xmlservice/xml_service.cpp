@@ -292,7 +292,8 @@ struct XmlService::Impl {
       case F::assignment_limit:
       case F::instance_limit:
       case F::prepare_failed:
-      case F::group_in_maintenance: return ErrorId::no_available_workstation;
+      case F::group_in_maintenance:
+      case F::registration_timeout: return ErrorId::no_available_workstation;
       case F::storage_error: return ErrorId::service_unavailable;
       case F::powering_on:
       case F::power_throttled: return ErrorId::retry_required;

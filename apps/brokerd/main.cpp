@@ -180,6 +180,8 @@ int run(const std::string& config_path, const std::string& ready_file) {
   if (popts.base_dir.empty()) popts.base_dir = ".";
   broker::PowerManager power(repository, clock, log, popts);
   launcher.set_power(&power);
+  // A launch waiting for a machine it powered on goes on once the machine's agent registers.
+  agent_endpoint.on_registered([&launcher](const std::string& machine) { launcher.machine_registered(machine); });
   admin::AdminOptions aopts;
   for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
   aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;

@@ -505,23 +505,24 @@ TEST_CASE("launch: a restart of brokerd mid-session keeps sessions and assignmen
   CHECK(pc_again.address == pc_address);
 }
 
-TEST_CASE("launch: a powered-off machine is powered on for a launch, which succeeds once its agent registers") {
-  TempDir dir;
-  Daemon daemon(dir);
-  // The pool's catalog is power-managed by a simulated hypervisor that boots in a second and
-  // writes its VMs' states for the agents to follow.
+// The pool's catalog power-managed by a simulated hypervisor that boots in a second and writes its
+// VMs' states for the agents to follow; `site` is added to [site].
+std::string powered_pool_config(const TempDir& dir, const std::string& site = {}) {
   std::string config = site_config(dir);
   const std::string pool_catalog = "name = \"pool\"\n";
   config.replace(config.find(pool_catalog), pool_catalog.size(), pool_catalog + "hypervisor_connection = \"sim\"\n");
+  const std::string site_header = "[site]\n";
+  config.replace(config.find(site_header), site_header.size(), site_header + site);
   config += "\n[[hypervisor_connection]]\nname = \"sim\"\ndriver = \"simulated\"\nuri = \"file:" +
             dir.file("power.json") + "\"\nsimulated_boot_delay_seconds = 1\nsimulated_shutdown_delay_seconds = 1\n";
-  REQUIRE_MESSAGE(daemon.start(config), daemon.log());
-  Api api(daemon);
-  Xml xml(daemon);
-  auto opts = Agents::options(daemon, Millis{100});
-  vda::Fleet fleet(opts);
+  return config;
+}
+
+// Agents for pool machines `first`..kPool (following the simulated power), all registered; then
+// an admin powers the whole pool off and waits until every machine is Off and Unregistered.
+std::vector<vda::Machine> agents_then_pool_off(Api& api, vda::Fleet& fleet, int first) {
   std::vector<vda::Machine> pool;
-  for (int i = 1; i <= kPool; ++i) {
+  for (int i = first; i <= kPool; ++i) {
     vda::MachineConfig c;
     c.name = "TEST\\pool-" + std::to_string(i);
     c.catalog = "pool";
@@ -529,12 +530,9 @@ TEST_CASE("launch: a powered-off machine is powered on for a launch, which succe
     c.address = "10.99.0." + std::to_string(i) + ":1494";
     pool.push_back(fleet.add(c));
   }
-  vda::PowerFollower follower(fleet, dir.file("power.json"), Millis{50});
-  follower.start();
   for (auto& m : pool) REQUIRE_MESSAGE(registered(m), describe(m));
-  CHECK(api.machine_field("TEST\\pool-1", "power_state") == "On");
-
-  // An admin powers the whole pool off: the agents leave (AgentShutdown), the machines are Off.
+  CHECK(api.machine_field("TEST\\pool-" + std::to_string(first), "power_state") == "On");
+  // The agents leave (AgentShutdown), the machines are Off.
   auto off = api.call("POST", "/api/v1/power-actions",
                       R"({"machines":["TEST\\pool-1","TEST\\pool-2","TEST\\pool-3","TEST\\pool-4"],"action":"TurnOff"})");
   REQUIRE_MESSAGE(off.status == 201, off.body);
@@ -544,17 +542,36 @@ TEST_CASE("launch: a powered-off machine is powered on for a launch, which succe
     CHECK(await_machine(api, name, "summary_state", "Off") == "Off");
     CHECK(api.machine_field(name, "registration_state") == "Unregistered");
   }
+  return pool;
+}
 
-  // A launch finds no machine ready: it powers one on and says retry-required; the client
-  // retries until the machine's agent has registered, then gets it.
-  auto first = xml.launch("u01", "Pool");
-  CHECK_MESSAGE(first.error == "retry-required", first.body);
-  Launch l = first;
-  const auto deadline = std::chrono::steady_clock::now() + kWait;
-  while (l.error == "retry-required" && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    l = xml.launch("u01", "Pool");
+// brokerd with a power-managed pool (powered_pool_config), agents following the simulated power
+// for pool machines `first`..kPool, and the whole pool powered off (agents_then_pool_off).
+struct PoweredPool {
+  TempDir dir;
+  Daemon daemon{dir};
+  const bool started;
+  Api api{daemon};
+  Xml xml{daemon};
+  vda::Fleet fleet{Agents::options(daemon, Millis{100})};
+  vda::PowerFollower follower{fleet, dir.file("power.json"), Millis{50}};
+  std::vector<vda::Machine> pool;
+
+  PoweredPool(int first, const std::string& site) : started(daemon.start(powered_pool_config(dir, site))) {
+    REQUIRE_MESSAGE(started, daemon.log());
+    follower.start();
+    pool = agents_then_pool_off(api, fleet, first);
   }
+};
+
+TEST_CASE("launch: a powered-off machine is powered on for a launch, which waits and succeeds once its agent registers") {
+  PoweredPool p(1, {});
+  auto& api = p.api;
+  auto& xml = p.xml;
+
+  // A launch finds no machine ready: it powers one on and waits for its agent to register (the
+  // simulated boot takes a second, well within the launch's wait), then gets it: one request.
+  Launch l = xml.launch("u01", "Pool");
   REQUIRE_MESSAGE(l.error.empty(), l.body);
   const auto machine = "TEST\\pool-" + l.address.substr(std::string("10.99.0.").size(), 1);
   CHECK(api.machine_field(machine, "power_state") == "On");
@@ -687,4 +704,31 @@ catalog = "pool"
   for (const auto& name : pending_before) CHECK(after.contains(name));
   CHECK(poll<std::int64_t>([&] { return api.total("/api/v1/power-actions?state=Completed&limit=1"); }, 2) == 2);
   CHECK(api.total("/api/v1/power-actions?state=Pending&limit=1") == 1);
+}
+
+TEST_CASE("launch: a machine powered on for a launch that never registers times out (RegistrationTimeout) and the launch fails over") {
+  // TEST\pool-1 has no agent: the hypervisor boots it, but nothing ever registers.
+  PoweredPool p(2, "registration_wait_timeout_seconds = 5\n");
+  auto& api = p.api;
+  auto& xml = p.xml;
+
+  // The launch powers on pool-1 first (by name), waits its 5 s, marks it and fails over to
+  // pool-2, whose agent registers: still one request.
+  Launch l = xml.launch("u01", "Pool");
+  REQUIRE_MESSAGE(l.error.empty(), l.body);
+  CHECK(l.address == "10.99.0.2:1494");
+  CHECK(await_session(api, l.session(), "state", "Active") == "Active");
+  CHECK(api.machine_field("TEST\\pool-1", "power_state") == "On");
+  CHECK(api.machine_field("TEST\\pool-1", "fault_state") == "Unregistered");
+  CHECK(api.machine_field("TEST\\pool-1", "last_connection_failure") == "RegistrationTimeout");
+  auto audit = api.get("/api/v1/audit?action=launch-failed");
+  REQUIRE(audit.has_value());
+  const auto entries = boost::json::serialize(*audit);
+  CHECK(entries.find("RegistrationTimeout") != std::string::npos);
+  CHECK(entries.find("pool-1") != std::string::npos);
+
+  // A faulted machine is not powered on for launches again: the next user gets pool-3.
+  Launch next = xml.launch("u02", "Pool");
+  REQUIRE_MESSAGE(next.error.empty(), next.body);
+  CHECK(next.address == "10.99.0.3:1494");
 }

@@ -1,0 +1,66 @@
+#include "common/timers.hpp"
+
+#include <algorithm>
+
+namespace common {
+
+Timers::Timers() : thread_([this] { run(); }) {}
+
+Timers::~Timers() { stop(); }
+
+std::uint64_t Timers::after(std::chrono::milliseconds delay, std::function<void()> fn) {
+  std::uint64_t id = 0;
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_) return 0;
+    id = ++next_id_;
+    const Key key{std::chrono::steady_clock::now() + std::max(delay, std::chrono::milliseconds(0)), id};
+    due_.emplace(key, std::move(fn));
+    keys_.emplace(id, key);
+  }
+  cv_.notify_one();
+  return id;
+}
+
+bool Timers::cancel(std::uint64_t id) {
+  std::lock_guard lock(mutex_);
+  auto it = keys_.find(id);
+  if (it == keys_.end()) return false;
+  due_.erase(it->second);
+  keys_.erase(it);
+  return true;
+}
+
+void Timers::stop() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+    due_.clear();
+    keys_.clear();
+  }
+  cv_.notify_all();
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+void Timers::run() {
+  std::unique_lock lock(mutex_);
+  while (!stopping_) {
+    if (due_.empty()) {
+      cv_.wait(lock);
+      continue;
+    }
+    const auto first = due_.begin()->first;
+    if (std::chrono::steady_clock::now() < first.first) {
+      cv_.wait_until(lock, first.first);
+      continue;
+    }
+    auto fn = std::move(due_.begin()->second);
+    due_.erase(due_.begin());
+    keys_.erase(first.second);
+    lock.unlock();
+    fn();
+    lock.lock();
+  }
+}
+
+}  // namespace common
