@@ -86,6 +86,7 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
   const common::SysTime started_at = clock.now();
   std::mutex power_on_mutex;
   std::map<std::string, common::SysTime> powered_on_at;  // guarded by power_on_mutex: machine -> last seen On
+  std::map<std::string, bool> was_peak;  // guarded by power_on_mutex: delivery group -> peak at the last pass
 
   Impl(storage::Repository& r, common::Clock& c, std::shared_ptr<spdlog::logger> l, PowerManagerOptions o)
       : repo(r), clock(c), log(std::move(l)), opts(std::move(o)) {}
@@ -473,6 +474,15 @@ bool PowerManager::manages(const std::string& machine) const {
 Status PowerManager::refresh() {
   auto machines = impl_->machines();
   if (!machines) return machines.error();
+  auto registration_timeout = impl_->opts.registration_timeout;
+  if (!registration_timeout) {
+    auto st = impl_->repo.read([&](storage::Transaction& tx) -> Status {
+      auto site = tx.get(Kind::site, "site");
+      registration_timeout = std::chrono::seconds(site ? site->integer("registration_wait_timeout_seconds", 180) : 180);
+      return {};
+    });
+    if (!st) return st;
+  }
   for (const auto& m : *machines) {
     std::string state;
     if (m.connection.empty()) {
@@ -495,7 +505,7 @@ Status PowerManager::refresh() {
         std::lock_guard lock(impl_->power_on_mutex);
         if (auto it = impl_->powered_on_at.find(m.name); it != impl_->powered_on_at.end()) on_since = it->second;
       }
-      if (on_since && impl_->clock.now() - *on_since > impl_->opts.registration_timeout && m.fault_state == "None")
+      if (on_since && impl_->clock.now() - *on_since > *registration_timeout && m.fault_state == "None")
         impl_->update_machine(m.name, {{"fault_state", "Unregistered"}});
     }
   }
@@ -566,7 +576,13 @@ Result<int> PowerManager::reconcile_pools() {
       continue;
     }
     const auto schedule = power::evaluate(*group_schemes, **zone, now);
-    const auto plan = power::plan_pool(policy, schedule, pool, now);
+    std::optional<bool> was_peak;
+    {
+      std::lock_guard lock(im.power_on_mutex);
+      if (auto it = im.was_peak.find(g.name); it != im.was_peak.end()) was_peak = it->second;
+      im.was_peak[g.name] = schedule.peak;
+    }
+    const auto plan = power::plan_pool(policy, schedule, pool, now, was_peak);
     for (const auto& a : plan.actions) {
       const int priority = a.reason == power::kReasonPolicy ? power::kPolicyPriority : power::kSchedulePriority;
       auto r = submit({a.machine}, a.action, priority, std::string(a.reason));

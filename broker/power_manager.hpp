@@ -47,8 +47,9 @@ struct PowerManagerOptions {
   // How long finished actions stay listed.
   std::chrono::milliseconds retention{std::chrono::hours(1)};
   // A machine powered on whose agent has not registered this long after gets fault_state
-  // Unregistered (checked by refresh()).
-  std::chrono::seconds registration_timeout{std::chrono::minutes(5)};
+  // Unregistered (checked by refresh()). Unset: the site's registration_wait_timeout_seconds,
+  // the timeout launches use too.
+  std::optional<std::chrono::seconds> registration_timeout;
 };
 
 // One power action as admins see it (power_action in the site model).

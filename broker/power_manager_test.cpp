@@ -171,11 +171,12 @@ TEST_CASE("power manager: a machine powered on whose agent never registers gets 
   for (int i = 0; i < 500 && site.machine_field("DEMO\\pool-2", "power_state") != "On"; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   REQUIRE(site.machine_field("DEMO\\pool-2", "power_state") == "On");
-  // Within the registration timeout: no fault. Past it, still unregistered: Unregistered.
-  site.clock.advance(std::chrono::minutes(4));
+  // Within the registration timeout (the site's registration_wait_timeout_seconds, 180 s by
+  // default): no fault. Past it, still unregistered: Unregistered.
+  site.clock.advance(std::chrono::minutes(2));
   REQUIRE(power.refresh());
   CHECK(site.machine_field("DEMO\\pool-2", "fault_state") == "None");
-  site.clock.advance(std::chrono::minutes(2));
+  site.clock.advance(std::chrono::seconds(61));
   REQUIRE(power.refresh());
   CHECK(site.machine_field("DEMO\\pool-2", "fault_state") == "Unregistered");
   // Registered machines that are on are never faulted for it.
@@ -216,5 +217,52 @@ TEST_CASE("power manager: a launch's power-on says when the connection's throttl
   CHECK(*second);
   // Not a power-managed machine: an error, not a throttle.
   CHECK_FALSE(power.power_on("DEMO\\nobody").has_value());
+  power.stop();
+}
+
+TEST_CASE("power manager: a private group's assigned machines start when peak begins and stop when off-peak begins") {
+  Site site;
+  common::SysTime six_thirty;  // a Monday, 06:30 UTC (the group's time zone)
+  REQUIRE(common::parse_time("2026-11-23T06:30:00Z", six_thirty));
+  site.clock.set(six_thirty);
+  std::vector<std::string> peak(24, "false");
+  for (int h = 7; h < 19; ++h) peak[static_cast<std::size_t>(h)] = "true";
+  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
+    std::vector<Object> objects = {
+        make(Kind::delivery_group, "Personal", {{"desktop_kind", std::string("Private")}}),
+        make(Kind::power_time_scheme, "Personal hours",
+             {{"delivery_group", std::string("Personal")},
+              {"days_of_week", TextList{"Weekdays", "Weekend"}},
+              {"peak_hours", TextList(peak.begin(), peak.end())}}),
+    };
+    for (const char* pc : {"DEMO\\pc-1", "DEMO\\pc-2"}) {
+      objects.push_back(make(Kind::machine, pc,
+                             {{"catalog", std::string("pool")},
+                              {"delivery_group", std::string("Personal")},
+                              {"registration_state", std::string("Unregistered")},
+                              {"power_state", std::string("Off")}}));
+      objects.push_back(make(Kind::assignment, {}, {{"machine", std::string(pc)}, {"user", std::string("DEMO\\alice")}}));
+    }
+    for (const auto& obj : objects)
+      if (auto c = tx.create(obj); !c) return c.error();
+    return {};
+  }));
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(20);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  REQUIRE(power.start());
+  auto turn_ons = [&] {
+    std::vector<std::string> out;
+    for (const auto& a : power.actions())
+      if (a.action == power::Action::turn_on && a.reason == "Schedule") out.push_back(a.vm.machine);
+    return out;
+  };
+  REQUIRE(power.reconcile_pools());  // off-peak, first pass: nothing for the private group
+  CHECK(turn_ons().empty());
+  site.clock.advance(std::chrono::hours(1));  // 07:30: peak has begun
+  REQUIRE(power.reconcile_pools());
+  CHECK(turn_ons() == std::vector<std::string>{"DEMO\\pc-1", "DEMO\\pc-2"});
+  for (const auto& a : power.actions())
+    if (a.reason == "Schedule") CHECK(a.base_priority == power::kSchedulePriority);
   power.stop();
 }

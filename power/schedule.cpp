@@ -568,6 +568,7 @@ GroupPolicy group_policy(const model::Object& g) {
   p.shutdown_after_use = g.flag("shutdown_desktops_after_use");
   p.settlement_before_auto_shutdown =
       chr::seconds{std::max<std::int64_t>(0, g.integer("settlement_period_before_auto_shutdown_seconds"))};
+  p.power_on_assigned_during_peak = g.flag("automatic_power_on_for_assigned_during_peak");
   return p;
 }
 
@@ -635,7 +636,7 @@ PoolMachine pool_machine(const model::Object& m) {
 }
 
 PoolPlan plan_pool(const GroupPolicy& group, const ScheduleNow& schedule, std::span<const PoolMachine> machines,
-                   common::SysTime now) {
+                   common::SysTime now, std::optional<bool> was_peak) {
   PoolPlan plan;
   plan.peak = schedule.peak;
   if (!group.single_session || group.in_maintenance) return plan;
@@ -691,7 +692,36 @@ PoolPlan plan_pool(const GroupPolicy& group, const ScheduleNow& schedule, std::s
     else if (!e.m->assigned)
       ++plan.idle_unassigned_on;
   }
-  if (!group.shared) return plan;
+  if (!group.shared) {
+    // 3. Private groups follow the peak hours of their scheme.
+    if (schedule.scheme.empty()) return plan;
+    const bool peak_began = schedule.peak && was_peak == false;
+    const bool off_peak_began = !schedule.peak && was_peak == true;
+    const std::string when = (schedule.peak ? "peak, " : "off-peak, ") + hour_text(schedule.local);
+    if (peak_began || (schedule.peak && group.power_on_assigned_during_peak)) {
+      const std::string detail = peak_began ? "assigned machine at the start of peak (" + when + ")"
+                                            : "assigned machine off during peak (" + when + ")";
+      for (auto& e : all) {
+        if (!can_act(e) || !e.m->assigned || e.draining) continue;
+        if (e.m->power != PowerState::off && e.m->power != PowerState::suspended) continue;
+        plan.actions.push_back({e.m->name, e.m->power == PowerState::off ? Action::turn_on : Action::resume,
+                                kReasonSchedule, detail});
+        e.acted = true;
+      }
+    } else if (off_peak_began) {
+      for (auto& e : all) {
+        if (!can_act(e) || !e.m->assigned || e.draining || e.m->power != PowerState::on || !e.m->registered) continue;
+        if (now < settled_at(*e.m)) {
+          note_recheck(settled_at(*e.m));
+          continue;
+        }
+        plan.actions.push_back({e.m->name, Action::shutdown, kReasonSchedule,
+                                "assigned machine at the start of off-peak (" + when + ")"});
+        e.acted = true;
+      }
+    }
+    return plan;
+  }
 
   const int buffer_percent = schedule.peak ? group.peak_buffer_percent : group.off_peak_buffer_percent;
   plan.buffer_target = percent_of(buffer_percent, unassigned);

@@ -186,10 +186,13 @@ struct GroupPolicy {
   int off_peak_buffer_percent = 0;
   bool shutdown_after_use = false;
   std::chrono::seconds settlement_before_auto_shutdown{0};
+  // Private groups: assigned machines start at the start of peak and stop at the start of
+  // off-peak; with this also any assigned machine found off during peak is started again.
+  bool power_on_assigned_during_peak = false;
 };
 // From a delivery_group object (session_support, desktop_kind, in_maintenance_mode,
 // peak_/off_peak_buffer_size_percent, shutdown_desktops_after_use,
-// settlement_period_before_auto_shutdown_seconds).
+// settlement_period_before_auto_shutdown_seconds, automatic_power_on_for_assigned_during_peak).
 GroupPolicy group_policy(const common::model::Object& delivery_group);
 
 // One machine of the group as the policy sees it. The caller fills it from the machine object,
@@ -215,11 +218,12 @@ PoolMachine pool_machine(const common::model::Object& machine);
 
 inline constexpr std::string_view kReasonIdlePool = "IdlePool";  // pool size and buffer
 inline constexpr std::string_view kReasonPolicy = "Policy";      // shutdown after use
+inline constexpr std::string_view kReasonSchedule = "Schedule";  // private groups at peak changes
 
 struct PlannedAction {
   std::string machine;
   Action action = Action::turn_on;  // turn_on, resume (a suspended machine) or shutdown
-  std::string_view reason;          // power_action.reason: kReasonIdlePool or kReasonPolicy
+  std::string_view reason;          // power_action.reason: kReasonIdlePool, kReasonPolicy or kReasonSchedule
   std::string detail;               // one line for logs and the audit log
 };
 
@@ -240,11 +244,17 @@ struct PoolPlan {
 // The power actions that bring the group's machines to the policy now. Pure and deterministic:
 // machines are considered in name order, power-ons take the lowest names, shutdowns the highest.
 //
+// Private groups: `was_peak` is whether the previous evaluation (the reconciler's last pass) was
+// at peak, nullopt when unknown (the first pass after a start). When peak has just begun every
+// assigned machine that is off is started (reason Schedule); when off-peak has just begun every
+// idle assigned machine is shut down; during peak with power_on_assigned_during_peak, assigned
+// machines found off are started again.
+//
 // Never: acts on a machine in maintenance mode, with sessions, with an action pending, or with an
 // unknown power state; shuts down a machine before its settlement period (after its last
 // session) has passed; shuts down an idle unregistered machine for being in excess (it may be
 // booting for a launch). The rules, and how pool size and buffer combine, are in docs/power.md.
 PoolPlan plan_pool(const GroupPolicy& group, const ScheduleNow& schedule, std::span<const PoolMachine> machines,
-                   common::SysTime now);
+                   common::SysTime now, std::optional<bool> was_peak = std::nullopt);
 
 }  // namespace power

@@ -653,6 +653,45 @@ TEST_CASE("schedule: only single-session groups are managed; odd machines are le
   CHECK(plan(g, hour(true, 0), ms).actions.empty());
 }
 
+TEST_CASE("schedule: private groups start assigned machines at the start of peak and stop them at the start of off-peak") {
+  GroupPolicy g;
+  g.shared = false;
+  auto ms = machines(2, 3, "pc-");  // pc-01, pc-02 on; pc-03..05 off
+  for (auto& m : ms) m.assigned = true;
+  ms[4].assigned = false;  // pc-05: not assigned, never touched
+  ms[1].sessions = 1;      // pc-02: in use
+  ms[2].in_maintenance = true;
+  auto peak = hour(true, -1);
+  auto off_peak = hour(false, -1);
+  peak.scheme = off_peak.scheme = "Weekdays";
+
+  // No change of peak (or not known: the first pass after a start): nothing.
+  CHECK(plan_pool(g, peak, ms, kNow).actions.empty());
+  CHECK(plan_pool(g, peak, ms, kNow, true).actions.empty());
+  CHECK(plan_pool(g, off_peak, ms, kNow, false).actions.empty());
+  // Peak begins: the assigned machines that are off start (not the one in maintenance).
+  auto began = plan_pool(g, peak, ms, kNow, false);
+  CHECK(actions(began) == "TurnOn pc-04");
+  CHECK(began.actions[0].reason == kReasonSchedule);
+  CHECK(began.actions[0].detail.find("start of peak") != std::string::npos);
+  // Off-peak begins: idle assigned machines that are on stop; the one in use stays.
+  CHECK(actions(plan_pool(g, off_peak, ms, kNow, true)) == "Shutdown pc-01");
+  // Off during peak: started again only with AutomaticPowerOnForAssignedDuringPeak.
+  g.power_on_assigned_during_peak = true;
+  CHECK(actions(plan_pool(g, peak, ms, kNow, true)) == "TurnOn pc-04");
+  CHECK(actions(plan_pool(g, peak, ms, kNow)) == "TurnOn pc-04");
+  CHECK(plan_pool(g, off_peak, ms, kNow, false).actions.empty());
+  // Without a scheme for the day nothing happens.
+  CHECK(plan_pool(g, hour(true, -1), ms, kNow, false).actions.empty());
+  // From a delivery group object.
+  auto obj = common::model::make_default(common::model::Kind::delivery_group, "Personal");
+  obj.fields["desktop_kind"] = std::string("Private");
+  obj.fields["automatic_power_on_for_assigned_during_peak"] = true;
+  const auto read = group_policy(obj);
+  CHECK_FALSE(read.shared);
+  CHECK(read.power_on_assigned_during_peak);
+}
+
 TEST_CASE("schedule: the plan does not depend on the order of the machines") {
   GroupPolicy g;
   g.peak_buffer_percent = 25;
