@@ -2,6 +2,7 @@
 
 #include "common/crypto.hpp"
 #include "common/model_json.hpp"
+#include "power/schedule.hpp"
 
 #include <spdlog/spdlog.h>
 
@@ -58,7 +59,7 @@ void keep_broker_fields(const Object& from, Object& to, bool keep_operational) {
 }  // namespace
 
 SiteObjects::SiteObjects(storage::Repository& repository, std::shared_ptr<spdlog::logger> logger)
-    : repository_(repository), logger_(std::move(logger)) {}
+    : repository_(repository), logger_(std::move(logger)), zones_(std::make_shared<power::TimeZoneDb>()) {}
 
 Result<Page> SiteObjects::list(Kind kind, const storage::Query& query) {
   Page page;
@@ -120,10 +121,44 @@ Status SiteObjects::check_semantics(storage::Transaction& tx, const Object& obj)
                           "delivery_group");
       break;
     }
-    case Kind::delivery_group:
+    case Kind::delivery_group: {
       if (obj.text("desktop_kind") == "Private" && obj.text("delivery_type") == "DesktopsAndApps")
         return make_error(errc::invalid_argument, "a Private group cannot deliver DesktopsAndApps", "delivery_type");
+      // The power policy reads schedules in this zone: refuse one that cannot be read now rather
+      // than skip the group's pool management later.
+      if (auto zone = zones_->find(obj.text("time_zone", "UTC")); !zone)
+        return make_error(errc::invalid_argument, zone.error().message, "time_zone");
       break;
+    }
+    case Kind::power_time_scheme: {
+      // The scheme in force on a day must be unambiguous: a group's schemes do not share days.
+      auto days = power::parse_days(obj.list("days_of_week"));
+      if (!days) return make_error(errc::invalid_argument, days.error().message, "days_of_week");
+      storage::Query q;
+      q.equals.emplace_back("delivery_group", obj.text("delivery_group"));
+      auto others = tx.list(Kind::power_time_scheme, q);
+      if (!others) return others.error();
+      static constexpr const char* kDayNames[] = {"Sunday",   "Monday", "Tuesday", "Wednesday",
+                                                  "Thursday", "Friday", "Saturday"};
+      for (const auto& other : *others) {
+        if (other.name == obj.name) continue;
+        // Two schemes of the config file were checked with line numbers when it was loaded (and a
+        // reconcile that swaps their days must not trip over the half-applied state).
+        if (obj.owner.rfind("config:", 0) == 0 && other.owner.rfind("config:", 0) == 0) continue;
+        auto other_days = power::parse_days(other.list("days_of_week"));
+        if (!other_days) continue;
+        const auto shared = *days & *other_days;
+        if (shared.none()) continue;
+        std::string names;
+        for (std::size_t i = 0; i < 7; ++i)
+          if (shared.test(i)) names += (names.empty() ? "" : ", ") + std::string(kDayNames[i]);
+        return make_error(errc::invalid_argument,
+                          "shares " + names + " with power time scheme '" + other.name + "'; the schemes of delivery group '" +
+                              obj.text("delivery_group") + "' must not overlap days",
+                          "days_of_week");
+      }
+      break;
+    }
     case Kind::rule: {
       auto grp = tx.get(Kind::delivery_group, obj.text("delivery_group"));
       if (!grp) return grp.error();

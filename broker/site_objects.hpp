@@ -22,6 +22,10 @@
 #include <string>
 #include <vector>
 
+namespace power {
+class TimeZoneDb;
+}
+
 namespace broker {
 
 using common::Result;
@@ -86,6 +90,7 @@ class SiteObjects {
   storage::Repository& repository_;
   std::shared_ptr<spdlog::logger> logger_;
   std::function<void(const std::string&)> machine_removed_;  // set once at start-up
+  std::shared_ptr<power::TimeZoneDb> zones_;                 // delivery groups' time_zone checks
 };
 
 }  // namespace broker

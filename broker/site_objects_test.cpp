@@ -120,6 +120,30 @@ TEST_CASE("semantic checks name the field") {
   CHECK(private_mixed.error().field == "delivery_type");
 }
 
+TEST_CASE("a delivery group's time zone must exist; a group's power time schemes must not share days") {
+  Fixture f;
+  auto mars = f.site->create(obj(Kind::delivery_group, "g", {{"time_zone", std::string("Mars/Olympus")}}, "api"), "t");
+  REQUIRE(!mars);
+  CHECK(mars.error().field == "time_zone");
+  CHECK(mars.error().message.find("Mars/Olympus") != std::string::npos);
+  REQUIRE(f.site->create(obj(Kind::delivery_group, "g", {{"time_zone", std::string("UTC")}}, "api"), "t"));
+  auto scheme = [](std::string name, TextList days) {
+    return obj(Kind::power_time_scheme, std::move(name), {{"delivery_group", std::string("g")}, {"days_of_week", std::move(days)}},
+               "api");
+  };
+  REQUIRE(f.site->create(scheme("weekdays", {"Weekdays"}), "t"));
+  auto overlap = f.site->create(scheme("fridays", {"Friday", "Saturday"}), "t");
+  REQUIRE(!overlap);
+  CHECK(overlap.error().field == "days_of_week");
+  CHECK(overlap.error().message.find("shares Friday with power time scheme 'weekdays'") == 0);
+  REQUIRE(f.site->create(scheme("weekend", {"Weekend"}), "t"));
+  // Updating a scheme compares it with the others only.
+  REQUIRE(f.site->update("weekend", scheme("weekend", {"Saturday", "Sunday"}), "t"));
+  auto grow = f.site->update("weekend", scheme("weekend", {"Sunday", "Monday"}), "t");
+  REQUIRE(!grow);
+  CHECK(grow.error().field == "days_of_week");
+}
+
 TEST_CASE("every change is audited in the same transaction") {
   Fixture f;
   REQUIRE(f.site->create(obj(Kind::catalog, "c", {}, "api"), "token:ops"));

@@ -167,7 +167,7 @@ struct ScheduleNow {
 };
 
 // The scheme in force at `local`: the first enabled scheme, in name order, whose days include
-// local.weekday (schemes of one group must not overlap days; the config check refuses that). The
+// local.weekday (schemes of one group must not overlap days; the config loader and the admin API refuse that). The
 // hour is the wall-clock hour: on the day DST starts the skipped hour's settings never apply (at
 // Europe/London 2026-03-29 01:00 UTC the reading jumps from hour 0 to hour 2); on the day it ends
 // the repeated hour's settings apply for two real hours.
