@@ -340,6 +340,18 @@ Status PowerManager::start() {
       lo.uri = uri;
       lo.clock = &im.clock;
       lo.logger = im.log;
+      lo.username = c.text("username");
+      if (const auto file = c.text("password_file"); !file.empty()) {
+        std::filesystem::path p(file);
+        if (p.is_relative()) p = std::filesystem::path(im.opts.base_dir) / p;
+        std::ifstream in(p);
+        if (!in || !std::getline(in, lo.password)) {
+          im.log->error("power: hypervisor connection '{}' left out: cannot read its password_file {}", c.name,
+                        p.string());
+          continue;
+        }
+        if (!lo.password.empty() && lo.password.back() == '\r') lo.password.pop_back();
+      }
       try {
         conn->driver = std::make_unique<power::LibvirtDriver>(lo);
       } catch (const std::exception& e) {

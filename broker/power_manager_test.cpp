@@ -5,7 +5,11 @@
 
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 using namespace common::model;
@@ -265,4 +269,39 @@ TEST_CASE("power manager: a private group's assigned machines start when peak be
   for (const auto& a : power.actions())
     if (a.reason == "Schedule") CHECK(a.base_priority == power::kSchedulePriority);
   power.stop();
+}
+
+TEST_CASE("power manager: a libvirt connection's username and password_file answer the hypervisor's credential questions") {
+  const std::string dir = std::filesystem::temp_directory_path() / ("pm-test-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/good.pw") << "s3cret\n";
+  std::ofstream(dir + "/bad.pw") << "wrong\n";
+  const std::string uri = std::string("test://") + OPENBROKER_SOURCE_DIR + "/tests/data/libvirt/test-auth.xml";
+  auto machine_state = [&](const std::string& password_file) {
+    Site site;
+    REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
+      std::vector<Object> objects = {
+          make(Kind::hypervisor_connection, "kvm",
+               {{"driver", std::string("libvirt")}, {"uri", uri}, {"username", std::string("broker")},
+                {"password_file", password_file}}),
+          make(Kind::catalog, "secure", {{"hypervisor_connection", std::string("kvm")}}),
+          make(Kind::machine, "DEMO\\secure-01", {{"catalog", std::string("secure")}}),
+      };
+      for (const auto& obj : objects)
+        if (auto c = tx.create(obj); !c) return c.error();
+      return {};
+    }));
+    broker::PowerManagerOptions o;
+    o.base_dir = dir;  // password_file is relative to the config file's directory
+    broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+    REQUIRE(power.start());
+    REQUIRE(power.refresh());
+    const auto state = site.machine_field("DEMO\\secure-01", "power_state");
+    power.stop();
+    return state;
+  };
+  CHECK(machine_state("good.pw") == "On");
+  CHECK(machine_state("bad.pw") == "Unavailable");      // authentication refused
+  CHECK(machine_state("missing.pw") == "Unavailable");  // the connection is left out
+  std::filesystem::remove_all(dir);
 }

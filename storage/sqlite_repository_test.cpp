@@ -729,6 +729,17 @@ TEST_CASE("migration 3: a version 2 database gains power time schemes, which kee
     CHECK(s->list("pool_size") == pool);
     CHECK(tx.list(Kind::power_time_scheme, {{{"delivery_group", "g1"}}})->size() == 1);
   });
+  // Migration 4: libvirt credentials.
+  write_ok(*repo, [&](Transaction& tx) {
+    Object c = make_default(Kind::hypervisor_connection, "kvm");
+    c.fields["driver"] = std::string("libvirt");
+    c.fields["username"] = std::string("broker");
+    c.fields["password_file"] = std::string("kvm.pw");
+    create_ok(tx, c);
+  });
+  read_ok(*repo, [&](Transaction& tx) {
+    CHECK(tx.get(Kind::hypervisor_connection, "kvm")->text("password_file") == "kvm.pw");
+  });
   auto e = write_error(*repo, [](Transaction& tx) { return tx.remove(Kind::delivery_group, "g1"); });
   CHECK(e.code == errc::conflict);
   CHECK(e.message.find("is still used by power") != std::string::npos);
@@ -742,7 +753,8 @@ TEST_CASE("migration 3: a version 2 database gains power time schemes, which kee
   });
   repo->close();
   RawDb raw(path);
-  CHECK(raw.rows("SELECT max(version) FROM schema_version") == std::vector<std::vector<std::string>>{{"3"}});
+  CHECK(raw.rows("SELECT max(version) FROM schema_version") ==
+        std::vector<std::vector<std::string>>{{std::to_string(storage::current_schema_version())}});
   CHECK(raw.rows("SELECT count(*) FROM power_time_scheme_pool_size") == std::vector<std::vector<std::string>>{{"0"}});
 }
 
