@@ -312,6 +312,7 @@ Status PowerManager::start() {
                               ? secs(c.integer("simulated_shutdown_delay_seconds"))
                               : im.opts.simulated_shutdown_delay;
       so.tick_interval = im.opts.tick;
+      so.failure_rate = static_cast<double>(c.integer("simulated_failure_percent", 0)) / 100.0;
       auto sim = std::make_unique<power::SimulatedDriver>(im.clock, so);
       conn->simulated = sim.get();
       if (!uri.empty()) {

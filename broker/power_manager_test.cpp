@@ -305,3 +305,32 @@ TEST_CASE("power manager: a libvirt connection's username and password_file answ
   CHECK(machine_state("missing.pw") == "Unavailable");  // the connection is left out
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("power manager: a simulated connection's simulated_failure_percent fails its actions (retried, then Failed)") {
+  Site site;
+  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto conn = tx.get(Kind::hypervisor_connection, "sim");
+    if (!conn) return conn.error();
+    Object c = *conn;
+    c.fields["simulated_failure_percent"] = std::int64_t{100};
+    if (auto u = tx.update("sim", c); !u) return u.error();
+    return {};
+  }));
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(10);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  REQUIRE(power.start());
+  auto off = power.submit({"DEMO\\pool-4"}, power::Action::shutdown);
+  REQUIRE(off.has_value());
+  const auto id = off->front().id;
+  for (int i = 0; i < 500 && power.get(id)->state != power::ActionState::failed; ++i) {
+    site.clock.advance(std::chrono::seconds(61));  // past each retry's back-off and the per-minute throttle
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const auto a = power.get(id);
+  REQUIRE(a.has_value());
+  CHECK(a->state == power::ActionState::failed);
+  CHECK(a->attempts > 1);  // transient: retried before giving up
+  CHECK(site.machine_field("DEMO\\pool-4", "power_state") == "On");
+  power.stop();
+}

@@ -123,6 +123,7 @@ std::vector<KindSpec> build_specs() {
       number("completed_action_retention_minutes", 60, 1, 10080, "finished power actions stay listed this long"),
       number("simulated_boot_delay_seconds", 20, 0, 3600, "simulated driver: seconds from TurnOn to On"),
       number("simulated_shutdown_delay_seconds", 10, 0, 3600, "simulated driver: seconds from Shutdown to Off"),
+      number("simulated_failure_percent", 0, 0, 100, "simulated driver: percentage of power actions that fail (transiently, then retried)"),
       text_field("username", "libvirt: user name for URIs that ask for credentials (esx://, hyperv://, SASL)"),
       text_field("password_file", "libvirt: file whose first line is the password (relative to the config file; keep it mode 0600)"),
       text_field("description", "free text"),
