@@ -101,7 +101,7 @@ const model::KindSpec& noun_kind(const std::string& noun) {
 std::vector<std::string> default_columns(model::Kind k) {
   using K = model::Kind;
   switch (k) {
-    case K::machine: return {"name", "catalog", "delivery_group", "registration_state", "last_deregistration_reason", "power_state", "summary_state", "in_maintenance_mode", "tags", "source"};
+    case K::machine: return {"name", "catalog", "delivery_group", "registration_state", "last_deregistration_reason", "power_state", "fault_state", "summary_state", "in_maintenance_mode", "tags", "source"};
     case K::catalog: return {"name", "allocation_type", "session_support", "provisioning_type", "hypervisor_connection", "source"};
     case K::delivery_group: return {"name", "desktop_kind", "delivery_type", "session_support", "enabled", "in_maintenance_mode", "source"};
     case K::power_time_scheme: return {"name", "delivery_group", "days_of_week", "pool_using_percentage", "enabled", "source"};
@@ -157,6 +157,7 @@ void print_table(const std::vector<std::string>& cols, const json::array& items)
     if (cols[i] == "registration_state") h = "REGISTRATION";
     if (cols[i] == "last_deregistration_reason") h = "LAST DEREGISTRATION";
     if (cols[i] == "actual_priority") h = "PRIORITY";
+    if (cols[i] == "fault_state") h = "FAULT";
     if (cols[i] == "request_time") h = "REQUESTED";
     if (cols[i] == "failure_reason") h = "FAILURE";
     header.push_back(h);
