@@ -216,6 +216,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::string power_on;  // decide() chose a machine to power on (done after the transaction)
     std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
     std::chrono::seconds registration_timeout{180};  // the site's registration_wait_timeout_seconds
+    std::chrono::milliseconds power_on_wait{0};       // opts.power_on_wait, else the site's setting
     // Waiting for this machine to register; the answer if the wait ends first.
     std::string wait_machine;
     LaunchResult wait_outcome;
@@ -312,6 +313,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     Requester who{&user, req.client_address, req.client_name};
     const auto ttl = ttl_for(site, req.ticket_ttl_seconds);
     a.registration_timeout = std::chrono::seconds(site.settings.integer("registration_wait_timeout_seconds", 180));
+    a.power_on_wait = opts.power_on_wait.value_or(
+        std::chrono::seconds(site.settings.integer("launch_power_on_wait_seconds", 20)));
 
     auto fill = [&](const Object& m, const std::string& group) {
       out.machine = m.name;
@@ -759,7 +762,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   bool wait_for_registration(const std::shared_ptr<Attempt>& a, const std::string& machine, const LaunchResult& outcome) {
     using std::chrono::duration_cast;
     using std::chrono::milliseconds;
-    auto left = opts.power_on_wait - duration_cast<milliseconds>(std::chrono::steady_clock::now() - a->started);
+    auto left = a->power_on_wait - duration_cast<milliseconds>(std::chrono::steady_clock::now() - a->started);
     if (left <= milliseconds(0)) return false;
     {
       std::lock_guard lock(decide_mutex);

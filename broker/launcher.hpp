@@ -145,8 +145,9 @@ struct LauncherOptions {
   // A launch that powers a machine on waits this long for its agent to register (then answers
   // PoweringOn, retry-required). The machine stays held for the user until the site's
   // registration_wait_timeout_seconds; past that the launch fails over (RegistrationTimeout).
-  // Front ends give up on a reply after about 30 s. 0: answer retry-required at once.
-  std::chrono::milliseconds power_on_wait{20000};
+  // Unset: the site's launch_power_on_wait_seconds (20 s by default; front ends give up on a
+  // reply after about 30 s). 0: answer retry-required at once.
+  std::optional<std::chrono::milliseconds> power_on_wait;
   // A machine that registers for a user who is not waiting any more stays held for that user's
   // retry this long.
   std::chrono::milliseconds claim_hold{60000};

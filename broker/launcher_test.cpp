@@ -11,6 +11,7 @@
 #include <atomic>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -84,7 +85,7 @@ struct Fixture {
   std::string key = common::crypto::new_site_key();
   std::unique_ptr<broker::Launcher> launcher;
 
-  explicit Fixture(std::chrono::milliseconds power_on_wait = std::chrono::milliseconds(0)) {
+  explicit Fixture(std::optional<std::chrono::milliseconds> power_on_wait = std::chrono::milliseconds(0)) {
     storage::SqliteOptions o;
     o.path = ":memory:";
     auto r = storage::open_sqlite(o);
@@ -571,4 +572,29 @@ TEST_CASE("launcher: the sweep times out a machine powered on for a launch nobod
   r = f.launch("erin", "pool-desktop");
   CHECK(r.failure == LaunchFailure::powering_on);
   CHECK(power.powered().back() == "DEMO\\pool-2");
+}
+
+TEST_CASE("launcher: the site's launch_power_on_wait_seconds sets how long a launch waits (0: answer at once)") {
+  Fixture f(std::nullopt);  // the site's setting decides
+  REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto c = tx.create(make(Kind::site, "site", {{"launch_power_on_wait_seconds", std::int64_t{0}}}));
+    if (!c) return c.error();
+    return {};
+  }));
+  FakePower power;
+  power.on_power = [&](const std::string& machine) {
+    std::thread([&f, machine] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      f.update(Kind::machine, machine, "registration_state", std::string("Registered"));
+      f.launcher->machine_registered(machine);
+    }).detach();
+  };
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  auto r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);  // did not wait for the registration
+  f.update(Kind::site, "site", "launch_power_on_wait_seconds", std::int64_t{30});
+  r = f.launch("frank", "pool-desktop");  // powers on pool-2 and waits for it
+  REQUIRE_MESSAGE(r.ok(), r.message);
+  CHECK(r.machine == "DEMO\\pool-2");
 }

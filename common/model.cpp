@@ -101,6 +101,8 @@ std::vector<KindSpec> build_specs() {
       number("heartbeat_interval_seconds", 60, 5, kDay, "agent heartbeat interval set at registration"),
       number("missed_heartbeats", 3, 1, 100, "heartbeats missed before a machine is Unregistered (ContactLost)"),
       number("logon_ticket_ttl_seconds", 200, 10, kDay, "lifetime of one-time logon tickets"),
+      number("launch_power_on_wait_seconds", 20, 0, 120,
+             "how long a launch that powers a machine on waits for it to register before answering retry-required"),
       number("registration_wait_timeout_seconds", 180, 5, kDay,
              "how long a machine powered on may take to register before it is faulted (a launch's RegistrationTimeout)"),
       flag("dns_resolution_enabled", false, "hand out the agent's DNS name instead of its IP address"),

@@ -429,19 +429,20 @@ ALTER TABLE hypervisor_connections ADD COLUMN simulated_boot_delay_seconds INTEG
 ALTER TABLE hypervisor_connections ADD COLUMN simulated_shutdown_delay_seconds INTEGER;
 )sql";
 
-// Migration 4: credentials of libvirt connections (the password stays in a file of its own) and
-// the simulated driver's failure rate.
+// Migration 4: credentials of libvirt connections (the password stays in a file of its own), the
+// simulated driver's failure rate and how long a launch waits for a machine it powers on.
 constexpr std::string_view kMigration4 = R"sql(
 ALTER TABLE hypervisor_connections ADD COLUMN username TEXT;
 ALTER TABLE hypervisor_connections ADD COLUMN password_file TEXT;
 ALTER TABLE hypervisor_connections ADD COLUMN simulated_failure_percent INTEGER;
+ALTER TABLE site ADD COLUMN launch_power_on_wait_seconds INTEGER;
 )sql";
 
 const std::array<Migration, 4> kMigrations{{
     {1, "initial schema", kMigration1},
     {2, "session brokering duration and end time", kMigration2},
     {3, "power time schemes; simulated power delays", kMigration3},
-    {4, "libvirt connection credentials; simulated failure rate", kMigration4},
+    {4, "libvirt connection credentials; simulated failure rate; launch power-on wait", kMigration4},
 }};
 
 }  // namespace
