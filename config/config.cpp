@@ -226,7 +226,8 @@ class Loader {
   const toml::table* section(const toml::table& root, std::string_view name);
   void read_daemon(const toml::table& root);
   void read_listeners(const toml::table& root);
-  void read_listener(const toml::table& t, const std::string& path, Listener& out);
+  // `client_certificates`: whether tls_client_ca is allowed (the agent listener only).
+  void read_listener(const toml::table& t, const std::string& path, Listener& out, bool client_certificates);
   void read_database(const toml::table& root);
   void read_logging(const toml::table& root);
   void read_admin(const toml::table& root);
@@ -402,7 +403,7 @@ void Loader::read_listeners(const toml::table& root) {
       const toml::node* n = r.get(name);
       if (!n) continue;
       if (auto* lt = n->as_table())
-        read_listener(*lt, "listeners." + std::string(name), *listener);
+        read_listener(*lt, "listeners." + std::string(name), *listener, name == "agent");
       else
         r.wrong_type(name, *n, "a table ([listeners." + std::string(name) + "])");
     }
@@ -430,9 +431,9 @@ void Loader::read_listeners(const toml::table& root) {
     }
 }
 
-void Loader::read_listener(const toml::table& t, const std::string& path, Listener& out) {
+void Loader::read_listener(const toml::table& t, const std::string& path, Listener& out, bool client_certificates) {
   TableReader r(*this, t, path,
-                {"address", "port", "tls_cert", "tls_key", "header_limit_bytes", "body_limit_bytes",
+                {"address", "port", "tls_cert", "tls_key", "tls_client_ca", "header_limit_bytes", "body_limit_bytes",
                  "read_timeout_seconds", "idle_timeout_seconds"});
   if (auto v = r.string("address")) {
     if (common::is_ip_address(*v))
@@ -444,11 +445,11 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
     out.port = static_cast<std::uint16_t>(*v);
     ports_.push_back({&out, r.line("port")});
   }
-  const auto tls_file = [&](std::string_view k, std::string& target) {
+  const auto tls_file = [&](std::string_view k, std::string& target, std::string_view omit_to) {
     auto v = r.string(k);
     if (!v) return;
     if (v->empty() || v->find('\0') != std::string::npos) {
-      error(r.line(k), r.key(k), "must be a file name (omit the key for plain HTTP)");
+      error(r.line(k), r.key(k), "must be a file name (omit the key " + std::string(omit_to) + ")");
       return;
     }
     const std::string p = resolve(*v);
@@ -457,16 +458,33 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
     else
       target = p;
   };
-  tls_file("tls_cert", out.tls_cert_file);
-  tls_file("tls_key", out.tls_key_file);
+  tls_file("tls_cert", out.tls_cert_file, "for plain HTTP");
+  tls_file("tls_key", out.tls_key_file, "for plain HTTP");
   if (r.has("tls_cert") != r.has("tls_key")) {
     const std::string_view given = r.has("tls_cert") ? "tls_cert" : "tls_key";
     const std::string_view missing = r.has("tls_cert") ? "tls_key" : "tls_cert";
     error(r.line(given), r.key(missing),
           "is required when " + std::string(given) + " is set (set both tls_cert and tls_key, or neither)");
   }
-  if (auto v = r.integer("header_limit_bytes", 1024, 1024 * 1024)) out.header_limit_bytes = static_cast<std::size_t>(*v);
-  if (auto v = r.integer("body_limit_bytes", 1024, std::int64_t{1} << 30)) out.body_limit_bytes = static_cast<std::size_t>(*v);
+  // Mutual TLS (docs/cbp.md "Mutual TLS"): only agents can present a client certificate; front
+  // ends, brokerctl and health checks cannot, so the other listeners refuse the key.
+  if (r.has("tls_client_ca")) {
+    r.get("tls_client_ca");  // known here, also when refused below
+    if (!client_certificates) {
+      error(r.line("tls_client_ca"), r.key("tls_client_ca"),
+            "client certificates can only be required on [listeners.agent] (front ends, brokerctl and health "
+            "checks do not present one)");
+    } else if (!r.has("tls_cert") && !r.has("tls_key")) {  // one of them: reported above
+      error(r.line("tls_client_ca"), r.key("tls_client_ca"),
+            "needs tls_cert and tls_key: client certificates are only checked on a TLS listener");
+    } else {
+      tls_file("tls_client_ca", out.tls_client_ca_file, "to accept agents without a client certificate");
+    }
+  }
+  if (auto v = r.integer("header_limit_bytes", 1024, 1024 * 1024))
+    out.header_limit_bytes = static_cast<std::size_t>(*v);
+  if (auto v = r.integer("body_limit_bytes", 1024, std::int64_t{1} << 30))
+    out.body_limit_bytes = static_cast<std::size_t>(*v);
   if (auto v = r.integer("read_timeout_seconds", 1, 3600)) out.read_timeout_seconds = static_cast<int>(*v);
   if (auto v = r.integer("idle_timeout_seconds", 1, 86400)) out.idle_timeout_seconds = static_cast<int>(*v);
   r.finish();

@@ -21,6 +21,9 @@ struct Listener {
   std::uint16_t port = 0;
   std::string tls_cert_file;  // absolute after loading; both set or both empty
   std::string tls_key_file;
+  // Absolute after loading; set: clients must present a certificate signed by one of these CAs
+  // (mutual TLS). Only on the agent listener, and only with tls_cert_file and tls_key_file.
+  std::string tls_client_ca_file;
   std::size_t header_limit_bytes = 16 * 1024;
   std::size_t body_limit_bytes = 1024 * 1024;
   int read_timeout_seconds = 30;

@@ -454,6 +454,54 @@ TEST_CASE("listener checks") {
   fs::remove_all(dir);
 }
 
+TEST_CASE("listener checks: tls_client_ca (mutual TLS) on the agent listener only, with TLS") {
+  const fs::path dir = fs::temp_directory_path() / ("config_test_mtls_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "c.pem") << "cert";
+  std::ofstream(dir / "k.pem") << "key";
+  std::ofstream(dir / "ca.pem") << "ca";
+  const auto load_in_dir = [&](const std::string& text) {
+    return config::load_string(text + kTail, "t.toml", dir.string());
+  };
+  const std::string tls = "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n";
+
+  // On the agent listener with TLS: resolved against the file's directory.
+  auto r = load_in_dir("[listeners.agent]\n" + tls + "tls_client_ca = \"ca.pem\"\n");
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  CHECK(r.config->agent.tls_client_ca_file == (dir / "ca.pem").string());
+  CHECK(r.config->agent.tls_cert_file == (dir / "c.pem").string());
+  CHECK(r.config->xml.tls_client_ca_file.empty());
+  // Not set: no client certificates required.
+  r = load_in_dir("[listeners.agent]\n" + tls);
+  REQUIRE(r.config);
+  CHECK(r.config->agent.tls_client_ca_file.empty());
+
+  // Without TLS on the listener.
+  CHECK(only_error(load_in_dir("[listeners.agent]\ntls_client_ca = \"ca.pem\"\n")).describe() ==
+        "t.toml:2: listeners.agent.tls_client_ca: needs tls_cert and tls_key: client certificates are only checked "
+        "on a TLS listener");
+  CHECK(only_error(load_in_dir("[listeners.agent]\ntls_cert = \"c.pem\"\ntls_client_ca = \"ca.pem\"\n")).key ==
+        "listeners.agent.tls_key");  // the missing key is the one error
+  // On the listeners whose clients cannot present a certificate.
+  const std::string kOnlyAgents =
+      "client certificates can only be required on [listeners.agent] (front ends, brokerctl and health checks do not "
+      "present one)";
+  for (const std::string name : {"xml", "admin"}) {
+    const auto refused = only_error(load_in_dir("[listeners." + name + "]\n" + tls + "tls_client_ca = \"ca.pem\"\n"));
+    CHECK(refused.describe() == "t.toml:4: listeners." + name + ".tls_client_ca: " + kOnlyAgents);
+  }
+  // A file that cannot be read, an empty name, the wrong type.
+  auto e = only_error(load_in_dir("[listeners.agent]\n" + tls + "tls_client_ca = \"missing.pem\"\n"));
+  CHECK(e.line == 4);
+  CHECK(e.message == "file '" + (dir / "missing.pem").string() + "' does not exist");
+  CHECK(only_error(load_in_dir("[listeners.agent]\n" + tls + "tls_client_ca = \"\"\n")).message ==
+        "must be a file name (omit the key to accept agents without a client certificate)");
+  CHECK(only_error(load_in_dir("[listeners.agent]\n" + tls + "tls_client_ca = 1\n")).key ==
+        "listeners.agent.tls_client_ca");
+  fs::remove_all(dir);
+}
+
 TEST_CASE("admin tokens: at least one, well formed") {
   const auto e = only_error(config::load_string("[database]\npath = \":memory:\"\n", "t.toml"));
   CHECK(e.describe() == "t.toml: admin.token: at least one [[admin.token]] is required: without one nobody can use the admin port");

@@ -25,6 +25,7 @@ class PlainStream final : public AnyStream::Impl {
 
   beast::tcp_stream& lowest() override { return stream_; }
   bool tls() const override { return false; }
+  ssl_st* tls_handle() override { return nullptr; }
   void read_some(asio::mutable_buffer buffer, AnyStream::IoHandler handler) override {
     stream_.async_read_some(buffer, std::move(handler));
   }
@@ -90,6 +91,7 @@ class TlsStream final : public AnyStream::Impl {
 
   beast::tcp_stream& lowest() override { return beast::get_lowest_layer(stream_); }
   bool tls() const override { return true; }
+  ssl_st* tls_handle() override { return stream_.native_handle(); }
   void read_some(asio::mutable_buffer buffer, AnyStream::IoHandler handler) override {
     stream_.async_read_some(buffer, std::move(handler));
   }

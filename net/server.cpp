@@ -32,6 +32,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -43,7 +44,9 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/write.hpp>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <spdlog/logger.h>
 
 #include <atomic>
@@ -322,6 +325,23 @@ HttpRequest to_request(http::request<http::string_body>&& msg) {
   return r;
 }
 
+// Why a server-side TLS handshake failed because of the client's certificate, with OpenSSL's
+// words ("peer did not return a certificate (SSL routines)", "unable to get local issuer
+// certificate"); empty when it failed for another reason. `ssl`: the failed connection.
+std::string client_certificate_problem(const error_code& ec, ssl_st* ssl) {
+  if (ec.category() != asio::error::get_ssl_category()) return {};
+  const auto code = static_cast<unsigned long>(ec.value());
+  if (ERR_GET_LIB(code) != ERR_LIB_SSL) return {};
+  switch (ERR_GET_REASON(code)) {
+    case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE: return ec.message();
+    case SSL_R_CERTIFICATE_VERIFY_FAILED: {
+      const long result = ssl != nullptr ? SSL_get_verify_result(ssl) : X509_V_OK;
+      return result == X509_V_OK ? ec.message() : X509_verify_cert_error_string(result);
+    }
+    default: return {};
+  }
+}
+
 // One accepted connection. Everything but the constructor runs on the connection's strand
 // (the executor of its socket); graceful_close() and force_close() must be posted there.
 class Connection : public std::enable_shared_from_this<Connection> {
@@ -401,7 +421,14 @@ asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
       self->stream_.lowest_layer().expires_after(self->options().read_timeout);
       auto [ec] = co_await self->stream_.async_handshake(kTuple);
       if (ec) {
-        if (!self->listener_->state->stopping()) {
+        if (self->listener_->state->stopping()) co_return;
+        const std::string rejected = self->options().tls_client_ca_file.empty()
+                                         ? std::string()
+                                         : client_certificate_problem(ec, self->stream_.tls_handle());
+        if (!rejected.empty()) {
+          self->log().info("{} listener: TLS handshake with {} failed: client certificate rejected: {}",
+                           self->options().name, self->remote_, rejected);
+        } else {
           self->log().debug("{} listener: TLS handshake with {} failed: {}", self->options().name, self->remote_,
                             ec.message());
         }
@@ -637,11 +664,17 @@ std::string check_readable(const std::string& path) {
   return {};
 }
 
-// A TLS 1.2+ server context from PEM files; throws std::runtime_error("<where>: ...") naming
-// the file that failed.
-std::unique_ptr<ssl::context> make_tls_context(const std::string& where, const std::string& cert,
-                                               const std::string& key) {
-  auto fail = [&](const std::string& reason) { throw std::runtime_error(where + ": " + reason); };
+// A TLS 1.2+ server context from the listener's PEM files; with tls_client_ca_file it also
+// requires a client certificate that chains to one of those CAs (mutual TLS). Throws
+// std::runtime_error("<where>: ...") naming the file that failed.
+std::unique_ptr<ssl::context> make_tls_context(const std::string& where, const ListenerOptions& options) {
+  const std::string& cert = options.tls_cert_file;
+  const std::string& key = options.tls_key_file;
+  const std::string& client_ca = options.tls_client_ca_file;
+  auto fail = [&](const std::string& reason) {
+    ERR_clear_error();  // nothing left behind for the next OpenSSL call on this thread
+    throw std::runtime_error(where + ": " + reason);
+  };
   auto ctx = std::make_unique<ssl::context>(ssl::context::tls_server);
   error_code ec;
   ctx->set_options(ssl::context::default_workarounds | ssl::context::single_dh_use, ec);
@@ -654,6 +687,22 @@ std::unique_ptr<ssl::context> make_tls_context(const std::string& where, const s
   if (ec) fail("cannot load TLS key " + key + ": " + ec.message());
   if (SSL_CTX_check_private_key(ctx->native_handle()) != 1) {
     fail("TLS key " + key + " does not match certificate " + cert);
+  }
+  if (!client_ca.empty()) {
+    if (auto why = check_readable(client_ca); !why.empty()) {
+      fail("cannot read TLS client CA file " + client_ca + ": " + why);
+    }
+    // The CA names go into the CertificateRequest, so that a client with several certificates
+    // can pick the one this listener accepts.
+    STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(client_ca.c_str());
+    if (names == nullptr) fail("TLS client CA file " + client_ca + " holds no PEM certificate");
+    SSL_CTX_set_client_CA_list(ctx->native_handle(), names);  // takes ownership
+    ctx->load_verify_file(client_ca, ec);
+    if (ec) fail("cannot load TLS client CA file " + client_ca + ": " + ec.message());
+    ctx->set_verify_mode(ssl::verify_peer | ssl::verify_fail_if_no_peer_cert);
+    // OpenSSL refuses to resume sessions of a verifying server without a session id context.
+    static constexpr unsigned char kSessionContext[] = "openbroker";
+    SSL_CTX_set_session_id_context(ctx->native_handle(), kSessionContext, sizeof kSessionContext - 1);
   }
   return ctx;
 }
@@ -695,9 +744,10 @@ struct Server::Impl {
   void spawn_accept_loop(const std::shared_ptr<Listener>& l) {
     state->loop_started();
     asio::co_spawn(l->strand, accept_loop(l), asio::detached);
-    state->logger->info("{} listener on {} ({}{}{})", l->options.name, l->endpoint, l->tls ? "https" : "http",
+    state->logger->info("{} listener on {} ({}{}{}{})", l->options.name, l->endpoint, l->tls ? "https" : "http",
                         l->websocket ? (l->tls ? ", wss on " : ", ws on ") : "",
-                        l->websocket ? l->websocket->path : std::string());
+                        l->websocket ? l->websocket->path : std::string(),
+                        l->options.tls_client_ca_file.empty() ? "" : ", client certificates required");
   }
   void run_thread() {
     for (;;) {
@@ -747,7 +797,10 @@ void Server::Impl::add_listener(const ListenerOptions& options, HttpHandler hand
     fail("tls_cert_file and tls_key_file must be given together");
   }
   auto l = std::make_shared<Listener>(ioc, options, std::move(handler), std::move(websocket), state);
-  if (!options.tls_cert_file.empty()) l->tls = make_tls_context(where, options.tls_cert_file, options.tls_key_file);
+  if (!options.tls_client_ca_file.empty() && options.tls_cert_file.empty()) {
+    fail("tls_client_ca_file needs tls_cert_file and tls_key_file");
+  }
+  if (!options.tls_cert_file.empty()) l->tls = make_tls_context(where, options);
 
   error_code ec;
   tcp::endpoint endpoint;

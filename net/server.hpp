@@ -45,6 +45,9 @@ struct ListenerOptions {
   std::uint16_t port = 0;     // 0: any free port (see Server::port)
   std::string tls_cert_file;  // PEM; both empty: plain HTTP
   std::string tls_key_file;
+  // PEM bundle of CAs (needs tls_cert_file). Set: mutual TLS, a client must present a certificate
+  // signed by one of them or its TLS handshake fails (logged at info with the peer and reason).
+  std::string tls_client_ca_file;
   std::size_t header_limit = 16 * 1024;
   std::size_t body_limit = 1024 * 1024;           // larger bodies get 413
   std::chrono::milliseconds read_timeout{30000};  // to read one whole request once it started
@@ -61,7 +64,7 @@ class Server {
 
   // Binds now (so a busy port is reported at start-up) and serves once run() is called.
   // Throws std::runtime_error with a clear message ("admin listener 127.0.0.1:8082: address in
-  // use") when binding or loading the TLS files fails.
+  // use") when binding or loading the TLS files (certificate, key, client CAs) fails.
   void add_listener(const ListenerOptions& options, HttpHandler handler);
   // The same, with WebSocket upgrades on websocket.path (websocket.on_open must be set).
   void add_listener(const ListenerOptions& options, HttpHandler handler, WebSocketHandler websocket);

@@ -1,5 +1,6 @@
 // net/test_support.hpp: helpers for the net/ integration tests (not part of broker_net): a raw
-// blocking socket and a self-signed TLS certificate in a temporary directory.
+// blocking socket, a self-signed TLS certificate in a temporary directory, and a small PKI for
+// mutual TLS (also used by tests/integration).
 #pragma once
 
 #include <doctest/doctest.h>
@@ -7,6 +8,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -19,6 +21,9 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 namespace net::test {
 
@@ -149,6 +154,126 @@ class TempTlsFiles {
   std::string key;
 
  private:
+  std::filesystem::path dir_;
+};
+
+// A small PKI for mutual TLS, made at test time as PEM files in a temp dir (EC P-256, valid from
+// an hour ago for a day): a CA; a server certificate it signed for localhost and 127.0.0.1; a
+// client certificate it signed; and a client certificate signed by another CA, which a listener
+// trusting `ca` must refuse.
+class TestPki {
+ public:
+  TestPki() {
+    static std::atomic<int> counter{0};
+    dir_ = std::filesystem::temp_directory_path() /
+           ("openbroker_pki_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::create_directories(dir_);
+
+    Issued root = issue("openbroker test CA", nullptr, kCa);
+    Issued other_root = issue("another test CA", nullptr, kCa);
+    ca = write(root, "ca");
+    other_ca = write(other_root, "other-ca");
+    std::tie(server_cert, server_key) = write_pair(issue("localhost", &root, kServer), "server");
+    std::tie(client_cert, client_key) = write_pair(issue("TEST vm-1", &root, kClient), "client");
+    std::tie(other_client_cert, other_client_key) =
+        write_pair(issue("TEST vm-1", &other_root, kClient), "other-client");
+    for (Issued* i : {&root, &other_root}) release(*i);
+  }
+  ~TestPki() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  TestPki(const TestPki&) = delete;
+  TestPki& operator=(const TestPki&) = delete;
+
+  std::string ca;  // the CA: trust it to verify the server, or require client certificates it signed
+  std::string server_cert, server_key;              // CN=localhost, SAN DNS:localhost, IP:127.0.0.1
+  std::string client_cert, client_key;              // CN=TEST vm-1, signed by `ca`
+  std::string other_ca;                             // a CA nobody trusts
+  std::string other_client_cert, other_client_key;  // CN=TEST vm-1, signed by `other_ca`
+
+ private:
+  enum Profile { kCa, kServer, kClient };
+  struct Issued {
+    X509* cert = nullptr;
+    EVP_PKEY* key = nullptr;
+  };
+
+  static void release(Issued& i) {
+    X509_free(i.cert);
+    EVP_PKEY_free(i.key);
+  }
+
+  // A certificate for a new key, signed by `issuer` (null: self-signed).
+  static Issued issue(const std::string& common_name, const Issued* issuer, Profile profile) {
+    static std::atomic<long> serial{1};
+    Issued out;
+    out.key = EVP_EC_gen("P-256");
+    REQUIRE(out.key != nullptr);
+    out.cert = X509_new();
+    X509_set_version(out.cert, 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(out.cert), serial++);
+    X509_gmtime_adj(X509_getm_notBefore(out.cert), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(out.cert), 24 * 3600);
+    X509_set_pubkey(out.cert, out.key);
+    X509_NAME* name = X509_get_subject_name(out.cert);
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, reinterpret_cast<const unsigned char*>(common_name.c_str()),
+                               -1, -1, 0);
+    X509* issuer_cert = issuer ? issuer->cert : out.cert;
+    X509_set_issuer_name(out.cert, X509_get_subject_name(issuer_cert));
+
+    std::vector<std::pair<int, std::string>> extensions{{NID_subject_key_identifier, "hash"}};
+    if (issuer) extensions.emplace_back(NID_authority_key_identifier, "keyid");
+    switch (profile) {
+      case kCa:
+        extensions.emplace_back(NID_basic_constraints, "critical,CA:TRUE");
+        extensions.emplace_back(NID_key_usage, "critical,keyCertSign,cRLSign");
+        break;
+      case kServer:
+        extensions.emplace_back(NID_basic_constraints, "critical,CA:FALSE");
+        extensions.emplace_back(NID_key_usage, "critical,digitalSignature");
+        extensions.emplace_back(NID_ext_key_usage, "serverAuth");
+        extensions.emplace_back(NID_subject_alt_name, "DNS:localhost,IP:127.0.0.1");
+        break;
+      case kClient:
+        extensions.emplace_back(NID_basic_constraints, "critical,CA:FALSE");
+        extensions.emplace_back(NID_key_usage, "critical,digitalSignature");
+        extensions.emplace_back(NID_ext_key_usage, "clientAuth");
+        break;
+    }
+    X509V3_CTX ctx;
+    X509V3_set_ctx(&ctx, issuer_cert, out.cert, nullptr, nullptr, 0);
+    for (const auto& [nid, value] : extensions) {
+      X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str());
+      REQUIRE(ext != nullptr);
+      X509_add_ext(out.cert, ext, -1);
+      X509_EXTENSION_free(ext);
+    }
+    REQUIRE(X509_sign(out.cert, issuer ? issuer->key : out.key, EVP_sha256()) > 0);
+    return out;
+  }
+
+  // Writes the certificate to <dir>/<name>.pem; returns the path.
+  std::string write(const Issued& i, const std::string& name) {
+    const std::string path = (dir_ / (name + ".pem")).string();
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    REQUIRE(f != nullptr);
+    PEM_write_X509(f, i.cert);
+    std::fclose(f);
+    return path;
+  }
+  // Writes certificate and key (<name>.pem, <name>.key), frees them; returns both paths.
+  std::pair<std::string, std::string> write_pair(Issued i, const std::string& name) {
+    const std::string cert = write(i, name);
+    const std::string key = (dir_ / (name + ".key")).string();
+    std::FILE* f = std::fopen(key.c_str(), "wb");
+    REQUIRE(f != nullptr);
+    PEM_write_PrivateKey(f, i.key, nullptr, nullptr, 0, nullptr, nullptr);
+    std::fclose(f);
+    release(i);
+    return {cert, key};
+  }
+
   std::filesystem::path dir_;
 };
 

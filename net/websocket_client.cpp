@@ -2,7 +2,7 @@
 //
 // One io_context run by N threads; every connection on its own strand, so thousands of them
 // share the threads (nothing blocks a thread per connection). This file does the URL, the name
-// resolution, the TLS contexts (one per CA file, shared), the bookkeeping for stop() and the
+// resolution, the TLS contexts (one per distinct ClientTls, shared), the bookkeeping for stop() and the
 // timers; the connections themselves are detail::connect_websocket() in
 // websocket_connection.cpp (TCP connect, TLS and WebSocket handshakes, then the same
 // peer/session code as the server side).
@@ -17,17 +17,24 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <spdlog/logger.h>
 
+#include <cerrno>
 #include <charconv>
 #include <condition_variable>
+#include <cstdio>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 namespace net {
@@ -97,6 +104,54 @@ std::optional<WsUrl> parse_url(std::string_view url) {
   return out;
 }
 
+// Empty when `path` can be opened for reading, else why not.
+std::string unreadable(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return std::strerror(errno);
+  std::fclose(f);
+  return {};
+}
+
+// A TLS 1.2+ client context for `tls`; null with `error` set when a file cannot be used.
+std::shared_ptr<ssl::context> make_tls_context(const ClientTls& tls, std::string& error) {
+  auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
+  SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_2_VERSION);
+  auto fail = [&](std::string why) {
+    ERR_clear_error();
+    error = std::move(why);
+    return nullptr;
+  };
+  error_code ec;
+  if (tls.ca_file.empty()) {
+    ctx->set_verify_mode(ssl::verify_none);
+  } else {
+    ctx->load_verify_file(tls.ca_file, ec);
+    if (ec) return fail("cannot load CA file " + tls.ca_file + ": " + ec.message());
+    ctx->set_verify_mode(ssl::verify_peer);  // AnyStream checks the host name too
+  }
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return fail(tls.cert_file.empty() ? "a client key needs its certificate" : "a client certificate needs its key");
+  }
+  if (tls.cert_file.empty()) return ctx;
+  if (auto why = unreadable(tls.cert_file); !why.empty()) {
+    return fail("cannot read client certificate " + tls.cert_file + ": " + why);
+  }
+  if (auto why = unreadable(tls.key_file); !why.empty()) {
+    return fail("cannot read client key " + tls.key_file + ": " + why);
+  }
+  ctx->use_certificate_chain_file(tls.cert_file, ec);
+  if (ec) return fail("cannot load client certificate " + tls.cert_file + ": " + ec.message());
+  ctx->use_private_key_file(tls.key_file, ssl::context::pem, ec);
+  const auto code = static_cast<unsigned long>(ec.value());
+  const bool mismatch = ec && ec.category() == asio::error::get_ssl_category() && ERR_GET_LIB(code) == ERR_LIB_X509 &&
+                        ERR_GET_REASON(code) == X509_R_KEY_VALUES_MISMATCH;
+  if (mismatch || (!ec && SSL_CTX_check_private_key(ctx->native_handle()) != 1)) {
+    return fail("client key " + tls.key_file + " does not match certificate " + tls.cert_file);
+  }
+  if (ec) return fail("cannot load client key " + tls.key_file + ": " + ec.message());
+  return ctx;
+}
+
 }  // namespace
 
 struct WebSocketClientPool::Impl {
@@ -116,13 +171,13 @@ struct WebSocketClientPool::Impl {
   }
 
   void connect(const std::string& url, OpenFn on_open, FailFn on_failure, std::chrono::milliseconds timeout,
-               const std::string& ca_file, std::size_t max_message_bytes);
+               const ClientTls& tls, std::size_t max_message_bytes);
   void resolved(std::uint64_t id, const WsUrl& url, std::shared_ptr<ssl::context> tls, detail::WsSettings settings,
                 OpenFn on_open, FailFn on_failure, std::vector<tcp::endpoint> endpoints);
   void finished(std::uint64_t id);
-  // A TLS client context for `ca_file` (empty: no verification), shared by the connections.
-  // Empty with `error` set when the CA file cannot be loaded.
-  std::shared_ptr<ssl::context> tls_context(const std::string& ca_file, std::string& error);
+  // The TLS client context for `tls`, made on first use and shared by the connections. Null with
+  // `error` set when a file cannot be loaded (tried again on the next call).
+  std::shared_ptr<ssl::context> tls_context(const ClientTls& tls, std::string& error);
 
   std::uint64_t after(std::chrono::milliseconds delay, std::function<void()> fn);
   void cancel(std::uint64_t id);
@@ -131,7 +186,8 @@ struct WebSocketClientPool::Impl {
   const std::shared_ptr<spdlog::logger> logger = common::null_logger();
   // Declared before the io_context: the connections (destroyed with it at the latest) refer to
   // them.
-  std::map<std::string, std::shared_ptr<ssl::context>> tls_contexts;  // by CA file; guarded by mutex
+  using TlsKey = std::tuple<std::string, std::string, std::string>;  // CA, certificate, key file
+  std::map<TlsKey, std::shared_ptr<ssl::context>> tls_contexts;      // guarded by mutex
 
   asio::io_context ioc;
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;  // reset by stop()
@@ -150,30 +206,17 @@ struct WebSocketClientPool::Impl {
   std::map<std::uint64_t, std::shared_ptr<asio::steady_timer>> timers;  // guarded by mutex
 };
 
-std::shared_ptr<ssl::context> WebSocketClientPool::Impl::tls_context(const std::string& ca_file, std::string& error) {
+std::shared_ptr<ssl::context> WebSocketClientPool::Impl::tls_context(const ClientTls& tls, std::string& error) {
+  const TlsKey key{tls.ca_file, tls.cert_file, tls.key_file};
   std::lock_guard lock(mutex);
-  auto& slot = tls_contexts[ca_file];
-  if (slot) return slot;
-  auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
-  SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_2_VERSION);
-  if (ca_file.empty()) {
-    ctx->set_verify_mode(ssl::verify_none);
-  } else {
-    error_code ec;
-    ctx->load_verify_file(ca_file, ec);
-    if (ec) {
-      tls_contexts.erase(ca_file);
-      error = "cannot load CA file " + ca_file + ": " + ec.message();
-      return nullptr;
-    }
-    ctx->set_verify_mode(ssl::verify_peer);  // AnyStream checks the host name too
-  }
-  slot = ctx;
+  if (auto it = tls_contexts.find(key); it != tls_contexts.end()) return it->second;
+  auto ctx = make_tls_context(tls, error);
+  if (ctx) tls_contexts.emplace(key, ctx);
   return ctx;
 }
 
 void WebSocketClientPool::Impl::connect(const std::string& url, OpenFn on_open, FailFn on_failure,
-                                        std::chrono::milliseconds timeout, const std::string& ca_file,
+                                        std::chrono::milliseconds timeout, const ClientTls& tls_files,
                                         std::size_t max_message_bytes) {
   // Failures before anything started are reported on a pool thread, like the later ones (once
   // the pool is stopped: right here).
@@ -200,7 +243,7 @@ void WebSocketClientPool::Impl::connect(const std::string& url, OpenFn on_open, 
   std::shared_ptr<ssl::context> tls;
   if (parsed->tls) {
     std::string error;
-    tls = tls_context(ca_file, error);
+    tls = tls_context(tls_files, error);
     if (!tls) {
       fail(error);
       return;
@@ -379,9 +422,15 @@ WebSocketClientPool::WebSocketClientPool(int threads) : impl_(std::make_unique<I
 WebSocketClientPool::~WebSocketClientPool() { impl_->stop(); }
 
 void WebSocketClientPool::connect(const std::string& url, OpenFn on_open, FailFn on_failure,
-                                  std::chrono::milliseconds timeout, const std::string& ca_file,
+                                  std::chrono::milliseconds timeout, const ClientTls& tls,
                                   std::size_t max_message_bytes) {
-  impl_->connect(url, std::move(on_open), std::move(on_failure), timeout, ca_file, max_message_bytes);
+  impl_->connect(url, std::move(on_open), std::move(on_failure), timeout, tls, max_message_bytes);
+}
+
+std::string WebSocketClientPool::check_tls(const ClientTls& tls) {
+  std::string error;
+  impl_->tls_context(tls, error);
+  return error;
 }
 
 std::uint64_t WebSocketClientPool::after(std::chrono::milliseconds delay, std::function<void()> fn) {

@@ -11,6 +11,8 @@
 #include "net/websocket_client.hpp"
 
 #include <doctest/doctest.h>
+#include <spdlog/logger.h>
+#include <spdlog/sinks/ostream_sink.h>
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -22,6 +24,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -29,6 +32,7 @@
 using namespace std::chrono_literals;
 using net::test::RawSocket;
 using net::test::TempTlsFiles;
+using net::test::TestPki;
 
 namespace {
 
@@ -114,8 +118,8 @@ class Probe : public net::WebSocketSession {
 class EchoServer {
  public:
   explicit EchoServer(net::WebSocketHandler handler = {}, net::ListenerOptions options = {.name = "agent"},
-                      bool echo = true)
-      : server_(2, common::null_logger(), &metrics) {
+                      bool echo = true, std::shared_ptr<spdlog::logger> logger = common::null_logger())
+      : server_(2, std::move(logger), &metrics) {
     if (!handler.on_open) {
       handler.on_open = [this, echo](std::shared_ptr<net::WebSocketPeer> peer) {
         auto probe = std::make_shared<Probe>(std::move(peer), echo);
@@ -165,7 +169,7 @@ struct Outcome {
 };
 
 // Connects through `pool` and waits for on_open or on_failure.
-Outcome connect(net::WebSocketClientPool& pool, const std::string& url, const std::string& ca_file = {},
+Outcome connect(net::WebSocketClientPool& pool, const std::string& url, const net::ClientTls& tls = {},
                 std::size_t max_message_bytes = 1 << 20, std::chrono::milliseconds timeout = 10s) {
   auto promise = std::make_shared<std::promise<Outcome>>();
   pool.connect(
@@ -178,7 +182,7 @@ Outcome connect(net::WebSocketClientPool& pool, const std::string& url, const st
       [promise](const std::string& error) {
         promise->set_value({nullptr, error});
       },
-      timeout, ca_file, max_message_bytes);
+      timeout, tls, max_message_bytes);
   auto future = promise->get_future();
   REQUIRE(future.wait_for(kPatience) == std::future_status::ready);
   return future.get();
@@ -516,7 +520,7 @@ TEST_CASE("websocket: wss on a TLS listener") {
   CHECK(session->peer->tls());
 
   // Verified against the certificate as CA, by host name.
-  auto verified = connect(pool, "wss://localhost:" + std::to_string(server.port()) + "/cbp", files.cert);
+  auto verified = connect(pool, "wss://localhost:" + std::to_string(server.port()) + "/cbp", {.ca_file = files.cert});
   REQUIRE(verified.probe);
   verified.probe->peer->send("verified");
   REQUIRE(verified.probe->wait_messages(1));
@@ -530,6 +534,109 @@ TEST_CASE("websocket: wss on a TLS listener") {
   REQUIRE(session->wait_closed());
   CHECK(session->reason() == "closed by the peer: 1000 tls bye");
   REQUIRE(client.probe->wait_closed());
+}
+
+TEST_CASE("websocket: mutual TLS: only clients with a certificate from the listener's CA get in") {
+  TestPki pki;
+  std::ostringstream log_text;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(log_text);
+  auto logger = std::make_shared<spdlog::logger>("test", sink);
+  logger->set_level(spdlog::level::info);
+  EchoServer server(
+      {},
+      {.name = "agent", .tls_cert_file = pki.server_cert, .tls_key_file = pki.server_key, .tls_client_ca_file = pki.ca},
+      true, logger);
+  net::WebSocketClientPool pool(2);
+  const std::string url = "wss://localhost:" + std::to_string(server.port()) + "/cbp";
+  const auto log_lines = [&] {
+    logger->flush();
+    return log_text.str();
+  };
+
+  SUBCASE("no client certificate: the handshake fails") {
+    auto r = connect(pool, url, {.ca_file = pki.ca});
+    CHECK_FALSE(r.probe);
+    CHECK_FALSE(r.error.empty());
+    // One line at the listener, with the peer and OpenSSL's reason.
+    CHECK(eventually([&] { return contains(log_lines(), "client certificate rejected"); }));
+    CHECK(contains(log_lines(),
+                   "agent listener: TLS handshake with 127.0.0.1 failed: client certificate rejected: peer did not "
+                   "return a certificate"));
+  }
+  SUBCASE("a certificate from another CA: the handshake fails") {
+    auto r =
+        connect(pool, url, {.ca_file = pki.ca, .cert_file = pki.other_client_cert, .key_file = pki.other_client_key});
+    CHECK_FALSE(r.probe);
+    CHECK_FALSE(r.error.empty());
+    CHECK(eventually([&] { return contains(log_lines(), "client certificate rejected"); }));
+    CHECK(contains(log_lines(),
+                   "with 127.0.0.1 failed: client certificate rejected: unable to get local issuer "
+                   "certificate"));
+  }
+  SUBCASE("a certificate from the listener's CA: connected, messages flow") {
+    auto r = connect(pool, url, {.ca_file = pki.ca, .cert_file = pki.client_cert, .key_file = pki.client_key});
+    REQUIRE_MESSAGE(r.probe, r.error);
+    CHECK(r.probe->peer->tls());
+    r.probe->peer->send("with a certificate");
+    REQUIRE(r.probe->wait_messages(1));
+    CHECK(r.probe->messages() == std::vector<std::string>{"with a certificate"});
+    // Also without verifying the server: the client certificate is what counts here.
+    auto unverified = connect(pool, url, {.cert_file = pki.client_cert, .key_file = pki.client_key});
+    REQUIRE_MESSAGE(unverified.probe, unverified.error);
+    CHECK_FALSE(contains(log_lines(), "client certificate rejected"));
+  }
+  CHECK(contains(log_lines(), "client certificates required"));  // in the "listening" line
+}
+
+TEST_CASE("mutual TLS: the listener's client CA file and the client's certificate files are checked") {
+  TestPki pki;
+  net::Server server(1, common::null_logger());
+  const auto add = [&](const std::string& name, const std::string& client_ca) {
+    server.add_listener({.name = name,
+                         .tls_cert_file = pki.server_cert,
+                         .tls_key_file = pki.server_key,
+                         .tls_client_ca_file = client_ca},
+                        [](net::HttpRequest&&, net::Responder respond) { respond({}); });
+  };
+  try {
+    add("missing", "/nonexistent/ca.pem");
+    FAIL("a missing client CA file must throw");
+  } catch (const std::runtime_error& e) {
+    CHECK(contains(e.what(), "missing listener 127.0.0.1:0: cannot read TLS client CA file /nonexistent/ca.pem: "));
+  }
+  try {
+    add("not_pem", pki.server_key);  // a key, not a certificate
+    FAIL("a client CA file without certificates must throw");
+  } catch (const std::runtime_error& e) {
+    CHECK(contains(e.what(), "TLS client CA file " + pki.server_key + " holds no PEM certificate"));
+  }
+  try {
+    server.add_listener({.name = "plain", .tls_client_ca_file = pki.ca},
+                        [](net::HttpRequest&&, net::Responder respond) { respond({}); });
+    FAIL("a client CA file without TLS must throw");
+  } catch (const std::runtime_error& e) {
+    CHECK(contains(e.what(), "needs tls_cert_file"));
+  }
+  add("good", pki.ca);
+  server.stop(1s);
+
+  net::WebSocketClientPool pool(1);
+  CHECK(pool.check_tls({}).empty());
+  CHECK(pool.check_tls({.ca_file = pki.ca, .cert_file = pki.client_cert, .key_file = pki.client_key}).empty());
+  CHECK(pool.check_tls({.cert_file = pki.client_cert}) == "a client certificate needs its key");
+  CHECK(pool.check_tls({.key_file = pki.client_key}) == "a client key needs its certificate");
+  CHECK(pool.check_tls({.cert_file = "/nonexistent/c.pem", .key_file = pki.client_key}) ==
+        "cannot read client certificate /nonexistent/c.pem: No such file or directory");
+  CHECK(pool.check_tls({.cert_file = pki.client_cert, .key_file = "/nonexistent/k.pem"}) ==
+        "cannot read client key /nonexistent/k.pem: No such file or directory");
+  CHECK(contains(pool.check_tls({.cert_file = pki.client_key, .key_file = pki.client_key}),
+                 "cannot load client certificate " + pki.client_key));
+  CHECK(pool.check_tls({.cert_file = pki.client_cert, .key_file = pki.other_client_key}) ==
+        "client key " + pki.other_client_key + " does not match certificate " + pki.client_cert);
+  // A connection with such files fails with the same reason.
+  auto r = connect(pool, "wss://127.0.0.1:1/cbp", {.cert_file = pki.client_cert, .key_file = pki.other_client_key});
+  CHECK_FALSE(r.probe);
+  CHECK(contains(r.error, "does not match certificate"));
 }
 
 TEST_CASE("websocket: Server::stop closes the sessions with 1001 and returns") {
@@ -677,7 +784,7 @@ TEST_CASE("websocket client: failures and timers") {
     }
   }
   SUBCASE("unreadable CA file") {
-    auto r = connect(pool, "wss://127.0.0.1:1/cbp", "/nonexistent/ca.pem");
+    auto r = connect(pool, "wss://127.0.0.1:1/cbp", {.ca_file = "/nonexistent/ca.pem"});
     CHECK_FALSE(r.probe);
     CHECK(contains(r.error, "/nonexistent/ca.pem"));
   }

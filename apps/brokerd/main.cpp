@@ -64,6 +64,7 @@ net::ListenerOptions listener_options(const std::string& name, const config::Lis
   o.port = l.port;
   o.tls_cert_file = l.tls_cert_file;
   o.tls_key_file = l.tls_key_file;
+  o.tls_client_ca_file = l.tls_client_ca_file;
   o.header_limit = l.header_limit_bytes;
   o.body_limit = l.body_limit_bytes;
   o.read_timeout = std::chrono::seconds(l.read_timeout_seconds);

@@ -27,6 +27,7 @@
 namespace boost::asio::ssl {
 class context;
 }
+struct ssl_st;  // OpenSSL's SSL
 
 namespace net::detail {
 
@@ -68,6 +69,7 @@ class AnyStream {
     virtual ~Impl() = default;
     virtual boost::beast::tcp_stream& lowest() = 0;
     virtual bool tls() const = 0;
+    virtual ssl_st* tls_handle() = 0;
     virtual void read_some(boost::asio::mutable_buffer buffer, IoHandler handler) = 0;
     virtual void write_some(std::vector<boost::asio::const_buffer> buffers, IoHandler handler) = 0;
     virtual void handshake(Handler handler) = 0;
@@ -90,6 +92,8 @@ class AnyStream {
   // The TCP layer: expires_after()/expires_at() for timeouts, close() and cancel().
   boost::beast::tcp_stream& lowest_layer() { return impl_->lowest(); }
   bool tls() const { return impl_->tls(); }
+  // The OpenSSL connection (peer certificate, verify result); null for plain TCP.
+  ssl_st* tls_handle() { return impl_->tls_handle(); }
 
   // AsyncReadStream / AsyncWriteStream.
   template <class MutableBufferSequence, class Token>

@@ -9,6 +9,7 @@
 #include "common/crypto.hpp"
 #include "net/http.hpp"
 #include "net/http_client.hpp"
+#include "net/test_support.hpp"
 #include "net/websocket_client.hpp"
 #include "tests/integration/daemon.hpp"
 #include "tests/integration/support.hpp"
@@ -756,4 +757,79 @@ TEST_CASE("cbp: agents that follow a simulated hypervisor's power states") {
   dir.write("power-state.json", "{\"machin");
   CHECK_FALSE(follower.apply());
   CHECK(unnamed.status().state == vda::State::registered);
+}
+
+TEST_CASE("cbp: mutual TLS: an agent needs a client certificate from the configured CA, and its proof too") {
+  net::test::TestPki pki;
+  TempDir dir;
+  Daemon daemon(dir);
+  const std::string agent_tls = "tls_cert = \"" + pki.server_cert + "\"\ntls_key = \"" + pki.server_key +
+                                "\"\ntls_client_ca = \"" + pki.ca + "\"\n";
+  REQUIRE_MESSAGE(daemon.start(itest::base_config(dir, site_config(), agent_tls)), daemon.log());
+  Api api(daemon);
+  const std::string wss = "wss://localhost:" + std::to_string(daemon.agent_port()) + "/cbp";
+  const auto secret = api.new_secret("TEST\\vm-1");
+  const auto vm1 = with_secret(machine_config("TEST\\vm-1", "desktops", 1), secret);
+  auto opts = fleet_options(daemon);
+  opts.broker_url = wss;
+  opts.ca_file = pki.ca;
+  // The attempts that fail at the TLS handshake: never a CBP message, so never registered.
+  const auto cannot_connect = [&](const vda::FleetOptions& o) {
+    vda::Fleet fleet(o);
+    auto m = fleet.add(vm1);
+    m.start();
+    const bool failed =
+        m.wait_for([](const vda::MachineStatus& s) { return s.last_close.starts_with("cannot connect: "); }, kWait);
+    const auto s = m.status();
+    m.stop();
+    INFO(describe(m));
+    CHECK(s.registrations == 0);
+    CHECK(s.rejections.empty());  // refused before CBP: nothing a broker could have said
+    return failed;
+  };
+
+  // Without a client certificate.
+  CHECK(cannot_connect(opts));
+  // With a certificate of another CA.
+  auto other = opts;
+  other.client_cert_file = pki.other_client_cert;
+  other.client_key_file = pki.other_client_key;
+  CHECK(cannot_connect(other));
+  // A bare connection without one cannot even open.
+  net::WebSocketClientPool pool(1);
+  vda::RawConnection raw(pool, wss);
+  CHECK_FALSE(raw.wait_open(kWait));
+  CHECK_FALSE(raw.failure().empty());
+  CHECK(api.machine_field("TEST\\vm-1", "registration_state") == "Unregistered");
+  // The listener logged each refusal with OpenSSL's reason.
+  const auto logged = [&](const std::string& text) { return daemon.log().find(text) != std::string::npos; };
+  CHECK(
+      poll<bool>([&] { return logged("client certificate rejected: unable to get local issuer certificate"); }, true));
+  CHECK(logged("client certificate rejected: peer did not return a certificate"));
+  CHECK(logged("client certificates required"));
+
+  // With a certificate from the CA the machine registers as usual.
+  auto with_cert = opts;
+  with_cert.client_cert_file = pki.client_cert;
+  with_cert.client_key_file = pki.client_key;
+  vda::Fleet fleet(with_cert);
+  auto m = fleet.add(vm1);
+  m.start();
+  REQUIRE_MESSAGE(registered(m), describe(m));
+  CHECK(await_machine(api, "TEST\\vm-1", "registration_state", "Registered") == "Registered");
+
+  // The certificate comes on top of the machine's proof, it does not replace it.
+  auto guesser = fleet.add(with_secret(machine_config("TEST\\vm-2", "desktops", 2), api.new_secret("TEST\\vm-2")));
+  vda::Faults wrong;
+  wrong.bad_proof = true;
+  guesser.set_faults(wrong);
+  guesser.start();
+  CHECK_MESSAGE(rejected_with(guesser, cbp::Reason::bad_proof), describe(guesser));
+  guesser.crash();
+  CHECK(api.machine_field("TEST\\vm-2", "registration_state") == "Unregistered");
+
+  // TLS files the agent cannot use are a start-up error of the fleet.
+  auto broken = with_cert;
+  broken.client_key_file = pki.other_client_key;
+  CHECK_THROWS_WITH_AS(vda::Fleet{broken}, doctest::Contains("does not match certificate"), std::runtime_error);
 }

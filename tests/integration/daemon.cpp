@@ -140,9 +140,9 @@ int Daemon::stop() {
 
 std::string Daemon::log() const { return slurp(dir_.file("brokerd.err")); }
 
-std::string base_config(const TempDir& dir, const std::string& extra) {
+std::string base_config(const TempDir& dir, const std::string& extra, const std::string& agent_listener) {
   std::string c;
-  c += "[listeners.xml]\nport = 0\n[listeners.agent]\nport = 0\n[listeners.admin]\nport = 0\n";
+  c += "[listeners.xml]\nport = 0\n[listeners.agent]\nport = 0\n" + agent_listener + "[listeners.admin]\nport = 0\n";
   c += "[database]\npath = \"" + dir.file("broker.db") + "\"\n";
   c += "[logging]\nlevel = \"info\"\n";
   c += "[admin]\nunauthenticated_paths = [\"/metrics\"]\n";

@@ -57,8 +57,9 @@ class Daemon {
 };
 
 // The basic config used by the tests: listeners on port 0, the database in `dir`, one admin
-// token "test-token" (name "tester"), plus `extra` TOML appended.
-std::string base_config(const TempDir& dir, const std::string& extra = {});
+// token "test-token" (name "tester"), plus `extra` TOML appended; `agent_listener`: more keys
+// of [listeners.agent] (TLS).
+std::string base_config(const TempDir& dir, const std::string& extra = {}, const std::string& agent_listener = {});
 
 inline constexpr const char* kToken = "test-token";
 

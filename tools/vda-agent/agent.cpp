@@ -221,10 +221,12 @@ struct Fleet::Shared {
       : options(std::move(o)),
         log(options.logger ? options.logger : common::null_logger()),
         secrets(options.secrets_file),
+        tls{options.ca_file, options.client_cert_file, options.client_key_file},
         pool(std::make_shared<net::WebSocketClientPool>(std::max(1, options.threads))) {}
   const FleetOptions options;
   const std::shared_ptr<spdlog::logger> log;
   SecretStore secrets;
+  const net::ClientTls tls;  // for wss:// broker URLs
   const std::shared_ptr<net::WebSocketClientPool> pool;
 };
 
@@ -468,7 +470,7 @@ struct Machine::Impl : std::enable_shared_from_this<Machine::Impl> {
         [weak, g](const std::string& why) {
           if (auto self = weak.lock()) self->connect_failed(g, why);
         },
-        opts().connect_timeout, opts().ca_file, cbp::kMaxMessageBytes);
+        opts().connect_timeout, shared->tls, cbp::kMaxMessageBytes);
   }
 
   std::shared_ptr<net::WebSocketSession> opened(std::uint64_t g, std::shared_ptr<net::WebSocketPeer> p);
@@ -1141,6 +1143,9 @@ bool Machine::wait_for(const std::function<bool(const MachineStatus&)>& pred, Mi
 
 Fleet::Fleet(FleetOptions options) : shared_(std::make_shared<Shared>(std::move(options))) {
   if (auto st = shared_->secrets.load(); !st) throw std::runtime_error(st.error().message);
+  if (shared_->options.broker_url.starts_with("wss://")) {
+    if (auto why = shared_->pool->check_tls(shared_->tls); !why.empty()) throw std::runtime_error(why);
+  }
 }
 
 Fleet::~Fleet() { shared_->pool->stop(); }

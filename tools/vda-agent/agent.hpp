@@ -92,6 +92,10 @@ struct Faults {
 struct FleetOptions {
   std::string broker_url = "ws://127.0.0.1:8081/cbp";
   std::string ca_file;  // wss: verify the broker against this CA (empty: no verification)
+  // wss: the client certificate (PEM chain) and its key, presented to a broker whose agent
+  // listener requires one (mutual TLS, docs/cbp.md); both empty: none.
+  std::string client_cert_file;
+  std::string client_key_file;
   int threads = 2;
   std::shared_ptr<spdlog::logger> logger;  // null: log nothing
   std::string secrets_file;                // empty: secrets in memory only
@@ -213,6 +217,8 @@ class Machine {
 
 class Fleet {
  public:
+  // Throws std::runtime_error when the secrets file cannot be read or, for a wss:// broker, the
+  // TLS files (CA, client certificate and key) cannot be loaded.
   explicit Fleet(FleetOptions options);
   // Closes every connection (without goodbye: call stop() first for a graceful end) and joins
   // the pool's threads. Must not run on a pool thread.

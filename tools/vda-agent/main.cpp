@@ -39,6 +39,9 @@ credentials:
 options:
   --broker URL                 ws://host:8081/cbp or wss://... (required)
   --ca-file FILE               verify a wss:// broker against this CA
+  --client-cert FILE           wss://: present this certificate (PEM chain) to a broker that
+                               requires client certificates (mutual TLS); needs --client-key
+  --client-key FILE            the private key (PEM) of --client-cert
   --address-base IP            address of the first machine, +1 for each next one (10.99.0.1)
   --port PORT                  the port in the machines' addresses (1494)
   --os TEXT                    the OS the machines report
@@ -157,6 +160,10 @@ int main(int argc, char** argv) {
         power_file = next();
       } else if (arg == "--ca-file") {
         fo.ca_file = next();
+      } else if (arg == "--client-cert") {
+        fo.client_cert_file = next();
+      } else if (arg == "--client-key") {
+        fo.client_key_file = next();
       } else if (arg == "--address-base") {
         address_base = next();
       } else if (arg == "--port") {
@@ -184,6 +191,10 @@ int main(int argc, char** argv) {
     }
     if (!have_broker) throw UsageError("--broker URL is required");
     if (groups.empty()) throw UsageError("no machines: give --machine, --range or --group");
+    if (fo.client_cert_file.empty() != fo.client_key_file.empty())
+      throw UsageError("--client-cert and --client-key go together");
+    if (!fo.client_cert_file.empty() && !fo.broker_url.starts_with("wss://"))
+      throw UsageError("--client-cert needs a wss:// broker URL");
     if (enroll_key.empty() && secret.empty() && fo.secrets_file.empty())
       throw UsageError("no credentials: give --enroll-key, --secret or --secrets-file");
     for (const auto& g : groups)
