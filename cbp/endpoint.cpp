@@ -132,6 +132,14 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
   void send(const Message& m) { peer->send(serialize(m)); }
 
   void fail(Reason reason, const std::string& message, bool rejected) {
+    {
+      // Before the reply goes out: the peer may close as soon as it reads it, and closed() must
+      // then find the rejection to record.
+      std::lock_guard lock(mutex);
+      state = State::closed;
+      // docs/cbp.md "Rejections": recorded on the machine, except a back-off (nothing is written).
+      if (rejected && reason != Reason::too_many_failures) rejected_reason = std::string(to_string(reason));
+    }
     if (rejected) {
       Rejected r;
       r.reason = reason;
@@ -148,12 +156,6 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     }
     ep->log->info("agent {} ({}): {} {}: {}", machine.empty() ? "?" : machine, peer->remote_address(),
                   rejected ? "rejected" : "error", to_string(reason), message);
-    {
-      std::lock_guard lock(mutex);
-      state = State::closed;
-      // docs/cbp.md "Rejections": recorded on the machine, except a back-off (nothing is written).
-      if (rejected && reason != Reason::too_many_failures) rejected_reason = std::string(to_string(reason));
-    }
     peer->close(std::string(to_string(reason)));
   }
 
