@@ -201,6 +201,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   // Launches waiting for a machine to register; whoever takes an attempt out of here (the
   // registration or its timer) carries it on.
   std::map<std::string, std::vector<std::shared_ptr<Attempt>>> waiting;  // by machine; guarded by wait_mutex
+  std::uint64_t wait_ids = 0;  // guarded by wait_mutex
+  bool stopped = false;        // guarded by wait_mutex: stop() has begun, nobody parks any more
   common::Timers timers;
 
   Impl(storage::Repository& r, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
@@ -217,10 +219,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
     std::chrono::seconds registration_timeout{180};  // the site's registration_wait_timeout_seconds
     std::chrono::milliseconds power_on_wait{0};       // opts.power_on_wait, else the site's setting
-    // Waiting for this machine to register; the answer if the wait ends first.
+    // Waiting for this machine to register (guarded by wait_mutex); the answer if the wait ends first.
     std::string wait_machine;
     LaunchResult wait_outcome;
-    std::uint64_t wait_timer = 0;
+    std::uint64_t wait_timer = 0;         // which wait (0: none); guarded by wait_mutex
+    std::uint64_t wait_timer_handle = 0;  // its common::Timers id; guarded by wait_mutex
     std::vector<std::string> timed_out;  // machines powered on for it that never registered
   };
 
@@ -537,7 +540,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         if (!tag.empty() && !contains_ci(m.list("tags"), tag)) continue;
         ++tagged;
         if (!registered(m)) {
-          if (power && power_managed(site, m) && !m.flag("in_maintenance_mode") && sessions_on[m.name] == 0 &&
+          // Off (or on its way up), or on but not registered yet while held for this user: the
+          // hypervisor may report a machine On long before its agent registers.
+          const bool target = power_managed(site, m) || (hold(m) == 0 && m.text("power_state") == "On" &&
+                                                          m.text("fault_state", "None") == "None");
+          if (power && target && !m.flag("in_maintenance_mode") && sessions_on[m.name] == 0 &&
               (!private_group || mine.empty() || grp->flag("automatic_power_on_for_assigned", true)))
             to_power.push_back(&m);
           continue;
@@ -663,7 +670,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       self->agents.prepare_session(res.machine, res.prepare, self->opts.prepare_timeout,
                                    [self, a, res](bool ok, const std::string& error) {
                                      if (ok) return self->prepared(a, res);
-                                     self->work.post([self, a, res, error] { self->prepare_failed(a, res, error); });
+                                     if (!self->work.post([self, a, res, error] { self->prepare_failed(a, res, error); }))
+                                       self->stopping(a);
                                    });
     };
     if (res.disconnect_first) {
@@ -748,6 +756,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::lock_guard lock(decide_mutex);
     const auto now = clock.now();
     if (!held_for(machine, now).empty()) return false;
+    // Past its deadline and still unregistered: kept as it is, so the wait ends at once and the
+    // machine is timed out (a retry must not grant a stuck machine a new deadline).
+    if (auto it = claims.find(machine); it != claims.end() && !it->second.registered_at) return false;
     claims[machine] = {user, now + timeout, timeout, std::nullopt};
     return true;
   }
@@ -772,17 +783,23 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         left = std::min(left, std::max(milliseconds(0), std::chrono::ceil<milliseconds>(it->second.deadline - clock.now()) +
                                                             milliseconds(20)));
     }
-    a->wait_machine = machine;
     a->wait_outcome = outcome;
+    auto self = shared_from_this();
     {
+      // Armed and listed under one lock: a wake() sees the attempt only with its timer id set.
       std::lock_guard lock(wait_mutex);
+      if (stopped) return false;
+      a->wait_machine = machine;
+      const auto id = ++wait_ids;
+      a->wait_timer = id;
+      const auto timer = timers.after(left, [self, a, id] {
+        if (!self->work.post([self, a, id] { self->wait_over(a, id); }) && self->unpark(a, id)) self->stopping(a);
+      });
+      if (timer == 0) return false;  // stopping: answer now
+      a->wait_timer_handle = timer;
       waiting[machine].push_back(a);
     }
     log->info("launch: {} waits up to {} ms for {} to register", a->request.user.qualified_name, left.count(), machine);
-    auto self = shared_from_this();
-    a->wait_timer = timers.after(left, [self, a] {
-      if (!self->work.post([self, a] { self->wait_over(a); }) && self->unpark(a)) self->stopping(a);
-    });
     // It may have registered between the selection and now.
     bool now_registered = false;
     auto st = repo.read([&](storage::Transaction& tx) -> Status {
@@ -794,9 +811,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     return true;
   }
 
-  // Takes the attempt out of the waiting list; false when someone else already has.
-  bool unpark(const std::shared_ptr<Attempt>& a) {
+  // Takes the attempt out of the waiting list, if it still waits under timer `id`; false when
+  // someone else already has.
+  bool unpark(const std::shared_ptr<Attempt>& a, std::uint64_t id) {
     std::lock_guard lock(wait_mutex);
+    if (a->wait_timer != id) return false;
     auto it = waiting.find(a->wait_machine);
     if (it == waiting.end()) return false;
     auto& list = it->second;
@@ -804,6 +823,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     if (pos == list.end()) return false;
     list.erase(pos);
     if (list.empty()) waiting.erase(it);
+    a->wait_machine.clear();
+    a->wait_timer = 0;
     return true;
   }
 
@@ -816,20 +837,26 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       if (it == waiting.end()) return;
       woken = std::move(it->second);
       waiting.erase(it);
+      for (auto& a : woken) {
+        timers.cancel(a->wait_timer_handle);
+        a->wait_machine.clear();
+        a->wait_timer = 0;
+      }
     }
     auto self = shared_from_this();
-    for (auto& a : woken) {
-      timers.cancel(a->wait_timer);
-      a->wait_machine.clear();
+    for (auto& a : woken)
       if (!work.post([self, a] { self->attempt(a); })) stopping(a);
-    }
   }
 
   // The wait ended without the machine registering: past its registration deadline the launch
   // fails over, else it answers retry-required (the machine stays held for the user's retry).
-  void wait_over(const std::shared_ptr<Attempt>& a) {
-    if (!unpark(a)) return;  // woken meanwhile
-    const auto machine = std::exchange(a->wait_machine, {});
+  void wait_over(const std::shared_ptr<Attempt>& a, std::uint64_t id) {
+    std::string machine;
+    {
+      std::lock_guard lock(wait_mutex);
+      machine = a->wait_machine;
+    }
+    if (!unpark(a, id)) return;  // woken meanwhile
     bool timed_out = false;
     {
       std::lock_guard lock(decide_mutex);
@@ -906,14 +933,18 @@ Launcher::Launcher(storage::Repository& repository, common::Clock& clock, AgentC
     : impl_(std::make_shared<Impl>(repository, clock, agents, work,
                                    logger ? std::move(logger) : common::null_logger(), std::move(options))) {}
 
-Launcher::~Launcher() {
-  // Launches still waiting for a machine to register answer now.
-  impl_->timers.stop();
+Launcher::~Launcher() { stop(); }
+
+void Launcher::stop() {
   std::map<std::string, std::vector<std::shared_ptr<Impl::Attempt>>> waiting;
   {
     std::lock_guard lock(impl_->wait_mutex);
+    impl_->stopped = true;
     waiting.swap(impl_->waiting);
+    for (auto& [machine, list] : waiting)
+      for (auto& a : list) a->wait_timer = 0;  // a timer already firing finds nothing to end
   }
+  impl_->timers.stop();
   for (auto& [machine, list] : waiting)
     for (auto& a : list) impl_->stopping(a);
 }

@@ -157,7 +157,11 @@ class Launcher {
  public:
   Launcher(storage::Repository& repository, common::Clock& clock, AgentChannel& agents, common::WorkQueue& work,
            std::shared_ptr<spdlog::logger> logger, LauncherOptions options = {});
-  ~Launcher();
+  ~Launcher();  // stop()
+  // Launches waiting for a machine to register answer now ("the broker is stopping"), and later
+  // ones that would wait answer retry-required at once. Call before the front ends' server stops:
+  // the answers go out through it. Idempotent.
+  void stop();
   Launcher(const Launcher&) = delete;
   Launcher& operator=(const Launcher&) = delete;
 

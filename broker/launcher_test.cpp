@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -597,4 +598,53 @@ TEST_CASE("launcher: the site's launch_power_on_wait_seconds sets how long a lau
   r = f.launch("frank", "pool-desktop");  // powers on pool-2 and waits for it
   REQUIRE_MESSAGE(r.ok(), r.message);
   CHECK(r.machine == "DEMO\\pool-2");
+}
+
+TEST_CASE("launcher: a retry waits on the machine held for the user even once the hypervisor reports it On") {
+  Fixture f;  // answers at once
+  FakePower power;
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  auto r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  // libvirt reports the machine On long before its agent registers.
+  f.update(Kind::machine, "DEMO\\pool-1", "power_state", std::string("On"));
+  r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);  // still waiting for it, not AllMachinesUnregistered
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1", "DEMO\\pool-1"});
+  // Another user does not wait on it: a machine of their own.
+  r = f.launch("frank", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  CHECK(power.powered().back() == "DEMO\\pool-2");
+  // Past the registration deadline both are faulted (pool-1 is on: Unregistered; pool-2 never
+  // came up: StuckOnBoot) and the retry powers on another machine.
+  f.clock.advance(std::chrono::seconds(181));
+  REQUIRE(f.launcher->sweep());
+  CHECK(f.get(Kind::machine, "DEMO\\pool-1").text("fault_state") == "Unregistered");
+  CHECK(f.get(Kind::machine, "DEMO\\pool-2").text("fault_state") == "StuckOnBoot");
+  r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
+  CHECK(power.powered().back() == "DEMO\\pool-3");
+}
+
+TEST_CASE("launcher: stop() answers the launches waiting for a machine to register") {
+  Fixture f(std::chrono::seconds(60));
+  FakePower power;
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  std::promise<broker::LaunchResult> answered;
+  broker::LaunchRequest req;
+  req.user = user("erin");
+  req.resource = "pool-desktop";
+  f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
+  while (power.powered().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  auto future = answered.get_future();
+  CHECK(future.wait_for(std::chrono::milliseconds(100)) == std::future_status::timeout);  // waiting
+  f.launcher->stop();
+  REQUIRE(future.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  CHECK(future.get().failure == LaunchFailure::storage_error);
+  CHECK(f.launcher->in_flight() == 0);
+  // Later launches do not wait any more.
+  auto r = f.launch("frank", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);
 }

@@ -32,13 +32,15 @@ bool Timers::cancel(std::uint64_t id) {
 }
 
 void Timers::stop() {
+  std::map<Key, std::function<void()>> dropped;  // destroyed outside the lock
   {
     std::lock_guard lock(mutex_);
     stopping_ = true;
-    due_.clear();
+    dropped.swap(due_);
     keys_.clear();
   }
   cv_.notify_all();
+  std::lock_guard join(join_mutex_);
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
@@ -58,7 +60,12 @@ void Timers::run() {
     due_.erase(due_.begin());
     keys_.erase(first.second);
     lock.unlock();
-    fn();
+    try {
+      fn();
+    } catch (...) {
+      // A callback's failure is its own; the other timers still run.
+    }
+    fn = nullptr;  // its captures go before the lock is taken again
     lock.lock();
   }
 }

@@ -27,8 +27,9 @@ class Timers {
   // Drops the timer. True when it had not started running; false when it has run, is running or
   // is unknown.
   bool cancel(std::uint64_t id);
-  // Drops every timer not yet run and joins the thread (waits for a running callback). Idempotent;
-  // not from a callback.
+  // Drops every timer not yet run and joins the thread (waits for a running callback). Idempotent
+  // and safe from several threads; not from a callback. An exception thrown by a callback is
+  // swallowed.
   void stop();
 
  private:
@@ -41,6 +42,7 @@ class Timers {
   std::map<std::uint64_t, Key> keys_;         // guarded by mutex_
   std::uint64_t next_id_ = 0;                 // guarded by mutex_
   bool stopping_ = false;                     // guarded by mutex_
+  std::mutex join_mutex_;                     // one stop() joins
   std::thread thread_;
 };
 

@@ -281,6 +281,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   sweeper.join();
   log->info("stopping: finishing in-flight requests (up to {} s)", cfg.shutdown_grace_seconds);
   agent_endpoint.begin_shutdown();
+  launcher.stop();  // launches waiting for a machine to boot answer while the server can still send
   server.stop(std::chrono::seconds(cfg.shutdown_grace_seconds));
   power.stop();  // pending power actions stay stored
   work.stop();
