@@ -1045,6 +1045,15 @@ Status Launcher::session_command(const std::string& session_key, const std::stri
   return {};
 }
 
+std::set<std::string> Launcher::held_machines() const {
+  std::set<std::string> out;
+  std::lock_guard lock(impl_->decide_mutex);
+  const auto now = impl_->clock.now();
+  for (const auto& [machine, c] : impl_->claims)
+    if (!impl_->held_for(machine, now).empty()) out.insert(machine);
+  return out;
+}
+
 void Launcher::machine_registered(const std::string& machine) {
   {
     std::lock_guard lock(impl_->decide_mutex);

@@ -190,6 +190,9 @@ class Launcher {
 
   // An agent has registered: launches waiting for that machine go on. Any thread.
   void machine_registered(const std::string& machine);
+  // Machines powered on for launches and still held for their users (the pool policy counts them
+  // as in use). Any thread.
+  std::set<std::string> held_machines() const;
 
   // Housekeeping, run periodically: pending launches whose client never came within the ticket
   // lifetime release their machine (ConnectionTimeout); expired tickets are wiped; machines

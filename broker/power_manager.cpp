@@ -87,6 +87,7 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
   std::mutex power_on_mutex;
   std::map<std::string, common::SysTime> powered_on_at;  // guarded by power_on_mutex: machine -> last seen On
   std::map<std::string, bool> was_peak;  // guarded by power_on_mutex: delivery group -> peak at the last pass
+  std::function<std::set<std::string>()> held_machines;  // set before the first reconcile_pools()
 
   Impl(storage::Repository& r, common::Clock& c, std::shared_ptr<spdlog::logger> l, PowerManagerOptions o)
       : repo(r), clock(c), log(std::move(l)), opts(std::move(o)) {}
@@ -544,6 +545,7 @@ Result<int> PowerManager::reconcile_pools() {
   for (const auto& c : catalogs) conn_of_catalog[c.name] = c.text("hypervisor_connection");
   std::set<std::string> assigned;
   for (const auto& a : assignments) assigned.insert(a.text("machine"));
+  const auto held = im.held_machines ? im.held_machines() : std::set<std::string>{};
   // Pending or started actions by machine.
   std::map<std::string, power::Action> busy;
   for (const auto& a : actions())
@@ -567,6 +569,7 @@ Result<int> PowerManager::reconcile_pools() {
       if (conn.empty() || !im.find(conn)) continue;  // not power-managed
       auto pm = power::pool_machine(m);
       pm.assigned = assigned.contains(m.name);
+      if (held.contains(m.name)) pm.sessions = std::max(pm.sessions, 1);  // a launch waits for it
       if (auto b = busy.find(m.name); b != busy.end()) pm.pending = b->second;
       if (pm.sessions == 0) {
         // Its last session ended after it was last powered on (or after the broker started, when
@@ -625,6 +628,10 @@ Result<bool> PowerManager::power_on(const std::string& machine) {
   return s.active >= static_cast<std::size_t>(l.max_absolute_active_actions) ||
          (c->machine_count > 0 && s.active >= by_percent) ||
          s.started_last_minute >= static_cast<std::size_t>(l.max_new_actions_per_minute);
+}
+
+void PowerManager::set_held_machines(std::function<std::set<std::string>()> held) {
+  impl_->held_machines = std::move(held);
 }
 
 void PowerManager::on_action(std::function<void(const PowerAction&)> observer) {

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -101,6 +102,10 @@ class PowerManager final : public PowerControl {
 
   // PowerControl: TurnOn with launch priority (reason Launch).
   common::Result<bool> power_on(const std::string& machine) override;
+
+  // Machines the pool policy counts as in use although they have no session yet: machines held
+  // for a launch (Launcher::held_machines). Set before the first reconcile_pools().
+  void set_held_machines(std::function<std::set<std::string>()> held);
 
   // Called (on a queue thread) whenever an action changes state.
   void on_action(std::function<void(const PowerAction&)> observer);

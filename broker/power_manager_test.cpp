@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 using namespace common::model;
@@ -332,5 +333,20 @@ TEST_CASE("power manager: a simulated connection's simulated_failure_percent fai
   CHECK(a->state == power::ActionState::failed);
   CHECK(a->attempts > 1);  // transient: retried before giving up
   CHECK(site.machine_field("DEMO\\pool-4", "power_state") == "On");
+  power.stop();
+}
+
+TEST_CASE("power manager: the pool policy never shuts down a machine held for a launch") {
+  Site site;
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(20);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_held_machines([] { return std::set<std::string>{"DEMO\\pool-4"}; });
+  REQUIRE(power.start());
+  // Pool size one, four idle machines on: three go, but not pool-4 (held; counted as in use).
+  auto queued = power.reconcile_pools();
+  REQUIRE(queued.has_value());
+  CHECK(*queued == 3);
+  for (const auto& a : power.actions()) CHECK(a.vm.machine != "DEMO\\pool-4");
   power.stop();
 }

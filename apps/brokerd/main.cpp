@@ -181,6 +181,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   if (popts.base_dir.empty()) popts.base_dir = ".";
   broker::PowerManager power(repository, clock, log, popts);
   launcher.set_power(&power);
+  power.set_held_machines([&launcher] { return launcher.held_machines(); });
   // A launch waiting for a machine it powered on goes on once the machine's agent registers.
   agent_endpoint.on_registered([&launcher](const std::string& machine) { launcher.machine_registered(machine); });
   admin::AdminOptions aopts;
