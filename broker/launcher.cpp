@@ -18,6 +18,7 @@
 #include <atomic>
 #include <future>
 #include <random>
+#include <utility>
 
 namespace broker {
 
@@ -793,7 +794,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       const auto id = ++wait_ids;
       a->wait_timer = id;
       const auto timer = timers.after(left, [self, a, id] {
-        if (!self->work.post([self, a, id] { self->wait_over(a, id); }) && self->unpark(a, id)) self->stopping(a);
+        if (!self->work.post([self, a, id] { self->wait_over(a, id); }) && !self->unpark(a, id).empty()) self->stopping(a);
       });
       if (timer == 0) return false;  // stopping: answer now
       a->wait_timer_handle = timer;
@@ -811,21 +812,20 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     return true;
   }
 
-  // Takes the attempt out of the waiting list, if it still waits under timer `id`; false when
-  // someone else already has.
-  bool unpark(const std::shared_ptr<Attempt>& a, std::uint64_t id) {
+  // Takes the attempt out of the waiting list, if it still waits under timer `id`, and returns the
+  // machine it waited for; empty when someone else already has.
+  std::string unpark(const std::shared_ptr<Attempt>& a, std::uint64_t id) {
     std::lock_guard lock(wait_mutex);
-    if (a->wait_timer != id) return false;
+    if (a->wait_timer != id) return {};
     auto it = waiting.find(a->wait_machine);
-    if (it == waiting.end()) return false;
+    if (it == waiting.end()) return {};
     auto& list = it->second;
     auto pos = std::find(list.begin(), list.end(), a);
-    if (pos == list.end()) return false;
+    if (pos == list.end()) return {};
     list.erase(pos);
     if (list.empty()) waiting.erase(it);
-    a->wait_machine.clear();
     a->wait_timer = 0;
-    return true;
+    return std::exchange(a->wait_machine, {});
   }
 
   // The machine registered: the launches waiting for it select again.
@@ -851,12 +851,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   // The wait ended without the machine registering: past its registration deadline the launch
   // fails over, else it answers retry-required (the machine stays held for the user's retry).
   void wait_over(const std::shared_ptr<Attempt>& a, std::uint64_t id) {
-    std::string machine;
-    {
-      std::lock_guard lock(wait_mutex);
-      machine = a->wait_machine;
-    }
-    if (!unpark(a, id)) return;  // woken meanwhile
+    const auto machine = unpark(a, id);
+    if (machine.empty()) return;  // woken meanwhile
     bool timed_out = false;
     {
       std::lock_guard lock(decide_mutex);

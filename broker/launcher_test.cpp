@@ -454,6 +454,18 @@ void power_off_pool(Fixture& f) {
   }
 }
 
+// FakePower::on_power: the hypervisor boots the machine and its agent registers 100 ms later.
+std::function<void(const std::string&)> boots_and_registers(Fixture& f) {
+  return [&f](const std::string& machine) {
+    std::thread([&f, machine] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      f.update(Kind::machine, machine, "power_state", std::string("On"));
+      f.update(Kind::machine, machine, "registration_state", std::string("Registered"));
+      f.launcher->machine_registered(machine);
+    }).detach();
+  };
+}
+
 }  // namespace
 
 TEST_CASE("launcher: with no machine ready one is powered on (retry), held for the user, and a throttled power-on is said so") {
@@ -492,15 +504,7 @@ TEST_CASE("launcher: with no machine ready one is powered on (retry), held for t
 TEST_CASE("launcher: a launch waits for the machine it powers on and lands on it once its agent registers") {
   Fixture f(std::chrono::seconds(30));
   FakePower power;
-  power.on_power = [&](const std::string& machine) {
-    // The hypervisor boots it and its agent registers a little later.
-    std::thread([&f, machine] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      f.update(Kind::machine, machine, "power_state", std::string("On"));
-      f.update(Kind::machine, machine, "registration_state", std::string("Registered"));
-      f.launcher->machine_registered(machine);
-    }).detach();
-  };
+  power.on_power = boots_and_registers(f);
   f.launcher->set_power(&power);
   power_off_pool(f);
   auto r = f.launch("erin", "pool-desktop");
@@ -583,13 +587,7 @@ TEST_CASE("launcher: the site's launch_power_on_wait_seconds sets how long a lau
     return {};
   }));
   FakePower power;
-  power.on_power = [&](const std::string& machine) {
-    std::thread([&f, machine] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      f.update(Kind::machine, machine, "registration_state", std::string("Registered"));
-      f.launcher->machine_registered(machine);
-    }).detach();
-  };
+  power.on_power = boots_and_registers(f);
   f.launcher->set_power(&power);
   power_off_pool(f);
   auto r = f.launch("erin", "pool-desktop");

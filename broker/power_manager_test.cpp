@@ -56,6 +56,16 @@ struct Site {
       return {};
     }));
   }
+  // Sets fields of a stored object.
+  void update(Kind k, const std::string& name, std::initializer_list<std::pair<const char*, Value>> fields) {
+    REQUIRE(repo->write([&](storage::Transaction& tx) -> common::Status {
+      auto o = tx.get(k, name);
+      if (!o) return o.error();
+      for (const auto& [key, v] : fields) o->fields[key] = v;
+      if (auto u = tx.update(name, *o); !u) return u.error();
+      return {};
+    }));
+  }
   std::string machine_field(const std::string& name, const char* field) {
     std::string out;
     REQUIRE(repo->read([&](storage::Transaction& tx) -> common::Status {
@@ -117,23 +127,11 @@ TEST_CASE("power manager: the pool policy keeps the scheme's pool size and shuts
 TEST_CASE("power manager: fault states StuckOnBoot and Unregistered") {
   Site site;
   // pool-1 and pool-2 off; the simulated hypervisor takes an hour to boot.
-  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
-    auto conn = tx.get(Kind::hypervisor_connection, "sim");
-    if (!conn) return conn.error();
-    Object c = *conn;
-    c.fields["simulated_boot_delay_seconds"] = std::int64_t{3600};
-    c.fields["max_new_actions_per_minute"] = std::int64_t{100};
-    if (auto u = tx.update("sim", c); !u) return u.error();
-    for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"}) {
-      auto m = tx.get(Kind::machine, name);
-      if (!m) return m.error();
-      Object o = *m;
-      o.fields["power_state"] = std::string("Off");
-      o.fields["registration_state"] = std::string("Unregistered");
-      if (auto u = tx.update(name, o); !u) return u.error();
-    }
-    return {};
-  }));
+  site.update(Kind::hypervisor_connection, "sim",
+              {{"simulated_boot_delay_seconds", std::int64_t{3600}}, {"max_new_actions_per_minute", std::int64_t{100}}});
+  for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"})
+    site.update(Kind::machine, name,
+                {{"power_state", std::string("Off")}, {"registration_state", std::string("Unregistered")}});
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
@@ -153,20 +151,9 @@ TEST_CASE("power manager: fault states StuckOnBoot and Unregistered") {
 
 TEST_CASE("power manager: a machine powered on whose agent never registers gets the Unregistered fault") {
   Site site;
-  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
-    auto conn = tx.get(Kind::hypervisor_connection, "sim");
-    if (!conn) return conn.error();
-    Object c = *conn;
-    c.fields["simulated_boot_delay_seconds"] = std::int64_t{0};
-    if (auto u = tx.update("sim", c); !u) return u.error();
-    auto m = tx.get(Kind::machine, "DEMO\\pool-2");
-    if (!m) return m.error();
-    Object o = *m;
-    o.fields["power_state"] = std::string("Off");
-    o.fields["registration_state"] = std::string("Unregistered");
-    if (auto u = tx.update("DEMO\\pool-2", o); !u) return u.error();
-    return {};
-  }));
+  site.update(Kind::hypervisor_connection, "sim", {{"simulated_boot_delay_seconds", std::int64_t{0}}});
+  site.update(Kind::machine, "DEMO\\pool-2",
+              {{"power_state", std::string("Off")}, {"registration_state", std::string("Unregistered")}});
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
@@ -191,22 +178,10 @@ TEST_CASE("power manager: a machine powered on whose agent never registers gets 
 
 TEST_CASE("power manager: a launch's power-on says when the connection's throttles hold it back") {
   Site site;
-  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
-    auto conn = tx.get(Kind::hypervisor_connection, "sim");
-    if (!conn) return conn.error();
-    Object c = *conn;
-    c.fields["max_new_actions_per_minute"] = std::int64_t{1};
-    c.fields["simulated_boot_delay_seconds"] = std::int64_t{3600};
-    if (auto u = tx.update("sim", c); !u) return u.error();
-    for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"}) {
-      auto m = tx.get(Kind::machine, name);
-      if (!m) return m.error();
-      Object o = *m;
-      o.fields["power_state"] = std::string("Off");
-      if (auto u = tx.update(name, o); !u) return u.error();
-    }
-    return {};
-  }));
+  site.update(Kind::hypervisor_connection, "sim",
+              {{"max_new_actions_per_minute", std::int64_t{1}}, {"simulated_boot_delay_seconds", std::int64_t{3600}}});
+  for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"})
+    site.update(Kind::machine, name, {{"power_state", std::string("Off")}});
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
@@ -309,14 +284,7 @@ TEST_CASE("power manager: a libvirt connection's username and password_file answ
 
 TEST_CASE("power manager: a simulated connection's simulated_failure_percent fails its actions (retried, then Failed)") {
   Site site;
-  REQUIRE(site.repo->write([&](storage::Transaction& tx) -> common::Status {
-    auto conn = tx.get(Kind::hypervisor_connection, "sim");
-    if (!conn) return conn.error();
-    Object c = *conn;
-    c.fields["simulated_failure_percent"] = std::int64_t{100};
-    if (auto u = tx.update("sim", c); !u) return u.error();
-    return {};
-  }));
+  site.update(Kind::hypervisor_connection, "sim", {{"simulated_failure_percent", std::int64_t{100}}});
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(10);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);

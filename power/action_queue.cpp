@@ -440,16 +440,21 @@ void ActionQueue::run_call(const Call& call) {
   }
 }
 
+ActionQueue::Entry* ActionQueue::returned_locked(const Call& call) {
+  --in_flight_;
+  wake_ = true;
+  const auto it = actions_.find(call.id);
+  if (it == actions_.end() || it->second.rec.state != ActionState::started || it->second.rec.attempts != call.attempt)
+    return nullptr;
+  it->second.call_in_flight = false;
+  return &it->second;
+}
+
 void ActionQueue::on_performed(const Call& call, const Outcome& out) {
   {
     std::lock_guard lock(mutex_);
-    --in_flight_;
-    wake_ = true;
-    const auto it = actions_.find(call.id);
-    if (it != actions_.end() && it->second.rec.state == ActionState::started &&
-        it->second.rec.attempts == call.attempt) {
-      Entry& e = it->second;
-      e.call_in_flight = false;
+    if (Entry* found = returned_locked(call)) {
+      Entry& e = *found;
       const auto now = clock_.now();
       const int max_attempts = std::max(1, options_.max_attempts);
       if (out.ok()) {
@@ -482,13 +487,8 @@ void ActionQueue::on_performed(const Call& call, const Outcome& out) {
 void ActionQueue::on_queried(const Call& call, const Outcome& out, PowerState state) {
   {
     std::lock_guard lock(mutex_);
-    --in_flight_;
-    wake_ = true;
-    const auto it = actions_.find(call.id);
-    if (it != actions_.end() && it->second.rec.state == ActionState::started &&
-        it->second.rec.attempts == call.attempt) {
-      Entry& e = it->second;
-      e.call_in_flight = false;
+    if (Entry* found = returned_locked(call)) {
+      Entry& e = *found;
       const auto now = clock_.now();
       e.last_check = now;
       if (out.ok()) {

@@ -268,6 +268,9 @@ class ActionQueue {
   void run_dispatcher();
   void post(std::vector<Call> calls);
   void run_call(const Call& call);
+  // A driver call came back: the action it belongs to, or nullptr when the result is stale (the
+  // action has moved on: cancelled, restarted, another attempt).
+  Entry* returned_locked(const Call& call);
   void on_performed(const Call& call, const Outcome& out);
   void on_queried(const Call& call, const Outcome& out, PowerState state);
   // Delivers events_ to the store and observers; dispatcher thread only, without mutex_.
