@@ -2,6 +2,7 @@
 
 #include "common/crypto.hpp"
 #include "common/model_json.hpp"
+#include "broker/session_keys.hpp"
 #include "identity/directory.hpp"
 #include "storage/repository.hpp"
 
@@ -37,19 +38,25 @@ storage::AuditEntry agent_audit(const std::string& machine, const char* action) 
   return e;
 }
 
-// A session the agent still has (not LoggedOff), or errc::not_found.
-Result<Object> live_session(storage::Transaction& tx, const std::string& key) {
-  auto s = tx.get(Kind::session, key);
+// The session `key` of `machine` that has not logged off, or errc::not_found.
+Result<Object> live_session(storage::Transaction& tx, const std::string& machine, const std::string& key) {
+  auto s = find_session(tx, machine, key);
   if (s && s->text("state") == "LoggedOff")
     return make_error(errc::not_found, "session '" + key + "' has logged off");
   return s;
 }
 
 // An agent reuses a key of a session that logged off: the old record makes room for the new one.
-Status forget_logged_off(storage::Transaction& tx, const std::string& key) {
-  auto s = tx.get(Kind::session, key);
-  if (s && s->text("state") == "LoggedOff") return tx.remove(Kind::session, key);
+Status forget_logged_off(storage::Transaction& tx, const std::string& machine, const std::string& key) {
+  auto s = find_session(tx, machine, key);
+  if (s && s->text("state") == "LoggedOff") return tx.remove(Kind::session, s->name);
   return {};
+}
+
+// The most sessions a machine may report (docs/cbp.md "Sessions"): one on a single-session
+// machine; kMaxMultiSessions on a session host.
+std::size_t session_limit(const std::string& session_support) {
+  return session_support == "MultiSession" ? AgentRegistry::kMaxMultiSessions : 1;
 }
 
 // The session ended: kept as LoggedOff with its end time (purged later by the launcher's sweep).
@@ -175,9 +182,13 @@ void AgentRegistry::record_success(const std::string& machine) {
 
 Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration& reg) {
   std::optional<Refusal> refusal;
-  int ended = 0, non_brokered = 0, ignored = 0;
-  const std::string now = common::format_time(clock_.now());
+  int ended = 0, non_brokered = 0, ignored = 0, over_limit = 0;
+  std::vector<std::string> lost;  // pending sessions whose preparation the agent no longer has
+  const auto now_time = clock_.now();
+  const std::string now = common::format_time(now_time);
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+    ended = non_brokered = ignored = over_limit = 0;
+    lost.clear();
     auto m = tx.get(Kind::machine, reg.machine);
     if (!m && m.error().code == errc::not_found) {
       refusal = Refusal{"UnknownMachine", "no machine named '" + reg.machine + "'"};
@@ -199,43 +210,94 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
     std::vector<std::string> states;
     for (const auto& s : *stored) {
       if (s.text("state") == "LoggedOff") continue;
+      const auto key = agent_session_key(s);
       const auto reported = std::find_if(reg.sessions.begin(), reg.sessions.end(),
-                                         [&](const AgentSession& a) { return a.session_key == s.name; });
-      if (reported == reg.sessions.end() && s.text("state") != "PreparingNewSession") {
+                                         [&](const AgentSession& a) { return a.session_key == key; });
+      if (reported != reg.sessions.end()) continue;
+      if (s.text("state") != "PreparingNewSession") {
         if (auto r = end_session(tx, s, now); !r) return r;
         ++ended;
-      } else if (reported == reg.sessions.end()) {
-        states.push_back(s.text("state"));
+        continue;
       }
+      // A launch's pending session the agent does not report: it restarted without the
+      // preparation, so the user's client can never connect to it. Ended at once, unless a launch
+      // may still be preparing it right now (younger than the preparation grace).
+      common::SysTime started;
+      const bool young = !common::parse_time(s.text("start_time"), started) || now_time < started + preparation_grace_;
+      if (young || !s.flag("brokered", true)) {
+        states.push_back(s.text("state"));
+        continue;
+      }
+      if (auto r = end_session(tx, s, now); !r) return r;
+      lost.push_back(s.name);
+      Object failed = *m;
+      failed.fields["last_connection_failure"] = std::string("SessionPreparation");
+      auto failed_stored = tx.update(reg.machine, failed);
+      if (!failed_stored) return failed_stored.error();
+      m = std::move(*failed_stored);
+      auto e = agent_audit(reg.machine, "launch-failed");
+      e.kind = "session";
+      e.object = s.name;
+      e.after = boost::json::serialize(boost::json::object{{"user", s.text("user_name")},
+                                                           {"machine", reg.machine},
+                                                           {"reason", "PreparationLost"},
+                                                           {"error", "the agent re-registered without the session"}});
+      if (auto audited = tx.append_audit(e); !audited) return audited;
     }
+    const std::size_t limit = session_limit(reg.session_support);
     for (const auto& a : reg.sessions) {
-      auto existing = live_session(tx, a.session_key);
+      auto existing = live_session(tx, reg.machine, a.session_key);
       if (!existing && existing.error().code != errc::not_found) return existing.error();
       if (!existing && a.state == "PreparingNewSession") {
         ++ignored;  // no client and no valid ticket: it will never become a session we know
         continue;
       }
-      if (auto r = forget_logged_off(tx, a.session_key); !r) return r;
-      Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
+      if (!existing && states.size() >= limit) {
+        ++over_limit;  // more than the machine's session support allows: not recorded
+        continue;
+      }
+      if (auto r = forget_logged_off(tx, reg.machine, a.session_key); !r) return r;
+      Object s = existing ? *existing : common::model::make_default(Kind::session, "");
       if (!existing) {
+        auto name = reported_session_name(tx, reg.machine, a.session_key);
+        if (!name) return name.error();
+        s.name = *name;
+        s.fields["session_key"] = a.session_key;
         s.fields["brokered"] = false;
         s.fields["start_time"] = now;
         ++non_brokered;
       }
       s.fields["machine"] = reg.machine;
-      s.fields["user_name"] = a.user;
-      s.fields["state"] = stored_state(a.state);
+      // What the agent does not report keeps what the broker knows (docs/cbp.md allows a
+      // prepared session without its user); another user in a brokered session is not taken
+      // over here: the session's next event ends it (session_event).
+      const bool brokered = existing && existing->flag("brokered", true);
+      if (!a.user.empty() && !(brokered && !existing->text("user_name").empty()))
+        s.fields["user_name"] = a.user;
+      if (!a.client_name.empty()) s.fields["client_name"] = a.client_name;
+      if (!a.client_address.empty()) s.fields["client_address"] = a.client_address;
+      const auto state = stored_state(a.state);
+      if (!existing || s.text("state") != state) s.fields["state_change_time"] = now;
+      s.fields["state"] = state;
       s.fields["protocol"] = protocol_or_default(a.protocol);
-      s.fields["client_name"] = a.client_name;
-      s.fields["client_address"] = a.client_address;
       if (!a.application.empty()) {
         s.fields["application"] = a.application;
         s.fields["session_type"] = std::string("Application");
       }
-      s.fields["state_change_time"] = now;
+      if (existing && common::model::same_declared_fields(s, *existing) && s.fields == existing->fields) {
+        states.push_back(state);
+        continue;  // nothing changed: no write
+      }
       auto r = existing ? tx.update(s.name, s) : tx.create(s);
       if (!r) return r.error();
-      states.push_back(s.text("state"));
+      states.push_back(state);
+    }
+    if (over_limit > 0) {
+      auto e = agent_audit(reg.machine, "session-limit-exceeded");
+      e.after = boost::json::serialize(boost::json::object{{"session_support", reg.session_support},
+                                                           {"limit", static_cast<std::int64_t>(limit)},
+                                                           {"not_recorded", over_limit}});
+      if (auto r = tx.append_audit(e); !r) return r;
     }
     Object updated = *m;
     updated.fields["registration_state"] = std::string("Registered");
@@ -253,13 +315,21 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
     return {};
   });
   if (!st) return st.error();
-  if (refusal)
+  if (refusal) {
     logger_->warn("registration of '{}' refused: {}: {}", reg.machine, refusal->reason, refusal->message);
-  else
-    logger_->info(
-        "machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered, {} unknown "
-        "preparations ignored)",
-        reg.machine, reg.agent_version, reg.protocol_version, reg.sessions.size(), ended, non_brokered, ignored);
+    return refusal;
+  }
+  logger_->info(
+      "machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered, {} unknown "
+      "preparations ignored)",
+      reg.machine, reg.agent_version, reg.protocol_version, reg.sessions.size(), ended, non_brokered, ignored);
+  for (const auto& key : lost)
+    logger_->warn("machine '{}' re-registered without the pending session {}: the launch's preparation is lost; "
+                  "session ended (PreparationLost)",
+                  reg.machine, key);
+  if (over_limit > 0)
+    logger_->warn("machine '{}' ({}) reported {} sessions more than it may have ({}); not recorded", reg.machine,
+                  reg.session_support, over_limit, session_limit(reg.session_support));
   return refusal;
 }
 
@@ -314,9 +384,10 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
                                                          const AgentSession& a) {
   const std::string now = common::format_time(clock_.now());
   SessionEventOutcome outcome;
+  bool over_limit = false;
   // The event and the machine's summary, in one transaction.
   auto apply = [&](storage::Transaction& tx) -> Status {
-    auto existing = live_session(tx, a.session_key);
+    auto existing = live_session(tx, machine, a.session_key);
     if (!existing && existing.error().code != errc::not_found) return existing.error();
     if (event == "LoggedOff") {
       if (!existing) return {};
@@ -363,9 +434,35 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
                                                            {"client_address", a.client_address}});
       return tx.append_audit(e);
     }
-    if (auto r = forget_logged_off(tx, a.session_key); !r) return r;
-    Object s = existing ? *existing : common::model::make_default(Kind::session, a.session_key);
     if (!existing) {
+      // A session the broker did not broker: within the machine's session support only.
+      auto m = tx.get(Kind::machine, machine);
+      if (!m) return m.error();
+      auto cat = tx.get(Kind::catalog, m->text("catalog"));
+      if (!cat) return cat.error();
+      storage::Query q;
+      q.equals.emplace_back("machine", machine);
+      auto sessions = tx.list(Kind::session, q);
+      if (!sessions) return sessions.error();
+      const auto live = std::count_if(sessions->begin(), sessions->end(),
+                                      [](const Object& o) { return o.text("state") != "LoggedOff"; });
+      const auto limit = session_limit(cat->text("session_support"));
+      if (static_cast<std::size_t>(live) >= limit) {
+        over_limit = true;
+        auto e = agent_audit(machine, "session-limit-exceeded");
+        e.after = boost::json::serialize(boost::json::object{{"session_support", cat->text("session_support")},
+                                                             {"limit", static_cast<std::int64_t>(limit)},
+                                                             {"session_key", a.session_key}});
+        return tx.append_audit(e);
+      }
+    }
+    if (auto r = forget_logged_off(tx, machine, a.session_key); !r) return r;
+    Object s = existing ? *existing : common::model::make_default(Kind::session, "");
+    if (!existing) {
+      auto name = reported_session_name(tx, machine, a.session_key);
+      if (!name) return name.error();
+      s.name = *name;
+      s.fields["session_key"] = a.session_key;
       s.fields["brokered"] = false;
       s.fields["start_time"] = now;
     }
@@ -391,6 +488,9 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
   if (!st) return st.error();
   if (outcome.end_session)
     logger_->warn("machine '{}': session {}: {}; ending it", machine, a.session_key, outcome.why);
+  if (over_limit)
+    logger_->warn("machine '{}' reported session {} beyond what its session support allows; not recorded", machine,
+                  a.session_key);
   return outcome;
 }
 

@@ -61,6 +61,10 @@ struct SessionEventOutcome {
 
 class AgentRegistry {
  public:
+  // The most sessions a multi-session machine may report (a single-session machine: one). More
+  // are not recorded; the violation is logged and audited (session-limit-exceeded).
+  static constexpr std::size_t kMaxMultiSessions = 10000;
+
   AgentRegistry(storage::Repository& repository, common::Clock& clock, std::shared_ptr<spdlog::logger> logger,
                 int max_failures_per_minute = 5, std::chrono::seconds back_off = std::chrono::seconds(60));
 
@@ -84,6 +88,11 @@ class AgentRegistry {
   // Marks the machine Registered and reconciles its sessions: stored sessions the agent no longer
   // has are ended (LoggedOff), reported sessions the broker never brokered are recorded as
   // NonBrokeredSession, reported PreparingNewSession ones the broker does not know are ignored.
+  // A field the agent leaves empty (user, client name, client address) keeps its stored value;
+  // a brokered session keeps its brokered user. A launch's pending session the agent does not
+  // report is ended (LoggedOff, audit launch-failed PreparationLost) once it is older than the
+  // preparation grace (a launch may still be preparing a younger one). Sessions beyond the
+  // machine's session support are not recorded (audit session-limit-exceeded).
   // Returns a Refusal (and changes nothing) for a session-support mismatch with the catalog or an
   // unknown machine.
   Result<std::optional<Refusal>> register_agent(const Registration& registration);
@@ -103,6 +112,9 @@ class AgentRegistry {
   // opened; set before agents connect.
   Result<storage::LogonTicket> redeem_ticket(const std::string& machine, const std::string& ticket);
   void set_credential_key(std::string site_key) { credential_key_ = std::move(site_key); }
+  // How long after its start a pending session may still be in preparation by a launch (the
+  // launcher's prepare timeout and a margin); set before agents connect.
+  void set_preparation_grace(std::chrono::seconds grace) { preparation_grace_ = grace; }
 
   // Unregistered with the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and time.
   Status deregister(const std::string& machine, const std::string& reason);
@@ -114,6 +126,7 @@ class AgentRegistry {
   int max_failures_;
   std::chrono::seconds back_off_;
   std::string credential_key_;
+  std::chrono::seconds preparation_grace_{35};
   std::mutex mutex_;
   std::map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
   std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_

@@ -1,5 +1,6 @@
 #include "broker/agent_registry.hpp"
 
+#include "broker/session_keys.hpp"
 #include "broker/site_objects.hpp"
 #include "common/crypto.hpp"
 #include "common/log.hpp"
@@ -191,7 +192,7 @@ TEST_CASE("logon tickets: once, only by their machine, within their lifetime, th
   CHECK(ok->user_name == "DEMO\\alice");
   CHECK(ok->credential_type == "password");
   CHECK(ok->credential_data == "opaque");
-  CHECK(f.agents->redeem_ticket("DEMO\\m1", "T1").error().message == "unknown ticket");  // once
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "T1").error().message == "already redeemed");  // once
 
   REQUIRE(put("T2", std::chrono::seconds(10)));
   f.clock.advance(std::chrono::seconds(11));
@@ -207,4 +208,134 @@ TEST_CASE("logon tickets: once, only by their machine, within their lifetime, th
     return {};
   }));
   CHECK(purged == 1);
+}
+
+namespace {
+
+// A launch's pending session as the launcher stores it.
+common::Status put_pending(Fixture& f, const std::string& key, const std::string& machine, common::SysTime started) {
+  Object s = make_default(Kind::session, key);
+  s.fields["machine"] = machine;
+  s.fields["user_name"] = std::string("DEMO\\bob");
+  s.fields["client_name"] = std::string("BOB-PC");
+  s.fields["client_address"] = std::string("192.0.2.7");
+  s.fields["delivery_group"] = std::string("grp");
+  s.fields["state"] = std::string("PreparingNewSession");
+  s.fields["start_time"] = common::format_time(started);
+  return f.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto r = tx.create(s);
+    if (!r) return r.error();
+    return {};
+  });
+}
+
+std::vector<std::string> audit_actions(Fixture& f) {
+  std::vector<std::string> out;
+  (void)f.repo->read([&](storage::Transaction& tx) -> common::Status {
+    auto entries = tx.list_audit({});
+    if (!entries) return entries.error();
+    for (const auto& e : *entries) out.push_back(e.action);
+    return {};
+  });
+  return out;
+}
+
+bool has(const std::vector<std::string>& v, const std::string& x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+}  // namespace
+
+TEST_CASE("re-registration keeps what the broker knows of a session when the agent does not report it") {
+  Fixture f;
+  REQUIRE(put_pending(f, "SPENDING", "DEMO\\m1", f.clock.now()));
+  // The agent reports the prepared session without its user or client (docs/cbp.md allows it).
+  AgentSession bare{"SPENDING", "", "PreparingNewSession", "", "", "HDX", ""};
+  auto r = f.agents->register_agent(reg("DEMO\\m1", {bare}));
+  REQUIRE(r.has_value());
+  CHECK_FALSE(r->has_value());
+  auto s = f.site->get(Kind::session, "SPENDING");
+  REQUIRE(s.has_value());
+  CHECK(s->text("user_name") == "DEMO\\bob");
+  CHECK(s->text("client_name") == "BOB-PC");
+  CHECK(s->text("client_address") == "192.0.2.7");
+  CHECK(s->text("state") == "PreparingNewSession");
+  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Preparing");
+  // The user connects: the session is theirs, not a wrong-user case.
+  AgentSession active{"SPENDING", "DEMO\\bob", "Active", "BOB-PC", "192.0.2.7", "HDX", ""};
+  auto e = f.agents->session_event("DEMO\\m1", "Active", active);
+  REQUIRE(e.has_value());
+  CHECK_FALSE(e->end_session);
+  CHECK(f.site->get(Kind::session, "SPENDING")->text("state") == "Active");
+  // Another user reported at registration does not take the brokered session over.
+  AgentSession other{"SPENDING", "DEMO\\mallory", "Active", "", "", "HDX", ""};
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1", {other})).has_value());
+  CHECK(f.site->get(Kind::session, "SPENDING")->text("user_name") == "DEMO\\bob");
+}
+
+TEST_CASE("a pending session the re-registered agent no longer has is ended at once, unless a launch may still prepare it") {
+  Fixture f;
+  f.agents->set_preparation_grace(std::chrono::seconds(10));
+  REQUIRE(put_pending(f, "SOLD", "DEMO\\m1", f.clock.now() - std::chrono::seconds(30)));
+  REQUIRE(put_pending(f, "SYOUNG", "DEMO\\m1", f.clock.now() - std::chrono::seconds(2)));
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1")).has_value());
+  auto old = f.site->get(Kind::session, "SOLD");
+  REQUIRE(old.has_value());
+  CHECK(old->text("state") == "LoggedOff");
+  CHECK(f.site->get(Kind::session, "SYOUNG")->text("state") == "PreparingNewSession");
+  CHECK(f.machine("DEMO\\m1").text("last_connection_failure") == "SessionPreparation");
+  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  CHECK(has(audit_actions(f), "launch-failed"));
+  // Once the young one is past the grace, the next registration ends it too.
+  f.clock.advance(std::chrono::seconds(20));
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1")).has_value());
+  CHECK(f.site->get(Kind::session, "SYOUNG")->text("state") == "LoggedOff");
+  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Available");
+}
+
+TEST_CASE("session keys are unique per machine: two machines reporting the same key keep two sessions") {
+  Fixture f;
+  REQUIRE(f.agents->enroll("DEMO\\m2", "pool").has_value());
+  AgentSession a{"rdp-3", "DEMO\\alice", "Active", "PC-A", "10.1.1.1", "RDP", ""};
+  AgentSession b{"rdp-3", "DEMO\\bob", "Active", "PC-B", "10.1.1.2", "RDP", ""};
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1", {a})).has_value());
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m2", {b})).has_value());
+  auto first = f.site->get(Kind::session, "rdp-3");
+  REQUIRE(first.has_value());
+  CHECK(first->text("machine") == "DEMO\\m1");
+  CHECK(first->text("user_name") == "DEMO\\alice");
+  auto second = f.site->get(Kind::session, "DEMO\\m2/rdp-3");
+  REQUIRE(second.has_value());
+  CHECK(second->text("machine") == "DEMO\\m2");
+  CHECK(second->text("session_key") == "rdp-3");
+  CHECK(broker::agent_session_key(*second) == "rdp-3");
+  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  CHECK(f.machine("DEMO\\m2").integer("session_count") == 1);
+  // Events go to each machine's own record; registering again changes nothing.
+  REQUIRE(f.agents->session_event("DEMO\\m2", "Disconnected", b).has_value());
+  CHECK(f.site->get(Kind::session, "DEMO\\m2/rdp-3")->text("state") == "Disconnected");
+  CHECK(f.site->get(Kind::session, "rdp-3")->text("state") == "Active");
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1", {a})).has_value());
+  CHECK(f.site->get(Kind::session, "DEMO\\m2/rdp-3")->text("machine") == "DEMO\\m2");
+  CHECK(f.site->get(Kind::session, "rdp-3")->text("machine") == "DEMO\\m1");
+  REQUIRE(f.agents->session_event("DEMO\\m1", "LoggedOff", a).has_value());
+  CHECK(f.site->get(Kind::session, "rdp-3")->text("state") == "LoggedOff");
+  CHECK(f.site->get(Kind::session, "DEMO\\m2/rdp-3")->text("state") == "Disconnected");
+}
+
+TEST_CASE("a single-session machine records one session, whatever its agent reports") {
+  Fixture f;
+  std::vector<AgentSession> many;
+  for (int i = 0; i < 5; ++i)
+    many.push_back({"x-" + std::to_string(i), "DEMO\\u" + std::to_string(i), "Active", "", "", "HDX", ""});
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1", many)).has_value());
+  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  CHECK(f.site->get(Kind::session, "x-0").has_value());
+  CHECK_FALSE(f.site->get(Kind::session, "x-1").has_value());
+  CHECK(has(audit_actions(f), "session-limit-exceeded"));
+  // A further session reported by event is not recorded either.
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Active", many[3]).has_value());
+  CHECK_FALSE(f.site->get(Kind::session, "x-3").has_value());
+  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  // The recorded one still takes events.
+  REQUIRE(f.agents->session_event("DEMO\\m1", "Disconnected", many[0]).has_value());
+  CHECK(f.site->get(Kind::session, "x-0")->text("state") == "Disconnected");
 }

@@ -3,6 +3,7 @@
 
 #include "broker/agent_registry.hpp"
 #include "broker/entitlements.hpp"
+#include "broker/session_keys.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
 #include "common/log.hpp"
@@ -129,7 +130,8 @@ Result<Site> read_site(storage::Transaction& tx) {
 struct Reservation {
   std::string machine, address, dns_name, group;
   std::int64_t machine_id = 0;
-  std::string session_key, ticket;
+  std::string session_key, ticket;  // session_key: the stored session's name
+  std::string agent_key;            // the key the agent knows the session by (session_keys.hpp)
   bool reconnect = false;
   bool disconnect_first = false;  // the session is active elsewhere: disconnect it, then reconnect
   std::string new_assignment;     // made by this launch (undone when the launch fails)
@@ -209,6 +211,62 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   Impl(storage::Repository& r, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
        std::shared_ptr<spdlog::logger> l, LauncherOptions o)
       : repo(r), clock(c), agents(a), work(w), log(std::move(l)), opts(std::move(o)) {}
+
+  // Wraps the reply to a command about stored session `name` of `machine`: when the agent answers
+  // that it has no such session (it restarted without it, or it ended unseen), the stored session
+  // is ended at once (LoggedOff, audit session-ended NotOnAgent) before `done` is called.
+  AgentChannel::Done ending_missing(const std::string& machine, const std::string& name, AgentChannel::Done done) {
+    auto self = shared_from_this();
+    return [self, machine, name, done = std::move(done)](bool ok, const std::string& error) {
+      if (ok || error != kNoSuchSession) return done(ok, error);
+      auto end = [self, machine, name, done, error] {
+        self->end_missing(machine, name);
+        done(false, error);
+      };
+      if (!self->work.post(end)) done(false, error);
+    };
+  }
+
+  void end_missing(const std::string& machine, const std::string& name) {
+    const auto now = common::format_time(clock.now());
+    bool ended = false;
+    auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      auto s = tx.get(Kind::session, name);
+      if (!s && s.error().code == errc::not_found) return {};
+      if (!s) return s.error();
+      if (s->text("machine") != machine || s->text("state") == "LoggedOff") return {};
+      Object updated = *s;
+      updated.fields["state"] = std::string("LoggedOff");
+      updated.fields["state_change_time"] = now;
+      updated.fields["end_time"] = now;
+      if (auto r = tx.update(name, updated); !r) return r.error();
+      if (auto m = tx.get(Kind::machine, machine)) {
+        auto cat = tx.get(Kind::catalog, m->text("catalog"));
+        if (!cat) return cat.error();
+        storage::Query live;
+        live.equals.emplace_back("machine", machine);
+        auto all = tx.list(Kind::session, live);
+        if (!all) return all.error();
+        std::vector<std::string> states;
+        for (const auto& o : *all)
+          if (o.text("state") != "LoggedOff") states.push_back(o.text("state"));
+        Object mu = *m;
+        if (s->text("state") == "PreparingNewSession") mu.fields["last_connection_failure"] = std::string("SessionPreparation");
+        mu.fields["session_count"] = static_cast<std::int64_t>(states.size());
+        if (mu.text("registration_state") == "Registered")
+          mu.fields["summary_state"] =
+              summary_state(true, cat->text("session_support"), mu.integer("load_index"), states);
+        if (auto r = tx.update(machine, mu); !r) return r.error();
+      }
+      ended = true;
+      return tx.append_audit(launch_audit("session-ended", name,
+                                          {{"user", s->text("user_name")}, {"machine", machine},
+                                           {"state", s->text("state")}, {"reason", "NotOnAgent"}}));
+    });
+    if (!st) log->warn("session {} on {}: the agent no longer has it, but it cannot be ended: {}", name, machine,
+                       st.error().describe());
+    else if (ended) log->info("session {} on {}: the agent no longer has it; ended (NotOnAgent)", name, machine);
+  }
 
   struct Attempt {
     LaunchRequest request;
@@ -339,6 +397,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       out.reconnect = true;
       out.disconnect_first = s->text("state") == "Active";
       out.session_key = s->name;
+      out.agent_key = agent_session_key(*s);
       out.prepare.resource = s->text("application").empty() ? s->text("delivery_group") : s->text("application");
       out.prepare.application = !s->text("application").empty();
     } else {
@@ -403,6 +462,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         out.reconnect = true;
         out.disconnect_first = existing->text("state") == "Active";
         out.session_key = existing->name;
+        out.agent_key = agent_session_key(*existing);
       } else {
         // Instance limits.
         auto count_sessions = [&](auto pred) {
@@ -489,7 +549,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
 
     out.prepare.user = cred_user;
     out.prepare.ticket = out.ticket;
-    out.prepare.session_key = out.session_key;
+    if (out.agent_key.empty()) out.agent_key = out.session_key;
+    out.prepare.session_key = out.agent_key;
     out.prepare.connect_timeout_seconds = ttl;
     out.prepare.client_name = req.client_name;
     out.prepare.client_address = req.client_address;
@@ -676,7 +737,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
                                    });
     };
     if (res.disconnect_first) {
-      agents.disconnect_session(res.machine, res.session_key, opts.prepare_timeout,
+      agents.disconnect_session(res.machine, res.agent_key, opts.prepare_timeout,
                                 [prepare](bool, const std::string&) { prepare(); });
     } else {
       prepare();
@@ -993,6 +1054,7 @@ Result<std::vector<UserSession>> Launcher::user_sessions(const identity::UserIde
       if (!states.empty() && !states.contains(state)) continue;
       UserSession u;
       u.session_key = s.name;
+      u.agent_key = agent_session_key(s);
       u.machine = s.text("machine");
       u.resource = s.text("application").empty() ? s.text("delivery_group") : s.text("application");
       u.state = state;
@@ -1011,32 +1073,41 @@ Result<int> Launcher::end_user_sessions(const identity::UserIdentity& user, bool
   if (!sessions) return sessions.error();
   for (const auto& s : *sessions) {
     auto log = impl_->log;
-    auto done = [log, s, logoff](bool ok, const std::string& error) {
+    auto done = impl_->ending_missing(s.machine, s.session_key, [log, s, logoff](bool ok, const std::string& error) {
       if (!ok) log->warn("{} of session {} on {} failed: {}", logoff ? "logoff" : "disconnect", s.session_key, s.machine, error);
-    };
+    });
     if (logoff)
-      impl_->agents.logoff_session(s.machine, s.session_key, impl_->opts.prepare_timeout, done);
+      impl_->agents.logoff_session(s.machine, s.agent_key, impl_->opts.prepare_timeout, done);
     else if (s.state == "Active")
-      impl_->agents.disconnect_session(s.machine, s.session_key, impl_->opts.prepare_timeout, done);
+      impl_->agents.disconnect_session(s.machine, s.agent_key, impl_->opts.prepare_timeout, done);
   }
   return static_cast<int>(sessions->size());
 }
 
 Status Launcher::session_command(const std::string& session_key, const std::string& command, const std::string& title,
                                  const std::string& text, AgentChannel::Done done) {
-  std::string machine;
+  std::string machine, key;
   auto st = impl_->repo.read([&](storage::Transaction& tx) -> Status {
     auto s = tx.get(Kind::session, session_key);
     if (!s) return s.error();
     if (s->text("state") == "LoggedOff") return make_error(errc::not_found, "session '" + session_key + "' has logged off");
     machine = s->text("machine");
+    key = agent_session_key(*s);
     return {};
   });
   if (!st) return st;
   const auto timeout = impl_->opts.prepare_timeout;
-  if (command == "logoff") impl_->agents.logoff_session(machine, session_key, timeout, std::move(done));
-  else if (command == "disconnect") impl_->agents.disconnect_session(machine, session_key, timeout, std::move(done));
-  else if (command == "message") impl_->agents.send_message(machine, session_key, title, text, timeout, std::move(done));
+  if (command == "logoff") {
+    // The agent no longer has it: the session is over, and the admin's logoff has done its job.
+    auto ended = [done = std::move(done)](bool ok, const std::string& error) {
+      done(ok || error == kNoSuchSession, ok || error == kNoSuchSession ? std::string() : error);
+    };
+    impl_->agents.logoff_session(machine, key, timeout, impl_->ending_missing(machine, session_key, std::move(ended)));
+  } else if (command == "disconnect") {
+    impl_->agents.disconnect_session(machine, key, timeout, impl_->ending_missing(machine, session_key, std::move(done)));
+  } else if (command == "message") {
+    impl_->agents.send_message(machine, key, title, text, timeout, std::move(done));
+  }
   else return make_error(errc::invalid_argument, "unknown session command '" + command + "' (logoff, disconnect, message)", "command");
   return {};
 }

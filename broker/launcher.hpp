@@ -67,6 +67,9 @@ class PowerControl {
   virtual common::Result<bool> power_on(const std::string& machine) = 0;
 };
 
+// What an agent answers a command about a session it does not have (docs/cbp.md).
+inline constexpr const char* kNoSuchSession = "no such session";
+
 class AgentChannel {
  public:
   virtual ~AgentChannel() = default;
@@ -133,6 +136,7 @@ struct LaunchResult {
 
 struct UserSession {
   std::string session_key, machine, resource, state, client_name;
+  std::string agent_key;  // the key the machine's agent knows it by (broker/session_keys.hpp)
   std::int64_t machine_id = 0;
 };
 

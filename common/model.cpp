@@ -306,6 +306,7 @@ std::vector<KindSpec> build_specs() {
       number("brokering_duration_ms", 0, 0, std::numeric_limits<std::int64_t>::max(),
              "how long the broker took to answer the launch (BrokeringDuration)"),
       time_field("end_time", "when the session logged off (state LoggedOff; kept for a day, then purged)"),
+      text_field("session_key", "the key the machine's agent knows the session by, when it differs from the name"),
   }});
 
   kinds.push_back({Kind::power_action, "power_action", "power-actions", "power_actions", false, true, {

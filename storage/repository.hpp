@@ -88,12 +88,13 @@ class Transaction {
   // Stores a new ticket. errc::conflict for a duplicate hash, errc::invalid_argument for a
   // missing machine (or expires_at).
   virtual Status put_logon_ticket(const LogonTicket& ticket) = 0;
-  // Redeems a ticket once: when a ticket with that hash exists, was issued for `machine` and has
-  // not expired at `now` (common::format_time text), it is returned and deleted (so its
-  // credential data is gone). Otherwise errc::not_found with the reason in the message
-  // ("unknown ticket", "issued for another machine", "expired"); a ticket presented by the wrong
-  // machine is left in place, an expired one is deleted (callers commit the transaction even on
-  // not_found, or the deletion is rolled back with it).
+  // Redeems a ticket once: when a ticket with that hash exists, was issued for `machine`, has
+  // not expired at `now` (common::format_time text) and was not redeemed before, it is returned
+  // and marked redeemed (its credential data is wiped; the row stays until it expires, so a
+  // second redemption is told apart). Otherwise errc::not_found with the reason in the message
+  // ("unknown ticket", "issued for another machine", "expired", "already redeemed"); a ticket
+  // presented by the wrong machine is left in place, an expired one is deleted (callers commit
+  // the transaction even on not_found, or the deletion is rolled back with it).
   virtual Result<LogonTicket> redeem_logon_ticket(std::string_view ticket_hash, std::string_view machine,
                                                   std::string_view now) = 0;
   // Deletes every ticket expired at `now`; returns how many.
@@ -143,6 +144,10 @@ class Repository {
 struct SqliteOptions {
   std::string path;                 // ":memory:" for tests
   int busy_timeout_ms = 5000;
+  // A database file this call creates is made mode 0600 whatever the umask (SQLite gives its WAL
+  // and shared-memory files the same mode); with file_group (a system group name), 0640 and that
+  // group. An existing file keeps its mode. errc::invalid_argument for an unknown group.
+  std::string file_group;
   // optional: broker_storage_commit_seconds histogram, broker_storage_commit_batches_total and
   // broker_storage_commit_batch_writes_total counters (group-commit batch sizes)
   common::Metrics* metrics = nullptr;

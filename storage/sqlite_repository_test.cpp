@@ -10,6 +10,7 @@
 
 #include <doctest/doctest.h>
 #include <sqlite3.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -540,6 +541,152 @@ TEST_CASE("duplicate names are a conflict, on create and on rename") {
   CHECK(e.message == "a delivery group named 'g1' already exists");
   // The same name in another kind is fine.
   write_ok(*repo, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "g1")); });
+}
+
+TEST_CASE("names of users, groups, machines and the like are unique without regard to case") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  write_ok(*repo, [](Transaction& tx) {
+    Object u = make_default(Kind::user, "DEMO\\alice");
+    u.fields["domain"] = std::string("DEMO");
+    create_ok(tx, u);
+  });
+  auto e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    Object u = make_default(Kind::user, "DEMO\\ALICE");
+    u.fields["domain"] = std::string("DEMO");
+    auto r = tx.create(u);
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message.find("a user named 'DEMO\\alice' already exists") == 0);
+  e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    auto r = tx.create(machine("M1", "c1"));
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message.find("'m1'") != std::string::npos);
+  // A rename into another object's name in another case is refused; a change of case of the
+  // object's own name is fine.
+  e = write_error(*repo, [](Transaction& tx) -> common::Status {
+    Object g = *tx.get(Kind::delivery_group, "g2");
+    g.name = "G1";
+    auto r = tx.update("g2", g);
+    if (r) return {};
+    return r.error();
+  });
+  CHECK(e.code == errc::conflict);
+  CHECK(e.message.find("'g1'") != std::string::npos);
+  write_ok(*repo, [](Transaction& tx) {
+    Object g = *tx.get(Kind::delivery_group, "g2");
+    g.name = "G2";
+    REQUIRE(tx.update("g2", g).has_value());
+  });
+  // Sessions are named by keys, which are compared exactly.
+  write_ok(*repo, [](Transaction& tx) {
+    Object s1 = make_default(Kind::session, "Sab");
+    s1.fields["machine"] = std::string("m1");
+    create_ok(tx, s1);
+    Object s2 = make_default(Kind::session, "SAB");
+    s2.fields["machine"] = std::string("m1");
+    create_ok(tx, s2);
+  });
+}
+
+TEST_CASE("migration 5: a database holding names that differ only in case is refused, naming them") {
+  TempDir dir;
+  const std::string path = dir.file("v4.db");
+  auto as_version_4 = [&](bool clash) {
+    std::filesystem::remove(path);
+    { std::ofstream touch(path); }
+    RawDb raw(path);
+    for (const auto& m : storage::sqlite::migrations()) {
+      if (m.version > 4) break;
+      raw.exec(std::string(m.sql));
+      raw.exec("INSERT INTO schema_version VALUES (" + std::to_string(m.version) + ", '2026-01-01T00:00:00.000Z', 'x')");
+    }
+    raw.exec("INSERT INTO users (name, owner, created_at, updated_at) VALUES ('DEMO\\alice', 'config', "
+             "'2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')");
+    raw.exec(std::string("INSERT INTO users (name, owner, created_at, updated_at) VALUES (") +
+             (clash ? "'DEMO\\ALICE'" : "'DEMO\\bob'") + ", 'api', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')");
+  };
+  as_version_4(true);
+  storage::SqliteOptions options;
+  options.path = path;
+  auto r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::conflict);
+  CHECK(r.error().message.find("migration 5") != std::string::npos);
+  INFO(r.error().message);
+  CHECK(r.error().message.find("users: 'DEMO\\") != std::string::npos);
+  CHECK(r.error().message.find("'DEMO\\alice'") != std::string::npos);
+  CHECK(r.error().message.find("'DEMO\\ALICE'") != std::string::npos);
+  {
+    RawDb raw(path);  // nothing was applied
+    CHECK(raw.rows("SELECT max(version) FROM schema_version")[0][0] == "4");
+  }
+  as_version_4(false);
+  auto repo = open_repo(path);
+  CHECK(repo->schema().version == storage::current_schema_version());
+}
+
+TEST_CASE("a new database file and its WAL are private (0600) whatever the umask") {
+  TempDir dir;
+  const mode_t old = ::umask(022);
+  storage::SqliteOptions options;
+  options.path = dir.file("private.db");
+  auto r = storage::open_sqlite(options);
+  ::umask(old);
+  REQUIRE(r.has_value());
+  write_ok(**r, [](Transaction& tx) { create_ok(tx, make_default(Kind::catalog, "c1")); });
+  auto mode = [](const std::string& p) {
+    return static_cast<int>(std::filesystem::status(p).permissions() & std::filesystem::perms::all);
+  };
+  CHECK(mode(options.path) == 0600);
+  REQUIRE(std::filesystem::exists(options.path + "-wal"));
+  CHECK(mode(options.path + "-wal") == 0600);
+  (*r)->close();
+
+  options.path = dir.file("grouped.db");
+  options.file_group = "no-such-group-openbroker";
+  r = storage::open_sqlite(options);
+  REQUIRE(!r);
+  CHECK(r.error().code == errc::invalid_argument);
+  CHECK(!std::filesystem::exists(options.path));
+  options.file_group = "root";
+  r = storage::open_sqlite(options);
+  REQUIRE(r.has_value());
+  CHECK(mode(options.path) == 0640);
+}
+
+TEST_CASE("a logon ticket is redeemed once; a second redemption says so, until it expires") {
+  auto repo = memory_repo();
+  small_site(*repo);
+  write_ok(*repo, [](Transaction& tx) {
+    storage::LogonTicket t;
+    t.ticket_hash = "h1";
+    t.machine = "m1";
+    t.user_name = "DEMO\\alice";
+    t.credential_data = "secret";
+    t.expires_at = "2026-01-01T00:10:00.000Z";
+    REQUIRE(tx.put_logon_ticket(t).has_value());
+  });
+  write_ok(*repo, [](Transaction& tx) {
+    auto t = tx.redeem_logon_ticket("h1", "m1", "2026-01-01T00:01:00.000Z");
+    REQUIRE(t.has_value());
+    CHECK(t->credential_data == "secret");
+  });
+  write_ok(*repo, [](Transaction& tx) {
+    auto again = tx.redeem_logon_ticket("h1", "m1", "2026-01-01T00:02:00.000Z");
+    REQUIRE(!again);
+    CHECK(again.error().code == errc::not_found);
+    CHECK(again.error().message == "already redeemed");
+    CHECK(tx.purge_logon_tickets("2026-01-01T00:10:00.000Z").value() == 1);
+    auto gone = tx.redeem_logon_ticket("h1", "m1", "2026-01-01T00:11:00.000Z");
+    REQUIRE(!gone);
+    CHECK(gone.error().message == "unknown ticket");
+  });
 }
 
 TEST_CASE("a reference to a missing object is invalid_argument naming the field") {

@@ -4,6 +4,7 @@
 #include "storage/repository.hpp"
 #include "storage/sqlite/connection.hpp"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <map>
@@ -438,16 +439,65 @@ ALTER TABLE hypervisor_connections ADD COLUMN simulated_failure_percent INTEGER;
 ALTER TABLE site ADD COLUMN launch_power_on_wait_seconds INTEGER;
 )sql";
 
-const std::array<Migration, 4> kMigrations{{
+// Migration 5: names unique without regard to case for the kinds of names_ignore_case() (two
+// users "DEMO\alice" and "DEMO\ALICE" were two accounts to the database but one to everyone
+// else). check_case_clashes refuses to migrate a database that holds such pairs, naming them.
+constexpr std::array<std::string_view, 9> kCaseInsensitiveTables{
+    "hypervisor_connections", "catalogs", "delivery_groups", "machines", "applications",
+    "rules", "users", "groups", "power_time_schemes"};
+
+constexpr std::string_view kMigration5 = R"sql(
+CREATE UNIQUE INDEX hypervisor_connections_name_nocase ON hypervisor_connections(name COLLATE NOCASE);
+CREATE UNIQUE INDEX catalogs_name_nocase ON catalogs(name COLLATE NOCASE);
+CREATE UNIQUE INDEX delivery_groups_name_nocase ON delivery_groups(name COLLATE NOCASE);
+CREATE UNIQUE INDEX machines_name_nocase ON machines(name COLLATE NOCASE);
+CREATE UNIQUE INDEX applications_name_nocase ON applications(name COLLATE NOCASE);
+CREATE UNIQUE INDEX rules_name_nocase ON rules(name COLLATE NOCASE);
+CREATE UNIQUE INDEX users_name_nocase ON users(name COLLATE NOCASE);
+CREATE UNIQUE INDEX groups_name_nocase ON groups(name COLLATE NOCASE);
+CREATE UNIQUE INDEX power_time_schemes_name_nocase ON power_time_schemes(name COLLATE NOCASE);
+ALTER TABLE sessions ADD COLUMN session_key TEXT;
+)sql";
+
+common::Status check_case_clashes(Connection& db) {
+  std::string clashes;
+  int count = 0;
+  for (auto table : kCaseInsensitiveTables) {
+    auto st = db.prepare("SELECT group_concat(quote(name), ' and ') FROM " + std::string(table) +
+                         " GROUP BY name COLLATE NOCASE HAVING count(*) > 1 ORDER BY min(id)");
+    if (!st) return st.error();
+    for (;;) {
+      auto row = st->step();
+      if (!row) return row.error();
+      if (!*row) break;
+      if (++count <= 20) clashes += std::string(clashes.empty() ? "" : "; ") + std::string(table) + ": " + st->column_text(0);
+    }
+  }
+  if (count == 0) return {};
+  if (count > 20) clashes += "; and " + std::to_string(count - 20) + " more";
+  return Error(errc::conflict,
+               "names must be unique without regard to case, but the database holds " + std::to_string(count) +
+                   " set(s) of names that differ only in case (" + clashes +
+                   "); rename or remove all but one of each (brokerd of the previous version, or sqlite3) and start "
+                   "again");
+}
+
+const std::array<Migration, 5> kMigrations{{
     {1, "initial schema", kMigration1},
     {2, "session brokering duration and end time", kMigration2},
     {3, "power time schemes; simulated power delays", kMigration3},
     {4, "libvirt connection credentials; simulated failure rate; launch power-on wait", kMigration4},
+    {5, "names unique without regard to case; session keys per machine", kMigration5, check_case_clashes},
 }};
 
 }  // namespace
 
 std::span<const Migration> migrations() { return kMigrations; }
+
+bool names_ignore_case(const common::model::KindSpec& kind) {
+  return std::find(kCaseInsensitiveTables.begin(), kCaseInsensitiveTables.end(), kind.table) !=
+         kCaseInsensitiveTables.end();
+}
 
 std::string child_table(const common::model::KindSpec& kind, const common::model::FieldSpec& field) {
   return std::string(kind.name) + "_" + std::string(field.name);
@@ -494,6 +544,10 @@ common::Result<int> apply_missing(Connection& db) {
   if (auto ok = check_version(db, *state); !ok) return ok.error();
   for (const auto& m : kMigrations) {
     if (m.version <= state->version) continue;
+    if (m.check)
+      if (auto ok = m.check(db); !ok)
+        return Error(ok.error().code, "migration " + std::to_string(m.version) + " (" + std::string(m.description) +
+                                          ") cannot be applied to " + db.path() + ": " + ok.error().message);
     if (auto ok = db.exec(m.sql); !ok)
       return Error(ok.error().code, "migration " + std::to_string(m.version) + " failed: " + ok.error().message);
     auto st = db.prepare("INSERT INTO schema_version (version, applied_at, description) VALUES (?1, ?2, ?3)");

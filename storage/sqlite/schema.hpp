@@ -22,7 +22,16 @@ struct Migration {
   int version;
   std::string_view description;
   std::string_view sql;  // a script of CREATE/ALTER statements, run inside the migration transaction
+  // Run before `sql`, in the same transaction: fails (nothing applied) with a message an admin
+  // can act on when the data stands in the migration's way. Optional.
+  common::Status (*check)(Connection& db) = nullptr;
 };
+
+// Kinds whose names are compared without regard to case (ASCII), as Windows and the directory
+// compare them: users, groups, machines, catalogs, delivery groups, applications, rules,
+// hypervisor connections, power time schemes. Their names are unique case-insensitively
+// (migration 5's unique indexes); create and rename refuse a name that differs only in case.
+bool names_ignore_case(const common::model::KindSpec& kind);
 
 // Every migration, oldest first; versions are 1, 2, 3, ... without gaps.
 std::span<const Migration> migrations();

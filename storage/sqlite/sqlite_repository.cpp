@@ -12,6 +12,11 @@
 
 #include <sqlite3.h>
 
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -24,6 +29,7 @@
 #include <filesystem>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 namespace storage {
 namespace {
@@ -369,6 +375,37 @@ class SqliteRepository final : public Repository {
 // What the file at `path` is before SQLite touches it.
 enum class FileState { missing, empty, database };
 
+// Creates the (missing) database file empty with mode 0600, or 0640 and owned by `group`,
+// whatever the process's umask; SQLite gives the WAL and shared-memory files the database
+// file's mode when it creates them.
+common::Status create_private_file(const std::string& path, const std::string& group) {
+  gid_t gid = static_cast<gid_t>(-1);
+  if (!group.empty()) {
+    std::vector<char> buffer(16384);
+    struct group entry {};
+    struct group* found = nullptr;
+    if (getgrnam_r(group.c_str(), &entry, buffer.data(), buffer.size(), &found) != 0 || !found)
+      return Error(errc::invalid_argument, "database group '" + group + "' is not a group on this system", "group");
+    gid = found->gr_gid;
+  }
+  const mode_t mode = group.empty() ? 0600 : 0640;
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) {
+    if (errno == EEXIST) return {};  // created meanwhile: SQLite opens what is there
+    return Error(errc::storage_error, "cannot create database " + path + ": " + std::strerror(errno));
+  }
+  std::string failure;
+  if (::fchmod(fd, mode) != 0) failure = std::string("chmod: ") + std::strerror(errno);
+  if (failure.empty() && gid != static_cast<gid_t>(-1) && ::fchown(fd, static_cast<uid_t>(-1), gid) != 0)
+    failure = "chown to group " + group + ": " + std::strerror(errno);
+  ::close(fd);
+  if (!failure.empty()) {
+    ::unlink(path.c_str());
+    return Error(errc::storage_error, "cannot create database " + path + " (" + failure + ")");
+  }
+  return {};
+}
+
 // Classifies the file without modifying it: storage_error if it cannot be read, is not a regular
 // file, does not start with the SQLite header, or its directory does not exist.
 common::Result<FileState> inspect_file(const std::string& path) {
@@ -443,7 +480,10 @@ Result<std::unique_ptr<Repository>> open_sqlite(const SqliteOptions& options) {
   } else {
     auto state = inspect_file(path);
     if (!state) return state.error();
-    if (*state == FileState::missing) flags |= SQLITE_OPEN_CREATE;
+    if (*state == FileState::missing) {
+      flags |= SQLITE_OPEN_CREATE;
+      if (auto ok = create_private_file(path, options.file_group); !ok) return ok.error();
+    }
   }
   auto opened = Connection::open(path, flags);
   if (!opened) return opened.error();

@@ -297,7 +297,24 @@ common::Status check_references(Connection& db, const Object& obj) {
   return {};
 }
 
-common::Status check_name_free(Connection& db, const KindSql& k, std::string_view name) {
+// `name` is free for an object of kind k (other than the one with id `self`): no object has it,
+// and for kinds whose names are compared case-insensitively (names_ignore_case) none has it in
+// another case. errc::conflict naming the object that holds it.
+common::Status check_name_free(Connection& db, const KindSql& k, std::string_view name, std::int64_t self = 0) {
+  if (names_ignore_case(*k.spec)) {
+    auto st = db.prepare("SELECT name FROM " + k.table + " WHERE name = ?1 COLLATE NOCASE AND id <> ?2 LIMIT 1");
+    if (!st) return st.error();
+    st->bind(1, name);
+    st->bind(2, self);
+    auto row = st->step();
+    if (!row) return row.error();
+    if (!*row) return {};
+    const std::string holder = st->column_text(0);
+    if (holder == name)
+      return Error(errc::conflict, with_article(*k.spec) + " named '" + holder + "' already exists");
+    return Error(errc::conflict, with_article(*k.spec) + " named '" + holder + "' already exists ('" +
+                                     std::string(name) + "' differs only in case; names are compared without case)");
+  }
   auto found = find(db, k, name);
   if (!found) return found.error();
   if (*found) return Error(errc::conflict, with_article(*k.spec) + " named '" + std::string(name) + "' already exists");
@@ -488,7 +505,7 @@ Result<Object> SqliteTransaction::update(std::string_view name, const Object& in
   if (!*found) return not_found(*k.spec, name);
   if (obj->name.empty()) obj->name = std::string(name);
   if (obj->name != name)
-    if (auto ok = check_name_free(db_, k, obj->name); !ok) return ok.error();
+    if (auto ok = check_name_free(db_, k, obj->name, (*found)->id); !ok) return ok.error();
   if (auto ok = check_references(db_, *obj); !ok) return ok.error();
 
   obj->id = (*found)->id;
@@ -566,8 +583,8 @@ Result<LogonTicket> SqliteTransaction::redeem_logon_ticket(std::string_view tick
                                                            std::string_view now) {
   if (auto ok = usable(true); !ok) return ok.error();
   auto st = db_.prepare(
-      "SELECT id, ticket_hash, machine, user_name, credential_type, credential_data, created_at, expires_at "
-      "FROM logon_tickets WHERE ticket_hash = ?1");
+      "SELECT id, ticket_hash, machine, user_name, credential_type, credential_data, created_at, expires_at, "
+      "coalesce(redeemed_at, '') FROM logon_tickets WHERE ticket_hash = ?1");
   if (!st) return st.error();
   st->bind(1, ticket_hash);
   auto row = st->step();
@@ -582,12 +599,22 @@ Result<LogonTicket> SqliteTransaction::redeem_logon_ticket(std::string_view tick
   t.credential_data = st->column_text(5);
   t.created_at = st->column_text(6);
   t.expires_at = st->column_text(7);
+  const std::string redeemed_at = st->column_text(8);
   if (t.machine != machine) return make_error(errc::not_found, "issued for another machine");
-  auto del = db_.prepare("DELETE FROM logon_tickets WHERE id = ?1");
-  if (!del) return del.error();
-  del->bind(1, id);
-  if (auto r = del->run(); !r) return r.error();
-  if (t.expires_at <= now) return make_error(errc::not_found, "expired");
+  if (t.expires_at <= now) {
+    auto del = db_.prepare("DELETE FROM logon_tickets WHERE id = ?1");
+    if (!del) return del.error();
+    del->bind(1, id);
+    if (auto r = del->run(); !r) return r.error();
+    return make_error(errc::not_found, redeemed_at.empty() ? "expired" : "already redeemed");
+  }
+  if (!redeemed_at.empty()) return make_error(errc::not_found, "already redeemed");
+  // Kept (without its credentials) until it expires, so a second redemption is told apart.
+  auto mark = db_.prepare("UPDATE logon_tickets SET redeemed_at = ?2, credential_data = '' WHERE id = ?1");
+  if (!mark) return mark.error();
+  mark->bind(1, id);
+  mark->bind(2, now);
+  if (auto r = mark->run(); !r) return r.error();
   return t;
 }
 

@@ -167,6 +167,13 @@ TEST_CASE("admin API: auth, CRUD, validation, conflicts, audit, metrics, and dat
   CHECK(eve.body.find("password_hash") == std::string::npos);
   CHECK(eve.body.find("long-enough-pw") == std::string::npos);
   CHECK(api.obj(eve).contains("must_change_password"));
+  // Names are compared without regard to case: EVE would be eve to the directory and the engine.
+  auto upper = api.call("POST", "/api/v1/users", R"({"name":"EVE","password":"other-long-pw","domain":"TEST"})");
+  CHECK(upper.status == 409);
+  CHECK_MESSAGE(upper.body.find("a user named 'eve' already exists") != std::string::npos, upper.body);
+  auto upper_cat = api.call("POST", "/api/v1/catalogs", R"({"name":"API-CAT"})");
+  CHECK(upper_cat.status == 409);
+  CHECK(upper_cat.body.find("'api-cat'") != std::string::npos);
 
   // Assignments: only in Private groups; deleting one undoes it.
   auto shared_assign = api.call("POST", "/api/v1/assignments", R"({"machine":"TEST\\m1","user":"eve"})");

@@ -96,7 +96,7 @@ void TempDir::write(const std::string& name, const std::string& text) const {
 
 Daemon::~Daemon() {
   if (pid_ > 0) {
-    kill(pid_, SIGKILL);
+    ::kill(pid_, SIGKILL);
     wait_exit(pid_);
   }
 }
@@ -132,10 +132,17 @@ bool Daemon::start(const std::string& config_text) {
 
 int Daemon::stop() {
   if (pid_ <= 0) return -1;
-  kill(pid_, SIGTERM);
+  ::kill(pid_, SIGTERM);
   const int code = wait_exit(pid_);
   pid_ = -1;
   return code;
+}
+
+void Daemon::kill() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  wait_exit(pid_);
+  pid_ = -1;
 }
 
 std::string Daemon::log() const { return slurp(dir_.file("brokerd.err")); }

@@ -42,6 +42,8 @@ class Daemon {
   bool start(const std::string& config_text);
   // SIGTERM and wait; returns the exit code (or -1).
   int stop();
+  // SIGKILL (a crash: nothing is flushed or closed) and wait.
+  void kill();
 
   int xml_port() const { return xml_; }
   int agent_port() const { return agent_; }

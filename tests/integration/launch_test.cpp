@@ -505,6 +505,128 @@ TEST_CASE("launch: a restart of brokerd mid-session keeps sessions and assignmen
   CHECK(pc_again.address == pc_address);
 }
 
+namespace {
+
+// Waits until the agent has registered `n` times in all (a reconnect registers again).
+bool registered_times(const vda::Machine& m, int n) {
+  return m.wait_for([n](const vda::MachineStatus& s) { return s.registrations >= n && s.state == vda::State::registered; },
+                    kWait);
+}
+
+struct Accepted {
+  Launch launch;
+  std::string user;
+};
+
+// Launches for u01..u04 on the pool and u05, u06 on personal desktops; every one is answered
+// with an address and a ticket (the clients connect only when the test says so).
+std::vector<Accepted> launch_all(Xml& xml) {
+  std::vector<Accepted> out;
+  for (int i = 1; i <= kPool + 2; ++i) {
+    const auto user = user_name(i);
+    auto l = xml.launch(user, i <= kPool ? "Pool" : "Personal");
+    REQUIRE_MESSAGE(l.error.empty(), l.body);
+    REQUIRE_FALSE(l.session().empty());
+    REQUIRE_FALSE(l.ticket.empty());
+    out.push_back({l, user});
+  }
+  return out;
+}
+
+// Each accepted launch's client connects now: the agent redeems the ticket and the session goes
+// Active as the launched user, on the machine the launch named.
+void every_launch_connects(Api& api, Agents& agents, const std::vector<Accepted>& accepted) {
+  for (const auto& a : accepted) {
+    const auto key = a.launch.session();
+    INFO("session " << key << " of " << a.user << " at " << a.launch.address);
+    auto& agent = agents.at(a.launch.address);
+    REQUIRE(agent.client_connects(key));
+    CHECK(has_session(agent, key, cbp::SessionState::active));
+    CHECK(await_session(api, key, "state", "Active") == "Active");
+    CHECK(api.session_field(key, "user_name") == "TEST\\" + a.user);
+    CHECK(api.session_field(key, "client_name") == "PC-1");
+    CHECK(api.session_field(key, "machine") == agents.by_address.at(a.launch.address));
+  }
+  CHECK(audit_detail(api, "session-wrong-user").empty());
+}
+
+}  // namespace
+
+TEST_CASE("launch: every accepted launch connects after brokerd restarts (SIGTERM and SIGKILL) and the agents reconnect") {
+  for (const bool crash : {false, true}) {
+    CAPTURE(crash);
+    TempDir dir;
+    Daemon daemon(dir);
+    REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+    const std::string ports = std::to_string(daemon.xml_port()) + " " + std::to_string(daemon.agent_port()) + " " +
+                              std::to_string(daemon.admin_port());
+    Agents agents(daemon, std::nullopt);  // the users' clients connect when the test says so
+    std::vector<Accepted> accepted;
+    {
+      Api api(daemon);
+      Xml xml(daemon);
+      REQUIRE(agents.all_registered(api));
+      accepted = launch_all(xml);
+    }
+    if (crash)
+      daemon.kill();
+    else
+      REQUIRE(daemon.stop() == 0);
+    REQUIRE_MESSAGE(daemon.start(site_config(dir, 200, ports)), daemon.log());
+    Api api(daemon);
+    // The agents notice, reconnect and register again, reporting their prepared sessions.
+    for (auto& [name, m] : agents.by_name) REQUIRE_MESSAGE(registered_times(m, 2), describe(m));
+    REQUIRE(agents.all_registered(api));
+    every_launch_connects(api, agents, accepted);
+  }
+}
+
+TEST_CASE("launch: every accepted launch connects after its agent alone reconnects") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon, std::nullopt);
+  REQUIRE(agents.all_registered(api));
+  auto accepted = launch_all(xml);
+  for (auto& [name, m] : agents.by_name) m.interrupt();
+  for (auto& [name, m] : agents.by_name) REQUIRE_MESSAGE(registered_times(m, 2), describe(m));
+  every_launch_connects(api, agents, accepted);
+}
+
+TEST_CASE("launch: a pending session its agent lost is ended by the broker, and an admin's logoff of it succeeds") {
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon, std::nullopt);
+  REQUIRE(agents.all_registered(api));
+  auto l = xml.launch("u01", "Pool");
+  REQUIRE_MESSAGE(l.error.empty(), l.body);
+  const auto key = l.session();
+  auto& agent = agents.at(l.address);
+  const auto machine = agents.by_address.at(l.address);
+  // The agent goes down and comes back without the preparation (its session ends while it is
+  // offline, so the broker never hears of it).
+  agent.crash();
+  REQUIRE(agent.logoff_session(key));
+  agent.start();
+  REQUIRE_MESSAGE(registered_times(agent, 2), describe(agent));
+  CHECK(await_machine(api, machine, "registration_state", "Registered") == "Registered");
+  // Young enough that a launch could still be preparing it: the broker keeps it until asked.
+  REQUIRE(api.session_field(key, "state") == "PreparingNewSession");
+  auto r = api.action(key, "logoff");
+  CHECK_MESSAGE(r.status == 200, r.body);
+  CHECK(await_session(api, key, "state", "LoggedOff") == "LoggedOff");
+  CHECK(await_machine(api, machine, "summary_state", "Available") == "Available");
+  CHECK(audit_detail(api, "session-ended", key).find("NotOnAgent") != std::string::npos);
+  // The machine is free for the next user at once.
+  auto next = xml.launch("u02", "Pool");
+  CHECK_MESSAGE(next.error.empty(), next.body);
+}
+
 // The pool's catalog power-managed by a simulated hypervisor that boots in a second and writes its
 // VMs' states for the agents to follow; `site` is added to [site].
 std::string powered_pool_config(const TempDir& dir, const std::string& site = {}) {
