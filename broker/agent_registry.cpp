@@ -353,10 +353,7 @@ Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_in
   });
 }
 
-namespace {
-
-// The machine's session count and summary state from its stored sessions, in `tx`.
-Status refresh_summary(storage::Transaction& tx, const std::string& machine) {
+Result<MachineSessions> machine_sessions(storage::Transaction& tx, const std::string& machine) {
   auto m = tx.get(Kind::machine, machine);
   if (!m) return m.error();
   auto cat = tx.get(Kind::catalog, m->text("catalog"));
@@ -365,20 +362,25 @@ Status refresh_summary(storage::Transaction& tx, const std::string& machine) {
   q.equals.emplace_back("machine", machine);
   auto sessions = tx.list(Kind::session, q);
   if (!sessions) return sessions.error();
-  std::vector<std::string> states;
+  MachineSessions out{std::move(*m), cat->text("session_support"), {}};
   for (const auto& s : *sessions)
-    if (s.text("state") != "LoggedOff") states.push_back(s.text("state"));
-  Object updated = *m;
-  updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
-  updated.fields["summary_state"] = summary_state(m->text("registration_state") == "Registered",
-                                                  cat->text("session_support"), m->integer("load_index"), states);
-  if (common::model::same_declared_fields(updated, *m) && updated.fields == m->fields) return {};
+    if (s.text("state") != "LoggedOff") out.states.push_back(s.text("state"));
+  return out;
+}
+
+Status refresh_summary(storage::Transaction& tx, const std::string& machine) {
+  auto ms = machine_sessions(tx, machine);
+  if (!ms) return ms.error();
+  const Object& m = ms->machine;
+  Object updated = m;
+  updated.fields["session_count"] = static_cast<std::int64_t>(ms->states.size());
+  updated.fields["summary_state"] = summary_state(m.text("registration_state") == "Registered", ms->session_support,
+                                                  m.integer("load_index"), ms->states);
+  if (common::model::same_declared_fields(updated, m) && updated.fields == m.fields) return {};
   auto r = tx.update(machine, updated);
   if (!r) return r.error();
   return {};
 }
-
-}  // namespace
 
 Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& machine, const std::string& event,
                                                          const AgentSession& a) {
@@ -436,21 +438,13 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
     }
     if (!existing) {
       // A session the broker did not broker: within the machine's session support only.
-      auto m = tx.get(Kind::machine, machine);
-      if (!m) return m.error();
-      auto cat = tx.get(Kind::catalog, m->text("catalog"));
-      if (!cat) return cat.error();
-      storage::Query q;
-      q.equals.emplace_back("machine", machine);
-      auto sessions = tx.list(Kind::session, q);
-      if (!sessions) return sessions.error();
-      const auto live = std::count_if(sessions->begin(), sessions->end(),
-                                      [](const Object& o) { return o.text("state") != "LoggedOff"; });
-      const auto limit = session_limit(cat->text("session_support"));
-      if (static_cast<std::size_t>(live) >= limit) {
+      auto ms = machine_sessions(tx, machine);
+      if (!ms) return ms.error();
+      const auto limit = session_limit(ms->session_support);
+      if (ms->states.size() >= limit) {
         over_limit = true;
         auto e = agent_audit(machine, "session-limit-exceeded");
-        e.after = boost::json::serialize(boost::json::object{{"session_support", cat->text("session_support")},
+        e.after = boost::json::serialize(boost::json::object{{"session_support", ms->session_support},
                                                              {"limit", static_cast<std::int64_t>(limit)},
                                                              {"session_key", a.session_key}});
         return tx.append_audit(e);

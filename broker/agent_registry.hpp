@@ -132,6 +132,19 @@ class AgentRegistry {
   std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_
 };
 
+// A machine, its catalog's session support and the states of its sessions that have not logged
+// off, read in `tx`.
+struct MachineSessions {
+  common::model::Object machine;
+  std::string session_support;
+  std::vector<std::string> states;
+};
+Result<MachineSessions> machine_sessions(storage::Transaction& tx, const std::string& machine);
+
+// Writes the machine's session count and summary state as its stored sessions make them (no
+// write when they are already so), in `tx`.
+Status refresh_summary(storage::Transaction& tx, const std::string& machine);
+
 // Summary state of a registered machine from its sessions (site-model-reference 1.8).
 std::string summary_state(bool registered, const std::string& session_support, std::int64_t load_index,
                           const std::vector<std::string>& session_states);

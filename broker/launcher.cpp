@@ -240,24 +240,14 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       updated.fields["state_change_time"] = now;
       updated.fields["end_time"] = now;
       if (auto r = tx.update(name, updated); !r) return r.error();
-      if (auto m = tx.get(Kind::machine, machine)) {
-        auto cat = tx.get(Kind::catalog, m->text("catalog"));
-        if (!cat) return cat.error();
-        storage::Query live;
-        live.equals.emplace_back("machine", machine);
-        auto all = tx.list(Kind::session, live);
-        if (!all) return all.error();
-        std::vector<std::string> states;
-        for (const auto& o : *all)
-          if (o.text("state") != "LoggedOff") states.push_back(o.text("state"));
-        Object mu = *m;
-        if (s->text("state") == "PreparingNewSession") mu.fields["last_connection_failure"] = std::string("SessionPreparation");
-        mu.fields["session_count"] = static_cast<std::int64_t>(states.size());
-        if (mu.text("registration_state") == "Registered")
-          mu.fields["summary_state"] =
-              summary_state(true, cat->text("session_support"), mu.integer("load_index"), states);
-        if (auto r = tx.update(machine, mu); !r) return r.error();
+      if (s->text("state") == "PreparingNewSession") {
+        auto m = tx.get(Kind::machine, machine);
+        if (!m) return m.error();
+        Object failed = *m;
+        failed.fields["last_connection_failure"] = std::string("SessionPreparation");
+        if (auto r = tx.update(machine, failed); !r) return r.error();
       }
+      if (auto r = refresh_summary(tx, machine); !r) return r;
       ended = true;
       return tx.append_audit(launch_audit("session-ended", name,
                                           {{"user", s->text("user_name")}, {"machine", machine},
