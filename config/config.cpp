@@ -232,6 +232,8 @@ class Loader {
   void read_logging(const toml::table& root);
   void read_admin(const toml::table& root);
   void read_sta(const toml::table& root);
+  void read_identity(const toml::table& root);
+  void read_xml(const toml::table& root);
   void read_site(const toml::table& root);
   void read_objects(const toml::table& root);
   bool read_object(const KindSpec& ks, const toml::table& t, const std::string& path, Declared& d);
@@ -807,7 +809,8 @@ void Loader::read_sta(const toml::table& root) {
   const toml::table* t = section(root, "sta");
   if (!t) return;
   TableReader r(*this, *t, "sta",
-                {"enabled", "authority_id", "ticket_lifetime_seconds", "allowed_clients", "max_tickets"});
+                {"enabled", "authority_id", "ticket_lifetime_seconds", "allowed_clients", "max_tickets", "max_bytes",
+                 "max_tickets_per_client", "max_bytes_per_client"});
   if (auto v = r.boolean("enabled")) config_.sta.enabled = *v;
   if (auto v = r.string("authority_id")) {
     // It travels in ICA files as ";40;<AuthorityID>;<Ticket>": letters and digits only.
@@ -823,14 +826,45 @@ void Loader::read_sta(const toml::table& root) {
   if (auto v = r.integer("ticket_lifetime_seconds", 1, 3600))
     config_.sta.ticket_lifetime_seconds = static_cast<int>(*v);
   if (auto clients = r.strings("allowed_clients")) {
+    config_.sta.allowed_clients.clear();
+    if (clients->empty())
+      error(r.line("allowed_clients"), r.key("allowed_clients"),
+            "must not be empty: leave it out for the default (the trusted front ends and loopback), or say [\"any\"] "
+            "to admit every client");
     for (auto& c : *clients) {
-      if (common::is_ip_or_cidr(c.value))
+      if (c.value == "any" || c.value == "loopback" || c.value == "trusted_front_ends" || common::is_ip_or_cidr(c.value))
         config_.sta.allowed_clients.push_back(std::move(c.value));
       else
-        error(c.line, r.key("allowed_clients"), in_quotes(c.value) + " is not an IPv4 or IPv6 address or CIDR range");
+        error(c.line, r.key("allowed_clients"),
+              in_quotes(c.value) +
+                  " is not an IPv4 or IPv6 address or CIDR range, \"any\", \"loopback\" or \"trusted_front_ends\"");
     }
   }
   if (auto v = r.integer("max_tickets", 1, 10000000)) config_.sta.max_tickets = static_cast<int>(*v);
+  if (auto v = r.integer("max_bytes", 65536, std::int64_t{1} << 40)) config_.sta.max_bytes = *v;
+  if (auto v = r.integer("max_tickets_per_client", 1, 10000000)) config_.sta.max_tickets_per_client = static_cast<int>(*v);
+  if (auto v = r.integer("max_bytes_per_client", 65536, std::int64_t{1} << 40)) config_.sta.max_bytes_per_client = *v;
+  r.finish();
+}
+
+void Loader::read_identity(const toml::table& root) {
+  const toml::table* t = section(root, "identity");
+  if (!t) return;
+  TableReader r(*this, *t, "identity",
+                {"password_check_threads", "password_check_queue", "password_check_max_wait_ms"});
+  if (auto v = r.integer("password_check_threads", 0, 256)) config_.identity.password_check_threads = static_cast<int>(*v);
+  if (auto v = r.integer("password_check_queue", 1, 100000)) config_.identity.password_check_queue = static_cast<int>(*v);
+  if (auto v = r.integer("password_check_max_wait_ms", 1, 600000))
+    config_.identity.password_check_max_wait_ms = static_cast<int>(*v);
+  r.finish();
+}
+
+void Loader::read_xml(const toml::table& root) {
+  const toml::table* t = section(root, "xml");
+  if (!t) return;
+  TableReader r(*this, *t, "xml", {"failed_logons_per_minute"});
+  if (auto v = r.integer("failed_logons_per_minute", 0, 1000000))
+    config_.xml_service.failed_logons_per_minute = static_cast<int>(*v);
   r.finish();
 }
 
@@ -992,7 +1026,8 @@ LoadResult Loader::run(std::string_view text) {
   }
 
   TableReader top(*this, root, "",
-                  {"daemon", "listeners", "database", "logging", "admin", "sta", "site", "hypervisor_connection", "catalog",
+                  {"daemon", "listeners", "database", "logging", "admin", "sta", "identity", "xml", "site",
+                   "hypervisor_connection", "catalog",
                    "delivery_group", "power_time_scheme", "machine", "application", "rule", "assignment", "user", "group"});
   for (const auto& ks : model::all_kinds()) {
     if (!ks.api_writable)
@@ -1006,6 +1041,8 @@ LoadResult Loader::run(std::string_view text) {
   read_logging(root);
   read_admin(root);
   read_sta(root);
+  read_identity(root);
+  read_xml(root);
   read_site(root);
   read_objects(root);
   check_references();

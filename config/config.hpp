@@ -40,8 +40,25 @@ struct Sta {
   bool enabled = true;
   std::string authority_id;  // empty: derived from the site key ("STA" + 12 hex digits)
   int ticket_lifetime_seconds = 100;
-  std::vector<std::string> allowed_clients;  // IP addresses and CIDR ranges; empty: any client
+  // IP addresses, CIDR ranges and the words "any", "loopback" and "trusted_front_ends" (the
+  // site's); never empty (the file cannot say []).
+  std::vector<std::string> allowed_clients = {"trusted_front_ends", "loopback"};
   int max_tickets = 100000;
+  std::int64_t max_bytes = 128 * 1024 * 1024;  // TicketData bytes held in all
+  int max_tickets_per_client = 10000;
+  std::int64_t max_bytes_per_client = 16 * 1024 * 1024;
+};
+
+// [identity]: password checks (docs/nfuse.md "Password checks under load").
+struct Identity {
+  int password_check_threads = 0;  // hashes at once; 0: the number of cores
+  int password_check_queue = 128;  // checks waiting for a thread; beyond: service-unavailable
+  int password_check_max_wait_ms = 2000;
+};
+
+// [xml]: the NFuse XML service (the listener itself is [listeners.xml]).
+struct XmlService {
+  int failed_logons_per_minute = 30;  // per source address; 0: no throttling
 };
 
 struct Config {
@@ -59,6 +76,8 @@ struct Config {
   // Admin-port paths served without a bearer token besides /healthz (e.g. "/metrics", "/readyz").
   std::vector<std::string> admin_unauthenticated_paths;
   Sta sta;
+  Identity identity;
+  XmlService xml_service;
   // The [site] table as the Kind::site object named "site" (owner "config:<path>"), if present.
   std::optional<common::model::Object> site;
   // Declared site objects in dependency order (all_kinds() order, then file order), each with

@@ -96,6 +96,14 @@ TEST_CASE("the example file loads and keeps the documented defaults") {
   CHECK(c.sta.authority_id.empty());
   CHECK(c.sta.ticket_lifetime_seconds == defaults.sta.ticket_lifetime_seconds);
   CHECK(c.sta.max_tickets == defaults.sta.max_tickets);
+  CHECK(c.sta.allowed_clients == defaults.sta.allowed_clients);
+  CHECK(c.sta.max_bytes == defaults.sta.max_bytes);
+  CHECK(c.sta.max_tickets_per_client == defaults.sta.max_tickets_per_client);
+  CHECK(c.sta.max_bytes_per_client == defaults.sta.max_bytes_per_client);
+  CHECK(c.identity.password_check_threads == defaults.identity.password_check_threads);
+  CHECK(c.identity.password_check_queue == defaults.identity.password_check_queue);
+  CHECK(c.identity.password_check_max_wait_ms == defaults.identity.password_check_max_wait_ms);
+  CHECK(c.xml_service.failed_logons_per_minute == defaults.xml_service.failed_logons_per_minute);
   REQUIRE(c.site);
   CHECK(c.site->name == "site");
   // Every declarable kind has an example.
@@ -518,11 +526,16 @@ TEST_CASE("[sta]: defaults, values and checks") {
   CHECK(none.config->sta.enabled);
   CHECK(none.config->sta.authority_id.empty());
   CHECK(none.config->sta.ticket_lifetime_seconds == 100);
-  CHECK(none.config->sta.allowed_clients.empty());
+  // Before: [] meant any client. Now the front ends and loopback, unless the file says otherwise.
+  CHECK(none.config->sta.allowed_clients == std::vector<std::string>{"trusted_front_ends", "loopback"});
   CHECK(none.config->sta.max_tickets == 100000);
+  CHECK(none.config->sta.max_bytes == 128 * 1024 * 1024);
+  CHECK(none.config->sta.max_tickets_per_client == 10000);
+  CHECK(none.config->sta.max_bytes_per_client == 16 * 1024 * 1024);
 
   const auto set = load("[sta]\nenabled = false\nauthority_id = \"STA0A1B2C3D4E5F\"\nticket_lifetime_seconds = 30\n"
-                        "allowed_clients = [\"10.0.0.0/8\", \"::1\"]\nmax_tickets = 500\n");
+                        "allowed_clients = [\"10.0.0.0/8\", \"::1\"]\nmax_tickets = 500\nmax_bytes = 1048576\n"
+                        "max_tickets_per_client = 50\nmax_bytes_per_client = 65536\n");
   INFO(all_errors(set));
   REQUIRE(set.config);
   CHECK_FALSE(set.config->sta.enabled);
@@ -530,6 +543,15 @@ TEST_CASE("[sta]: defaults, values and checks") {
   CHECK(set.config->sta.ticket_lifetime_seconds == 30);
   CHECK(set.config->sta.allowed_clients == std::vector<std::string>{"10.0.0.0/8", "::1"});
   CHECK(set.config->sta.max_tickets == 500);
+  CHECK(set.config->sta.max_bytes == 1048576);
+  CHECK(set.config->sta.max_tickets_per_client == 50);
+  CHECK(set.config->sta.max_bytes_per_client == 65536);
+  const auto words = load("[sta]\nallowed_clients = [\"any\"]\n");
+  REQUIRE(words.config);
+  CHECK(words.config->sta.allowed_clients == std::vector<std::string>{"any"});
+  const auto mixed = load("[sta]\nallowed_clients = [\"trusted_front_ends\", \"loopback\", \"192.0.2.7\"]\n");
+  REQUIRE(mixed.config);
+  CHECK(mixed.config->sta.allowed_clients.size() == 3);
 
   CHECK(only_error(load("[sta]\nauthority_id = \"STA;1\"\n")).describe() ==
         "t.toml:2: sta.authority_id: 'STA;1' must be 1 to 32 ASCII letters and digits (e.g. \"STA0123456789AB\")");
@@ -537,7 +559,11 @@ TEST_CASE("[sta]: defaults, values and checks") {
   CHECK(only_error(load("[sta]\nticket_lifetime_seconds = 0\n")).describe() ==
         "t.toml:2: sta.ticket_lifetime_seconds: must be between 1 and 3600, not 0");
   CHECK(only_error(load("[sta]\nallowed_clients = [\"10.0.0.1\",\n  \"gateway\"]\n")).describe() ==
-        "t.toml:3: sta.allowed_clients: 'gateway' is not an IPv4 or IPv6 address or CIDR range");
+        "t.toml:3: sta.allowed_clients: 'gateway' is not an IPv4 or IPv6 address or CIDR range, \"any\", "
+        "\"loopback\" or \"trusted_front_ends\"");
+  CHECK(only_error(load("[sta]\nallowed_clients = []\n")).message.starts_with("must not be empty"));
+  CHECK(only_error(load("[sta]\nmax_bytes = 10\n")).key == "sta.max_bytes");
+  CHECK(only_error(load("[sta]\nmax_tickets_per_client = 0\n")).key == "sta.max_tickets_per_client");
   CHECK(only_error(load("[sta]\nlifetime = 5\n")).key == "sta.lifetime");
   CHECK(only_error(load("[sta]\nenabled = \"yes\"\n")).message == "must be a boolean (true or false), not a string");
 }
@@ -626,4 +652,28 @@ TEST_CASE("no partial config on error") {
   const auto r = load("[daemon]\nio_threads = 4\n[[catalog]]\nname = \"c\"\nallocation_type = \"X\"\n");
   CHECK(!r.config);
   CHECK(r.errors.size() == 1);
+}
+
+TEST_CASE("[identity] and [xml]: password checks and failed logons") {
+  const auto none = load("");
+  REQUIRE(none.config);
+  CHECK(none.config->identity.password_check_threads == 0);
+  CHECK(none.config->identity.password_check_queue == 128);
+  CHECK(none.config->identity.password_check_max_wait_ms == 2000);
+  CHECK(none.config->xml_service.failed_logons_per_minute == 30);
+
+  const auto set = load("[identity]\npassword_check_threads = 2\npassword_check_queue = 10\n"
+                        "password_check_max_wait_ms = 500\n[xml]\nfailed_logons_per_minute = 0\n");
+  INFO(all_errors(set));
+  REQUIRE(set.config);
+  CHECK(set.config->identity.password_check_threads == 2);
+  CHECK(set.config->identity.password_check_queue == 10);
+  CHECK(set.config->identity.password_check_max_wait_ms == 500);
+  CHECK(set.config->xml_service.failed_logons_per_minute == 0);
+
+  CHECK(only_error(load("[identity]\npassword_check_queue = 0\n")).describe() ==
+        "t.toml:2: identity.password_check_queue: must be between 1 and 100000, not 0");
+  CHECK(only_error(load("[identity]\nhash_threads = 2\n")).key == "identity.hash_threads");
+  CHECK(only_error(load("[xml]\nfailed_logons_per_minute = -1\n")).key == "xml.failed_logons_per_minute");
+  CHECK(only_error(load("[xml]\nport = 8080\n")).key == "xml.port");
 }

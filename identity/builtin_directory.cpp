@@ -5,7 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -127,10 +131,23 @@ LockState lock_state(const Object& user, SysTime now) {
   return end > now ? LockState::active : LockState::lapsed;
 }
 
-// Drops failure times at or before now - window.
-void prune(std::deque<SysTime>& times, SysTime now, std::int64_t window_seconds) {
+// Drops failure times at or before now - window (times are oldest first).
+void prune(std::vector<SysTime>& times, SysTime now, std::int64_t window_seconds) {
   const SysTime oldest = now - secs(window_seconds);
-  while (!times.empty() && times.front() <= oldest) times.pop_front();
+  times.erase(times.begin(), std::find_if(times.begin(), times.end(), [&](SysTime t) { return t > oldest; }));
+}
+
+// Estimated heap use of one unknown name's entry: its key, the hash-map node and the times.
+constexpr std::size_t kUnknownEntryOverhead = 96;
+std::size_t unknown_cost(const std::string& key, std::size_t times_capacity) {
+  return kUnknownEntryOverhead + key.size() + times_capacity * sizeof(SysTime);
+}
+// The cost of a new entry: a digest key ("?" + 64 hex digits) and room for one time.
+constexpr std::size_t kNewUnknownEntry = kUnknownEntryOverhead + 65 + sizeof(SysTime);
+
+// The key of an unknown name: a digest, so the bookkeeping never holds what a client sent.
+std::string unknown_key(const AccountName& name) {
+  return "?" + common::crypto::sha256_hex(lower(name.domain) + "\\" + lower(name.name));
 }
 
 AuthOutcome outcome(AuthResult result) {
@@ -162,46 +179,147 @@ BuiltinDirectory::BuiltinDirectory(storage::Repository& repository, common::Cloc
   if (!options_.verify_password) options_.verify_password = &common::crypto::verify_password;
 }
 
-Result<AuthOutcome> BuiltinDirectory::authenticate(const Credentials& credentials) {
-  const AccountName name = parse_account_name(credentials.user_name, credentials.domain);
+// One check between its look-up and its hash.
+struct BuiltinDirectory::Attempt {
+  AccountName name;
   SiteSettings settings;
-  std::optional<Object> user;
+  std::optional<Object> user;  // nullopt: no such user
+  std::string unknown;         // the unknown name's key (no user)
+  std::string password;
+  std::string encoded;  // the hash the password is checked against: the user's, or the dummy
+  bool dummy = true;    // checked against the dummy hash: fails whatever the result
+  std::string mac;      // the success cache's key; empty when the cache is off
+  bool cached = false;  // a cached success: no hash needed
+};
+
+std::optional<Result<AuthOutcome>> BuiltinDirectory::prepare(const Credentials& credentials, Attempt& a) {
+  a.name = parse_account_name(credentials.user_name, credentials.domain);
+  a.password = credentials.password;
+  a.encoded = dummy_hash_;
   auto read = repository_.read([&](Transaction& tx) -> Status {
-    auto s = read_settings(tx);
-    if (!s) return s.error();
-    settings = std::move(*s);
-    auto u = find_user(tx, name, settings, false);
+    auto st = read_settings(tx);
+    if (!st) return st.error();
+    a.settings = std::move(*st);
+    auto u = find_user(tx, a.name, a.settings, false);
     if (!u) return u.error();
-    user = std::move(*u);
+    a.user = std::move(*u);
     return {};
   });
-  if (!read) return read.error();
-  if (!user) return reject_unknown(name, credentials.password, settings);
+  if (!read) return Result<AuthOutcome>(read.error());
 
-  const bool disabled = user->flag("disabled");
-  if (!disabled) {
-    switch (lock_state(*user, clock_.now())) {
-      case LockState::active: forget(user->name); return outcome(AuthResult::account_locked_out);
+  if (!a.user) {  // 1. unknown: locked-out names answer at once, the others after the dummy hash
+    a.unknown = unknown_key(a.name);
+    if (unknown_locked(a.unknown)) return Result<AuthOutcome>(outcome(AuthResult::account_locked_out));
+    return std::nullopt;
+  }
+
+  const Object& user = *a.user;
+  if (!user.flag("disabled")) {  // 2. locked out
+    switch (lock_state(user, clock_.now())) {
+      case LockState::active: forget(user.name); return Result<AuthOutcome>(outcome(AuthResult::account_locked_out));
       case LockState::lapsed:
-        if (auto st = unlock(*user); !st) return st.error();
+        if (auto st = unlock(user); !st) return Result<AuthOutcome>(st.error());
         break;
       case LockState::none: break;
     }
   }
 
-  if (!check_password(*user, credentials.password, settings)) {
-    if (auto st = record_failure(*user, settings); !st) return st.error();
+  // 3. The password: no hash or no password means no way in, but the check takes as long.
+  const std::string hash = user.text("password_hash");
+  if (a.password.empty() || !common::crypto::is_password_hash(hash)) return std::nullopt;
+  a.encoded = hash;
+  a.dummy = false;
+  if (a.settings.credential_cache_seconds > 0) {
+    std::string input = user.name;
+    input += '\0';
+    input += hash;
+    input += '\0';
+    input += a.password;
+    a.mac = common::crypto::hmac_sha256_hex(cache_key_, input);
+    std::lock_guard lock(mutex_);
+    if (auto it = cache_.find(a.mac); it != cache_.end()) {
+      if (it->second.expires > clock_.now()) {
+        a.cached = true;
+      } else {
+        cache_.erase(it);
+      }
+    }
+  }
+  if (a.cached) return conclude(a, true);
+  return std::nullopt;
+}
+
+bool BuiltinDirectory::verify(const Attempt& a) const {
+  const bool matched = options_.verify_password(a.password, a.encoded);
+  return matched && !a.dummy;
+}
+
+Result<AuthOutcome> BuiltinDirectory::conclude(Attempt& a, bool matched) {
+  if (!a.user) {
+    record_unknown_failure(a.unknown, a.settings);
     return outcome(AuthResult::failed_credentials);
   }
-  clear_failures(lower(user->name));
+  const Object& user = *a.user;
+  if (!matched || a.dummy) {  // 3. wrong password
+    if (auto st = record_failure(user, a.settings); !st) return st.error();
+    return outcome(AuthResult::failed_credentials);
+  }
+  if (!a.cached && !a.mac.empty()) {
+    const SysTime now = clock_.now();
+    std::lock_guard lock(mutex_);
+    if (cache_.size() >= next_sweep_) {
+      std::erase_if(cache_, [&](const auto& item) { return item.second.expires <= now; });
+      next_sweep_ = std::max<std::size_t>(1024, 2 * cache_.size());
+    }
+    cache_[a.mac] = CacheEntry{lower(user.name), now + secs(a.settings.credential_cache_seconds)};
+  }
+  clear_failures(lower(user.name));
 
-  if (disabled) {
-    forget(user->name);
+  if (user.flag("disabled")) {  // 4.
+    forget(user.name);
     return outcome(AuthResult::account_disabled);
   }
-  if (user->flag("expired")) return with_identity(AuthResult::expired_credentials, *user, settings);
-  if (user->flag("must_change_password")) return with_identity(AuthResult::must_change_credentials, *user, settings);
-  return with_identity(AuthResult::ok, *user, settings);
+  if (user.flag("expired")) return with_identity(AuthResult::expired_credentials, user, a.settings);  // 5.
+  if (user.flag("must_change_password"))                                                              // 6.
+    return with_identity(AuthResult::must_change_credentials, user, a.settings);
+  return with_identity(AuthResult::ok, user, a.settings);  // 7.
+}
+
+Result<AuthOutcome> BuiltinDirectory::authenticate(const Credentials& credentials) {
+  Attempt attempt;
+  if (auto done = prepare(credentials, attempt)) return std::move(*done);
+  return conclude(attempt, verify(attempt));
+}
+
+void BuiltinDirectory::authenticate_async(const Credentials& credentials, AuthCallback done) {
+  auto attempt = std::make_shared<Attempt>();
+  if (auto finished = prepare(credentials, *attempt)) return done(std::move(*finished));
+  if (!options_.password_checks) return done(conclude(*attempt, verify(*attempt)));
+  auto shared_done = std::make_shared<AuthCallback>(std::move(done));
+  options_.password_checks->submit(
+      [this, attempt, shared_done] {
+        bool matched = false;
+        try {
+          matched = verify(*attempt);
+        } catch (const std::exception& e) {
+          return (*shared_done)(Error(errc::internal, std::string("password check failed: ") + e.what()));
+        }
+        auto finish = [this, attempt, shared_done, matched] {
+          Result<AuthOutcome> result = Error(errc::internal, "password check failed");
+          try {
+            result = conclude(*attempt, matched);
+          } catch (const std::exception& e) {
+            result = Error(errc::internal, std::string("password check failed: ") + e.what());
+          }
+          (*shared_done)(std::move(result));
+        };
+        if (!options_.resume) return finish();
+        if (!options_.resume(finish)) (*shared_done)(Error(errc::unavailable, "shutting down"));
+      },
+      [shared_done](PasswordCheckPool::Refusal why) {
+        (*shared_done)(Error(errc::unavailable,
+                             "too many password checks at once (" + std::string(PasswordCheckPool::to_string(why)) + ")"));
+      });
 }
 
 Result<AuthOutcome> BuiltinDirectory::lookup(std::string_view user_name, std::string_view domain) {
@@ -245,76 +363,80 @@ std::size_t BuiltinDirectory::cached_entries() const {
   return cache_.size();
 }
 
-Result<AuthOutcome> BuiltinDirectory::reject_unknown(const AccountName& name, std::string_view password,
-                                                     const Settings& settings) {
-  const std::string key = "?" + lower(name.domain) + "\\" + lower(name.name);
-  {
-    std::lock_guard lock(mutex_);
-    if (auto it = unknown_locks_.find(key); it != unknown_locks_.end()) {
-      if (it->second > clock_.now()) return outcome(AuthResult::account_locked_out);
-      unknown_locks_.erase(it);
-    }
-  }
-  (void)options_.verify_password(password, dummy_hash_);  // spend the time a real check takes
-  if (settings.lockout_threshold <= 0) return outcome(AuthResult::failed_credentials);
-
-  const SysTime now = clock_.now();
+std::size_t BuiltinDirectory::unknown_entries() const {
   std::lock_guard lock(mutex_);
-  if (!failures_.contains(key) && failures_.size() + unknown_locks_.size() >= options_.max_unknown_names) {
-    // Forget what no longer matters; if that is not enough, forget the unknown names.
-    const SysTime oldest = now - secs(settings.lockout_window_seconds);
-    std::erase_if(failures_, [&](const auto& item) { return item.second.empty() || item.second.back() <= oldest; });
-    std::erase_if(unknown_locks_, [&](const auto& item) { return item.second <= now; });
-    if (failures_.size() + unknown_locks_.size() >= options_.max_unknown_names) {
-      std::erase_if(failures_, [](const auto& item) { return item.first.starts_with('?'); });
-      unknown_locks_.clear();
-    }
-  }
-  auto& times = failures_[key];
-  prune(times, now, settings.lockout_window_seconds);
-  times.push_back(now);
-  if (static_cast<std::int64_t>(times.size()) >= settings.lockout_threshold) {
-    unknown_locks_[key] =
-        settings.lockout_duration_seconds > 0 ? now + secs(settings.lockout_duration_seconds) : SysTime::max();
-    failures_.erase(key);
-  }
-  return outcome(AuthResult::failed_credentials);
+  std::size_t n = unknown_locks_.size();
+  for (const auto& [key, times] : failures_) n += key.starts_with('?') ? 1 : 0;
+  return n;
 }
 
-bool BuiltinDirectory::check_password(const Object& user, std::string_view password, const Settings& settings) {
-  const std::string hash = user.text("password_hash");
-  if (password.empty() || !common::crypto::is_password_hash(hash)) {
-    (void)options_.verify_password(password, dummy_hash_);  // no way in, but take as long
-    return false;
-  }
+std::size_t BuiltinDirectory::unknown_bytes() const {
+  std::lock_guard lock(mutex_);
+  return unknown_bytes_;
+}
 
-  std::string mac;
-  if (settings.credential_cache_seconds > 0) {
-    std::string input = user.name;
-    input += '\0';
-    input += hash;
-    input += '\0';
-    input += password;
-    mac = common::crypto::hmac_sha256_hex(cache_key_, input);
-    std::lock_guard lock(mutex_);
-    if (auto it = cache_.find(mac); it != cache_.end()) {
-      if (it->second.expires > clock_.now()) return true;
-      cache_.erase(it);
-    }
-  }
+bool BuiltinDirectory::unknown_locked(const std::string& key) {
+  std::lock_guard lock(mutex_);
+  auto it = unknown_locks_.find(key);
+  if (it == unknown_locks_.end()) return false;
+  if (it->second > clock_.now()) return true;
+  unknown_bytes_ -= unknown_cost(it->first, 1);
+  unknown_locks_.erase(it);
+  return false;
+}
 
-  if (!options_.verify_password(password, hash)) return false;
-
-  if (!mac.empty()) {
-    const SysTime now = clock_.now();
-    std::lock_guard lock(mutex_);
-    if (cache_.size() >= next_sweep_) {
-      std::erase_if(cache_, [&](const auto& item) { return item.second.expires <= now; });
-      next_sweep_ = std::max<std::size_t>(1024, 2 * cache_.size());
-    }
-    cache_[mac] = CacheEntry{lower(user.name), now + secs(settings.credential_cache_seconds)};
+void BuiltinDirectory::make_room_locked(SysTime now, const Settings& settings) {
+  const auto entries = [&] {
+    std::size_t n = unknown_locks_.size();
+    for (const auto& item : failures_) n += item.first.starts_with('?') ? 1 : 0;
+    return n;
+  };
+  const auto full = [&](std::size_t n) {
+    return n + 1 > options_.max_unknown_names || unknown_bytes_ + kNewUnknownEntry > options_.max_unknown_bytes;
+  };
+  if (!full(entries())) return;
+  // Forget what no longer matters; if that is not enough, forget the unknown names.
+  const SysTime oldest = now - secs(settings.lockout_window_seconds);
+  std::erase_if(failures_, [&](const auto& item) {
+    if (!item.second.empty() && item.second.back() > oldest) return false;
+    if (item.first.starts_with('?')) unknown_bytes_ -= unknown_cost(item.first, item.second.capacity());
+    return true;
+  });
+  std::erase_if(unknown_locks_, [&](const auto& item) {
+    if (item.second > now) return false;
+    unknown_bytes_ -= unknown_cost(item.first, 1);
+    return true;
+  });
+  if (full(entries())) {
+    std::erase_if(failures_, [](const auto& item) { return item.first.starts_with('?'); });
+    unknown_locks_.clear();
+    unknown_bytes_ = 0;
   }
-  return true;
+}
+
+void BuiltinDirectory::record_unknown_failure(const std::string& key, const Settings& settings) {
+  if (settings.lockout_threshold <= 0) return;
+  const SysTime now = clock_.now();
+  std::lock_guard lock(mutex_);
+  auto it = failures_.find(key);
+  if (it == failures_.end()) {
+    make_room_locked(now, settings);
+    it = failures_.emplace(key, std::vector<SysTime>{}).first;
+    unknown_bytes_ += unknown_cost(it->first, 0);
+  }
+  auto& times = it->second;
+  const std::size_t before = times.capacity();
+  prune(times, now, settings.lockout_window_seconds);
+  times.push_back(now);
+  unknown_bytes_ += (times.capacity() - before) * sizeof(SysTime);
+  if (static_cast<std::int64_t>(times.size()) >= settings.lockout_threshold) {
+    unknown_bytes_ -= unknown_cost(it->first, times.capacity());
+    failures_.erase(it);
+    const SysTime until =
+        settings.lockout_duration_seconds > 0 ? now + secs(settings.lockout_duration_seconds) : SysTime::max();
+    if (auto [lock_it, added] = unknown_locks_.insert_or_assign(key, until); added)
+      unknown_bytes_ += unknown_cost(lock_it->first, 1);
+  }
 }
 
 Status BuiltinDirectory::record_failure(const Object& user, const Settings& settings) {

@@ -44,22 +44,26 @@
 // or name a group the user is in, transitively; cycles are harmless. A group's domain is its
 // own, else the site's default_domain.
 //
-// Threading: thread-safe; every call blocks (storage; PBKDF2 outside any lock). The in-memory
-// state (failure counts, cache) is guarded by one mutex held only briefly.
+// Threading: thread-safe; every call blocks (storage; PBKDF2 outside any lock), except that
+// authenticate_async() can hand the hash to a bounded pool (BuiltinDirectoryOptions::
+// password_checks) and go on elsewhere. The in-memory state (failure counts, cache) is guarded
+// by one mutex held only briefly.
 #pragma once
 
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
 #include "identity/directory.hpp"
+#include "identity/password_checks.hpp"
 #include "storage/repository.hpp"
 
 #include <cstddef>
-#include <deque>
 #include <functional>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <optional>
 #include <unordered_map>
+#include <vector>
 
 namespace identity {
 
@@ -74,9 +78,20 @@ struct BuiltinDirectoryOptions {
   // The password check (tests count calls through it). Must be thread-safe.
   std::function<bool(std::string_view password, std::string_view encoded)> verify_password =
       &common::crypto::verify_password;
-  // Bound on names tracked in memory for unknown users (failure counts and their lock-outs);
-  // beyond it the unknown names' state is dropped. Known users are always tracked.
+  // Bounds on what is tracked in memory for unknown users (failure times and their lock-outs),
+  // in names and in bytes (approximate heap use, keys included). An unknown name is kept as a
+  // fixed-size digest, never as sent, so a long name costs no more than a short one. When a new
+  // failure would go beyond either bound, state that no longer matters is dropped, and if that
+  // is not enough, all the unknown names' state. Known users are always tracked.
   std::size_t max_unknown_names = 10000;
+  std::size_t max_unknown_bytes = 4 * 1024 * 1024;
+  // authenticate_async(): where password hashes run (at most the pool's threads at once, a
+  // bounded queue with a deadline; see password_checks.hpp). Null: on the calling thread.
+  PasswordCheckPool* password_checks = nullptr;
+  // authenticate_async(): where the check goes on after the hash (storage: a lock-out write, the
+  // user's groups), e.g. the daemon's work queue. Returns false when it cannot take the task
+  // (shutting down): the check then ends with errc::unavailable. Null: on the pool's thread.
+  std::function<bool(std::function<void()>)> resume;
 };
 
 class BuiltinDirectory final : public Directory {
@@ -85,6 +100,10 @@ class BuiltinDirectory final : public Directory {
   BuiltinDirectory(storage::Repository& repository, common::Clock& clock, BuiltinDirectoryOptions options = {});
 
   Result<AuthOutcome> authenticate(const Credentials& credentials) override;
+  // With options.password_checks, the hash runs on that pool and the rest on options.resume;
+  // errc::unavailable when the pool refuses the check (queue full, waited too long, stopping).
+  // A check that needs no hash (a cached success, a locked-out account) answers on this thread.
+  void authenticate_async(const Credentials& credentials, AuthCallback done) override;
   Result<AuthOutcome> lookup(std::string_view user_name, std::string_view domain) override;
 
   // Drops the cached successful checks of the user (account name as stored, case-insensitive;
@@ -94,6 +113,9 @@ class BuiltinDirectory final : public Directory {
 
   // The number of cached successful checks (for tests and metrics).
   std::size_t cached_entries() const;
+  // What is tracked for unknown names: entries and approximate bytes (tests, metrics).
+  std::size_t unknown_entries() const;
+  std::size_t unknown_bytes() const;
 
  private:
   using Settings = detail::SiteSettings;
@@ -102,8 +124,20 @@ class BuiltinDirectory final : public Directory {
     common::SysTime expires;
   };
 
-  Result<AuthOutcome> reject_unknown(const AccountName& name, std::string_view password, const Settings& settings);
-  bool check_password(const storage::Object& user, std::string_view password, const Settings& settings);
+  struct Attempt;  // one check between its look-up and its hash (builtin_directory.cpp)
+
+  // Everything before the password hash: the outcome when no hash is needed (a storage error,
+  // a locked-out account or name, a cached success), else nullopt with `attempt` ready.
+  std::optional<Result<AuthOutcome>> prepare(const Credentials& credentials, Attempt& attempt);
+  // The hash: true when the password matches the attempt's hash (always false for the dummy).
+  bool verify(const Attempt& attempt) const;
+  // Everything after the hash.
+  Result<AuthOutcome> conclude(Attempt& attempt, bool matched);
+  // Unknown names: locked out now? / count one more failure.
+  bool unknown_locked(const std::string& key);
+  void record_unknown_failure(const std::string& key, const Settings& settings);
+  // Requires mutex_: makes room for an unknown name's entry (see max_unknown_*).
+  void make_room_locked(common::SysTime now, const Settings& settings);
   Status record_failure(const storage::Object& user, const Settings& settings);
   void clear_failures(const std::string& key);
   // Clears an automatic lock-out that has run out (when it still is the one read).
@@ -119,10 +153,12 @@ class BuiltinDirectory final : public Directory {
   const std::string cache_key_;   // process-random HMAC key
 
   mutable std::mutex mutex_;
-  // Recent failure times per lower-case account name, or "?domain\name" for unknown names.
-  std::unordered_map<std::string, std::deque<common::SysTime>> failures_;  // guarded by mutex_
+  // Recent failure times (oldest first) per lower-case account name, or, for unknown names,
+  // "?" + the hex SHA-256 of "domain\name" in lower case.
+  std::unordered_map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
   // Lock-outs of unknown names: key as above -> end (SysTime::max(): until restart).
   std::unordered_map<std::string, common::SysTime> unknown_locks_;  // guarded by mutex_
+  std::size_t unknown_bytes_ = 0;  // guarded by mutex_: estimated heap use of the unknown entries
   std::unordered_map<std::string, CacheEntry> cache_;               // guarded by mutex_; key: HMAC hex
   std::size_t next_sweep_ = 1024;                                   // guarded by mutex_
 };

@@ -8,7 +8,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <future>
 #include <initializer_list>
+#include <optional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -45,7 +48,7 @@ struct Fixture {
   std::atomic<int> verifies{0};
   std::unique_ptr<BuiltinDirectory> dir;
 
-  explicit Fixture(const SiteSettings& s = {}) {
+  explicit Fixture(const SiteSettings& s = {}, const std::function<void(BuiltinDirectoryOptions&)>& tweak = {}) {
     storage::SqliteOptions o;
     o.path = ":memory:";
     auto r = storage::open_sqlite(o);
@@ -66,6 +69,7 @@ struct Fixture {
       ++verifies;
       return common::crypto::verify_password(pw, enc);
     };
+    if (tweak) tweak(options);
     dir = std::make_unique<BuiltinDirectory>(*repo, clock, options);
   }
 
@@ -590,4 +594,120 @@ TEST_CASE("concurrent checks are safe") {
   }
   for (auto& th : threads) th.join();
   CHECK(oks == 80);
+}
+
+TEST_CASE("unknown names are tracked in bounded bytes, whatever their length") {
+  // Before: each failed unknown name was kept as sent, so 300 names of 900 KB held 270 MB.
+  Fixture f({}, [](BuiltinDirectoryOptions& o) { o.max_unknown_bytes = 16 * 1024; });
+  f.add_user("alice", "secret");
+  for (int i = 0; i < 300; ++i) {
+    const std::string name = std::to_string(i) + std::string(100 * 1024, 'x');
+    CHECK(f.result(name, "x") == AuthResult::failed_credentials);
+    CHECK(f.dir->unknown_bytes() <= 16 * 1024);
+  }
+  CHECK(f.dir->unknown_entries() > 0);
+  CHECK(f.dir->unknown_entries() < 300);
+  // Lock-out of a long unknown name still works (it is tracked by digest).
+  const std::string longest(200 * 1024, 'y');
+  for (int i = 0; i < 3; ++i) CHECK(f.result(longest, "x") == AuthResult::failed_credentials);
+  CHECK(f.result(longest, "x") == AuthResult::account_locked_out);
+  CHECK(f.result("alice", "secret") == AuthResult::ok);
+}
+
+TEST_CASE("the entry bound still holds for unknown names") {
+  Fixture f({}, [](BuiltinDirectoryOptions& o) { o.max_unknown_names = 10; });
+  for (int i = 0; i < 50; ++i) CHECK(f.result("ghost" + std::to_string(i), "x") == AuthResult::failed_credentials);
+  CHECK(f.dir->unknown_entries() <= 10);
+}
+
+namespace {
+
+// A pool of one thread that the test can hold busy.
+struct HeldPool {
+  PasswordCheckPool pool;
+  std::promise<void> release;
+  explicit HeldPool(std::size_t max_queued = 4)
+      : pool([&] {
+          PasswordCheckOptions o;
+          o.threads = 1;
+          o.max_queued = max_queued;
+          o.max_wait = std::chrono::hours(1);
+          return o;
+        }()) {}
+  void hold() {
+    std::promise<void> started;
+    pool.submit(
+        [this, &started, gate = release.get_future().share()] {
+          started.set_value();
+          gate.wait();
+        },
+        [](PasswordCheckPool::Refusal) {});
+    started.get_future().wait();
+  }
+};
+
+// authenticate_async, with the outcome once it is there.
+struct AsyncResult {
+  std::promise<common::Result<AuthOutcome>> promise;
+  std::future<common::Result<AuthOutcome>> future = promise.get_future();
+  bool ready() { return future.wait_for(0s) == std::future_status::ready; }
+};
+void start(Fixture& f, const std::string& user, const std::string& password, AsyncResult& out) {
+  f.dir->authenticate_async(Credentials{user, {}, password},
+                            [&out](common::Result<AuthOutcome> r) { out.promise.set_value(std::move(r)); });
+}
+
+}  // namespace
+
+TEST_CASE("authenticate_async hashes on the pool; a cached success or a lock-out needs no hash") {
+  HeldPool held;
+  Fixture f({}, [&](BuiltinDirectoryOptions& o) { o.password_checks = &held.pool; });
+  f.add_user("alice", "secret");
+  f.add_user("bob", "pw", {{"locked_out", true}});
+  CHECK(f.result("alice", "secret") == AuthResult::ok);  // synchronous: fills the cache
+
+  held.hold();  // every hashing thread is busy from now on
+  AsyncResult cached, locked, wrong, unknown;
+  start(f, "alice", "secret", cached);
+  start(f, "bob", "pw", locked);
+  REQUIRE(cached.ready());  // answered on this thread, without waiting for the pool
+  REQUIRE(locked.ready());
+  CHECK(cached.future.get()->result == AuthResult::ok);
+  CHECK(locked.future.get()->result == AuthResult::account_locked_out);
+
+  start(f, "alice", "wrong", wrong);
+  start(f, "nobody", "x", unknown);
+  CHECK_FALSE(wrong.ready());  // waiting for a hashing thread
+  CHECK_FALSE(unknown.ready());
+  held.release.set_value();
+  CHECK(wrong.future.get()->result == AuthResult::failed_credentials);
+  CHECK(unknown.future.get()->result == AuthResult::failed_credentials);
+}
+
+TEST_CASE("authenticate_async: a full queue is errc::unavailable; resume runs the rest") {
+  HeldPool held(1);
+  std::atomic<int> resumed{0};
+  Fixture f({}, [&](BuiltinDirectoryOptions& o) {
+    o.password_checks = &held.pool;
+    o.resume = [&](std::function<void()> task) {
+      ++resumed;
+      task();
+      return true;
+    };
+  });
+  f.add_user("alice", "secret");
+  held.hold();
+  AsyncResult queued, refused;
+  start(f, "alice", "secret", queued);
+  start(f, "alice", "secret", refused);
+  REQUIRE(refused.ready());
+  auto r = refused.future.get();
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().code == common::errc::unavailable);
+  held.release.set_value();
+  auto ok = queued.future.get();
+  REQUIRE(ok.has_value());
+  CHECK(ok->result == AuthResult::ok);
+  CHECK(ok->identity->qualified_name == "DEMO\\alice");
+  CHECK(resumed == 1);
 }

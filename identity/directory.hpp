@@ -18,6 +18,7 @@
 
 #include "common/error.hpp"
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -100,6 +101,16 @@ class Directory {
   // (AuthOutcome::result); an error is returned only when the backend fails (errc::storage_error,
   // errc::unavailable), never for an unknown user. May be slow (password hashing); blocking.
   virtual Result<AuthOutcome> authenticate(const Credentials& credentials) = 0;
+
+  // authenticate(), for callers that must not wait for the password hash: `done` gets the same
+  // outcome, exactly once, either before this returns or later on another thread (a backend with
+  // bounded hashing runs the hash on a pool of its own; see BuiltinDirectoryOptions). Adds one
+  // error: errc::unavailable when the backend refuses to check now (too many checks waiting, or
+  // shutting down). `done` must not throw. The default calls authenticate() on this thread.
+  using AuthCallback = std::function<void(Result<AuthOutcome>)>;
+  virtual void authenticate_async(const Credentials& credentials, AuthCallback done) {
+    done(authenticate(credentials));
+  }
 
   // Trusted pass-through (the front end vouches for the user; no password): the user named
   // `user`, `DOMAIN\user`, a UPN or a SID. Outcomes as for authenticate except

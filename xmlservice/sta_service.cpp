@@ -1,6 +1,7 @@
 // xmlservice/sta_service.cpp: the ticket store behind /scripts/ctxsta.dll.
 //
-// Concurrency: the ticket store (Impl::tickets, by_expiry, total_bytes) is guarded by Impl::mutex;
+// Concurrency: the ticket store (Impl::tickets, by_expiry, total_bytes, per_client) is guarded by
+// Impl::mutex;
 // the lock is held only for map operations and the gauge update (parsing, rendering, logging and
 // the request metrics happen outside it). Lock order: Impl::mutex, then the Metrics' own mutex.
 //
@@ -13,7 +14,9 @@
 #include "common/address.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
+#include "common/log.hpp"
 #include "common/metrics.hpp"
+#include "common/work_queue.hpp"
 #include "xmlservice/detail/xml_text.hpp"
 #include "xmlservice/sta_codec.hpp"
 
@@ -106,25 +109,40 @@ struct StaService::Impl {
     bool refreshable = false;
   };
 
-  Impl(StaOptions o, const common::Clock& c, common::Metrics& m, std::shared_ptr<spdlog::logger> l)
-      : options(std::move(o)), clock(c), metrics(m), log(std::move(l)) {}
+  // What one client holds.
+  struct Usage {
+    std::size_t tickets = 0;
+    std::size_t bytes = 0;
+  };
+
+  Impl(StaOptions o, const common::Clock& c, common::Metrics& m, std::shared_ptr<spdlog::logger> l,
+       common::WorkQueue* w)
+      : options(std::move(o)), clock(c), metrics(m), log(std::move(l)), work(w) {}
 
   const StaOptions options;
   const common::Clock& clock;
   common::Metrics& metrics;
   const std::shared_ptr<spdlog::logger> log;
+  common::WorkQueue* const work;
 
   std::mutex mutex;
-  // Guarded by mutex: tickets by key; the same keys ordered by expiry; the bytes they hold.
+  // Guarded by mutex: tickets by key; the same keys ordered by expiry; the bytes they hold; what
+  // each client (issued_to) holds, for clients holding any.
   std::unordered_map<std::string, Ticket> tickets;
   std::set<std::pair<common::SysTime, std::string>> by_expiry;
   std::size_t total_bytes = 0;
+  std::unordered_map<std::string, Usage> per_client;
 
   // Requires mutex. Removes the ticket `it` points at from the store and returns it.
   Ticket take_locked(std::unordered_map<std::string, Ticket>::iterator it) {
     auto node = tickets.extract(it);
     by_expiry.erase({node.mapped().expires, node.key()});
     total_bytes -= node.mapped().bytes;
+    if (auto u = per_client.find(node.mapped().issued_to); u != per_client.end()) {
+      u->second.tickets -= 1;
+      u->second.bytes -= node.mapped().bytes;
+      if (u->second.tickets == 0) per_client.erase(u);
+    }
     return std::move(node.mapped());
   }
   // Requires mutex. Removes every ticket whose lifetime is over at `now`.
@@ -134,11 +152,26 @@ struct StaService::Impl {
   // Requires mutex (so that concurrent requests publish in order).
   void publish_gauge_locked() {
     metrics.set("broker_sta_tickets_outstanding", {}, static_cast<double>(tickets.size()));
+    metrics.set("broker_sta_bytes_outstanding", {}, static_cast<double>(total_bytes));
   }
 
-  bool trusted(const std::string& remote) const {
-    return options.allowed_clients.empty() ||
-           std::any_of(options.allowed_clients.begin(), options.allowed_clients.end(),
+  // Whether allowed_clients admits `remote`; nullopt when the front ends cannot be read.
+  std::optional<bool> trusted(const std::string& remote) const {
+    bool front_ends = false;
+    for (const auto& entry : options.allowed_clients) {
+      if (entry == "any") return true;
+      if (entry == "loopback") {
+        if (common::address_in(remote, "127.0.0.0/8") || common::address_in(remote, "::1")) return true;
+      } else if (entry == "trusted_front_ends") {
+        front_ends = true;
+      } else if (common::address_in(remote, entry)) {
+        return true;
+      }
+    }
+    if (!front_ends || !options.trusted_front_ends) return false;
+    const auto ranges = options.trusted_front_ends();
+    if (!ranges) return std::nullopt;
+    return std::any_of(ranges->begin(), ranges->end(),
                        [&](const std::string& range) { return common::address_in(remote, range); });
   }
 
@@ -169,12 +202,21 @@ struct StaService::Impl {
         return error(sta::ErrorId::unspecified, "ticket store full: " + std::to_string(tickets.size()) + " tickets, " +
                                                     std::to_string(total_bytes) + " bytes held");
       }
+      const Usage held = per_client.contains(remote) ? per_client.at(remote) : Usage{};
+      if (held.tickets >= options.max_tickets_per_client || held.bytes + bytes > options.max_bytes_per_client) {
+        return error(sta::ErrorId::unspecified, "client quota reached: " + remote + " holds " +
+                                                    std::to_string(held.tickets) + " tickets, " +
+                                                    std::to_string(held.bytes) + " bytes");
+      }
       while (tickets.contains(key)) {  // 2^-128; but never hand out one ticket twice
         ticket = upper(common::crypto::random_hex(16));
         key = key_of(ticket);
       }
       by_expiry.emplace(t.expires, key);
       total_bytes += bytes;
+      auto& usage = per_client[remote];
+      usage.tickets += 1;
+      usage.bytes += bytes;
       tickets.emplace(key, std::move(t));
       publish_gauge_locked();
     }
@@ -216,20 +258,24 @@ struct StaService::Impl {
 };
 
 StaService::StaService(StaOptions options, const common::Clock& clock, common::Metrics& metrics,
-                       std::shared_ptr<spdlog::logger> logger)
-    : impl_(std::make_unique<Impl>(std::move(options), clock, metrics, std::move(logger))) {
+                       std::shared_ptr<spdlog::logger> logger, common::WorkQueue* work)
+    : impl_(std::make_unique<Impl>(std::move(options), clock, metrics, std::move(logger), work)) {
   metrics.describe("broker_sta_requests_total", common::Metrics::Type::counter,
                    "Secure Ticket Authority requests by request type and result (ok or the ErrorId).");
   metrics.describe("broker_sta_request_duration_seconds", common::Metrics::Type::histogram,
                    "Time to answer one Secure Ticket Authority request.");
   metrics.describe("broker_sta_tickets_outstanding", common::Metrics::Type::gauge,
                    "STA tickets issued and not yet redeemed (expired ones count until purged).");
+  metrics.describe("broker_sta_bytes_outstanding", common::Metrics::Type::gauge,
+                   "Bytes of TicketData (names and values) the outstanding STA tickets hold.");
   metrics.set("broker_sta_tickets_outstanding", {}, 0);
+  metrics.set("broker_sta_bytes_outstanding", {}, 0);
   const auto& o = impl_->options;
   std::string clients;
   for (const auto& c : o.allowed_clients) clients += (clients.empty() ? "" : ", ") + c;
-  impl_->log->info("sta: POST {} as {}, tickets valid {} s, clients: {}", kPath, o.authority_id,
-                   o.ticket_lifetime.count(), clients.empty() ? std::string("any") : clients);
+  impl_->log->info("sta: POST {} as {}, tickets valid {} s, clients: {}; at most {} tickets and {} bytes, {} and {} per client",
+                   kPath, o.authority_id, o.ticket_lifetime.count(), clients.empty() ? std::string("none") : clients,
+                   o.max_tickets, o.max_total_bytes, o.max_tickets_per_client, o.max_bytes_per_client);
 }
 
 StaService::~StaService() = default;
@@ -245,7 +291,13 @@ std::size_t StaService::outstanding() const {
   return impl_->tickets.size();
 }
 
-void StaService::handle(net::HttpRequest&& request, net::Responder respond) { respond(process(request)); }
+void StaService::handle(net::HttpRequest&& request, net::Responder respond) {
+  if (!impl_->work) return respond(process(request));
+  auto shared_request = std::make_shared<net::HttpRequest>(std::move(request));
+  auto shared_respond = std::make_shared<net::Responder>(std::move(respond));
+  if (!impl_->work->post([this, shared_request, shared_respond] { (*shared_respond)(process(*shared_request)); }))
+    (*shared_respond)(plain(503, "the broker is shutting down"));
+}
 
 net::HttpResponse StaService::process(const net::HttpRequest& http) {
   if (!serves(http.path)) {
@@ -262,7 +314,11 @@ net::HttpResponse StaService::process(const net::HttpRequest& http) {
   std::string type = "invalid";  // metric label: RequestTicket, RequestData, invalid, untrusted
   Outcome outcome{sta::ErrorResponse{sta::ErrorId::unspecified}, {}, {}};
   try {
-    if (!impl_->trusted(http.remote_address)) {
+    const auto trusted = impl_->trusted(http.remote_address);
+    if (!trusted) {
+      type = "untrusted";
+      outcome = error(sta::ErrorId::unspecified, "cannot read the site's trusted_front_ends");
+    } else if (!*trusted) {
       type = "untrusted";
       outcome = error(sta::ErrorId::not_trusted, "not in [sta] allowed_clients");
     } else if (auto parsed = sta::parse_request(http.body); !parsed) {
@@ -291,7 +347,8 @@ net::HttpResponse StaService::process(const net::HttpRequest& http) {
   const bool full = err && err->error_id == sta::ErrorId::unspecified;
   impl_->log->log(full ? spdlog::level::warn : spdlog::level::info,
                   "sta {} from {} ticket={} result={} ({}) in {:.1f} ms", type, http.remote_address,
-                  outcome.ticket_log.empty() ? "-" : outcome.ticket_log, result, outcome.detail, secs * 1000);
+                  outcome.ticket_log.empty() ? "-" : outcome.ticket_log, result, common::log_safe(outcome.detail, 256),
+                  secs * 1000);
   return reply;
 }
 

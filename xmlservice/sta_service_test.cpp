@@ -87,8 +87,11 @@ struct Fixture {
   std::shared_ptr<spdlog::logger> log;
   std::unique_ptr<StaService> sta;
 
+  // The default allowed_clients admits the front ends: here 10.0.0.0/8 unless the test says.
   explicit Fixture(StaOptions options = {}) {
     if (options.authority_id.empty()) options.authority_id = "STA0123456789AB";
+    if (!options.trusted_front_ends)
+      options.trusted_front_ends = [] { return std::optional<std::vector<std::string>>({"10.0.0.0/8"}); };
     auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(log_text);
     log = std::make_shared<spdlog::logger>("test", sink);
     log->set_level(spdlog::level::trace);
@@ -385,4 +388,70 @@ TEST_CASE("default_authority_id: STA and 12 hex digits, stable per site key") {
   Fixture f(o);
   CHECK(f.sta->authority_id() == id);
   CHECK(f.post(ticket_request()).authority_id == id);
+}
+
+TEST_CASE("allowed_clients by default: the site's trusted front ends and loopback, nobody else") {
+  std::vector<std::string> front_ends{"192.168.7.0/24"};
+  bool readable = true;
+  StaOptions o;
+  o.trusted_front_ends = [&]() -> std::optional<std::vector<std::string>> {
+    if (!readable) return std::nullopt;
+    return front_ends;
+  };
+  Fixture f(o);
+  CHECK(f.post(ticket_request(), "192.168.7.20").element == "ResponseTicket");
+  CHECK(f.post(ticket_request(), "127.0.0.1").element == "ResponseTicket");
+  CHECK(f.post(ticket_request(), "::1").element == "ResponseTicket");
+  CHECK(f.post(ticket_request(), "::ffff:127.0.0.1").element == "ResponseTicket");
+  // Before: the default admitted any client, so anyone who reached the XML port filled the store.
+  CHECK(f.post(ticket_request(), "10.1.2.3").error_id == "not-trusted");
+  CHECK(f.post(ticket_request(), "2001:db8::1").error_id == "not-trusted");
+  // The site's list is read at each request: an admin's change applies at once.
+  front_ends = {"10.0.0.0/8"};
+  CHECK(f.post(ticket_request(), "10.1.2.3").element == "ResponseTicket");
+  CHECK(f.post(ticket_request(), "192.168.7.20").error_id == "not-trusted");
+  // Storage failing: answered unspecified, nobody is let in by mistake.
+  readable = false;
+  CHECK(f.post(ticket_request(), "10.1.2.3").error_id == "unspecified");
+  CHECK(f.post(ticket_request(), "127.0.0.1").element == "ResponseTicket");  // loopback needs no look-up
+}
+
+TEST_CASE("allowed_clients: \"any\" opens the STA, an empty list closes it") {
+  StaOptions open;
+  open.allowed_clients = {"any"};
+  Fixture f(open);
+  CHECK(f.post(ticket_request(), "203.0.113.9").element == "ResponseTicket");
+  StaOptions closed;
+  closed.allowed_clients = {};
+  Fixture g(closed);
+  CHECK(g.post(ticket_request(), "127.0.0.1").error_id == "not-trusted");
+  CHECK(g.post(ticket_request(), "10.1.2.3").error_id == "not-trusted");
+}
+
+TEST_CASE("per-client quota in tickets and bytes; other clients are still served") {
+  StaOptions o;
+  o.max_tickets_per_client = 3;
+  o.max_bytes_per_client = 2500;
+  Fixture f(o);
+  SUBCASE("tickets") {
+    std::vector<std::string> held{f.issue(), f.issue(), f.issue()};
+    const Reply over = f.post(ticket_request());
+    CHECK(over.error_id == "unspecified");
+    CHECK(f.log_text.str().find("client quota reached: 10.1.2.3 holds 3 tickets") != std::string::npos);
+    CHECK(f.post(ticket_request(), "10.9.9.9").element == "ResponseTicket");  // another front end
+    // Redeeming (by anyone) gives the quota back; so does expiry.
+    CHECK(f.post(data_request(held[0]), "10.9.9.9").element == "ResponseData");
+    CHECK(f.post(ticket_request()).element == "ResponseTicket");
+    CHECK(f.post(ticket_request()).error_id == "unspecified");
+    f.clock.advance(100s);
+    CHECK(f.post(ticket_request()).element == "ResponseTicket");
+  }
+  SUBCASE("bytes") {
+    const std::vector<NameValue> big{{"XData", std::string(990, 'x')}};  // 995 bytes with the name
+    f.issue(big);
+    f.issue(big);
+    CHECK(f.post(ticket_request(big)).error_id == "unspecified");  // 2985 > 2500
+    CHECK(f.post(ticket_request(big), "10.9.9.9").element == "ResponseTicket");
+    CHECK(f.metrics.render().find("broker_sta_bytes_outstanding 2985") != std::string::npos);
+  }
 }

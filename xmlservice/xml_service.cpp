@@ -4,11 +4,15 @@
 #include "broker/launcher.hpp"
 #include "broker/site_objects.hpp"
 #include "common/address.hpp"
+#include "common/clock.hpp"
+#include "common/log.hpp"
 #include "common/metrics.hpp"
 #include "common/work_queue.hpp"
 #include "identity/directory.hpp"
 #include "xmlservice/default_icon.hpp"
+#include "xmlservice/logon_throttle.hpp"
 #include "xmlservice/nfuse_codec.hpp"
+#include "xmlservice/request_limits.hpp"
 
 #include <spdlog/spdlog.h>
 
@@ -52,7 +56,14 @@ struct Caller {
   std::optional<identity::UserIdentity> user;
   bool anonymous = false;
   std::optional<ErrorId> error;
-  std::string label;  // for the log: "DEMO\\alice", "anonymous", "alice (failed-credentials)"
+  std::string label;   // for the log: "DEMO\\alice", "anonymous", "alice (no password)"; as sent
+  std::string detail;  // why `error`, for the log ("throttled: ..."); may be empty
+
+  // The log's result for `error`: "failed-credentials", "service-unavailable (throttled ...)".
+  std::string error_result() const {
+    std::string r(to_string(error.value_or(ErrorId::unspecified)));
+    return detail.empty() ? r : r + " (" + detail + ")";
+  }
 };
 
 ErrorId to_error_id(identity::AuthResult r) {
@@ -65,15 +76,6 @@ ErrorId to_error_id(identity::AuthResult r) {
     case identity::AuthResult::expired_credentials: return ErrorId::expired_credentials;
   }
   return ErrorId::unspecified;
-}
-
-template <class T>
-const std::optional<Credentials>* credentials_of(const T& req) {
-  if constexpr (requires { req.credentials; }) {
-    return &req.credentials;
-  } else {
-    return nullptr;
-  }
 }
 
 bool server_type_ok(const std::vector<ServerType>& types) {
@@ -97,6 +99,18 @@ bool in_scope(const std::optional<Scope>& scope, const std::string& folder) {
 }  // namespace
 
 struct XmlService::Impl {
+  Impl(identity::Directory& d, broker::SiteObjects& s, storage::Repository& r, common::WorkQueue& w,
+       common::Metrics& m, std::shared_ptr<spdlog::logger> l, broker::Launcher* la, const XmlServiceOptions& o)
+      : directory(d),
+        site(s),
+        repository(r),
+        work(w),
+        metrics(m),
+        log(std::move(l)),
+        launcher(la),
+        clock(o.clock ? nullptr : std::make_unique<common::SystemClock>()),
+        throttle(o.failed_logons_per_minute, o.max_throttled_sources, o.clock ? *o.clock : *clock) {}
+
   identity::Directory& directory;
   broker::SiteObjects& site;
   storage::Repository& repository;
@@ -104,9 +118,50 @@ struct XmlService::Impl {
   common::Metrics& metrics;
   std::shared_ptr<spdlog::logger> log;
   broker::Launcher* launcher = nullptr;
+  std::unique_ptr<common::SystemClock> clock;  // when the options named none
+  LogonThrottle throttle;
 
-  Caller identify(const std::optional<Credentials>& creds, const model::Object& site_settings,
-                  const std::string& remote, bool required) {
+  // Whether the request is answered for a caller, and the credentials, whether they are
+  // required and the ClientAddress it names.
+  struct Identity {
+    const std::optional<Credentials>* credentials = nullptr;
+    bool required = true;
+    std::string client_address;
+  };
+  std::optional<Identity> needs_caller(const NFuseRequest& request) const {
+    return std::visit(
+        [&](const auto& req) -> std::optional<Identity> {
+          using T = std::decay_t<decltype(req)>;
+          if constexpr (std::is_same_v<T, RequestValidateCredentials> || std::is_same_v<T, RequestServerData>) {
+            return Identity{&req.credentials, true, {}};
+          } else if constexpr (std::is_same_v<T, RequestAppData> || std::is_same_v<T, RequestAddress>) {
+            if (std::is_same_v<T, RequestAddress> && !launcher) return std::nullopt;
+            return Identity{&req.credentials, std::is_same_v<T, RequestAddress>,
+                            req.client_address ? req.client_address->value : std::string()};
+          } else if constexpr (std::is_same_v<T, RequestTicket> || std::is_same_v<T, RequestLaunchRef> ||
+                               std::is_same_v<T, RequestReconnectSessionData> ||
+                               std::is_base_of_v<UserSessionsRequest, T>) {
+            if (!launcher) return std::nullopt;
+            return Identity{&req.credentials, true, {}};
+          } else {
+            return std::nullopt;
+          }
+        },
+        request);
+  }
+
+  static bool from_front_end(const model::Object& site_settings, const std::string& remote) {
+    const auto trusted_list = site_settings.list("trusted_front_ends");
+    return std::any_of(trusted_list.begin(), trusted_list.end(),
+                       [&](const std::string& r) { return common::address_in(remote, r); });
+  }
+
+  // Who is asking; `done` gets the answer exactly once: before this returns, except for a password
+  // check, which may finish later on another thread (Directory::authenticate_async).
+  // `client_address`: the request's ClientAddress, or empty (it names the source a trusted front
+  // end's failed logons count under).
+  void identify(const std::optional<Credentials>& creds, const model::Object& site_settings, const std::string& remote,
+                const std::string& client_address, bool required, std::function<void(Caller)> done) {
     Caller c;
     if (!creds) {
       if (required) {
@@ -116,12 +171,12 @@ struct XmlService::Impl {
         c.anonymous = true;
         c.label = "anonymous";
       }
-      return c;
+      return done(std::move(c));
     }
     if (creds->anonymous) {
       c.anonymous = true;
       c.label = "anonymous";
-      return c;
+      return done(std::move(c));
     }
     std::string name = creds->user_name;
     std::string domain = creds->domain ? creds->domain->name : std::string();
@@ -129,21 +184,36 @@ struct XmlService::Impl {
       c.label = domain.empty() ? name : domain + "\\" + name;
       if (!creds->password->plain || name.empty()) {
         c.error = ErrorId::failed_credentials;
-        return c;
+        return done(std::move(c));
       }
-      auto outcome = directory.authenticate({name, domain, *creds->password->plain});
-      if (!outcome) {
-        log->error("xml: directory failed: {}", outcome.error().describe());
+      // Refused before the directory when this source failed too often.
+      std::string source = LogonThrottle::source_of(remote, from_front_end(site_settings, remote), client_address);
+      if (!throttle.allowed(source)) {
+        metrics.add("broker_xml_logons_throttled_total", {});
         c.error = ErrorId::service_unavailable;
-        return c;
+        c.detail = "throttled: too many failed logons from " + source;
+        return done(std::move(c));
       }
-      if (outcome->result != identity::AuthResult::ok) {
-        c.error = to_error_id(outcome->result);
-        return c;
-      }
-      c.user = outcome->identity;
-      c.label = c.user->qualified_name;
-      return c;
+      return directory.authenticate_async(
+          {name, domain, *creds->password->plain},
+          [this, c = std::move(c), source = std::move(source), done = std::move(done)](
+              identity::Result<identity::AuthOutcome> outcome) mutable {
+            if (!outcome) {
+              if (outcome.error().code == common::errc::unavailable) {
+                c.detail = outcome.error().message;  // busy: logged once, with the request
+              } else {
+                log->error("xml: directory failed: {}", outcome.error().describe());
+              }
+              c.error = ErrorId::service_unavailable;
+            } else if (outcome->result != identity::AuthResult::ok) {
+              if (outcome->result == identity::AuthResult::failed_credentials) throttle.failed(source);
+              c.error = to_error_id(outcome->result);
+            } else {
+              c.user = outcome->identity;
+              c.label = c.user->qualified_name;
+            }
+            done(std::move(c));
+          });
     }
     // No password: pass-through, gateway or smart card. Trusted front ends only.
     if (name.empty())
@@ -155,28 +225,25 @@ struct XmlService::Impl {
     c.label = (domain.empty() ? name : domain + "\\" + name) + " (no password)";
     if (name.empty()) {
       c.error = ErrorId::failed_credentials;
-      return c;
+      return done(std::move(c));
     }
-    const auto trusted_list = site_settings.list("trusted_front_ends");
-    const bool trusted = site_settings.flag("trust_xml_requests") &&
-                         std::any_of(trusted_list.begin(), trusted_list.end(),
-                                     [&](const std::string& r) { return common::address_in(remote, r); });
+    const bool trusted = site_settings.flag("trust_xml_requests") && from_front_end(site_settings, remote);
     if (!trusted) {
       c.error = ErrorId::not_trusted;
-      return c;
+      return done(std::move(c));
     }
     auto outcome = directory.lookup(name, domain);
     if (!outcome) {
       c.error = outcome.error().code == common::errc::not_found ? ErrorId::failed_credentials : ErrorId::service_unavailable;
-      return c;
+      return done(std::move(c));
     }
     if (outcome->result != identity::AuthResult::ok) {
       c.error = to_error_id(outcome->result);
-      return c;
+      return done(std::move(c));
     }
     c.user = outcome->identity;
     c.label = c.user->qualified_name + " (trusted)";
-    return c;
+    done(std::move(c));
   }
 
   AppData app_data(const broker::Resource& r, const RequestAppData& req, const model::Object& site_settings) {
@@ -318,17 +385,15 @@ struct XmlService::Impl {
 
   // RequestAddress: brokers the launch; `reply` gets the response once the agent has prepared.
   void launch(const NFuseRequest& request, const RequestAddress& req, const model::Object& site_settings,
-              const net::HttpRequest& http,
+              const std::string& remote, const Caller& caller,
               std::function<void(NFuseResponse, std::string result, std::string who)> reply) {
-    Caller caller = identify(req.credentials, site_settings, http.remote_address, true);
-    if (caller.error)
-      return reply(error_response(request, *caller.error), std::string(to_string(*caller.error)), caller.label);
+    if (caller.error) return reply(error_response(request, *caller.error), caller.error_result(), caller.label);
     if (!caller.user) return reply(error_response(request, ErrorId::failed_credentials), "failed-credentials", caller.label);
     broker::LaunchRequest lr;
     lr.user = *caller.user;
     lr.client_name = req.client_name;
     lr.device_id = req.device_id;
-    lr.client_address = req.client_address ? req.client_address->value : http.remote_address;
+    lr.client_address = req.client_address ? req.client_address->value : remote;
     lr.credential = credential_of(*req.credentials, *caller.user);
     for (const auto& nv : req.session_settings)
       if (identity::iequals(nv.name, "CredentialType") && !nv.value.empty()) lr.credential.type = nv.value;
@@ -362,8 +427,10 @@ struct XmlService::Impl {
   }
 
   // Returns the response and a short outcome for the log ("ok, 4 resources").
+  // `caller`: who is asking, for the requests that need to know (needs_caller).
   std::pair<NFuseResponse, std::string> dispatch(const NFuseRequest& request, const model::Object& site_settings,
-                                                  const net::HttpRequest& http, std::string& who) {
+                                                  const std::string& remote, const std::optional<Caller>& identified,
+                                                  std::string& who) {
     return std::visit(
         [&](const auto& req) -> std::pair<NFuseResponse, std::string> {
           using T = std::decay_t<decltype(req)>;
@@ -383,10 +450,9 @@ struct XmlService::Impl {
             return {r, "ok"};
           } else if constexpr (std::is_same_v<T, RequestValidateCredentials> || std::is_same_v<T, RequestAppData> ||
                                std::is_same_v<T, RequestServerData>) {
-            const bool required = !std::is_same_v<T, RequestAppData>;
-            Caller caller = identify(req.credentials, site_settings, http.remote_address, required);
+            const Caller& caller = *identified;
             who = caller.label;
-            if (caller.error) return {error_response(request, *caller.error), std::string(to_string(*caller.error))};
+            if (caller.error) return {error_response(request, *caller.error), caller.error_result()};
             if constexpr (std::is_same_v<T, RequestValidateCredentials>) {
               ResponseValidateCredentials r;
               if (req.desired_user_identity && caller.user) {
@@ -416,7 +482,7 @@ struct XmlService::Impl {
               }
               broker::Requester requester;
               requester.user = caller.user ? &*caller.user : nullptr;
-              requester.client_address = req.client_address ? req.client_address->value : http.remote_address;
+              requester.client_address = req.client_address ? req.client_address->value : remote;
               requester.client_name = req.client_name;
               ResponseAppData r;
               r.scope = req.scope;
@@ -437,9 +503,9 @@ struct XmlService::Impl {
             return {error_response(request, ErrorId::unspecified), "no brokering engine"};
           } else {
             if (!launcher) return {error_response(request, ErrorId::unspecified), "no brokering engine"};
-            Caller caller = identify(req.credentials, site_settings, http.remote_address, true);
+            const Caller& caller = *identified;
             who = caller.label;
-            if (caller.error) return {error_response(request, *caller.error), std::string(to_string(*caller.error))};
+            if (caller.error) return {error_response(request, *caller.error), caller.error_result()};
             if (!caller.user) return {error_response(request, ErrorId::failed_credentials), "failed-credentials"};
             return session_request(request, req, *caller.user, credential_of(*req.credentials, *caller.user));
           }
@@ -450,12 +516,15 @@ struct XmlService::Impl {
 
 XmlService::XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
                        common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger,
-                       broker::Launcher* launcher)
-    : impl_(std::make_unique<Impl>(Impl{directory, site, repository, work, metrics, std::move(logger), launcher})) {
+                       broker::Launcher* launcher, XmlServiceOptions options)
+    : impl_(std::make_unique<Impl>(directory, site, repository, work, metrics, std::move(logger), launcher, options)) {
   metrics.describe("broker_xml_requests_total", common::Metrics::Type::counter,
                    "NFuse XML requests by request type and result (ok or the ErrorId).");
   metrics.describe("broker_xml_request_duration_seconds", common::Metrics::Type::histogram,
                    "Time to answer one NFuse XML request.");
+  metrics.describe("broker_xml_logons_throttled_total", common::Metrics::Type::counter,
+                   "Password logons refused without a check because their source address failed too often.");
+  metrics.add("broker_xml_logons_throttled_total", {}, 0);
 }
 
 XmlService::~XmlService() = default;
@@ -495,13 +564,15 @@ void XmlService::process(const net::HttpRequest& http, net::Responder respond) {
   }
   Impl* impl = impl_.get();
   const std::string remote = http.remote_address;
+  // Logs and counts the request once. `type` is a known request name, "unknown" or "invalid";
+  // `result` and `who` may hold what the client sent (they are made safe here).
   auto finish = [impl, started, remote](const std::string& type, const std::string& result, const std::string& who) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     const auto short_result = result.substr(0, result.find_first_of(", "));
     impl->metrics.add("broker_xml_requests_total", {{"request", type}, {"result", short_result}});
     impl->metrics.observe("broker_xml_request_duration_seconds", {{"request", type}}, secs);
-    impl->log->info("xml {} from {} user={} result={} in {:.1f} ms", type, remote, who.empty() ? "-" : who, result,
-                    secs * 1000);
+    impl->log->info("xml {} from {} user={} result={} in {:.1f} ms", type, remote,
+                    who.empty() ? "-" : common::log_safe(who), common::log_safe(result, 256), secs * 1000);
   };
 
   auto parsed = parse_request(http.body);
@@ -511,29 +582,61 @@ void XmlService::process(const net::HttpRequest& http, net::Responder respond) {
       finish("invalid", std::string(to_string(e.code)), {});
       return respond(plain(400, "not an NFuse request: " + e.message));
     }
-    finish(e.request_element.empty() ? "unknown" : e.request_element, "unspecified (" + e.message + ")", {});
+    // The metric label is a known request name or "unknown", never the element as sent.
+    std::string label = "unknown";
+    if (e.code == ParseErrc::invalid_request && e.response_element.starts_with("Response"))
+      label = "Request" + e.response_element.substr(8);
+    finish(label, "unspecified (" + (label == "unknown" ? e.request_element + ": " : std::string()) + e.message + ")",
+           {});
     return respond(xml_reply(render(ResponseError{e.response_element, ErrorId::unspecified}, e.encoding_label),
                              e.encoding_label));
   }
   const std::string type(request_name(parsed->request));
   const std::string encoding = parsed->encoding_label;
+  if (const auto over = check_limits(parsed->request)) {
+    finish(type,
+           std::string(to_string(over->error)) + " (" + std::string(over->field) + " of " + std::to_string(over->bytes) +
+               " bytes; the limit is " + std::to_string(over->limit) + ")",
+           {});
+    return respond(xml_reply(render(error_response(parsed->request, over->error), encoding), encoding));
+  }
   auto site_settings = impl_->site.site();
   if (!site_settings) {
     impl_->log->error("xml: cannot read the site settings: {}", site_settings.error().describe());
     finish(type, "service-unavailable", {});
     return respond(xml_reply(render(error_response(parsed->request, ErrorId::service_unavailable), encoding), encoding));
   }
-  if (const auto* ra = std::get_if<RequestAddress>(&parsed->request); ra && impl_->launcher) {
-    return impl_->launch(parsed->request, *ra, *site_settings, http,
-                         [finish, respond, type, encoding](NFuseResponse response, std::string result, std::string who) {
-                           finish(type, result, who);
-                           respond(xml_reply(render(response, encoding), encoding));
-                         });
-  }
-  std::string who;
-  auto [response, result] = impl_->dispatch(parsed->request, *site_settings, http, who);
-  finish(type, result, who);
-  respond(xml_reply(render(response, encoding), encoding));
+
+  // The rest runs once the caller is known, which for a password check may be later, on the
+  // thread the directory finishes on.
+  struct Pending {
+    NFuseRequest request;
+    model::Object settings;
+  };
+  auto pending = std::make_shared<Pending>(Pending{std::move(parsed->request), std::move(*site_settings)});
+  auto answer = [impl, pending, remote, finish, respond, type, encoding](std::optional<Caller> caller) {
+    try {
+      if (const auto* ra = std::get_if<RequestAddress>(&pending->request); ra && impl->launcher) {
+        return impl->launch(
+            pending->request, *ra, pending->settings, remote, *caller,
+            [finish, respond, type, encoding](NFuseResponse response, std::string result, std::string who) {
+              finish(type, result, who);
+              respond(xml_reply(render(response, encoding), encoding));
+            });
+      }
+      std::string who;
+      auto [response, result] = impl->dispatch(pending->request, pending->settings, remote, caller, who);
+      finish(type, result, who);
+      respond(xml_reply(render(response, encoding), encoding));
+    } catch (const std::exception& e) {
+      impl->log->error("xml: {}", e.what());
+      respond(plain(500, "internal error; see the broker log"));
+    }
+  };
+  const auto identity = impl_->needs_caller(pending->request);
+  if (!identity) return answer(std::nullopt);
+  impl_->identify(*identity->credentials, pending->settings, remote, identity->client_address, identity->required,
+                  [answer](Caller caller) { answer(std::move(caller)); });
 }
 
 }  // namespace xmlservice

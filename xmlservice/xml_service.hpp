@@ -9,9 +9,11 @@
 
 #include <spdlog/fwd.h>
 
+#include <cstddef>
 #include <memory>
 
 namespace common {
+class Clock;
 class Metrics;
 class WorkQueue;
 }  // namespace common
@@ -28,13 +30,25 @@ class Repository;
 
 namespace xmlservice {
 
+struct XmlServiceOptions {
+  // Failed password logons a source address may have per minute before its password logons are
+  // refused (`service-unavailable`) without consulting the directory; 0: no limit. See
+  // logon_throttle.hpp and docs/nfuse.md "Failed logons per address".
+  int failed_logons_per_minute = 30;
+  std::size_t max_throttled_sources = 10000;  // sources tracked for that
+  // The time source of the throttle; null: the system clock. Must outlive the service.
+  const common::Clock* clock = nullptr;
+};
+
 class XmlService {
  public:
   // Without a launcher the launch requests (RequestAddress, RequestTicket, ...) answer
-  // `unspecified` and are not advertised.
+  // `unspecified` and are not advertised. Password checks go through
+  // Directory::authenticate_async, so with a directory that hashes on a pool of its own a
+  // request that waits for a hash holds no work-queue thread meanwhile.
   XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
              common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger,
-             broker::Launcher* launcher = nullptr);
+             broker::Launcher* launcher = nullptr, XmlServiceOptions options = {});
   ~XmlService();
 
   // The net::HttpHandler of the XML listener. Called on an I/O thread; never blocks (requests
@@ -42,7 +56,8 @@ class XmlService {
   void handle(net::HttpRequest&& request, net::Responder respond);
 
   // Processes one request and calls respond once, from any thread. Blocks on storage (run it on
-  // the work queue); a launch answers later, when the agent has prepared the session.
+  // the work queue); a launch answers later, when the agent has prepared the session, and a
+  // password check may answer later, from the thread the directory finishes it on.
   void process(const net::HttpRequest& request, net::Responder respond);
   // The same, waiting for the answer (tests, benchmarks; never on the work queue's threads).
   net::HttpResponse process(const net::HttpRequest& request);

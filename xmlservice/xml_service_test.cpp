@@ -9,12 +9,21 @@
 #include "common/work_queue.hpp"
 #include "config/config.hpp"
 #include "identity/builtin_directory.hpp"
+#include "identity/password_checks.hpp"
 #include "storage/repository.hpp"
 #include "xmlservice/ctx1.hpp"
+#include "xmlservice/request_limits.hpp"
 
 #include <doctest/doctest.h>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <future>
 #include <memory>
+#include <sstream>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -98,6 +107,13 @@ upn = "alice@demo.test"
   return t;
 }
 
+// What a test may change in the service it runs.
+struct Setup {
+  bool trust = false;
+  identity::PasswordCheckPool* password_checks = nullptr;
+  xmlservice::XmlServiceOptions xml;
+};
+
 struct Service {
   std::unique_ptr<storage::Repository> repo;
   std::unique_ptr<broker::SiteObjects> site;
@@ -105,9 +121,13 @@ struct Service {
   std::unique_ptr<identity::BuiltinDirectory> directory;
   common::WorkQueue work{1};
   common::Metrics metrics;
+  std::atomic<int> hashes{0};  // password hashes computed
+  std::ostringstream log_text;
   std::unique_ptr<xmlservice::XmlService> xml;
 
-  explicit Service(bool trust = false) {
+  explicit Service(bool trust = false) : Service(Setup{trust, nullptr, {}}) {}
+  explicit Service(Setup setup) {
+    const bool trust = setup.trust;
     auto cfg = config::load_string(site_toml(trust), "test.toml");
     REQUIRE_MESSAGE(cfg.config.has_value(), (cfg.errors.empty() ? "" : cfg.errors[0].describe()));
     auto r = storage::open_sqlite({":memory:"});
@@ -117,8 +137,16 @@ struct Service {
     REQUIRE(site->reconcile("test.toml", cfg.config->site, cfg.config->objects).has_value());
     identity::BuiltinDirectoryOptions o;
     o.dummy_hash_iterations = 1000;
+    o.verify_password = [this](std::string_view pw, std::string_view enc) {
+      ++hashes;
+      return common::crypto::verify_password(pw, enc);
+    };
+    o.password_checks = setup.password_checks;
     directory = std::make_unique<identity::BuiltinDirectory>(*repo, clock, o);
-    xml = std::make_unique<xmlservice::XmlService>(*directory, *site, *repo, work, metrics, common::null_logger());
+    auto logger = std::make_shared<spdlog::logger>("test", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_text));
+    logger->set_pattern("%v");
+    if (!setup.xml.clock) setup.xml.clock = &clock;
+    xml = std::make_unique<xmlservice::XmlService>(*directory, *site, *repo, work, metrics, logger, nullptr, setup.xml);
   }
 
   net::HttpResponse post(const std::string& body, const std::string& from = "127.0.0.1") {
@@ -266,4 +294,113 @@ TEST_CASE("malformed requests, wrong endpoints, metrics") {
   CHECK(text.find("broker_xml_requests_total{request=\"RequestValidateCredentials\",result=\"failed-credentials\"} 1") !=
         std::string::npos);
   CHECK(text.find("broker_xml_requests_total{request=\"invalid\",result=\"not_xml\"} 1") != std::string::npos);
+}
+
+TEST_CASE("over-long fields are refused before the directory is consulted, and logged short") {
+  Service s;
+  const std::string long_name(900 * 1024, 'n');
+  auto r = s.post(validate(creds(long_name, "whatever")));
+  CHECK(has(r, "<ErrorId>failed-credentials</ErrorId>"));
+  CHECK(s.hashes == 0);
+  r = s.post(validate(creds("alice", "alice-pass", std::string(5000, 'D'))));
+  CHECK(has(r, "<ErrorId>failed-credentials</ErrorId>"));
+  r = s.post(appdata(creds("alice", "alice-pass"), "<ClientName>" + std::string(10000, 'c') + "</ClientName>"));
+  CHECK(has(r, "<ErrorId>unspecified</ErrorId>"));
+  CHECK(s.hashes == 0);
+  const std::string log = s.log_text.str();
+  CHECK(log.find("UserName of 921600 bytes") != std::string::npos);
+  CHECK(log.find("ClientName of 10000 bytes") != std::string::npos);
+  CHECK(log.size() < 4096);  // not 900 KB
+  // At the limit the request is served.
+  CHECK_FALSE(has(s.post(appdata(creds("alice", "alice-pass"),
+                                 "<ClientName>" + std::string(xmlservice::kMaxClientNameBytes, 'c') + "</ClientName>")),
+                  "ErrorId"));
+}
+
+TEST_CASE("user-controlled strings reach the log truncated and escaped") {
+  Service s;
+  // A name (within the limit) with a line break that would forge a second log line.
+  s.post(validate(creds("bob&#10;xml RequestAppData from 10.0.0.1 user=DEMO\\admin result=ok", "x")));
+  // Unknown request elements: each one answered, none of them becomes a metric series of its own.
+  for (int i = 0; i < 20; ++i) {
+    auto unknown = s.post(wrap("<RequestX" + std::to_string(i) + std::string(100, 'X') + "/>"));
+    CHECK(has(unknown, "<ErrorId>unspecified</ErrorId>"));
+  }
+  const std::string log = s.log_text.str();
+  CHECK(log.find("bob\\x0axml RequestAppData") != std::string::npos);
+  CHECK(log.find("\nxml RequestAppData from 10.0.0.1") == std::string::npos);
+  CHECK(log.find("RequestX7XXXX") != std::string::npos);  // the log says which
+  // The metric label is "unknown", not the element as sent.
+  const auto text = s.metrics.render();
+  CHECK(text.find("broker_xml_requests_total{request=\"unknown\",result=\"unspecified\"} 20") != std::string::npos);
+  CHECK(text.find("XXXX") == std::string::npos);
+}
+
+TEST_CASE("failed logons are throttled per source address, before the directory") {
+  Setup setup;
+  setup.xml.failed_logons_per_minute = 3;
+  Service s(setup);
+  for (int i = 0; i < 3; ++i)
+    CHECK(has(s.post(validate(creds("nobody" + std::to_string(i), "x")), "10.0.0.9"), "failed-credentials"));
+  const int hashes = s.hashes;
+  // The fourth attempt from that address is refused without a check, even with the right password.
+  CHECK(has(s.post(validate(creds("alice", "alice-pass")), "10.0.0.9"), "<ErrorId>service-unavailable</ErrorId>"));
+  CHECK(s.hashes == hashes);
+  // Other addresses, and requests without a password, are not affected.
+  CHECK_FALSE(has(s.post(validate(creds("alice", "alice-pass")), "10.0.0.10"), "ErrorId"));
+  CHECK(has(s.post(appdata("<Credentials><AnonymousUser/></Credentials>"), "10.0.0.9"), "<InName>Notepad</InName>"));
+  // The bucket refills: one failure's worth every 20 s.
+  s.clock.advance(std::chrono::seconds(20));
+  CHECK_FALSE(has(s.post(validate(creds("alice", "alice-pass")), "10.0.0.9"), "ErrorId"));
+  const auto text = s.metrics.render();
+  CHECK(text.find("broker_xml_logons_throttled_total 1") != std::string::npos);
+  CHECK(s.log_text.str().find("throttled: too many failed logons from 10.0.0.9") != std::string::npos);
+}
+
+TEST_CASE("with the password checks busy, requests that need no hash are still answered") {
+  identity::PasswordCheckOptions po;
+  po.threads = 1;
+  po.max_queued = 2;
+  po.max_wait = std::chrono::hours(1);
+  identity::PasswordCheckPool pool(po);
+  Setup setup;
+  setup.password_checks = &pool;
+  setup.xml.failed_logons_per_minute = 0;
+  Service s(setup);
+  CHECK_FALSE(has(s.post(validate(creds("alice", "alice-pass"))), "ErrorId"));  // fills the cache
+
+  // Hold the only hashing thread, as a flood of wrong passwords would.
+  std::promise<void> release, started;
+  pool.submit(
+      [&started, gate = release.get_future().share()] {
+        started.set_value();
+        gate.wait();
+      },
+      [](identity::PasswordCheckPool::Refusal) {});
+  started.get_future().wait();
+
+  // Two wrong passwords wait for the hashing thread; they hold no work-queue thread meanwhile.
+  std::vector<std::future<net::HttpResponse>> waiting;
+  for (int i = 0; i < 2; ++i) {
+    auto p = std::make_shared<std::promise<net::HttpResponse>>();
+    waiting.push_back(p->get_future());
+    net::HttpRequest req;
+    req.method = "POST";
+    req.path = "/scripts/wpnbr.dll";
+    req.body = validate(creds("alice", "wrong"));
+    req.remote_address = "10.0.0.66";
+    s.xml->handle(std::move(req), [p](net::HttpResponse r) { p->set_value(std::move(r)); });
+  }
+  while (pool.queued() < 2) std::this_thread::yield();
+  // The queue is full: the next one is refused at once (service-unavailable), not queued.
+  CHECK(has(s.post(validate(creds("bob", "wrong"))), "<ErrorId>service-unavailable</ErrorId>"));
+  // A cached logon, anonymous enumeration and capabilities are answered meanwhile.
+  CHECK_FALSE(has(s.post(appdata(creds("alice", "alice-pass"))), "ErrorId"));
+  CHECK(has(s.post(appdata("<Credentials><AnonymousUser/></Credentials>")), "<InName>Notepad</InName>"));
+  CHECK(has(s.post(wrap("<RequestCapabilities/>")), "<ResponseCapabilities>"));
+  for (auto& w : waiting) CHECK(w.wait_for(std::chrono::seconds(0)) == std::future_status::timeout);
+
+  release.set_value();
+  for (auto& w : waiting) CHECK(has(w.get(), "<ErrorId>failed-credentials</ErrorId>"));
+  CHECK(s.log_text.str().find("too many password checks at once (queue_full)") != std::string::npos);
 }

@@ -29,10 +29,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -142,7 +145,20 @@ int run(const std::string& config_path, const std::string& ready_file) {
   common::WorkQueue work(cfg.worker_threads);
 
   common::SystemClock clock;
-  identity::BuiltinDirectory directory(repository, clock);
+  // Password hashes run on a bounded pool of their own ([identity]; docs/nfuse.md "Password
+  // checks under load"), so a flood of wrong passwords cannot hold the work queue; the rest of a
+  // check goes on on the work queue.
+  identity::PasswordCheckOptions pcopts;
+  pcopts.threads = cfg.identity.password_check_threads;
+  pcopts.max_queued = static_cast<std::size_t>(cfg.identity.password_check_queue);
+  pcopts.max_wait = std::chrono::milliseconds(cfg.identity.password_check_max_wait_ms);
+  identity::PasswordCheckPool password_checks(pcopts, &metrics);
+  log->info("password checks: {} at once, up to {} waiting for at most {} ms", password_checks.threads(),
+            pcopts.max_queued, pcopts.max_wait.count());
+  identity::BuiltinDirectoryOptions dopts;
+  dopts.password_checks = &password_checks;
+  dopts.resume = [&work](std::function<void()> task) { return work.post(std::move(task)); };
+  identity::BuiltinDirectory directory(repository, clock, dopts);
   broker::AgentRegistry agents(repository, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
   cbp::EndpointOptions eopts;
   {
@@ -189,7 +205,10 @@ int run(const std::string& config_path, const std::string& ready_file) {
   aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
   admin::AdminApi admin_api(site, repository, work, metrics, aopts, log, &launcher);
   admin_api.set_power_manager(&power);
-  xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log, &launcher);
+  xmlservice::XmlServiceOptions xopts;
+  xopts.failed_logons_per_minute = cfg.xml_service.failed_logons_per_minute;
+  xopts.clock = &clock;
+  xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log, &launcher, xopts);
   // The Secure Ticket Authority ([sta]) on the XML listener: POST /scripts/ctxsta.dll.
   std::unique_ptr<xmlservice::StaService> sta;
   if (cfg.sta.enabled) {
@@ -197,8 +216,20 @@ int run(const std::string& config_path, const std::string& ready_file) {
     so.authority_id = cfg.sta.authority_id.empty() ? xmlservice::default_authority_id(site_key) : cfg.sta.authority_id;
     so.ticket_lifetime = std::chrono::seconds(cfg.sta.ticket_lifetime_seconds);
     so.allowed_clients = cfg.sta.allowed_clients;
+    // Read at each request that needs it (on the work queue), so admin changes apply at once.
+    so.trusted_front_ends = [&site, &log]() -> std::optional<std::vector<std::string>> {
+      auto settings = site.site();
+      if (!settings) {
+        log->error("sta: cannot read the site settings: {}", settings.error().describe());
+        return std::nullopt;
+      }
+      return settings->list("trusted_front_ends");
+    };
     so.max_tickets = static_cast<std::size_t>(cfg.sta.max_tickets);
-    sta = std::make_unique<xmlservice::StaService>(std::move(so), clock, metrics, log);
+    so.max_total_bytes = static_cast<std::size_t>(cfg.sta.max_bytes);
+    so.max_tickets_per_client = static_cast<std::size_t>(cfg.sta.max_tickets_per_client);
+    so.max_bytes_per_client = static_cast<std::size_t>(cfg.sta.max_bytes_per_client);
+    sta = std::make_unique<xmlservice::StaService>(std::move(so), clock, metrics, log, &work);
   }
 
   net::Server server(cfg.io_threads, log, &metrics);
@@ -285,6 +316,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   launcher.stop();  // launches waiting for a machine to boot answer while the server can still send
   server.stop(std::chrono::seconds(cfg.shutdown_grace_seconds));
   power.stop();  // pending power actions stay stored
+  password_checks.stop();  // checks still queued answer service-unavailable; running ones finish
   work.stop();
   repository.close();
   log->info("stopped");

@@ -7,6 +7,8 @@
 
 #include <regex>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -173,4 +175,46 @@ TEST_CASE("sta: [sta] settings: authority_id, allowed_clients, enabled") {
     CHECK(sta.post(kRequestTicket).status == 404);
     CHECK(daemon.stop() == 0);
   }
+}
+
+TEST_CASE("sta: allowed_clients follows the site's trusted_front_ends; per-client quota") {
+  itest::TempDir dir;
+  itest::Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(itest::base_config(
+                      dir, "[sta]\nallowed_clients = [\"trusted_front_ends\"]\nmax_tickets_per_client = 2\n")),
+                  daemon.log());
+  Sta sta(daemon);
+  net::HttpClient admin(daemon.admin_url());
+  const std::vector<std::pair<std::string, std::string>> auth{{"Authorization", std::string("Bearer ") + itest::kToken},
+                                                              {"Content-Type", "application/json"}};
+  // 127.0.0.1 is no front end yet (and loopback is not in the list).
+  CHECK(element(sta.post(kRequestTicket).body, "ErrorId") == "not-trusted");
+  // An admin makes it one: it applies at once.
+  auto patched = admin.request("PATCH", "/api/v1/site", R"({"trusted_front_ends":["127.0.0.1"]})", auth);
+  REQUIRE(patched.has_value());
+  REQUIRE_MESSAGE(patched->status == 200, patched->body);
+  const std::string first = element(sta.post(kRequestTicket).body, "Ticket");
+  const std::string authority = element(sta.post(kRequestTicket).body, "AuthorityID");
+  CHECK(first.size() == 32);
+  // The client's quota (2 tickets) is used up; other clients would still be served.
+  CHECK(element(sta.post(kRequestTicket).body, "ErrorId") == "unspecified");
+  // A redemption gives the room back.
+  CHECK(sta.post(request_data(authority, first)).body.find("<ResponseData>") != std::string::npos);
+  CHECK(element(sta.post(kRequestTicket).body, "Ticket").size() == 32);
+  CHECK(daemon.stop() == 0);
+  CHECK(daemon.log().find("client quota reached: 127.0.0.1 holds 2 tickets") != std::string::npos);
+}
+
+TEST_CASE("sta: allowed_clients = [\"any\"] opens it; [] is refused at start") {
+  itest::TempDir dir;
+  {
+    itest::Daemon daemon(dir);
+    REQUIRE_MESSAGE(daemon.start(itest::base_config(dir, "[sta]\nallowed_clients = [\"any\"]\n")), daemon.log());
+    Sta sta(daemon);
+    CHECK(element(sta.post(kRequestTicket).body, "Ticket").size() == 32);
+    CHECK(daemon.stop() == 0);
+  }
+  itest::Daemon daemon(dir);
+  CHECK_FALSE(daemon.start(itest::base_config(dir, "[sta]\nallowed_clients = []\n")));
+  CHECK(daemon.log().find("sta.allowed_clients: must not be empty") != std::string::npos);
 }

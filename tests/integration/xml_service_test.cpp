@@ -6,9 +6,13 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <chrono>
 #include <fstream>
 #include <regex>
 #include <sstream>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -49,6 +53,21 @@ std::string appdata(const std::string& user, const std::string& password) {
     <ClientName>WI_test</ClientName>
   </RequestAppData>
 </NFuseProtocol>)";
+}
+
+std::string validate(const std::string& user, const std::string& password) {
+  return R"(<?xml version="1.0"?><NFuseProtocol version="5.0"><RequestValidateCredentials><Credentials><UserName>)" +
+         user + "</UserName><Password>" + password +
+         "</Password><Domain type=\"NT\">DEMO</Domain></Credentials></RequestValidateCredentials></NFuseProtocol>";
+}
+
+bool has(const std::string& body, const std::string& what) { return body.find(what) != std::string::npos; }
+
+// The value of an unlabelled metric in a /metrics page; -1 when absent.
+double metric(const std::string& page, const std::string& name) {
+  const auto at = page.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(page.substr(at + name.size() + 2));
 }
 
 }  // namespace
@@ -101,4 +120,97 @@ TEST_CASE("demo users enumerate exactly what their entitlements give them, over 
   CHECK(metrics->body.find("broker_xml_requests_total{request=\"RequestAppData\",result=\"account-disabled\"} 1") !=
         std::string::npos);
   CHECK(daemon.stop() == 0);
+}
+
+TEST_CASE("under a wrong-password flood, cached logons and requests without a hash are still answered") {
+  // One hashing thread, a queue that holds the whole flood, no per-address throttle (the flood
+  // and the user share 127.0.0.1 here): the flood queues for the one thread, everything else
+  // goes past it. Before, the hashes ran on the work queue's threads and a cached logon queued
+  // behind the flood's hashes.
+  itest::TempDir dir;
+  itest::Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(demo_config(dir) +
+                               "\n[identity]\npassword_check_threads = 1\npassword_check_queue = 1000\n"
+                               "password_check_max_wait_ms = 600000\n[xml]\nfailed_logons_per_minute = 0\n"),
+                  daemon.log());
+  const std::string xml_url = "http://127.0.0.1:" + std::to_string(daemon.xml_port());
+  net::HttpClient xml(xml_url);
+  net::HttpClient admin(daemon.admin_url());
+  auto post = [&](const std::string& body) {
+    auto r = xml.request("POST", "/scripts/wpnbr.dll", body, {{"Content-Type", "text/xml"}});
+    REQUIRE(r.has_value());
+    return r->body;
+  };
+  REQUIRE(in_names(post(appdata("alice", "alice-pass"))).size() == 5);  // alice's success is now cached
+
+  // The flood: wrong passwords for names that do not exist (each costs a hash; none locks out).
+  constexpr int kFlood = 24;
+  std::atomic<int> answered{0}, refused_right{0};
+  std::vector<std::thread> flood;
+  for (int i = 0; i < kFlood; ++i)
+    flood.emplace_back([&, i] {
+      net::HttpClient c(xml_url, std::chrono::seconds(120));
+      auto r = c.request("POST", "/scripts/wpnbr.dll", validate("nobody" + std::to_string(i), "wrong"),
+                         {{"Content-Type", "text/xml"}});
+      if (r && has(r->body, "<ErrorId>failed-credentials</ErrorId>")) ++refused_right;
+      ++answered;
+    });
+  // Wait until the broker holds the whole flood (queued or hashing), or part of it was answered.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  for (;;) {
+    auto page = admin.request("GET", "/metrics");
+    REQUIRE(page.has_value());
+    const double held = metric(page->body, "broker_password_checks_queued") +
+                        metric(page->body, "broker_password_checks_running");
+    if (held + answered >= kFlood || std::chrono::steady_clock::now() > deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+
+  // Meanwhile: a cached logon, requests that need no credentials and the admin API are answered, long before
+  // the flood is (it needs kFlood hashes, one at a time).
+  CHECK(in_names(post(appdata("alice", "alice-pass"))).size() == 5);
+  CHECK(has(post(R"(<NFuseProtocol version="5.0"><RequestCapabilities/></NFuseProtocol>)"), "<ResponseCapabilities>"));
+  CHECK(has(post(R"(<NFuseProtocol version="5.0"><RequestServerFarmData/></NFuseProtocol>)"), "<ServerFarmName>Demo"));
+  auto health = admin.request("GET", "/healthz");
+  REQUIRE(health.has_value());
+  CHECK(health->status == 200);
+  CHECK(answered < kFlood / 2);
+
+  for (auto& t : flood) t.join();
+  CHECK(answered == kFlood);
+  CHECK(refused_right == kFlood);  // the flood itself is answered correctly, only later
+  auto page = admin.request("GET", "/metrics");
+  REQUIRE(page.has_value());
+  CHECK(has(page->body, "broker_password_checks_total{result=\"run\"}"));
+  CHECK(daemon.stop() == 0);
+}
+
+TEST_CASE("failed logons per address are throttled before the directory; long names are refused and logged short") {
+  itest::TempDir dir;
+  itest::Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(demo_config(dir) + "\n[xml]\nfailed_logons_per_minute = 3\n"), daemon.log());
+  net::HttpClient xml("http://127.0.0.1:" + std::to_string(daemon.xml_port()));
+  auto post = [&](const std::string& body) {
+    auto r = xml.request("POST", "/scripts/wpnbr.dll", body, {{"Content-Type", "text/xml"}});
+    REQUIRE(r.has_value());
+    return r->body;
+  };
+  // A 900 KB user name: refused before the directory, and not written to the log.
+  const std::string long_name(900 * 1024, 'n');
+  CHECK(has(post(validate(long_name, "x")), "<ErrorId>failed-credentials</ErrorId>"));
+  // Three failures, then even the right password is refused for a while.
+  for (int i = 0; i < 3; ++i) CHECK(has(post(validate("carol", "wrong")), "<ErrorId>failed-credentials</ErrorId>"));
+  CHECK(has(post(validate("carol", "carol-pass")), "<ErrorId>service-unavailable</ErrorId>"));
+  // Requests without a password are not affected.
+  CHECK(has(post(R"(<NFuseProtocol version="5.0"><RequestCapabilities/></NFuseProtocol>)"), "<ResponseCapabilities>"));
+
+  net::HttpClient admin(daemon.admin_url());
+  auto page = admin.request("GET", "/metrics");
+  REQUIRE(page.has_value());
+  CHECK(has(page->body, "broker_xml_logons_throttled_total 1"));
+  CHECK(daemon.stop() == 0);
+  const std::string log = daemon.log();
+  CHECK(has(log, "UserName of 921600 bytes"));
+  CHECK_FALSE(has(log, std::string(1024, 'n')));
+  CHECK(has(log, "throttled: too many failed logons from 127.0.0.1"));
 }
