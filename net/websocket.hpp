@@ -34,10 +34,19 @@ class WebSocketSession {
   virtual ~WebSocketSession() = default;
   // One complete text message. Called on the connection's strand, one at a time.
   virtual void on_message(std::string message) = 0;
+  // A binary message arrived; this transport carries text only. Called on the strand, in order
+  // with on_message. Return false (the default) and the connection closes at once with 1003.
+  // Return true to end it yourself: send a last text message if the protocol wants one (CBP:
+  // `error ProtocolError`), then call WebSocketPeer::close(); the close frame then carries 1003.
+  // Either way no message after the binary one is delivered, and on_close says "binary message".
+  // A session that returns true and does not close within a few seconds is closed with 1003.
+  virtual bool on_binary_message() { return false; }
   // The connection ended (either side, an error, a timeout, shutdown). Called once, last.
   // `reason`: the text this side gave to close() (or "broker shutting down", "client shutting
   // down"), "idle timeout", "message too big", "binary message", "send queue full",
   // "closed by the peer: <code> <peer's reason>", or a network error ("timed out", ...).
+  // Invalid UTF-8 in a text message fails the connection in the transport (close 1007, RFC 6455
+  // section 8.1) before the session sees it: on_close then says why.
   virtual void on_close(const std::string& reason) = 0;
 };
 

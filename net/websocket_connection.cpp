@@ -48,6 +48,7 @@ using boost::system::error_code;
 constexpr auto kCloseTimeout = std::chrono::seconds(5);
 constexpr std::size_t kMaxReasonBytes = 123;  // a close frame's payload is at most 125 bytes
 constexpr std::size_t kKeptBufferBytes = 16 * 1024;
+constexpr const char* kBinaryRefused = "binary messages are not supported";
 
 // `reason` cut to fit into a close frame, at a UTF-8 character boundary.
 std::string fit_reason(std::string reason) {
@@ -151,7 +152,9 @@ class WsConnection final : public WsLink, public std::enable_shared_from_this<Ws
   }
   void close(std::string reason) {
     asio::post(executor_, [self = shared_from_this(), reason = std::move(reason)] {
-      self->begin_close(websocket::close_code::normal, reason, reason.empty() ? "closed" : reason);
+      // After a refused binary message the close says so (1003), whatever the session's reason.
+      self->begin_close(self->refused_ ? websocket::close_code::unknown_data : websocket::close_code::normal, reason,
+                        reason.empty() ? "closed" : reason);
     });
   }
 
@@ -255,8 +258,8 @@ class WsConnection final : public WsLink, public std::enable_shared_from_this<Ws
     }
     if (!ws_.got_text()) {
       clear_buffer();
-      begin_close(websocket::close_code::unknown_data, "binary messages are not supported", "binary message");
-    } else if (!close_started_ && session_) {
+      refuse_binary();
+    } else if (!close_started_ && !refused_ && session_) {
       last_message_ = Clock::now();
       std::string message = beast::buffers_to_string(buffer_.data());
       clear_buffer();
@@ -271,6 +274,32 @@ class WsConnection final : public WsLink, public std::enable_shared_from_this<Ws
       clear_buffer();  // closing: dropped
     }
     read();
+  }
+
+  // A binary message (net/websocket.hpp, WebSocketSession::on_binary_message): the session may
+  // have the last word before the connection closes with 1003; nothing more is delivered.
+  void refuse_binary() {
+    if (close_started_ || refused_) return;
+    refused_ = true;
+    set_cause("binary message");
+    bool session_closes = false;
+    if (session_) {
+      try {
+        session_closes = session_->on_binary_message();
+      } catch (const std::exception& e) {
+        log().error("WebSocket {}: on_binary_message failed: {}", settings_.remote_address, e.what());
+      }
+    }
+    if (!session_closes) {
+      begin_close(websocket::close_code::unknown_data, kBinaryRefused, "binary message");
+      return;
+    }
+    // The session closes (close() uses 1003 from now on); a session that never does is closed here.
+    close_timer_.expires_after(kCloseTimeout);
+    close_timer_.async_wait([self = shared_from_this()](error_code ec) {
+      if (ec || self->finished_ || self->close_started_) return;
+      self->begin_close(websocket::close_code::unknown_data, kBinaryRefused, "binary message");
+    });
   }
 
   // After a large message the buffer gives its memory back (thousands of idle connections).
@@ -450,6 +479,7 @@ class WsConnection final : public WsLink, public std::enable_shared_from_this<Ws
   bool reading_ = false;        // an async_read is pending
   bool writing_ = false;        // an async_write or async_close is pending
   bool close_started_ = false;  // begin_close() ran
+  bool refused_ = false;        // a binary message arrived: nothing more is delivered, closes use 1003
   bool close_sent_ = false;     // async_close was started
   bool dropped_ = false;        // the socket was closed
   bool finished_ = false;       // finish() ran

@@ -504,6 +504,97 @@ TEST_CASE("websocket: a binary message closes the connection (1003)") {
   CHECK(session->messages() == std::vector<std::string>{"text first"});
 }
 
+TEST_CASE("websocket: a session that takes a binary message has the last word before the close (1003)") {
+  // A session that answers a binary message in the protocol's own terms, then closes.
+  class LastWord : public Probe {
+   public:
+    using Probe::Probe;
+    bool on_binary_message() override {
+      ++binaries;
+      peer->send(R"({"type":"error","reason":"ProtocolError"})");
+      peer->close("protocol error");
+      return true;
+    }
+    std::atomic<int> binaries{0};
+  };
+  std::shared_ptr<LastWord> session;
+  std::mutex mutex;
+  net::WebSocketHandler handler;
+  handler.on_open = [&](std::shared_ptr<net::WebSocketPeer> peer) {
+    auto s = std::make_shared<LastWord>(std::move(peer), false);
+    std::lock_guard lock(mutex);
+    session = s;
+    return s;
+  };
+  EchoServer server(handler);
+  RawSocket sock(server.port());
+  sock.send(upgrade_request("/cbp"));
+  REQUIRE(sock.read_head().starts_with("HTTP/1.1 101 "));
+  sock.send(client_frame(0x1, "before"));
+  sock.send(client_frame(0x2, "binary"));
+  sock.send(client_frame(0x1, "after"));  // never delivered
+  const std::string last = R"({"type":"error","reason":"ProtocolError"})";
+  const auto text = sock.read_exact(2 + last.size());
+  CHECK(text == std::string("\x81") + static_cast<char>(last.size()) + last);
+  const auto close = sock.read_exact(4);
+  REQUIRE(close.size() == 4);
+  CHECK(static_cast<unsigned char>(close[0]) == 0x88);
+  CHECK(((static_cast<unsigned char>(close[2]) << 8) | static_cast<unsigned char>(close[3])) == 1003);
+  sock.read_exact(static_cast<unsigned char>(close[1]) - 2u);
+  sock.send(client_frame(0x8, std::string("\x03\xeb", 2)));
+  sock.shutdown_send();
+  CHECK(sock.read_all().empty());
+  std::shared_ptr<LastWord> s;
+  {
+    std::lock_guard lock(mutex);
+    s = session;
+  }
+  REQUIRE(s);
+  REQUIRE(s->wait_closed());
+  CHECK(s->reason() == "binary message");
+  CHECK(s->binaries == 1);
+  CHECK(s->messages() == std::vector<std::string>{"before"});
+}
+
+TEST_CASE("websocket: a session that takes a binary message but never closes is closed (1003)") {
+  class Silent : public Probe {
+   public:
+    using Probe::Probe;
+    bool on_binary_message() override { return true; }
+  };
+  net::WebSocketHandler handler;
+  handler.on_open = [](std::shared_ptr<net::WebSocketPeer> peer) { return std::make_shared<Silent>(std::move(peer), false); };
+  EchoServer server(handler);
+  RawSocket sock(server.port());
+  sock.send(upgrade_request("/cbp"));
+  REQUIRE(sock.read_head().starts_with("HTTP/1.1 101 "));
+  sock.send(client_frame(0x2, "binary"));
+  const auto close = sock.read_exact(4);  // after the transport's grace (a few seconds)
+  REQUIRE(close.size() == 4);
+  CHECK(static_cast<unsigned char>(close[0]) == 0x88);
+  CHECK(((static_cast<unsigned char>(close[2]) << 8) | static_cast<unsigned char>(close[3])) == 1003);
+}
+
+TEST_CASE("websocket: invalid UTF-8 in a text message fails the connection in the transport (1007)") {
+  // RFC 6455 section 8.1: no message reaches the session; docs/cbp.md "Transport" says so.
+  EchoServer server;
+  RawSocket sock(server.port());
+  sock.send(upgrade_request("/cbp"));
+  REQUIRE(sock.read_head().starts_with("HTTP/1.1 101 "));
+  sock.send(client_frame(0x1, "{\"type\":\"\xff\xfe\"}"));
+  const auto close = sock.read_exact(4);
+  REQUIRE(close.size() == 4);
+  CHECK(static_cast<unsigned char>(close[0]) == 0x88);
+  CHECK(((static_cast<unsigned char>(close[2]) << 8) | static_cast<unsigned char>(close[3])) == 1007);
+  sock.read_exact(static_cast<unsigned char>(close[1]) - 2u);
+  sock.shutdown_send();
+  CHECK(sock.read_all().empty());
+  auto session = server.session(0);
+  REQUIRE(session);
+  REQUIRE(session->wait_closed());
+  CHECK(session->messages().empty());
+}
+
 TEST_CASE("websocket: wss on a TLS listener") {
   TempTlsFiles files;
   EchoServer server({}, {.name = "agent", .tls_cert_file = files.cert, .tls_key_file = files.key});

@@ -6,7 +6,8 @@
 // (server.cpp hands an upgrade request over) and the client pool (websocket_client.cpp); this
 // header stays free of Beast's WebSocket headers.
 //
-// Semantics, both sides: text messages only (a binary one closes with 1003); a message over
+// Semantics, both sides: text messages only (a binary one closes with 1003, after the session's
+// last message if WebSocketSession::on_binary_message asks for one); a message over
 // max_message_bytes closes with 1009; messages reach WebSocketSession::on_message one at a time,
 // in order, on the connection's strand; WebSocketPeer::send() (any thread) queues, one write in
 // flight, and a queue over max_send_queue_bytes aborts the connection (a slow reader never holds
