@@ -41,7 +41,7 @@ scenarios:
               afterwards. Ceiling: the same request pairs against static replies.
   mixed       logons on a shared group while --reregister-percent of the agents drop their
               connection and re-register (spread over --spread seconds) and an admin lists
-              machines (GET /api/v1/machines, 100 a page) all along.
+              machines (GET /api/v1/machines, a page of 100 every 100 ms) while the logons run.
 
 sizes:
   --machines N            agents = machines in the site (register/steady/enumerate/logon: 1000;

@@ -16,14 +16,17 @@ using Clock = std::chrono::steady_clock;
 
 // Runs `items` front-end items as one phase; `samples` gets what the front ends recorded (the
 // latency lists are summarized into the phase).
+// `before_run` / `after_run` (optional) start and end what runs alongside the front ends.
 Phase front_phase(Run& run, FrontEnds& fe, const std::string& name, const std::string& op, std::size_t items,
-                  const std::function<void(std::size_t, Connection&)>& work, Samples& samples) {
+                  const std::function<void(std::size_t, Connection&)>& work, Samples& samples,
+                  const std::function<void()>& before_run = {}, const std::function<void()>& after_run = {}) {
   Phase p;
   p.name = name;
   p.op = op;
   run.wait_quiet();
   fe.take();
   const Snapshot s0 = run.snapshot();
+  if (before_run) before_run();
   {
     Progress progress(run.progress_enabled(), [&] {
       const double s = std::chrono::duration<double>(Clock::now() - s0.at).count();
@@ -33,6 +36,7 @@ Phase front_phase(Run& run, FrontEnds& fe, const std::string& name, const std::s
     p.ops = static_cast<long long>(fe.run(items, run.options().phase_limit, work));
   }
   p.seconds = std::chrono::duration<double>(Clock::now() - s0.at).count();
+  if (after_run) after_run();
   run.wait_quiet();
   const Snapshot s1 = run.snapshot();
   samples = fe.take();
@@ -184,11 +188,12 @@ namespace {
 
 // The logon storm on `kind` machines; used by `logon` and (with disturbances) `mixed`.
 Phase logon_phase(Run& run, FrontEnds& fe, const std::string& name, Kind kind, int machines, int users,
-                  Credentials cred, std::vector<LaunchRecord>& records, Samples& samples, LaunchOutcome& outcome) {
+                  Credentials cred, std::vector<LaunchRecord>& records, Samples& samples, LaunchOutcome& outcome,
+                  const std::function<void()>& before_run = {}, const std::function<void()>& after_run = {}) {
   records.assign(static_cast<std::size_t>(users), {});
   run.agents().all("mark");
   Phase p = front_phase(run, fe, name, "logon", static_cast<std::size_t>(users), logon_work(records, users, kind, cred),
-                        samples);
+                        samples, before_run, after_run);
   outcome = tally(records, kind, machines);
   std::int64_t first_sent = 0;
   for (const auto& r : records)
@@ -277,6 +282,8 @@ int scenario_logon(Run& run) {
   return run.finish();
 }
 
+constexpr Millis kAdminInterval{100};
+
 int scenario_mixed(Run& run) {
   const auto& o = run.options();
   const int n = o.machines > 0 ? o.machines : 1000;
@@ -291,7 +298,7 @@ int scenario_mixed(Run& run) {
   run.report().phases.push_back(run.registration_storm("enroll", "start", n));
   run.report().parameters.push_back(
       {"disturbances", format_fixed(o.reregister_percent, 0) + " % of the agents drop their connection and re-register, spread over " +
-                           format_fixed(o.spread_seconds, 0) + " s; one admin lists machines (100 a page) all along"});
+                           format_fixed(o.spread_seconds, 0) + " s; one admin lists a page of 100 machines every 100 ms while the logons run"});
   FrontEnds fe(run.broker().xml_url(), o.connections);
   std::atomic<bool> done{false};
   Connection admin(run.broker().admin_url(), Millis{60000});
@@ -299,19 +306,29 @@ int scenario_mixed(Run& run) {
   std::vector<LaunchRecord> records;
   Samples s;
   LaunchOutcome out;
-  run.agents().all("interrupt " + format_fixed(o.reregister_percent, 3) + " " +
-                   std::to_string(static_cast<long long>(o.spread_seconds * 1000)));
-  admin_thread = std::thread([&] {
-    const auto deadline = Clock::now() + o.phase_limit;
-    for (int page = 0; page < 1000000 && !done && Clock::now() < deadline; ++page) {
-      const int offset = (page * 100) % std::max(1, n);
-      admin.request("admin machine list", "GET", "/api/v1/machines?limit=100&offset=" + std::to_string(offset), {},
-                    {{"Authorization", std::string("Bearer ") + kAdminToken}});
-    }
-  });
-  Phase p = logon_phase(run, fe, "mixed", Kind::shared, n, users, o.credentials, records, s, out);
-  done = true;
-  admin_thread.join();
+  // Alongside the logons: the re-registrations, and an admin listing a page of machines every
+  // kAdminInterval (one connection).
+  auto start_disturbances = [&] {
+    run.agents().all("interrupt " + format_fixed(o.reregister_percent, 3) + " " +
+                     std::to_string(static_cast<long long>(o.spread_seconds * 1000)));
+    admin_thread = std::thread([&] {
+      const auto deadline = Clock::now() + o.phase_limit;
+      auto next = Clock::now();
+      for (int page = 0; page < 1000000 && !done && Clock::now() < deadline; ++page) {
+        const int offset = (page * 100) % std::max(1, n);
+        admin.request("admin machine list", "GET", "/api/v1/machines?limit=100&offset=" + std::to_string(offset), {},
+                      {{"Authorization", std::string("Bearer ") + kAdminToken}});
+        next += kAdminInterval;
+        while (!done && Clock::now() < next) std::this_thread::sleep_for(Millis{5});
+      }
+    });
+  };
+  auto stop_disturbances = [&] {
+    done = true;
+    admin_thread.join();
+  };
+  Phase p = logon_phase(run, fe, "mixed", Kind::shared, n, users, o.credentials, records, s, out, start_disturbances,
+                        stop_disturbances);
   Samples a = std::move(admin.samples());
   for (auto& [type, v] : a.latency_ms) p.latency[type] = summarize(v);
   for (auto& [what, count] : a.errors) p.errors[what] += count;
