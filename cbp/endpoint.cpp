@@ -25,7 +25,25 @@ namespace {
 struct CloseEvent {
   std::string reason;
 };
-using Inbound = std::variant<std::string, CloseEvent>;
+struct BinaryEvent {};  // a binary frame: a protocol error (docs/cbp.md "Transport")
+using Inbound = std::variant<std::string, CloseEvent, BinaryEvent>;
+
+// Whether a registry error is the broker's own trouble (storage unavailable or failing, a bug)
+// rather than an answer about what the peer asked: such errors are never the agent's failure.
+bool broker_trouble(const common::Error& e) {
+  switch (e.code) {
+    case common::errc::not_found:
+    case common::errc::forbidden:
+    case common::errc::conflict:
+    case common::errc::invalid_argument:
+    case common::errc::unauthorized: return false;
+    default: return true;
+  }
+}
+
+// The HMAC key checked when a hello names no machine with a secret, so that every failed hello
+// costs the same work (the answer is the same anyway: BadProof).
+const std::string kNoVerifier(64, '0');
 
 struct PendingCommand {
   Clock::time_point deadline;
@@ -131,14 +149,18 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
 
   void send(const Message& m) { peer->send(serialize(m)); }
 
-  void fail(Reason reason, const std::string& message, bool rejected) {
+  // Sends `rejected` (during the handshake) or `error` with `message`, then closes. `detail` goes
+  // to the log only (what the peer must not learn, e.g. that a machine has no secret yet).
+  void fail(Reason reason, const std::string& message, bool rejected, const std::string& detail = {}) {
     {
       // Before the reply goes out: the peer may close as soon as it reads it, and closed() must
       // then find the rejection to record.
       std::lock_guard lock(mutex);
       state = State::closed;
-      // docs/cbp.md "Rejections": recorded on the machine, except a back-off (nothing is written).
-      if (rejected && reason != Reason::too_many_failures) rejected_reason = std::string(to_string(reason));
+      // docs/cbp.md "Rejections": recorded on the machine, except a back-off and the broker's own
+      // trouble (nothing is written).
+      if (rejected && reason != Reason::too_many_failures && reason != Reason::unavailable)
+        rejected_reason = std::string(to_string(reason));
     }
     if (rejected) {
       Rejected r;
@@ -147,6 +169,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       // The registry does not say how much of the back-off is left: its whole length is the
       // soonest retry that cannot be refused again.
       if (reason == Reason::too_many_failures) r.retry_after_seconds = kAuthBackoff.count();
+      if (reason == Reason::unavailable) r.retry_after_seconds = kUnavailableRetryAfter.count();
       send(r);
     } else {
       ErrorMessage e;
@@ -154,8 +177,8 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       e.message = message;
       send(e);
     }
-    ep->log->info("agent {} ({}): {} {}: {}", machine.empty() ? "?" : machine, peer->remote_address(),
-                  rejected ? "rejected" : "error", to_string(reason), message);
+    ep->log->info("agent {} ({}): {} {}: {}{}{}", machine.empty() ? "?" : machine, peer->remote_address(),
+                  rejected ? "rejected" : "error", to_string(reason), message, detail.empty() ? "" : ": ", detail);
     peer->close(std::string(to_string(reason)));
   }
 
@@ -168,6 +191,12 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     enqueue(std::move(message));
   }
   void on_close(const std::string& reason) override { enqueue(CloseEvent{reason}); }
+  // A binary frame: answered like any other protocol error, after the messages before it; the
+  // transport delivers nothing after it and closes with 1003 when fail() closes.
+  bool on_binary_message() override {
+    enqueue(BinaryEvent{});
+    return true;
+  }
 
   void enqueue(Inbound item) {
     bool start_drain = false;
@@ -199,11 +228,18 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       try {
         if (auto* text = std::get_if<std::string>(&item))
           handle(*text);
+        else if (auto* close = std::get_if<CloseEvent>(&item))
+          closed(close->reason);
         else
-          closed(std::get<CloseEvent>(item).reason);
+          binary();
       } catch (const std::exception& e) {
         ep->log->error("agent {}: {}", machine, e.what());
-        fail(Reason::unknown_error, "internal error", false);
+        bool handshake;
+        {
+          std::lock_guard lock(mutex);
+          handshake = state == State::awaiting_hello || state == State::awaiting_register;
+        }
+        fail(Reason::unknown_error, "internal error", handshake);
       }
     }
   }
@@ -215,16 +251,21 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       current = state;
     }
     if (current == State::closed) return;
+    const bool handshake = current != State::registered;
     auto parsed = parse(text);
     if (!parsed) {
       ep->count("message", "invalid");
-      fail(current == State::registered ? Reason::protocol_error : rejection_reason(parsed.error()),
-           parsed.error().describe(), current != State::registered);
+      // docs/cbp.md "Protocol errors during the handshake": a bad member of the hello or register
+      // awaited is InvalidRegistrationRequest (or a more specific reason), anything else ProtocolError.
+      const std::string_view expected = current == State::awaiting_hello ? Hello::kType : Register::kType;
+      fail(handshake ? handshake_rejection_reason(expected, text, parsed.error()) : Reason::protocol_error,
+           parsed.error().describe(), handshake);
       return;
     }
     const Message& m = *parsed;
     if (sender_of(m) == Sender::broker) {
-      fail(Reason::protocol_error, "'" + std::string(type_name(m)) + "' is sent by the broker, not by agents", false);
+      fail(Reason::protocol_error, "'" + std::string(type_name(m)) + "' is sent by the broker, not by agents",
+           handshake);
       return;
     }
     if (auto* e = std::get_if<ErrorMessage>(&m)) {
@@ -259,6 +300,29 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
          current != State::registered);
   }
 
+  void binary() {
+    State current;
+    {
+      std::lock_guard lock(mutex);
+      current = state;
+    }
+    if (current == State::closed) {
+      peer->close("binary message");  // already failing: the transport still waits for a close
+      return;
+    }
+    ep->count("message", "invalid");
+    fail(Reason::protocol_error, "binary frames are not allowed: a CBP message is one JSON text frame",
+         current != State::registered);
+  }
+
+  // The broker cannot answer this handshake now (storage trouble): the agent retries later, and
+  // nothing counts against it (docs/cbp.md "What the broker checks at hello").
+  void unavailable(const char* step, const common::Error& why) {
+    ep->count(step, "unavailable");
+    ep->log->warn("agent {} ({}): cannot complete the {}: {}", machine, peer->remote_address(), step, why.describe());
+    fail(Reason::unavailable, "the broker cannot complete the handshake now; retry later", true);
+  }
+
   void on_hello(const Hello& h) {
     machine = h.machine;
     agent_version = h.agent_version;
@@ -276,6 +340,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     std::string key, secret;
     if (h.enroll) {
       auto verifier = reg.enrollment_verifier(h.catalog);
+      if (!verifier && broker_trouble(verifier.error())) return unavailable("hello", verifier.error());
       if (!verifier) {
         reg.record_failure(who);
         ep->count("hello", "enrollment_refused");
@@ -287,7 +352,9 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
         return fail(Reason::bad_proof, "the proof does not verify", true);
       }
       auto enrolled = reg.enroll(h.machine, h.catalog);
+      if (!enrolled && broker_trouble(enrolled.error())) return unavailable("hello", enrolled.error());
       if (!enrolled) {
+        // Not an authentication failure: the proof was right, the machine cannot enroll.
         ep->count("hello", "enrollment_refused");
         return fail(Reason::enrollment_refused, enrolled.error().message, true);
       }
@@ -295,15 +362,17 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       secret = *enrolled;
     } else {
       auto verifier = reg.machine_verifier(h.machine);
-      if (!verifier && verifier.error().code == common::errc::not_found) {
+      if (!verifier && broker_trouble(verifier.error())) return unavailable("hello", verifier.error());
+      // An unknown machine, a machine without a secret and a wrong proof look the same to the peer
+      // (docs/cbp.md "Information given away"); the log tells them apart.
+      const bool verified = verify_proof(verifier ? *verifier : kNoVerifier, nonce, h.machine, h.versions, h.proof);
+      if (!verifier || !verified) {
         reg.record_failure(who);
-        ep->count("hello", "unknown_machine");
-        return fail(Reason::unknown_machine, "no machine named '" + h.machine + "'", true);
-      }
-      if (!verifier || !verify_proof(*verifier, nonce, h.machine, h.versions, h.proof)) {
-        if (verifier || verifier.error().code == common::errc::forbidden) reg.record_failure(who);
-        ep->count("hello", "bad_proof");
-        return fail(Reason::bad_proof, verifier ? "the proof does not verify" : verifier.error().message, true);
+        ep->count("hello", !verifier && verifier.error().code == common::errc::not_found ? "unknown_machine"
+                           : !verifier                                                    ? "no_secret"
+                                                                                          : "bad_proof");
+        return fail(Reason::bad_proof, "the proof does not verify", true,
+                    verifier ? std::string("wrong proof") : verifier.error().message);
       }
       key = *verifier;
     }
@@ -344,6 +413,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       reg.sessions.push_back(std::move(a));
     }
     auto result = ep->registry.register_agent(reg);
+    if (!result && broker_trouble(result.error())) return unavailable("register", result.error());
     if (!result) {
       ep->count("register", "error");
       return fail(Reason::unknown_error, result.error().message, true);

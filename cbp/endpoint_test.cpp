@@ -15,6 +15,7 @@
 #include "common/model.hpp"
 #include "common/work_queue.hpp"
 #include "net/server.hpp"
+#include "net/test_support.hpp"
 #include "net/websocket_client.hpp"
 #include "storage/repository.hpp"
 #include "tools/vda-agent/agent.hpp"
@@ -23,6 +24,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -74,12 +76,38 @@ std::shared_ptr<spdlog::logger> test_logger() {
   return common::null_logger();
 }
 
+// The registry's storage: the real repository, whose reads and writes fail (errc::storage_error,
+// as a full disk or "unable to open database file" would) while a test says so.
+class FlakyRepository : public storage::Repository {
+ public:
+  explicit FlakyRepository(storage::Repository& real) : real_(real) {}
+  std::atomic<bool> fail_reads{false};
+  std::atomic<bool> fail_writes{false};
+
+  common::Status write(const std::function<common::Status(storage::Transaction&)>& fn) override {
+    if (fail_writes) return common::make_error(common::errc::storage_error, "disk I/O error (test)");
+    return real_.write(fn);
+  }
+  common::Status read(const std::function<common::Status(storage::Transaction&)>& fn) override {
+    if (fail_reads) return common::make_error(common::errc::storage_error, "unable to open database file (test)");
+    return real_.read(fn);
+  }
+  common::Status ping() override { return real_.ping(); }
+  storage::SchemaInfo schema() const override { return real_.schema(); }
+  void close() override {}  // the fixture closes the real one
+
+ private:
+  storage::Repository& real_;
+};
+
 // The broker side: storage with one catalog, one delivery group and three machines that each have
-// a secret, the registry, the endpoint on a real listener, and a fleet of reference agents.
+// a secret, the registry (on storage that can be made to fail), the endpoint on a real listener,
+// and a fleet of reference agents.
 struct Broker {
   std::shared_ptr<spdlog::logger> log = test_logger();
   std::filesystem::path dir;
   std::unique_ptr<storage::Repository> repo;
+  std::unique_ptr<FlakyRepository> flaky;  // the registry's view of repo
   std::unique_ptr<broker::SiteObjects> site;
   common::ManualClock clock{common::SysTime{std::chrono::hours(24 * 365 * 56)}};
   std::unique_ptr<broker::AgentRegistry> registry;
@@ -114,7 +142,8 @@ struct Broker {
       REQUIRE(secret.has_value());
       secrets[name] = *secret;
     }
-    registry = std::make_unique<broker::AgentRegistry>(*repo, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
+    flaky = std::make_unique<FlakyRepository>(*repo);
+    registry = std::make_unique<broker::AgentRegistry>(*flaky, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
     endpoint = std::make_unique<cbp::AgentEndpoint>(*registry, *work, options, log);
     server = std::make_unique<net::Server>(2, log);
     net::ListenerOptions agent;
@@ -321,6 +350,111 @@ void raw_register(Broker& b, vda::RawConnection& c, const std::string& machine,
   c.send(cbp::serialize(register_message(std::move(capabilities))));
   expect<cbp::Registered>(c);
 }
+
+// A hello under the catalog "pool"'s enrollment key.
+cbp::Hello enroll_hello(const std::string& machine, const std::string& enrollment_key, const std::string& nonce) {
+  cbp::Hello h = hello_for(machine, enrollment_key, nonce);
+  h.enroll = true;
+  h.catalog = "pool";
+  return h;
+}
+
+// On a new raw connection: the hello `make(nonce)` after the challenge; returns the broker's answer
+// (after a rejection, also waits until the broker has closed).
+cbp::Message answer_to(Broker& b, const std::function<cbp::Hello(const std::string& nonce)>& make) {
+  vda::RawConnection c(*b.raw_pool, b.url);
+  REQUIRE(c.wait_open(kPatience));
+  const auto challenge = expect<cbp::Challenge>(c);
+  c.send(cbp::serialize(make(challenge.nonce)));
+  auto answer = next_message(c);
+  if (std::holds_alternative<cbp::Rejected>(answer)) CHECK(c.wait_closed(kPatience));
+  return answer;
+}
+
+cbp::Rejected rejection(const cbp::Message& m) {
+  const auto* r = std::get_if<cbp::Rejected>(&m);
+  const std::string unexpected = "expected 'rejected', got " + cbp::serialize(m);
+  REQUIRE_MESSAGE(r != nullptr, unexpected);
+  return *r;
+}
+
+void set_enrollment_key(Broker& b, const std::string& key) {
+  REQUIRE(b.repo->write([&](storage::Transaction& tx) -> common::Status {
+    auto c = tx.get(Kind::catalog, "pool");
+    if (!c) return c.error();
+    Object o = *c;
+    o.fields["enrollment_key_hash"] = cbp::secret_hash(key);
+    if (auto r = tx.update("pool", o); !r) return r.error();
+    return {};
+  }));
+}
+
+// --- raw WebSocket frames (for what the WebSocket client never sends: binary frames) ----------
+
+// A masked client frame (as clients must send them), payload < 64 KiB.
+std::string client_frame(unsigned char opcode, std::string_view payload) {
+  REQUIRE(payload.size() < 65536);
+  const unsigned char mask[4] = {0x5a, 0x17, 0xc3, 0x08};
+  std::string f;
+  f.push_back(static_cast<char>(0x80 | opcode));
+  if (payload.size() < 126) {
+    f.push_back(static_cast<char>(0x80 | payload.size()));
+  } else {
+    f.push_back(static_cast<char>(0x80 | 126));
+    f.push_back(static_cast<char>(payload.size() >> 8));
+    f.push_back(static_cast<char>(payload.size() & 0xff));
+  }
+  for (unsigned char m : mask) f.push_back(static_cast<char>(m));
+  for (std::size_t i = 0; i < payload.size(); ++i) f.push_back(static_cast<char>(payload[i] ^ mask[i % 4]));
+  return f;
+}
+
+struct Frame {
+  int opcode = -1;  // 1 text, 8 close; -1: the connection ended first
+  std::string payload;
+  int close_code() const {
+    return payload.size() < 2 ? 0 : (static_cast<unsigned char>(payload[0]) << 8) | static_cast<unsigned char>(payload[1]);
+  }
+};
+
+// The next frame from the server (unmasked, unfragmented: what Beast sends here).
+Frame read_frame(net::test::RawSocket& sock) {
+  const auto head = sock.read_exact(2);
+  if (head.size() < 2) return {};
+  std::uint64_t n = static_cast<unsigned char>(head[1]) & 0x7f;
+  if (n >= 126) {
+    const auto ext = sock.read_exact(n == 126 ? 2 : 8);
+    n = 0;
+    for (unsigned char c : ext) n = (n << 8) | c;
+  }
+  Frame f;
+  f.opcode = static_cast<unsigned char>(head[0]) & 0x0f;
+  f.payload = sock.read_exact(static_cast<std::size_t>(n));
+  return f;
+}
+
+// A raw TCP connection to the agent listener that has completed the WebSocket upgrade and read the
+// challenge.
+struct RawAgent {
+  net::test::RawSocket sock;
+  cbp::Challenge challenge;
+
+  explicit RawAgent(Broker& b) : sock(b.server->port("agent")) {
+    sock.send(
+        "GET /cbp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    REQUIRE(sock.read_head().starts_with("HTTP/1.1 101 "));
+    challenge = std::get<cbp::Challenge>(next());
+  }
+  void send(const cbp::Message& m) { sock.send(client_frame(0x1, cbp::serialize(m))); }
+  cbp::Message next() {
+    const auto f = read_frame(sock);
+    REQUIRE_MESSAGE(f.opcode == 0x1, "expected a text frame, got opcode " << f.opcode);
+    auto m = cbp::parse(f.payload);
+    REQUIRE_MESSAGE(m.has_value(), f.payload);
+    return *m;
+  }
+};
 
 // Holds the work queue (every connection's message processing) until released or destroyed.
 class Gate {
@@ -861,20 +995,56 @@ TEST_CASE("protocol errors close only the offending connection") {
   Broker b;
   auto m2 = b.start("DEMO\\m2");
 
-  SUBCASE("before the handshake: garbage, an unknown type, a message out of order") {
-    for (const std::string& text : {std::string("{not json"), std::string(R"({"type":"launch_rockets"})"),
-                                    std::string(R"({"type":"heartbeat","load_index":0,"session_count":0})")}) {
+  SUBCASE("before the welcome: garbage, an unknown type, a message out of order, a broken hello") {
+    // docs/cbp.md "Protocol errors during the handshake": always `rejected`; ProtocolError except
+    // for a bad member of the hello itself.
+    const std::vector<std::pair<std::string, cbp::Reason>> cases = {
+        {"{not json", cbp::Reason::protocol_error},
+        {R"({"type":"launch_rockets"})", cbp::Reason::protocol_error},
+        {R"({"type":"heartbeat","load_index":0,"session_count":0})", cbp::Reason::protocol_error},
+        {cbp::serialize(cbp::Challenge{std::string(64, 'a'), {1}, ""}), cbp::Reason::protocol_error},
+        {cbp::serialize(register_message({})), cbp::Reason::protocol_error},
+        {R"({"type":"hello","machine":"DEMO\\m1"})", cbp::Reason::invalid_registration_request},
+    };
+    for (const auto& [text, reason] : cases) {
       CAPTURE(text);
       vda::RawConnection c(*b.raw_pool, b.url);
       REQUIRE(c.wait_open(kPatience));
       expect<cbp::Challenge>(c);
       c.send(text);
       const auto rejected = expect<cbp::Rejected>(c);  // during the handshake: rejected, not error
-      CHECK((rejected.reason == cbp::Reason::protocol_error ||
-             rejected.reason == cbp::Reason::invalid_registration_request));
+      CHECK(rejected.reason == reason);
       CHECK_FALSE(rejected.message.empty());
       CHECK(c.wait_closed(kPatience));
       CHECK_FALSE(c.next(0ms).has_value());  // nothing after the rejection
+    }
+  }
+
+  SUBCASE("after the welcome: a message out of order, a broken register") {
+    auto no_capabilities = cbp::serialize(register_message({}));
+    no_capabilities.replace(no_capabilities.find(R"("capabilities":[],)"), 18, "");
+    auto bad_address = register_message({});
+    bad_address.address = "nowhere";
+    const std::vector<std::pair<std::string, cbp::Reason>> cases = {
+        {"{not json", cbp::Reason::protocol_error},
+        {cbp::serialize(cbp::Challenge{std::string(64, 'a'), {1}, ""}), cbp::Reason::protocol_error},
+        {cbp::serialize(hello_for("DEMO\\m1", "x", std::string(64, 'a'))), cbp::Reason::protocol_error},
+        {R"({"type":"heartbeat","load_index":0,"session_count":0})", cbp::Reason::protocol_error},
+        {cbp::serialize(bad_address), cbp::Reason::invalid_registration_request},
+        {no_capabilities, cbp::Reason::missing_registration_capabilities},
+        {R"({"type":"register"})", cbp::Reason::empty_registration_request},
+    };
+    for (const auto& [text, reason] : cases) {
+      CAPTURE(text);
+      vda::RawConnection c(*b.raw_pool, b.url);
+      REQUIRE(c.wait_open(kPatience));
+      const auto challenge = expect<cbp::Challenge>(c);
+      c.send(cbp::serialize(hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), challenge.nonce)));
+      expect<cbp::Welcome>(c);
+      c.send(text);
+      const auto rejected = expect<cbp::Rejected>(c);
+      CHECK(rejected.reason == reason);
+      CHECK(c.wait_closed(kPatience));
     }
   }
 
@@ -905,4 +1075,155 @@ TEST_CASE("protocol errors close only the offending connection") {
   CHECK(m2.status().state == vda::State::registered);
   CHECK(m2.status().errors.empty());
   CHECK(run_command(b, "DEMO\\m2", prepare_args("s-1", "T")).ok);
+}
+
+TEST_CASE("a binary frame is a protocol error: the CBP answer first, then the close (1003)") {
+  Broker b;
+  auto bystander = b.start("DEMO\\m2");
+
+  SUBCASE("during the handshake: rejected ProtocolError") {
+    RawAgent raw(b);
+    raw.sock.send(client_frame(0x2, "\x01\x02" "binary"));
+    const auto rejected = rejection(raw.next());
+    CHECK(rejected.reason == cbp::Reason::protocol_error);
+    CHECK(rejected.message.find("binary") != std::string::npos);
+    const auto close = read_frame(raw.sock);
+    CHECK(close.opcode == 0x8);
+    CHECK(close.close_code() == 1003);
+  }
+
+  SUBCASE("after registered: error ProtocolError, the machine loses its registration") {
+    RawAgent raw(b);
+    raw.send(hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), raw.challenge.nonce));
+    REQUIRE(std::holds_alternative<cbp::Welcome>(raw.next()));
+    raw.send(register_message({}));
+    REQUIRE(std::holds_alternative<cbp::Registered>(raw.next()));
+    REQUIRE(contains(b.endpoint->registered_machines(), "DEMO\\m1"));
+    raw.sock.send(client_frame(0x2, "binary"));
+    // A text message after the binary one is not processed (the transport delivers nothing more).
+    raw.sock.send(client_frame(0x1, R"({"type":"heartbeat","load_index":0,"session_count":0})"));
+    const auto m = raw.next();
+    const auto* error = std::get_if<cbp::ErrorMessage>(&m);
+    REQUIRE_MESSAGE(error != nullptr, cbp::serialize(m));
+    CHECK(error->reason == cbp::Reason::protocol_error);
+    const auto close = read_frame(raw.sock);
+    CHECK(close.opcode == 0x8);
+    CHECK(close.close_code() == 1003);
+    REQUIRE(eventually([&] { return !contains(b.endpoint->registered_machines(), "DEMO\\m1"); }));
+    b.flush();
+    CHECK(b.machine("DEMO\\m1").text("last_deregistration_reason") == "ContactLost");
+  }
+
+  CHECK(bystander.status().state == vda::State::registered);
+  CHECK(bystander.status().errors.empty());
+}
+
+TEST_CASE("storage trouble during the handshake is Unavailable, never an authentication failure") {
+  Broker b;
+  const std::string key = "endpoint-test-enrollment-key";
+  set_enrollment_key(b, key);
+  auto enroll = [&](const std::string& nonce) { return enroll_hello("DEMO\\new-1", key, nonce); };
+  auto known = [&](const std::string& nonce) { return hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), nonce); };
+  // More attempts than the back-off allows failures: none of them counts.
+  auto all_unavailable = [&](const std::function<cbp::Hello(const std::string&)>& make) {
+    for (int i = 0; i < cbp::kMaxAuthFailures + 2; ++i) {
+      CAPTURE(i);
+      const auto r = rejection(answer_to(b, make));
+      CHECK(r.reason == cbp::Reason::unavailable);
+      CHECK(r.retry_after_seconds == cbp::kUnavailableRetryAfter.count());
+    }
+  };
+
+  SUBCASE("enrollment: the new machine cannot be stored") {
+    b.flaky->fail_writes = true;
+    all_unavailable(enroll);
+    b.flaky->fail_writes = false;
+    const auto welcome = answer_to(b, enroll);
+    REQUIRE_MESSAGE(std::holds_alternative<cbp::Welcome>(welcome), cbp::serialize(welcome));
+    CHECK_FALSE(std::get<cbp::Welcome>(welcome).machine_secret.empty());
+  }
+
+  SUBCASE("enrollment: the catalog cannot be read") {
+    b.flaky->fail_reads = true;
+    all_unavailable(enroll);
+    b.flaky->fail_reads = false;
+    const auto welcome = answer_to(b, enroll);
+    CHECK_MESSAGE(std::holds_alternative<cbp::Welcome>(welcome), cbp::serialize(welcome));
+  }
+
+  SUBCASE("a known machine: its verifier cannot be read") {
+    b.flaky->fail_reads = true;
+    all_unavailable(known);
+    b.flaky->fail_reads = false;
+    const auto welcome = answer_to(b, known);
+    CHECK_MESSAGE(std::holds_alternative<cbp::Welcome>(welcome), cbp::serialize(welcome));
+    b.flush();
+    CHECK(b.machine("DEMO\\m1").text("last_deregistration_reason").empty());  // nothing recorded
+  }
+
+  SUBCASE("register: the registration cannot be stored") {
+    b.flaky->fail_writes = true;
+    vda::RawConnection c(*b.raw_pool, b.url);
+    REQUIRE(c.wait_open(kPatience));
+    const auto challenge = expect<cbp::Challenge>(c);
+    c.send(cbp::serialize(known(challenge.nonce)));
+    expect<cbp::Welcome>(c);
+    c.send(cbp::serialize(register_message({})));
+    const auto r = expect<cbp::Rejected>(c);
+    CHECK(r.reason == cbp::Reason::unavailable);
+    CHECK(r.retry_after_seconds == cbp::kUnavailableRetryAfter.count());
+    CHECK(c.wait_closed(kPatience));
+    b.flaky->fail_writes = false;
+    b.start("DEMO\\m1");
+  }
+}
+
+TEST_CASE("an unknown machine, a machine without a secret and a wrong proof get the same answer") {
+  Broker b;
+  // A machine the site knows but that has no secret yet (it could enroll).
+  REQUIRE(b.repo->write([&](storage::Transaction& tx) -> common::Status {
+    Object m = common::model::make_default(Kind::machine, "DEMO\\bare");
+    m.fields["catalog"] = std::string("pool");
+    if (auto r = tx.create(m); !r) return r.error();
+    return {};
+  }));
+  const std::vector<std::pair<std::string, std::string>> peers = {
+      {"DEMO\\ghost", "a guess"}, {"DEMO\\bare", "a guess"}, {"DEMO\\m1", "a guess"}};
+  std::vector<cbp::Rejected> answers;
+  for (const auto& [machine, secret] : peers) {
+    CAPTURE(machine);
+    answers.push_back(rejection(answer_to(b, [&](const std::string& nonce) { return hello_for(machine, secret, nonce); })));
+    CHECK(answers.back().reason == cbp::Reason::bad_proof);
+    CHECK(answers.back().message == answers.front().message);
+    CHECK(answers.back().message.find(machine) == std::string::npos);
+  }
+  // Each is an authentication failure: the pair goes into back-off after kMaxAuthFailures.
+  for (const auto& [machine, secret] : peers) {
+    CAPTURE(machine);
+    for (int i = 1; i < cbp::kMaxAuthFailures; ++i)
+      CHECK(rejection(answer_to(b, [&](const std::string& nonce) { return hello_for(machine, secret, nonce); }))
+                .reason == cbp::Reason::bad_proof);
+    CHECK(rejection(answer_to(b, [&](const std::string& nonce) { return hello_for(machine, secret, nonce); })).reason ==
+          cbp::Reason::too_many_failures);
+  }
+}
+
+TEST_CASE("between welcome and register the machine is still Unregistered") {
+  // docs/cbp.md "Registration state": openbroker does not use Initializing.
+  Broker b;
+  vda::RawConnection c(*b.raw_pool, b.url);
+  REQUIRE(c.wait_open(kPatience));
+  const auto challenge = expect<cbp::Challenge>(c);
+  c.send(cbp::serialize(hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), challenge.nonce)));
+  expect<cbp::Welcome>(c);
+  b.flush();
+  const auto before = b.machine("DEMO\\m1");
+  CHECK(before.text("registration_state") == "Unregistered");
+  CHECK(before.text("agent_version").empty());  // stored with the registration, not at welcome
+  c.send(cbp::serialize(register_message({})));
+  expect<cbp::Registered>(c);
+  const auto after = b.machine("DEMO\\m1");
+  CHECK(after.text("registration_state") == "Registered");
+  CHECK(after.text("agent_version") == "raw-test/1");
+  CHECK(after.text("cbp_version") == "1");
 }

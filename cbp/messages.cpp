@@ -73,6 +73,7 @@ constexpr ReasonEntry kReasons[] = {
     {Reason::timeout, "Timeout", 905},
     {Reason::superseded, "Superseded", 906},
     {Reason::broker_shutdown, "BrokerShutdown", 907},
+    {Reason::unavailable, "Unavailable", 908},
     {Reason::hard_registration_pending, "HardRegistrationPending", 1000},
     {Reason::soft_registered, "SoftRegistered", 1001},
     {Reason::unknown, "Unknown", 1002},
@@ -1092,6 +1093,22 @@ Reason rejection_reason(const common::Error& parse_error) {
     if (parse_error.field == "capabilities") return Reason::missing_registration_capabilities;
   }
   return Reason::invalid_registration_request;
+}
+
+Reason handshake_rejection_reason(std::string_view expected, std::string_view text, const common::Error& parse_error) {
+  // A bad member of a known type: the text is a JSON object with that type. Anything else (the
+  // whole text, or its type) is wrong beyond a registration request.
+  const bool member_error = !parse_error.field.empty() || parse_error.message == kEmptyRegistration;
+  if (!member_error || parse_error.field == "type" || text.size() > kMaxMessageBytes) return Reason::protocol_error;
+  json::parse_options options;
+  options.max_depth = 32;
+  boost::system::error_code ec;
+  const json::value value = json::parse(text, ec, json::storage_ptr(), options);
+  const json::object* obj = ec ? nullptr : value.if_object();
+  const json::value* type = obj ? obj->if_contains("type") : nullptr;
+  const json::string* type_text = type ? type->if_string() : nullptr;
+  if (!type_text || *type_text != expected) return Reason::protocol_error;
+  return rejection_reason(parse_error);
 }
 
 // -----------------------------------------------------------------------------------------------

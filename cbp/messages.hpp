@@ -47,13 +47,17 @@ inline constexpr std::chrono::seconds kRegisterTimeout{10};
 // How long an agent waits for challenge, welcome/rejected or registered/rejected.
 inline constexpr std::chrono::seconds kAgentHandshakeTimeout{30};
 
-// Back-off ("sin bin"): kMaxAuthFailures failed authentications (UnknownMachine, BadProof,
-// EnrollmentRefused) for one machine name from one remote address within kAuthFailureWindow put
-// that pair in back-off for kAuthBackoff; meanwhile every hello is rejected with TooManyFailures
-// (retry_after_seconds set) without looking at the proof.
+// Back-off ("sin bin"): kMaxAuthFailures failed authentications (BadProof, or EnrollmentRefused
+// for a catalog that takes no enrollment) for one machine name from one remote address within
+// kAuthFailureWindow put that pair in back-off for kAuthBackoff. The failure that reaches the
+// limit is still answered with its own reason; every later hello in the back-off is rejected with
+// TooManyFailures (retry_after_seconds = kAuthBackoff) without looking at the proof.
 inline constexpr int kMaxAuthFailures = 5;
 inline constexpr std::chrono::seconds kAuthFailureWindow{60};
 inline constexpr std::chrono::seconds kAuthBackoff{120};
+// retry_after_seconds of a `rejected` Unavailable: the broker could not check the handshake
+// (storage trouble); the agent retries after this long, and nothing counts as a failure.
+inline constexpr std::chrono::seconds kUnavailableRetryAfter{10};
 
 // Field limits (bytes of UTF-8 unless noted). parse() refuses anything beyond them.
 inline constexpr std::size_t kMaxIdBytes = 64;                  // command ids, redeem ids, reply_to
@@ -127,14 +131,17 @@ enum class Reason {
   soft_registered,                             // 1001
   unknown,                                     // 1002
   // openbroker's own
-  unknown_machine,     // 900 UnknownMachine: hello names no machine the broker knows
-  bad_proof,           // 901 BadProof: the proof does not verify (or the machine has no secret)
+  unknown_machine,     // 900 UnknownMachine: register names a machine that no longer exists (a hello
+                       //     for an unknown machine gets BadProof: docs/cbp.md "Information given away")
+  bad_proof,           // 901 BadProof: the proof does not verify (also: unknown machine, no secret yet)
   too_many_failures,   // 902 TooManyFailures: in back-off after repeated failures
   enrollment_refused,  // 903 EnrollmentRefused: no such catalog, no enrollment key, or not allowed
   protocol_error,      // 904 ProtocolError: malformed JSON, unknown type, invalid or unexpected message
   timeout,             // 905 Timeout: a handshake step did not arrive in time
   superseded,          // 906 Superseded: a newer connection registered the same machine
   broker_shutdown,     // 907 BrokerShutdown: the broker is stopping
+  unavailable,         // 908 Unavailable: the broker cannot complete the handshake now (storage
+                       //     trouble); retry after retry_after_seconds. Not an authentication failure
 };
 
 enum class SessionSupport { single_session, multi_session };  // "SingleSession", "MultiSession"
@@ -248,6 +255,7 @@ struct Rejected {
   Reason reason = Reason::invalid_registration_request;  // unknown names parse as unknown_error
   std::string message;                                   // optional, for people, 0..4096 bytes
   std::int64_t retry_after_seconds = 0;                  // optional (0: absent), 1..86400; set with TooManyFailures
+                                                         // and Unavailable
   bool operator==(const Rejected&) const = default;
 };
 
@@ -453,6 +461,13 @@ std::ostream& operator<<(std::ostream& os, const Message& m);
 // MissingAgentVersion, MissingRegistrationCapabilities, EmptyRegistrationRequest where they fit,
 // else InvalidRegistrationRequest.
 Reason rejection_reason(const common::Error& parse_error);
+
+// The reason for `rejected` when `text`, received during the handshake while the broker waits for
+// a message of type `expected` ("hello" or "register"), failed to parse with `parse_error`
+// (docs/cbp.md "Protocol errors during the handshake"): rejection_reason(parse_error) when `text`
+// is a message of type `expected` with a bad member; ProtocolError for anything else (not JSON,
+// not an object, no or an unknown type, a message of another type).
+Reason handshake_rejection_reason(std::string_view expected, std::string_view text, const common::Error& parse_error);
 
 // ---------------------------------------------------------------------------------------------
 // Versions and proofs (docs/cbp.md "Handshake").

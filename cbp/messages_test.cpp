@@ -360,6 +360,54 @@ TEST_CASE("register validation and rejection reasons") {
   CHECK(rejection_reason(error_of(no_version)) == Reason::missing_agent_version);
 }
 
+TEST_CASE("handshake rejection reasons: a bad member of the awaited message, else ProtocolError") {
+  // docs/cbp.md "Protocol errors during the handshake".
+  const std::string good_register =
+      R"({"type":"register","os":"Linux","session_support":"SingleSession","address":"10.0.0.5:1494",)"
+      R"("capabilities":[],"load_index":0,"sessions":[]})";
+  auto reason = [](std::string_view expected, const std::string& text) {
+    return handshake_rejection_reason(expected, text, error_of(text));
+  };
+  auto without = [](std::string text, const std::string& part) {
+    const auto at = text.find(part);
+    REQUIRE(at != std::string::npos);
+    return text.erase(at, part.size());
+  };
+  std::string bad_address = good_register;
+  bad_address.replace(bad_address.find("10.0.0.5:1494"), 13, "nowhere");
+
+  // The awaited message with a wrong or missing member: a registration refusal.
+  CHECK(reason("hello", R"({"type":"hello","machine":"x"})") == Reason::invalid_registration_request);
+  CHECK(reason("hello", without(kGoodHello, R"("agent_version":"1.0",)")) == Reason::missing_agent_version);
+  CHECK(reason("register", bad_address) == Reason::invalid_registration_request);
+  CHECK(reason("register", without(good_register, R"("capabilities":[],)")) ==
+        Reason::missing_registration_capabilities);
+  CHECK(reason("register", R"({"type":"register"})") == Reason::empty_registration_request);
+  // Anything else is a protocol error: not JSON, not an object, no or an unknown type, another
+  // message (also a broken one), whichever step the handshake is at.
+  for (std::string_view expected : {"hello", "register"}) {
+    CAPTURE(expected);
+    CHECK(reason(expected, "{not json") == Reason::protocol_error);
+    CHECK(reason(expected, "[1]") == Reason::protocol_error);
+    CHECK(reason(expected, R"({"machine":"x"})") == Reason::protocol_error);
+    CHECK(reason(expected, R"({"type":7})") == Reason::protocol_error);
+    CHECK(reason(expected, R"({"type":"launch_rockets"})") == Reason::protocol_error);
+    CHECK(reason(expected, R"({"type":"heartbeat","load_index":"high"})") == Reason::protocol_error);
+    CHECK(reason(expected, R"({"type":"challenge","nonce":"x"})") == Reason::protocol_error);
+  }
+  CHECK(reason("register", R"({"type":"hello","machine":"x"})") == Reason::protocol_error);
+  CHECK(reason("hello", bad_address) == Reason::protocol_error);
+  CHECK(reason("hello", R"({"type":"register"})") == Reason::protocol_error);
+}
+
+TEST_CASE("JSON escapes that are not Unicode are protocol errors") {
+  // docs/cbp.md "Message format": invalid UTF-8 in the frame is the transport's (close 1007);
+  // escapes that encode no character (a lone surrogate) are caught here.
+  check_error(R"({"type":"registered","x":"\ud800"})", "", "malformed JSON");
+  check_error(R"({"type":"registered","x":"\udc00x"})", "", "malformed JSON");
+  CHECK(parse(R"({"type":"registered","x":"\ud83d\ude00"})"));  // a surrogate pair is fine
+}
+
 TEST_CASE("validate reports what the peer would refuse") {
   CHECK(validate(Heartbeat{10000, 0}));
   auto bad = validate(Heartbeat{10001, 0});
@@ -433,6 +481,8 @@ TEST_CASE("reason names and codes") {
   CHECK(to_string(Reason::unknown_machine) == "UnknownMachine");
   CHECK(reason_code(Reason::unknown_machine) == 900);
   CHECK(reason_code(Reason::broker_shutdown) == 907);
+  CHECK(to_string(Reason::unavailable) == "Unavailable");
+  CHECK(reason_code(Reason::unavailable) == 908);
   CHECK(from_string<Reason>("TooManyFailures") == Reason::too_many_failures);
   CHECK(from_string<Reason>("contactlost") == std::nullopt);  // exact spelling only
   CHECK(reason_from_code(205) == Reason::session_audit_failure);
@@ -449,7 +499,7 @@ TEST_CASE("reason names and codes") {
     CHECK(std::find(names.begin(), names.end(), to_string(r)) == names.end());
     names.push_back(to_string(r));
   }
-  CHECK(all_reasons().size() == 45);
+  CHECK(all_reasons().size() == 46);
 
   CHECK(from_string<SessionSupport>("MultiSession") == SessionSupport::multi_session);
   CHECK(from_string<SessionState>("PreparingNewSession") == SessionState::preparing);

@@ -668,6 +668,9 @@ struct Machine::Impl : std::enable_shared_from_this<Machine::Impl> {
         min_delay = r.retry_after_seconds > 0 ? Millis{std::chrono::seconds(r.retry_after_seconds)}
                                               : opts().auth_failure_backoff;
         break;
+      case R::unavailable:  // the broker's own trouble: no admin has to act, only wait
+        if (r.retry_after_seconds > 0) min_delay = Millis{std::chrono::seconds(r.retry_after_seconds)};
+        break;
       case R::unknown_machine:
       case R::bad_proof:
         if (!enrolling && !cfg.enroll_key.empty() && !faults.bad_proof) {
