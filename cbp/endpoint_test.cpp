@@ -93,6 +93,7 @@ class FlakyRepository : public storage::Repository {
     return real_.read(fn);
   }
   common::Status ping() override { return real_.ping(); }
+  void set_commit_observer(storage::CommitObserver observer) override { real_.set_commit_observer(std::move(observer)); }
   storage::SchemaInfo schema() const override { return real_.schema(); }
   void close() override {}  // the fixture closes the real one
 

@@ -104,6 +104,20 @@ class Transaction {
   virtual Result<std::vector<AuditEntry>> list_audit(const AuditQuery& query) = 0;
 };
 
+// One committed change to a site object, as the commit observer sees it.
+struct Change {
+  Kind kind;
+  std::string name;                     // the object's name after the change (removed: its name)
+  std::string old_name;                 // a rename: the name before; else empty
+  std::optional<common::model::Object> object;  // the object as stored; nullopt: removed
+};
+// Called with the changes of each committed transaction (every write() function of a commit
+// batch that succeeded, in the order they ran), after COMMIT and before those write() calls
+// return. It runs on a thread that holds the database: it must not call the repository, and it
+// should only update memory. A rename's cascade to referencing columns (ON UPDATE CASCADE) is
+// not listed as changes of the referencing objects.
+using CommitObserver = std::function<void(const std::vector<Change>&)>;
+
 struct SchemaInfo {
   int version = 0;          // schema version of the open database
   int supported = 0;        // newest version this build knows
@@ -135,6 +149,9 @@ class Repository {
 
   // A cheap liveness probe for /readyz.
   virtual Status ping() = 0;
+  // Sets (or with nullptr clears) the observer of committed changes (CommitObserver). Set it
+  // before concurrent use; it replaces any earlier one.
+  virtual void set_commit_observer(CommitObserver observer) = 0;
   virtual SchemaInfo schema() const = 0;
   // Waits for the transaction in progress, checkpoints the WAL and closes; calls still waiting
   // (queued write()s included) and later calls fail with errc::unavailable.

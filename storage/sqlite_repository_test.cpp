@@ -1547,3 +1547,55 @@ TEST_CASE("group commit: close() fails the writers still queued, after the batch
     CHECK(all[0].name == "held");
   });
 }
+
+TEST_CASE("the commit observer sees what each committed write changed, and nothing rolled back") {
+  auto repo = memory_repo();
+  std::mutex mutex;
+  std::vector<std::vector<storage::Change>> seen;
+  repo->set_commit_observer([&](const std::vector<storage::Change>& changes) {
+    std::lock_guard lock(mutex);
+    seen.push_back(changes);
+  });
+  small_site(*repo);
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].size() == 6);
+  CHECK(seen[0][0].kind == Kind::catalog);
+  CHECK(seen[0][0].name == "c1");
+  REQUIRE(seen[0][0].object.has_value());
+  CHECK(seen[0][3].name == "m1");
+  CHECK(seen[0][3].object->text("delivery_group") == "g1");
+
+  // An update (with a rename) and a removal; a failing write in between is not seen.
+  write_ok(*repo, [](Transaction& tx) {
+    Object m = *tx.get(Kind::machine, "m1");
+    m.name = "m1-renamed";
+    m.fields["registration_state"] = std::string("Registered");
+    REQUIRE(tx.update("m1", m).has_value());
+  });
+  CHECK(write_error(*repo, [](Transaction& tx) -> common::Status {
+          (void)tx.create(make_default(Kind::catalog, "doomed"));
+          return common::make_error(errc::conflict, "no");
+        }).code == errc::conflict);
+  write_ok(*repo, [](Transaction& tx) { REQUIRE(tx.remove(Kind::rule, "r1").has_value()); });
+  REQUIRE(seen.size() == 3);
+  CHECK(seen[1][0].name == "m1-renamed");
+  CHECK(seen[1][0].old_name == "m1");
+  CHECK(seen[1][0].object->text("registration_state") == "Registered");
+  CHECK(seen[2][0].kind == Kind::rule);
+  CHECK_FALSE(seen[2][0].object.has_value());
+
+  // Concurrent writers: every committed change is seen exactly once.
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t)
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i)
+        write_ok(*repo, [&](Transaction& tx) {
+          create_ok(tx, make_default(Kind::catalog, "c-" + std::to_string(t) + "-" + std::to_string(i)));
+        });
+    });
+  for (auto& th : threads) th.join();
+  std::set<std::string> created;
+  for (std::size_t i = 3; i < seen.size(); ++i)
+    for (const auto& c : seen[i]) created.insert(c.name);
+  CHECK(created.size() == 160);
+}

@@ -112,6 +112,8 @@ class SqliteRepository final : public Repository {
     return {};
   }
 
+  void set_commit_observer(CommitObserver observer) override { observer_ = std::move(observer); }
+
   Status ping() override {
     if (inside()) return nested();
     Turn turn;
@@ -163,6 +165,7 @@ class SqliteRepository final : public Repository {
     bool done = false;    // result/thrown are final
     Status result;
     std::exception_ptr thrown;
+    std::vector<Change> changes;  // what fn changed, kept when its savepoint was released
   };
 
   // The functions of one batch, in queue order (a fixed array: taking a batch never allocates
@@ -290,6 +293,8 @@ class SqliteRepository final : public Repository {
       return in_transaction();
     }
     sqlite::SqliteTransaction tx(*db_, true);
+    p.changes.clear();
+    if (observer_) tx.record_changes(&p.changes);
     bool failed = false;
     try {
       p.result = (*p.fn)(tx);
@@ -304,6 +309,7 @@ class SqliteRepository final : public Repository {
       return false;
     }
     Status ended;
+    if (failed) p.changes.clear();
     if (failed) ended = db_->exec("ROLLBACK TO openbroker_write");
     if (ended) ended = db_->exec("RELEASE openbroker_write");
     if (!ended && !failed) p.result = ended;
@@ -342,6 +348,17 @@ class SqliteRepository final : public Repository {
             if (!batch[i]->thrown && batch[i]->result) batch[i]->result = ok;
           continue;
         }
+        if (observer_) {
+          std::vector<Change> committed;
+          for (std::size_t i = first; i < next; ++i)
+            if (!batch[i]->thrown && batch[i]->result)
+              for (auto& c : batch[i]->changes) committed.push_back(std::move(c));
+          // The commit stands whatever the observer does (it must not throw).
+          if (!committed.empty()) try {
+              observer_(committed);
+            } catch (...) {
+            }
+        }
         if (metrics_) {
           metrics_->observe(kCommitMetric, {},
                             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
@@ -368,6 +385,7 @@ class SqliteRepository final : public Repository {
   bool closing_ = false;               // close() was called: no new transactions
   std::atomic<std::thread::id> owner_{};
   std::unique_ptr<Connection> db_;  // used only by the connection's holder; null once closed
+  CommitObserver observer_;          // set before concurrent use; called by the connection's holder
   const SchemaInfo info_;
   common::Metrics* metrics_;
 };

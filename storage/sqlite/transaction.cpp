@@ -492,6 +492,7 @@ Result<Object> SqliteTransaction::create(const Object& in) {
   }
   obj->id = db_.last_insert_rowid();
   if (auto ok = write_lists(db_, k, *obj, false); !ok) return ok.error();
+  if (changes_) changes_->push_back({obj->kind, obj->name, {}, *obj});
   return obj;
 }
 
@@ -522,6 +523,7 @@ Result<Object> SqliteTransaction::update(std::string_view name, const Object& in
     if (auto ok = st->run(); !ok) return ok.error();
   }
   if (auto ok = write_lists(db_, k, *obj, true); !ok) return ok.error();
+  if (changes_) changes_->push_back({obj->kind, obj->name, obj->name != name ? std::string(name) : std::string(), *obj});
   return obj;
 }
 
@@ -544,7 +546,9 @@ Status SqliteTransaction::remove(Kind kind, std::string_view name) {
   auto st = db_.prepare(k.remove);
   if (!st) return st.error();
   st->bind(1, (*found)->id);
-  return st->run();
+  if (auto ok = st->run(); !ok) return ok;
+  if (changes_) changes_->push_back({kind, std::string(name), {}, std::nullopt});
+  return {};
 }
 
 Status SqliteTransaction::put_logon_ticket(const LogonTicket& ticket) {

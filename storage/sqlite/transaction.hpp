@@ -26,6 +26,8 @@ class SqliteTransaction final : public Transaction {
 
   // Called by the repository when the SQL transaction ends; later calls fail with errc::internal.
   void finish() { active_ = false; }
+  // Records every create, update and remove that succeeds into `changes` (null: none).
+  void record_changes(std::vector<Change>* changes) { changes_ = changes; }
 
   Result<std::vector<Object>> list(Kind kind, const Query& query) override;
   Result<std::int64_t> count(Kind kind, const Query& query) override;
@@ -54,6 +56,7 @@ class SqliteTransaction final : public Transaction {
   Connection& db_;
   bool writable_;
   bool active_ = true;
+  std::vector<Change>* changes_ = nullptr;
 };
 
 }  // namespace storage::sqlite
