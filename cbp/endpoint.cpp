@@ -323,9 +323,28 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     fail(Reason::unavailable, "the broker cannot complete the handshake now; retry later", true);
   }
 
+  // docs/cbp.md "Registration limit": the listener accepted this connection over its cap, so
+  // that the agent hears why. Nothing is examined, counted against the agent or recorded.
+  void refuse_over_limit() {
+    {
+      std::lock_guard lock(mutex);
+      state = State::closed;
+    }
+    ep->count("hello", "limit_reached");
+    Rejected r;
+    r.reason = Reason::broker_registration_limit_reached;
+    r.message = "the broker accepts no more agent connections now; retry later";
+    // 60..120 s, spread by the (random) nonce so that refused agents do not come back together.
+    r.retry_after_seconds = 60 + static_cast<std::int64_t>(std::stoul(nonce.substr(0, 4), nullptr, 16) % 61);
+    send(r);
+    ep->log->debug("agent {} ({}): rejected {}", machine, peer->remote_address(), to_string(r.reason));
+    peer->close(std::string(to_string(r.reason)));
+  }
+
   void on_hello(const Hello& h) {
     machine = h.machine;
     agent_version = h.agent_version;
+    if (peer->over_limit()) return refuse_over_limit();
     auto& reg = ep->registry;
     const std::string who = h.machine + "|" + peer->remote_address();  // back-off key
     if (reg.in_back_off(who)) {

@@ -2,7 +2,10 @@
 // connection: challenge, authentication (machine secret or catalog enrollment key, with a
 // back-off after repeated failures), version choice, registration, heartbeats, session events,
 // commands pushed to agents and ticket redemption. The engine (broker::AgentRegistry) keeps the
-// state; this layer only translates messages and tracks connections.
+// state; this layer only translates messages and tracks connections. A connection the agent
+// listener accepted over its cap (net::WebSocketPeer::over_limit()) gets `rejected`
+// BrokerRegistrationLimitReached with retry_after_seconds at its hello (docs/cbp.md
+// "Registration limit").
 //
 // Threading: WebSocket callbacks arrive on I/O threads; each connection's messages are processed
 // in order on the work queue (registry calls block on storage). A small timer thread enforces the

@@ -436,7 +436,8 @@ void Loader::read_listeners(const toml::table& root) {
 void Loader::read_listener(const toml::table& t, const std::string& path, Listener& out, bool client_certificates) {
   TableReader r(*this, t, path,
                 {"address", "port", "tls_cert", "tls_key", "tls_client_ca", "header_limit_bytes", "body_limit_bytes",
-                 "read_timeout_seconds", "idle_timeout_seconds"});
+                 "read_timeout_seconds", "idle_timeout_seconds", "first_request_timeout_seconds", "max_connections",
+                 "max_connections_per_address"});
   if (auto v = r.string("address")) {
     if (common::is_ip_address(*v))
       out.address = *v;
@@ -489,6 +490,12 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
     out.body_limit_bytes = static_cast<std::size_t>(*v);
   if (auto v = r.integer("read_timeout_seconds", 1, 3600)) out.read_timeout_seconds = static_cast<int>(*v);
   if (auto v = r.integer("idle_timeout_seconds", 1, 86400)) out.idle_timeout_seconds = static_cast<int>(*v);
+  if (auto v = r.integer("first_request_timeout_seconds", 1, 3600))
+    out.first_request_timeout_seconds = static_cast<int>(*v);
+  // Connection caps (docs/configuration.md "Connection limits").
+  if (auto v = r.integer("max_connections", 1, 10000000)) out.max_connections = static_cast<std::size_t>(*v);
+  if (auto v = r.integer("max_connections_per_address", 1, 10000000))
+    out.max_connections_per_address = static_cast<std::size_t>(*v);
   r.finish();
 }
 

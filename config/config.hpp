@@ -28,6 +28,11 @@ struct Listener {
   std::size_t body_limit_bytes = 1024 * 1024;
   int read_timeout_seconds = 30;
   int idle_timeout_seconds = 60;
+  // Connection caps (docs/configuration.md "Connection limits"); brokerd lowers them to fit the
+  // descriptor limit. Defaults per listener: see Config.
+  int first_request_timeout_seconds = 10;  // accept (TLS handshake included) to the first request header
+  std::size_t max_connections = 10000;
+  std::size_t max_connections_per_address = 1000;
 };
 
 struct AdminToken {
@@ -63,9 +68,13 @@ struct XmlService {
 
 struct Config {
   std::string path;  // absolute path of the file
-  Listener xml{"127.0.0.1", 8080};
-  Listener agent{"127.0.0.1", 8081};
-  Listener admin{"127.0.0.1", 8082};
+  Listener xml{.address = "127.0.0.1", .port = 8080};
+  // 100,000 agents, and room for reconnects and handshakes; up to 10,000 agents behind one address
+  // (NAT, or a host simulating agents).
+  Listener agent{
+      .address = "127.0.0.1", .port = 8081, .max_connections = 110000, .max_connections_per_address = 10000};
+  // Set aside for the admin port alone: the other listeners cannot take them.
+  Listener admin{.address = "127.0.0.1", .port = 8082, .max_connections = 256, .max_connections_per_address = 64};
   std::string database_path;  // absolute, or ":memory:"
   int database_busy_timeout_ms = 5000;
   common::LogOptions log;

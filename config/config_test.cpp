@@ -654,6 +654,62 @@ TEST_CASE("no partial config on error") {
   CHECK(r.errors.size() == 1);
 }
 
+TEST_CASE("listener connection caps: defaults per listener, values and ranges") {
+  const auto r = load("");
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  const config::Config& c = *r.config;
+  // docs/configuration.md "Connection limits": the agent listener's default fits 100,000 agents;
+  // the admin listener's connections are set aside for it.
+  CHECK(c.xml.max_connections == 10000);
+  CHECK(c.xml.max_connections_per_address == 1000);
+  CHECK(c.agent.max_connections == 110000);
+  CHECK(c.agent.max_connections >= 100000);
+  CHECK(c.agent.max_connections_per_address == 10000);
+  CHECK(c.admin.max_connections == 256);
+  CHECK(c.admin.max_connections_per_address == 64);
+  for (const auto* l : {&c.xml, &c.agent, &c.admin}) CHECK(l->first_request_timeout_seconds == 10);
+
+  const auto set = load(
+      "[listeners.xml]\nmax_connections = 50\nmax_connections_per_address = 5\nfirst_request_timeout_seconds = 3\n"
+      "[listeners.agent]\nmax_connections = 200000\n[listeners.admin]\nmax_connections_per_address = 2\n");
+  INFO(all_errors(set));
+  REQUIRE(set.config);
+  CHECK(set.config->xml.max_connections == 50);
+  CHECK(set.config->xml.max_connections_per_address == 5);
+  CHECK(set.config->xml.first_request_timeout_seconds == 3);
+  CHECK(set.config->agent.max_connections == 200000);
+  CHECK(set.config->agent.max_connections_per_address == 10000);
+  CHECK(set.config->admin.max_connections == 256);
+  CHECK(set.config->admin.max_connections_per_address == 2);
+
+  CHECK(only_error(load("[listeners.xml]\nmax_connections = 0\n")).describe() ==
+        "t.toml:2: listeners.xml.max_connections: must be between 1 and 10000000, not 0");
+  CHECK(only_error(load("[listeners.agent]\nmax_connections_per_address = -1\n")).describe() ==
+        "t.toml:2: listeners.agent.max_connections_per_address: must be between 1 and 10000000, not -1");
+  CHECK(only_error(load("[listeners.admin]\nfirst_request_timeout_seconds = 0\n")).describe() ==
+        "t.toml:2: listeners.admin.first_request_timeout_seconds: must be between 1 and 3600, not 0");
+  CHECK(only_error(load("[listeners.xml]\nmax_connection = 5\n")).message ==
+        "unknown key 'max_connection' (did you mean 'max_connections'?)");
+
+  // The example file spells out the defaults.
+  const auto example = config::load_file(kSourceDir + "/config/brokerd.example.toml");
+  INFO(all_errors(example));
+  REQUIRE(example.config);
+  const config::Config defaults;
+  const std::pair<const config::Listener*, const config::Listener*> pairs[] = {
+      {&example.config->xml, &defaults.xml}, {&example.config->agent, &defaults.agent},
+      {&example.config->admin, &defaults.admin}};
+  for (const auto& [in_file, by_default] : pairs) {
+    CHECK(in_file->max_connections == by_default->max_connections);
+    CHECK(in_file->max_connections_per_address == by_default->max_connections_per_address);
+    CHECK(in_file->first_request_timeout_seconds == by_default->first_request_timeout_seconds);
+  }
+  const std::string text = read_text(kSourceDir + "/config/brokerd.example.toml");
+  for (const char* key : {"max_connections", "max_connections_per_address", "first_request_timeout_seconds"})
+    CHECK_MESSAGE(text.find(std::string("\n") + key + " = ") != std::string::npos, key);
+}
+
 TEST_CASE("[identity] and [xml]: password checks and failed logons") {
   const auto none = load("");
   REQUIRE(none.config);

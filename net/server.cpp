@@ -14,6 +14,9 @@
 // hands the stream to a WebSocket connection (websocket_connection.cpp, where the Beast
 // WebSocket code is compiled) and waits, still registered as a connection, until it has ended;
 // stop() asks it to close (1001) instead of closing the socket.
+// Connection caps: accept_loop() asks its Listener to admit() each accepted socket (listener cap,
+// per-address cap, the ServerState's shared limit, the over-limit band) and closes it at once when
+// refused; the Connection gives its place back when it is destroyed.
 #include "net/server.hpp"
 
 #include "common/log.hpp"
@@ -62,6 +65,7 @@
 #include <stdexcept>
 #include <thread>
 #include <tuple>
+#include <unordered_map>
 
 namespace net {
 namespace {
@@ -84,6 +88,19 @@ constexpr std::size_t kLingerBytes = 1024 * 1024;
 constexpr auto kForceGrace = std::chrono::seconds(5);
 constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
 constexpr std::string_view kShutdownReason = "broker shutting down";
+// Beast keeps a field's name and value lengths in 16 bits and throws (std::length_error) beyond
+// them: longer fields are refused before they reach it.
+constexpr std::size_t kMaxFieldBytes = std::numeric_limits<std::uint16_t>::max() - 2;
+// The read buffer holds at most this much more than header_limit: one read's worth, so that a
+// chunk line or trailer section (which Beast buffers whole) cannot grow it without bound.
+constexpr std::size_t kReadChunkBytes = 64 * 1024;
+// Pause after a failed accept (out of descriptors...), doubling up to kMaxAcceptBackoff.
+constexpr auto kAcceptBackoff = std::chrono::milliseconds(50);
+constexpr auto kMaxAcceptBackoff = std::chrono::milliseconds(1000);
+// Refused connections and failed accepts are logged at most once per period, with a count.
+constexpr auto kRefusalLogPeriod = std::chrono::seconds(10);
+// Retry-After of the 503 a plain HTTP request gets on an over-limit connection.
+constexpr int kOverLimitRetryAfterSeconds = 60;
 
 std::string host_port(const std::string& host, std::uint16_t port) {
   const bool v6 = host.find(':') != std::string::npos;
@@ -116,6 +133,19 @@ class ServerState {
   const std::string server_header;
 
   bool stopping() const { return stopping_.load(std::memory_order_acquire); }
+
+  // The shared connection limit (Server::set_shared_connection_limit); 0: none.
+  void set_shared_limit(std::size_t limit) { shared_limit_.store(limit, std::memory_order_relaxed); }
+  // Takes one place under the shared limit; false when none is left.
+  bool take_shared() {
+    const std::size_t limit = shared_limit_.load(std::memory_order_relaxed);
+    std::size_t used = shared_used_.load(std::memory_order_relaxed);
+    do {
+      if (limit != 0 && used >= limit) return false;
+    } while (!shared_used_.compare_exchange_weak(used, used + 1, std::memory_order_relaxed));
+    return true;
+  }
+  void give_shared() { shared_used_.fetch_sub(1, std::memory_order_relaxed); }
 
   // Registers a new connection; false once stop() has begun (the caller then drops it).
   bool add_connection(const std::shared_ptr<Connection>& c) {
@@ -167,10 +197,37 @@ class ServerState {
   }
 
   std::atomic<bool> stopping_{false};
+  std::atomic<std::size_t> shared_limit_{0};
+  std::atomic<std::size_t> shared_used_{0};
   std::mutex mutex_;
   std::condition_variable idle_cv_;
   std::size_t active_ = 0;                                              // guarded by mutex_
   std::map<const Connection*, std::weak_ptr<Connection>> connections_;  // guarded by mutex_
+};
+
+// Where an accepted connection stands with the caps (Listener::admit).
+enum class Admission { normal, over_limit, refused };
+
+// Logs at most once per kRefusalLogPeriod: the first event after a quiet period at once, the
+// others counted and reported with the next line. Not thread-safe (used on a listener's strand).
+class LogThrottle {
+ public:
+  // True: log now; `skipped` is then the number of events not logged since the last line.
+  bool ready(Clock::time_point now, std::uint64_t& skipped) {
+    if (logged_ && now - last_ < kRefusalLogPeriod) {
+      ++skipped_;
+      return false;
+    }
+    logged_ = true;
+    last_ = now;
+    skipped = std::exchange(skipped_, 0);
+    return true;
+  }
+
+ private:
+  bool logged_ = false;
+  Clock::time_point last_;
+  std::uint64_t skipped_ = 0;
 };
 
 // One bound listening socket with its options and handler. The acceptor is used on `strand`
@@ -196,6 +253,50 @@ struct Listener {
   asio::strand<asio::io_context::executor_type> strand;
   std::uint16_t port = 0;
   std::string endpoint;  // "127.0.0.1:8082"
+
+  // Decides whether a connection from `address` may open (see server.hpp "Connection caps");
+  // `why` names the cap that refused it. Every admitted connection must be released() once.
+  // Any thread.
+  Admission admit(const std::string& address, const char*& why) {
+    std::lock_guard lock(admit_mutex_);
+    const auto it = per_address_.find(address);
+    const std::size_t from_address = it == per_address_.end() ? 0 : it->second;
+    if (options.max_connections_per_address != 0 && from_address >= options.max_connections_per_address) {
+      why = "max_connections_per_address";
+      return Admission::refused;
+    }
+    Admission result = Admission::refused;
+    if (options.max_connections != 0 && admitted_ >= options.max_connections) {
+      why = "max_connections";
+    } else if (!options.reserved && !state->take_shared()) {
+      why = "shared_limit";
+    } else {
+      result = Admission::normal;
+      ++admitted_;
+    }
+    if (result == Admission::refused && over_limit_ < options.over_limit_connections) {
+      result = Admission::over_limit;
+      ++over_limit_;
+    }
+    if (result == Admission::refused) return result;
+    if (it == per_address_.end())
+      per_address_.emplace(address, 1);
+    else
+      ++it->second;
+    return result;
+  }
+  void release(const std::string& address, Admission admission) {
+    if (admission == Admission::refused) return;
+    std::lock_guard lock(admit_mutex_);
+    if (admission == Admission::normal) {
+      --admitted_;
+      if (!options.reserved) state->give_shared();
+    } else {
+      --over_limit_;
+    }
+    const auto it = per_address_.find(address);
+    if (it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+  }
 
   void connection_opened() { count_connection(+1); }
   void connection_closed() { count_connection(-1); }
@@ -232,7 +333,79 @@ struct Listener {
   std::mutex gauge_mutex_;
   std::int64_t open_connections_ = 0;  // guarded by gauge_mutex_
   std::int64_t open_websockets_ = 0;   // guarded by gauge_mutex_
+
+  std::mutex admit_mutex_;
+  std::size_t admitted_ = 0;                                  // guarded by admit_mutex_
+  std::size_t over_limit_ = 0;                                // guarded by admit_mutex_
+  std::unordered_map<std::string, std::size_t> per_address_;  // guarded by admit_mutex_
 };
+
+// The WebSocketPeer handed to the WebSocketHandler for a connection accepted over the cap: the
+// real peer, marked over_limit().
+class OverLimitPeer final : public WebSocketPeer {
+ public:
+  explicit OverLimitPeer(std::shared_ptr<WebSocketPeer> peer) : peer_(std::move(peer)) {}
+  void send(std::string message) override { peer_->send(std::move(message)); }
+  void close(std::string reason) override { peer_->close(std::move(reason)); }
+  std::string remote_address() const override { return peer_->remote_address(); }
+  bool tls() const override { return peer_->tls(); }
+  bool over_limit() const override { return true; }
+
+ private:
+  const std::shared_ptr<WebSocketPeer> peer_;
+};
+
+// Beast's request parser with limits on single fields (kMaxFieldBytes) and on the trailer section
+// of a chunked body (`trailer_limit` bytes, names and values counted); trailer fields are dropped.
+// Over a limit: http::error::header_limit (431).
+class RequestParser final : public http::request_parser<http::string_body> {
+ public:
+  explicit RequestParser(std::size_t trailer_limit) : trailer_limit_(trailer_limit) {}
+
+ private:
+  void on_field_impl(http::field name, beast::string_view name_string, beast::string_view value,
+                     error_code& ec) override {
+    if (name_string.size() > kMaxFieldBytes || value.size() > kMaxFieldBytes) {
+      ec = http::error::header_limit;
+      return;
+    }
+    ec = {};
+    if (is_header_done()) {  // a trailer field (RFC 9110 6.5: never merged into the header)
+      trailer_bytes_ += name_string.size() + value.size();
+      if (trailer_bytes_ > trailer_limit_) ec = http::error::header_limit;
+      return;
+    }
+    get().insert(name, name_string, value);
+  }
+
+  const std::size_t trailer_limit_;
+  std::size_t trailer_bytes_ = 0;
+};
+
+// Why a request's header breaks the framing rules of RFC 9112 (answered with 400), or "".
+std::string_view framing_problem(const http::request<http::string_body>& req) {
+  // 3.2: an HTTP/1.1 request has exactly one Host.
+  if (req.version() >= 11 && req.count(http::field::host) != 1) return "HTTP/1.1 request without exactly one Host";
+  // 6.1, 6.3: chunked must be the final (here: the only) transfer coding; none on HTTP/1.0.
+  std::size_t codings = 0;
+  bool chunked_only = true;
+  for (auto [it, end] = req.equal_range(http::field::transfer_encoding); it != end; ++it) {
+    if (req.version() < 11) return "Transfer-Encoding on an HTTP/1.0 request";
+    std::string_view list = it->value();
+    while (!list.empty()) {
+      const auto comma = list.find(',');
+      std::string_view item = list.substr(0, comma);
+      list = comma == std::string_view::npos ? std::string_view() : list.substr(comma + 1);
+      while (!item.empty() && (item.front() == ' ' || item.front() == '\t')) item.remove_prefix(1);
+      while (!item.empty() && (item.back() == ' ' || item.back() == '\t')) item.remove_suffix(1);
+      if (item.empty()) continue;
+      ++codings;
+      if (!iequals(item, "chunked")) chunked_only = false;
+    }
+  }
+  if (codings > 1 || !chunked_only) return "Transfer-Encoding other than chunked";
+  return {};
+}
 
 // Where a request's Responder (any thread) meets its connection (strand). The connection waits
 // on a timer; deliver() stores the response and calls `wake`, which posts a cancel of that timer
@@ -270,6 +443,7 @@ class ReplySlot {
 int error_status(const error_code& ec) {
   if (ec == http::error::body_limit) return 413;
   if (ec == http::error::header_limit) return 431;
+  if (ec == http::error::buffer_overflow) return 431;  // a chunk line or trailer section too long
   if (ec == http::error::end_of_stream || ec == http::error::partial_message) return 0;
   if (ec.category() == http::make_error_code(http::error::bad_target).category()) return 400;
   return 0;  // timeout, reset, TLS failure, cancelled by stop
@@ -346,13 +520,19 @@ std::string client_certificate_problem(const error_code& ec, ssl_st* ssl) {
 // (the executor of its socket); graceful_close() and force_close() must be posted there.
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(std::shared_ptr<Listener> listener, tcp::socket socket, std::string remote)
+  // `admission`: how listener->admit() let it in (normal or over_limit); given back on destruction.
+  Connection(std::shared_ptr<Listener> listener, tcp::socket socket, std::string remote, Admission admission)
       : listener_(std::move(listener)),
         stream_(listener_->tls ? detail::AnyStream(beast::tcp_stream(std::move(socket)), *listener_->tls,
                                                    detail::AnyStream::Role::server)
                                : detail::AnyStream(beast::tcp_stream(std::move(socket)))),
         reply_timer_(stream_.get_executor()),
-        remote_(std::move(remote)) {}
+        remote_(std::move(remote)),
+        admission_(admission),
+        first_request_deadline_(Clock::now() + listener_->options.first_request_timeout) {}
+  ~Connection() { listener_->release(remote_, admission_); }
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
 
   asio::any_io_executor executor() { return reply_timer_.get_executor(); }
 
@@ -385,7 +565,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   asio::awaitable<void> serve();
   asio::awaitable<void> upgrade(http::request<http::string_body> request, bool clean, Clock::time_point started);
-  asio::awaitable<void> reply_error(int status, Clock::time_point started);
+  asio::awaitable<void> reply_error(int status, Clock::time_point started,
+                                    std::vector<std::pair<std::string, std::string>> headers = {});
   asio::awaitable<void> shut_down(bool drain);
   asio::awaitable<std::optional<HttpResponse>> handle(HttpRequest request, Clock::time_point deadline);
 
@@ -396,6 +577,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   detail::AnyStream stream_;
   asio::steady_timer reply_timer_;
   const std::string remote_;
+  const Admission admission_;
+  const Clock::time_point first_request_deadline_;  // the TLS handshake and first request header
   Phase phase_ = Phase::starting;
   bool closing_ = false;                       // force_close() was called
   std::shared_ptr<detail::WsLink> websocket_;  // Phase::websocket
@@ -418,7 +601,7 @@ asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
   self->listener_->connection_opened();
   try {
     if (self->stream_.tls()) {
-      self->stream_.lowest_layer().expires_after(self->options().read_timeout);
+      self->stream_.lowest_layer().expires_at(self->first_request_deadline_);
       auto [ec] = co_await self->stream_.async_handshake(kTuple);
       if (ec) {
         if (self->listener_->state->stopping()) co_return;
@@ -445,14 +628,18 @@ asio::awaitable<void> Connection::serve() {
   const ListenerOptions& opts = options();
   const ServerState& state = *listener_->state;
   beast::tcp_stream& lowest = stream_.lowest_layer();
-  beast::flat_buffer buffer;
+  beast::flat_buffer buffer(opts.header_limit + kReadChunkBytes);
   error_code ec;
-  for (;;) {
-    // Between requests: wait for the first byte under the idle timeout.
+  for (bool first = true;; first = false) {
+    // Between requests: wait for the first byte under the idle timeout (the first request: under
+    // the first-request deadline).
     if (buffer.size() == 0) {
       if (state.stopping() || closing_) co_return;
       phase_ = Phase::idle;
-      lowest.expires_after(opts.idle_timeout);
+      if (first)
+        lowest.expires_at(first_request_deadline_);
+      else
+        lowest.expires_after(opts.idle_timeout);
       std::size_t n = 0;
       std::tie(ec, n) = co_await stream_.async_read_some(buffer.prepare(kFirstReadSize), kTuple);
       if (ec) co_return;  // closed by the peer, idle timeout, stop
@@ -464,17 +651,34 @@ asio::awaitable<void> Connection::serve() {
     phase_ = Phase::reading;
     const auto started = Clock::now();
     const auto deadline = started + opts.read_timeout;
-    lowest.expires_at(deadline);
-    http::request_parser<http::string_body> parser;
+    lowest.expires_at(first ? std::min(deadline, first_request_deadline_) : deadline);
+    RequestParser parser(opts.header_limit);
     parser.header_limit(static_cast<std::uint32_t>(
         std::min<std::size_t>(opts.header_limit, std::numeric_limits<std::uint32_t>::max())));
     parser.body_limit(static_cast<std::uint64_t>(opts.body_limit));
     std::tie(ec, std::ignore) = co_await http::async_read_header(stream_, buffer, parser, kTuple);
+    if (!ec && first) lowest.expires_at(deadline);
+
+    if (!ec) {
+      if (const auto problem = framing_problem(parser.get()); !problem.empty()) {
+        log().debug("{} listener: request from {} refused: {}", opts.name, remote_, problem);
+        if (!closing_) co_await reply_error(400, started);
+        co_return;
+      }
+    }
 
     // WebSocket upgrade: the connection leaves the HTTP loop for good.
     if (!ec && listener_->websocket && detail::is_websocket_upgrade(parser.get())) {
       const bool clean = parser.is_done() && buffer.size() == 0;  // no body, nothing after it
       co_await upgrade(parser.release(), clean, started);
+      co_return;
+    }
+
+    // Over the cap (accepted in the over-limit band) and not an upgrade: 503, then close.
+    if (!ec && admission_ == Admission::over_limit) {
+      std::vector<std::pair<std::string, std::string>> headers;
+      headers.emplace_back("Retry-After", std::to_string(kOverLimitRetryAfterSeconds));
+      if (!closing_) co_await reply_error(503, started, std::move(headers));
       co_return;
     }
 
@@ -556,7 +760,13 @@ asio::awaitable<void> Connection::upgrade(http::request<http::string_body> reque
   listener_->connection_closed();
   listener_->websocket_opened();
   phase_ = Phase::websocket;
-  websocket_ = detail::accept_websocket(std::move(stream_), std::move(request), std::move(settings), handler.on_open,
+  detail::WsOpenFn on_open = handler.on_open;
+  if (admission_ == Admission::over_limit) {
+    on_open = [inner = handler.on_open](std::shared_ptr<WebSocketPeer> peer) {
+      return inner(std::make_shared<OverLimitPeer>(std::move(peer)));
+    };
+  }
+  websocket_ = detail::accept_websocket(std::move(stream_), std::move(request), std::move(settings), std::move(on_open),
                                         [weak = weak_from_this()] {
                                           // On this strand (the socket's), once the WebSocket
                                           // connection has ended.
@@ -598,10 +808,12 @@ asio::awaitable<std::optional<HttpResponse>> Connection::handle(HttpRequest requ
   }
 }
 
-asio::awaitable<void> Connection::reply_error(int status, Clock::time_point started) {
+asio::awaitable<void> Connection::reply_error(int status, Clock::time_point started,
+                                              std::vector<std::pair<std::string, std::string>> headers) {
   HttpResponse r;
   r.status = status;
   r.body = std::to_string(status) + " " + reason_phrase(status) + "\n";
+  r.headers = std::move(headers);
   bool keep_alive = false;
   auto res = make_response(std::move(r), 11, false, keep_alive, listener_->state->server_header);
   phase_ = Phase::writing;
@@ -635,22 +847,59 @@ asio::awaitable<void> accept_loop(std::shared_ptr<Listener> l) {
     ~Exit() { s.loop_finished(); }
   } exit{*l->state};
   ServerState& state = *l->state;
+  const std::string& name = l->options.name;
   asio::steady_timer backoff(l->strand);
+  auto pause = kAcceptBackoff;
+  LogThrottle accept_log, refusal_log;
+  std::uint64_t skipped = 0;
   for (;;) {
     tcp::socket socket(asio::make_strand(l->ioc));
     auto [ec] = co_await l->acceptor.async_accept(socket, kTuple);
     if (!l->acceptor.is_open() || state.stopping() || ec == asio::error::operation_aborted) co_return;
     if (ec) {
-      state.logger->warn("{} listener: accept failed: {}", l->options.name, ec.message());
-      // Out of file descriptors and the like: back off instead of spinning.
-      backoff.expires_after(std::chrono::milliseconds(100));
+      // Out of file descriptors and the like: pause instead of spinning (the pending connection
+      // stays in the backlog), and log once per period, not once per attempt.
+      const bool descriptors =
+          ec == asio::error::no_descriptors || ec == error_code(ENFILE, boost::system::system_category());
+      if (state.metrics != nullptr)
+        state.metrics->add("broker_accept_failures_total",
+                           {{"listener", name}, {"reason", descriptors ? "descriptors" : "other"}});
+      if (accept_log.ready(Clock::now(), skipped)) {
+        state.logger->warn(
+            "{} listener: accept failed: {}; pausing accepts{}", name, ec.message(),
+            skipped == 0 ? std::string() : " (" + std::to_string(skipped) + " more failures not logged)");
+      }
+      backoff.expires_after(pause);
+      pause = std::min(pause * 2, kMaxAcceptBackoff);
       co_await backoff.async_wait(kTuple);
       continue;
     }
+    pause = kAcceptBackoff;
     error_code peer_ec;
     const auto peer = socket.remote_endpoint(peer_ec);
     if (peer_ec) continue;  // already gone
-    auto conn = std::make_shared<Connection>(l, std::move(socket), address_text(peer.address()));
+    std::string remote = address_text(peer.address());
+    const char* why = "";
+    const Admission admission = l->admit(remote, why);
+    if (admission != Admission::normal && state.metrics != nullptr) {
+      if (admission == Admission::refused)
+        state.metrics->add("broker_connections_refused_total", {{"listener", name}, {"reason", why}});
+      else
+        state.metrics->add("broker_connections_over_limit_total", {{"listener", name}});
+    }
+    if (admission != Admission::normal && refusal_log.ready(Clock::now(), skipped)) {
+      state.logger->warn(
+          "{} listener: {} from {}: {} reached{}", name,
+          admission == Admission::refused ? "closed a new connection"
+                                          : "accepted a connection over the limit, to be refused",
+          remote, why,
+          skipped == 0 ? std::string() : " (and " + std::to_string(skipped) + " more since the last report)");
+    }
+    if (admission == Admission::refused) {
+      socket.close(peer_ec);  // at once, without a reply; established connections go on
+      continue;
+    }
+    auto conn = std::make_shared<Connection>(l, std::move(socket), std::move(remote), admission);
     if (!state.add_connection(conn)) co_return;
     asio::co_spawn(conn->executor(), Connection::run(conn), asio::detached);
   }
@@ -723,6 +972,13 @@ struct Server::Impl {
       metrics->describe("broker_websocket_connections", common::Metrics::Type::gauge, "Open WebSocket connections.");
       metrics->describe("broker_websocket_messages_total", common::Metrics::Type::counter,
                         "WebSocket messages, by listener and direction (received, sent).");
+      metrics->describe("broker_connections_refused_total", common::Metrics::Type::counter,
+                        "Connections closed at accept, by listener and the cap that refused them "
+                        "(max_connections, max_connections_per_address, shared_limit).");
+      metrics->describe("broker_connections_over_limit_total", common::Metrics::Type::counter,
+                        "Connections accepted over the cap to be refused by their protocol (agent listener).");
+      metrics->describe("broker_accept_failures_total", common::Metrics::Type::counter,
+                        "Failed accepts, by listener and reason (descriptors: out of file descriptors).");
     }
   }
 
@@ -957,6 +1213,7 @@ void Server::add_listener(const ListenerOptions& options, HttpHandler handler) {
 void Server::add_listener(const ListenerOptions& options, HttpHandler handler, WebSocketHandler websocket) {
   impl_->add_listener(options, std::move(handler), std::move(websocket));
 }
+void Server::set_shared_connection_limit(std::size_t limit) { impl_->state->set_shared_limit(limit); }
 std::uint16_t Server::port(const std::string& listener_name) const { return impl_->port(listener_name); }
 void Server::start() { impl_->start(); }
 void Server::stop(std::chrono::milliseconds deadline) { impl_->stop(deadline); }

@@ -7,11 +7,22 @@
 #include "net/test_support.hpp"
 
 #include <doctest/doctest.h>
+#include <spdlog/logger.h>
+#include <spdlog/sinks/ostream_sink.h>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <memory>
 #include <mutex>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -383,4 +394,402 @@ TEST_CASE("stop from a handler and wait_for_signal") {
   waiter.join();
   server.stop(5s);  // waits for the stop begun by the handler
   CHECK_FALSE(server.running());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection caps, the first-request deadline, accept failures (issue 12, item 3) and HTTP/1.1
+// framing (item 7).
+
+namespace {
+
+constexpr auto kPatience = 20s;  // safety net against hangs, not an assertion
+
+// Polls `condition` until it holds or kPatience has passed.
+template <class Condition>
+bool eventually(Condition condition) {
+  const auto until = std::chrono::steady_clock::now() + kPatience;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+// The value of one series ("name{labels}") in `metrics`; 0 when it is absent.
+double metric(const common::Metrics& metrics, const std::string& series) {
+  const std::string text = "\n" + metrics.render();
+  const auto at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return 0;
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+std::size_t count_of(const std::string& haystack, const std::string& needle) {
+  std::size_t n = 0;
+  for (auto at = haystack.find(needle); at != std::string::npos; at = haystack.find(needle, at + 1)) ++n;
+  return n;
+}
+
+std::string get(const std::string& path) { return "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n"; }
+
+// True when a request on `sock` is answered 200 with the echo of `path`.
+bool served(RawSocket& sock, const std::string& path) {
+  sock.send(get(path));
+  const auto reply = sock.read_response();
+  return reply.starts_with("HTTP/1.1 200 OK\r\n") && contains(reply, "path=" + path + "\n");
+}
+
+// A WebSocket session that does nothing.
+class Quiet : public net::WebSocketSession {
+ public:
+  void on_message(std::string) override {}
+  void on_close(const std::string&) override {}
+};
+
+std::string upgrade_request(const std::string& path) {
+  return "GET " + path +
+         " HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+}
+
+}  // namespace
+
+TEST_CASE("connection caps: over max_connections a connection is closed at accept, the others go on") {
+  common::Metrics metrics;
+  net::Server server(2, common::null_logger(), &metrics);
+  net::ListenerOptions opts{.name = "t"};
+  opts.max_connections = 2;
+  server.add_listener(opts, echo);
+  server.start();
+  const auto port = server.port("t");
+
+  RawSocket a(port);
+  auto b = std::make_unique<RawSocket>(port);
+  REQUIRE(served(a, "/a"));
+  REQUIRE(served(*b, "/b"));
+  RawSocket c(port);  // the kernel completes the TCP handshake; the server closes it at accept
+  c.send(get("/c"));
+  CHECK(c.wait_closed_by_peer());
+  CHECK(metric(metrics, R"(broker_connections_refused_total{listener="t",reason="max_connections"})") == 1);
+  // The established connections are not touched.
+  CHECK(served(a, "/a2"));
+  CHECK(served(*b, "/b2"));
+  // Once one of them has closed, a new connection is served again.
+  b.reset();
+  CHECK(eventually([&] {
+    RawSocket d(port);
+    return served(d, "/d");
+  }));
+  server.stop(5s);
+}
+
+TEST_CASE("connection caps: max_connections_per_address counts each peer address on its own") {
+  common::Metrics metrics;
+  net::Server server(2, common::null_logger(), &metrics);
+  net::ListenerOptions opts{.name = "t"};
+  opts.max_connections_per_address = 1;
+  server.add_listener(opts, echo);
+  server.start();
+  const auto port = server.port("t");
+
+  RawSocket first(port, "127.0.0.2");
+  REQUIRE(served(first, "/first"));
+  RawSocket second(port, "127.0.0.2");
+  CHECK(second.wait_closed_by_peer());
+  CHECK(metric(metrics, R"(broker_connections_refused_total{listener="t",reason="max_connections_per_address"})") == 1);
+  RawSocket other(port, "127.0.0.3");
+  other.send(get("/other"));
+  const auto reply = other.read_response();
+  CHECK(reply.starts_with("HTTP/1.1 200 OK\r\n"));
+  CHECK(contains(reply, "remote=127.0.0.3\n"));
+  CHECK(served(first, "/again"));
+  server.stop(5s);
+}
+
+TEST_CASE("connection caps: a flood that uses up the shared limit leaves the reserved listener reachable") {
+  common::Metrics metrics;
+  net::Server server(2, common::null_logger(), &metrics);
+  server.add_listener({.name = "xml", .max_connections = 100}, echo);
+  server.add_listener({.name = "agent", .max_connections = 100}, echo);
+  server.add_listener({.name = "admin", .max_connections = 2, .reserved = true}, echo);
+  server.set_shared_connection_limit(3);
+  server.start();
+
+  std::vector<std::unique_ptr<RawSocket>> flood;
+  for (int i = 0; i < 3; ++i) {
+    flood.push_back(std::make_unique<RawSocket>(server.port("xml")));
+    REQUIRE(served(*flood.back(), "/flood"));
+  }
+  RawSocket more(server.port("xml"));
+  CHECK(more.wait_closed_by_peer());
+  RawSocket agent(server.port("agent"));
+  CHECK(agent.wait_closed_by_peer());
+  CHECK(metric(metrics, R"(broker_connections_refused_total{listener="agent",reason="shared_limit"})") == 1);
+  // The admin listener's connections are its own.
+  RawSocket admin(server.port("admin"));
+  CHECK(served(admin, "/healthz"));
+  RawSocket admin2(server.port("admin"));
+  CHECK(served(admin2, "/healthz"));
+  server.stop(5s);
+}
+
+TEST_CASE("connection caps: a WebSocket listener's over-limit band marks the peer; plain HTTP there gets 503") {
+  common::Metrics metrics;
+  net::Server server(2, common::null_logger(), &metrics);
+  std::mutex mutex;
+  std::vector<bool> opened;  // over_limit() of each peer, in order
+  net::WebSocketHandler ws;
+  ws.on_open = [&](std::shared_ptr<net::WebSocketPeer> peer) -> std::shared_ptr<net::WebSocketSession> {
+    std::lock_guard lock(mutex);
+    opened.push_back(peer->over_limit());
+    return std::make_shared<Quiet>();
+  };
+  server.add_listener({.name = "agent", .max_connections = 1, .over_limit_connections = 1}, echo, ws);
+  server.start();
+  const auto port = server.port("agent");
+  const auto opened_count = [&] {
+    std::lock_guard lock(mutex);
+    return opened.size();
+  };
+
+  RawSocket normal(port);
+  normal.send(upgrade_request("/cbp"));
+  REQUIRE(normal.read_head().starts_with("HTTP/1.1 101 "));
+  REQUIRE(eventually([&] { return opened_count() == 1; }));
+  auto over = std::make_unique<RawSocket>(port);
+  over->send(upgrade_request("/cbp"));
+  REQUIRE(over->read_head().starts_with("HTTP/1.1 101 "));
+  REQUIRE(eventually([&] { return opened_count() == 2; }));
+  {
+    std::lock_guard lock(mutex);
+    CHECK_FALSE(opened[0]);
+    CHECK(opened[1]);
+  }
+  CHECK(metric(metrics, R"(broker_connections_over_limit_total{listener="agent"})") == 1);
+  RawSocket beyond(port);  // over the cap and the band: closed at accept
+  CHECK(beyond.wait_closed_by_peer());
+  CHECK(metric(metrics, R"(broker_connections_refused_total{listener="agent",reason="max_connections"})") == 1);
+
+  // The band is free again once its connection ended: a plain request there gets 503.
+  over.reset();
+  std::string reply;
+  CHECK(eventually([&] {
+    RawSocket plain(port);
+    plain.send(get("/x"));
+    reply = plain.read_all();
+    return !reply.empty();
+  }));
+  CHECK(reply.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+  CHECK(contains(reply, "Retry-After: 60\r\n"));
+  CHECK(contains(reply, "Connection: close\r\n"));
+  server.stop(5s);
+}
+
+TEST_CASE("first_request_timeout: a new connection that sends nothing, or trickles, is closed; keep-alive is not") {
+  net::Server server(1, common::null_logger());
+  net::ListenerOptions opts{.name = "t"};
+  opts.first_request_timeout = 200ms;
+  opts.idle_timeout = 60s;
+  opts.read_timeout = 30s;
+  server.add_listener(opts, echo);
+  server.start();
+  const auto port = server.port("t");
+
+  RawSocket silent(port);
+  CHECK(silent.wait_closed_by_peer());
+  RawSocket trickle(port);
+  trickle.send("GET /slow HTTP/1.1\r\nHost: x\r\n");  // the header never ends
+  CHECK(trickle.wait_closed_by_peer());
+
+  // After its first request a connection waits for the next one up to idle_timeout.
+  RawSocket kept(port);
+  REQUIRE(served(kept, "/1"));
+  std::this_thread::sleep_for(500ms);  // longer than first_request_timeout
+  CHECK(served(kept, "/2"));
+  server.stop(5s);
+}
+
+TEST_CASE("accept out of descriptors: the listener pauses, logs once, counts, and recovers") {
+  std::ostringstream log_text;
+  auto logger = std::make_shared<spdlog::logger>("t", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_text));
+  common::Metrics metrics;
+  net::Server server(1, logger, &metrics);
+  server.add_listener({.name = "t"}, echo);
+  server.start();
+  const auto port = server.port("t");
+
+  // Client sockets made while descriptors are left; then the process limit is lowered to the
+  // lowest free descriptor, so that the server's accept() fails with EMFILE.
+  std::vector<int> clients;
+  for (int i = 0; i < 2; ++i) {
+    clients.push_back(::socket(AF_INET, SOCK_STREAM, 0));
+    REQUIRE(clients.back() >= 0);
+    timeval tv{10, 0};
+    ::setsockopt(clients.back(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  }
+  struct LimitGuard {
+    rlimit saved{};
+    LimitGuard() { REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0); }
+    ~LimitGuard() { ::setrlimit(RLIMIT_NOFILE, &saved); }
+  };
+  double failures = 0;
+  {
+    LimitGuard guard;
+    const int lowest_free = ::open("/dev/null", O_RDONLY);
+    REQUIRE(lowest_free >= 0);
+    ::close(lowest_free);
+    rlimit low = guard.saved;
+    low.rlim_cur = static_cast<rlim_t>(lowest_free);
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    for (int fd : clients) CHECK(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    const std::string series = R"(broker_accept_failures_total{listener="t",reason="descriptors"})";
+    eventually([&] { return metric(metrics, series) >= 3; });
+    failures = metric(metrics, series);
+  }  // the limit is back
+  CHECK(failures >= 3);
+
+  // The pending connections are accepted and served once descriptors are free again.
+  for (int fd : clients) {
+    const std::string request = get("/late");
+    CHECK(::send(fd, request.data(), request.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(request.size()));
+    char buf[64] = {};
+    const auto n = ::recv(fd, buf, sizeof buf - 1, 0);
+    CHECK(n > 0);
+    CHECK(std::string(buf).starts_with("HTTP/1.1 200 OK"));
+    ::close(fd);
+  }
+  server.stop(5s);
+  logger->flush();
+  // One warning for the whole episode (the next one would come after kRefusalLogPeriod), not one
+  // per failed accept.
+  CHECK(count_of(log_text.str(), "accept failed") == 1);
+}
+
+TEST_CASE("fit_connection_caps: the caps fit the descriptor limit, the reserved listener's come first") {
+  net::ListenerOptions xml{.name = "xml", .max_connections = 10000};
+  net::ListenerOptions agent{.name = "agent", .max_connections = 110000, .over_limit_connections = 64};
+  net::ListenerOptions admin{.name = "admin", .max_connections = 256, .reserved = true};
+  auto b = net::fit_connection_caps(20000, 256, {&xml, &agent, &admin});
+  CHECK(b.reserve == 256);
+  CHECK(admin.max_connections == 256);
+  CHECK(agent.over_limit_connections == 64);
+  CHECK(b.shared_limit == 20000 - 256 - 256 - 64);
+  CHECK(xml.max_connections == 10000);
+  CHECK(agent.max_connections == b.shared_limit);
+  REQUIRE(b.adjustments.size() == 1);
+  CHECK(b.adjustments[0].starts_with("agent listener: max_connections 110000 lowered to 19424 "));
+
+  // A tiny limit: everything shrinks, nothing is left without a place, the sum still fits.
+  net::ListenerOptions x{.name = "xml"};  // no cap of its own
+  net::ListenerOptions g{.name = "agent", .max_connections = 110000, .over_limit_connections = 64};
+  net::ListenerOptions a{.name = "admin", .max_connections = 256, .reserved = true};
+  b = net::fit_connection_caps(64, 256, {&x, &g, &a});
+  CHECK(b.reserve == 16);
+  CHECK(a.max_connections == 12);
+  CHECK(g.over_limit_connections == 2);
+  CHECK(b.shared_limit == 34);
+  CHECK(x.max_connections == 34);
+  CHECK(g.max_connections == 34);
+  CHECK(b.reserve + a.max_connections + g.over_limit_connections + b.shared_limit == 64);
+  CHECK(b.adjustments.size() == 4);
+
+  // Plenty of descriptors: nothing changes.
+  net::ListenerOptions big{.name = "agent", .max_connections = 110000, .over_limit_connections = 64};
+  b = net::fit_connection_caps(1 << 20, 256, {&big});
+  CHECK(big.max_connections == 110000);
+  CHECK(b.adjustments.empty());
+}
+
+TEST_CASE("HTTP/1.1 framing: Host and Transfer-Encoding as RFC 9112 requires") {
+  net::Server server(1, common::null_logger());
+  server.add_listener({.name = "t"}, echo);
+  server.start();
+  const auto port = server.port("t");
+  const auto exchange = [&](const std::string& request) {
+    RawSocket sock(port);
+    sock.send(request);
+    sock.shutdown_send();
+    return sock.read_all();
+  };
+  const std::string bad = "HTTP/1.1 400 Bad Request\r\n";
+
+  SUBCASE("Host") {
+    CHECK(exchange("GET /nohost HTTP/1.1\r\n\r\n").starts_with(bad));
+    CHECK(exchange("GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").starts_with(bad));
+    CHECK(contains(exchange("GET /nohost HTTP/1.1\r\n\r\n"), "Connection: close\r\n"));
+    // HTTP/1.0 has no Host requirement.
+    const auto old = exchange("GET /old HTTP/1.0\r\n\r\n");
+    CHECK(old.starts_with("HTTP/1.0 200 OK\r\n"));
+    CHECK(contains(old, "path=/old\n"));
+  }
+  SUBCASE("Transfer-Encoding") {
+    const std::string head = "POST /te HTTP/1.1\r\nHost: x\r\n";
+    const std::string body = "\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    CHECK(exchange(head + "Transfer-Encoding: identity, chunked" + body).starts_with(bad));
+    CHECK(exchange(head + "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked" + body).starts_with(bad));
+    CHECK(exchange(head + "Transfer-Encoding: chunked, chunked" + body).starts_with(bad));
+    CHECK(exchange(head + "Transfer-Encoding: chunked;x=1" + body).starts_with(bad));
+    CHECK(exchange("POST /te HTTP/1.0\r\nTransfer-Encoding: chunked" + body).starts_with(bad));
+    const auto ok = exchange(head + "Transfer-Encoding: Chunked" + body);
+    CHECK(ok.starts_with("HTTP/1.1 200 OK\r\n"));
+    CHECK(contains(ok, "body=hello\n"));
+  }
+  server.stop(5s);
+}
+
+TEST_CASE("oversized header and trailer fields: 431 and close, never an exception") {
+  std::ostringstream log_text;
+  auto logger = std::make_shared<spdlog::logger>("t", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_text));
+  net::Server server(1, logger);
+  net::ListenerOptions opts{.name = "t"};
+  opts.header_limit = 1024 * 1024;  // the largest the config allows
+  server.add_listener(opts, echo);
+  net::ListenerOptions small{.name = "small"};
+  small.header_limit = 4096;
+  server.add_listener(small, echo);
+  server.start();
+  const auto exchange = [&](const std::string& listener, const std::string& request) {
+    RawSocket sock(server.port(listener));
+    sock.send(request);
+    sock.shutdown_send();
+    return sock.read_all();
+  };
+  const std::string chunked = "POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n";
+  const std::string too_large = "HTTP/1.1 431 Request Header Fields Too Large\r\n";
+
+  SUBCASE("one trailer field over 64 KiB") {
+    const auto reply = exchange("t", chunked + "X-Big: " + std::string(70000, 'a') + "\r\n\r\n");
+    CHECK(reply.starts_with(too_large));
+    CHECK(contains(reply, "Connection: close\r\n"));
+  }
+  SUBCASE("trailers over header_limit in total") {
+    std::string trailers;
+    for (int i = 0; i < 50; ++i) trailers += "X-T" + std::to_string(i) + ": " + std::string(100, 'b') + "\r\n";
+    CHECK(exchange("small", chunked + trailers + "\r\n").starts_with(too_large));
+  }
+  SUBCASE("a trailer section larger than the read buffer") {
+    CHECK(exchange("small", chunked + "X-Big: " + std::string(200000, 'c') + "\r\n\r\n").starts_with(too_large));
+  }
+  SUBCASE("one header field over 64 KiB under a 1 MiB header limit") {
+    CHECK(exchange("t", "GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + std::string(70000, 'd') + "\r\n\r\n")
+              .starts_with(too_large));
+  }
+  SUBCASE("trailers within the limits are read and dropped") {
+    const auto reply = exchange("t", chunked + "X-Test: from-the-trailer\r\n\r\n");
+    CHECK(reply.starts_with("HTTP/1.1 200 OK\r\n"));
+    CHECK(contains(reply, "body=hello\n"));
+    CHECK(contains(reply, "x-test=\n"));
+  }
+  // The server goes on serving.
+  net::HttpClient client(url(server, "t"), 10s);
+  auto r = client.request("GET", "/after");
+  REQUIRE(r.has_value());
+  CHECK(r->status == 200);
+  server.stop(5s);
+  logger->flush();
+  CHECK_FALSE(contains(log_text.str(), "exception"));
+  CHECK_FALSE(contains(log_text.str(), "too large"));
 }

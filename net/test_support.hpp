@@ -10,12 +10,14 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -30,11 +32,19 @@ namespace net::test {
 // A plain blocking socket, for bytes no well-behaved client sends.
 class RawSocket {
  public:
-  explicit RawSocket(std::uint16_t port) {
+  // `source`: the local IPv4 address to connect from (any of 127.0.0.0/8 works on loopback),
+  // null: the system's choice.
+  explicit RawSocket(std::uint16_t port, const char* source = nullptr) {
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     REQUIRE(fd_ >= 0);
     timeval tv{10, 0};  // a safety net against hangs, not an assertion
     ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (source != nullptr) {
+      sockaddr_in local{};
+      local.sin_family = AF_INET;
+      REQUIRE(::inet_pton(AF_INET, source, &local.sin_addr) == 1);
+      REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&local), sizeof local) == 0);
+    }
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_port = htons(port);
@@ -50,6 +60,16 @@ class RawSocket {
       const auto n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
       REQUIRE(n > 0);
       bytes.remove_prefix(static_cast<std::size_t>(n));
+    }
+  }
+  // Reads and drops everything until the server closes: true when it did (end of stream or a
+  // reset), false when nothing ended the connection within the safety timeout.
+  bool wait_closed_by_peer() {
+    char buf[4096];
+    for (;;) {
+      const auto n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n == 0) return true;
+      if (n < 0) return errno == ECONNRESET;
     }
   }
   // Sends FIN (the peer then reads end-of-stream).

@@ -27,6 +27,10 @@ class WebSocketPeer {
   virtual void close(std::string reason) = 0;
   virtual std::string remote_address() const = 0;  // peer IP
   virtual bool tls() const = 0;
+  // True for a connection the listener accepted over its connection cap (its
+  // over_limit_connections band, see server.hpp): the session should refuse it in its protocol's
+  // words (CBP: rejected BrokerRegistrationLimitReached) and close.
+  virtual bool over_limit() const { return false; }
 };
 
 class WebSocketSession {

@@ -31,6 +31,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -72,7 +73,44 @@ net::ListenerOptions listener_options(const std::string& name, const config::Lis
   o.body_limit = l.body_limit_bytes;
   o.read_timeout = std::chrono::seconds(l.read_timeout_seconds);
   o.idle_timeout = std::chrono::seconds(l.idle_timeout_seconds);
+  o.first_request_timeout = std::chrono::seconds(l.first_request_timeout_seconds);
+  o.max_connections = l.max_connections;
+  o.max_connections_per_address = l.max_connections_per_address;
   return o;
+}
+
+// Connection caps (docs/configuration.md "Connection limits"). Descriptors kept out of the
+// connection budget for the database (and its WAL), logs, listening sockets, the I/O machinery
+// and outgoing connections (hypervisors).
+constexpr std::size_t kReservedDescriptors = 256;
+// Agents over the agent listener's cap: this many more connections are accepted so that they
+// hear `rejected BrokerRegistrationLimitReached` (docs/cbp.md) instead of a closed socket.
+constexpr std::size_t kAgentOverLimitConnections = 64;
+
+// Raises RLIMIT_NOFILE to the hard limit, fits the listeners' caps into it (logging what was
+// lowered) and returns the shared connection limit of the xml and agent listeners.
+std::size_t size_connection_caps(spdlog::logger& log, net::ListenerOptions& xml, net::ListenerOptions& agent,
+                                 net::ListenerOptions& admin) {
+  const net::DescriptorLimit fds = net::raise_descriptor_limit();
+  const auto text = [](std::size_t n) {
+    return n == std::numeric_limits<std::size_t>::max() ? std::string("unlimited") : std::to_string(n);
+  };
+  if (!fds.error.empty())
+    log.warn("file descriptors: cannot raise the limit from {} to the hard limit {}: {}", text(fds.before),
+             text(fds.hard), fds.error);
+  else
+    log.info("file descriptors: limit {} (was {}, hard limit {})", text(fds.soft), text(fds.before), text(fds.hard));
+  agent.over_limit_connections = kAgentOverLimitConnections;
+  admin.reserved = true;
+  const net::ConnectionBudget budget = net::fit_connection_caps(fds.soft, kReservedDescriptors, {&xml, &agent, &admin});
+  for (const auto& a : budget.adjustments) log.warn("{}", a);
+  log.info(
+      "connection caps: xml {} ({} per address), agent {} ({} per address, {} more to refuse), admin {} ({} per "
+      "address, reserved); xml and agent together {}, {} descriptors kept in reserve",
+      xml.max_connections, xml.max_connections_per_address, agent.max_connections, agent.max_connections_per_address,
+      agent.over_limit_connections, admin.max_connections, admin.max_connections_per_address, budget.shared_limit,
+      budget.reserve);
+  return budget.shared_limit;
 }
 
 // Plain HTTP requests on the agent listener (agents speak WebSocket on /cbp).
@@ -233,19 +271,19 @@ int run(const std::string& config_path, const std::string& ready_file) {
   }
 
   net::Server server(cfg.io_threads, log, &metrics);
+  auto xml_listener = listener_options("xml", cfg.xml);
+  auto agent_listener = listener_options("agent", cfg.agent);
+  auto admin_listener = listener_options("admin", cfg.admin);
+  server.set_shared_connection_limit(size_connection_caps(*log, xml_listener, agent_listener, admin_listener));
   try {
-    server.add_listener(listener_options("xml", cfg.xml),
-                        [&xml_service, &sta](net::HttpRequest&& req, net::Responder respond) {
-                          if (sta && xmlservice::StaService::serves(req.path))
-                            return sta->handle(std::move(req), std::move(respond));
-                          xml_service.handle(std::move(req), std::move(respond));
-                        });
-    server.add_listener(listener_options("agent", cfg.agent), not_implemented("plain HTTP on the agent endpoint"),
-                        agent_endpoint.handler());
-    server.add_listener(listener_options("admin", cfg.admin),
-                        [&admin_api](net::HttpRequest&& req, net::Responder respond) {
-                          admin_api.handle(std::move(req), std::move(respond));
-                        });
+    server.add_listener(xml_listener, [&xml_service, &sta](net::HttpRequest&& req, net::Responder respond) {
+      if (sta && xmlservice::StaService::serves(req.path)) return sta->handle(std::move(req), std::move(respond));
+      xml_service.handle(std::move(req), std::move(respond));
+    });
+    server.add_listener(agent_listener, not_implemented("plain HTTP on the agent endpoint"), agent_endpoint.handler());
+    server.add_listener(admin_listener, [&admin_api](net::HttpRequest&& req, net::Responder respond) {
+      admin_api.handle(std::move(req), std::move(respond));
+    });
   } catch (const std::exception& e) {
     log->critical("not started: {}", e.what());
     repository.close();
