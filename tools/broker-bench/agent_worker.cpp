@@ -34,6 +34,7 @@ class EventSink final : public spdlog::sinks::base_sink<std::mutex> {
     std::lock_guard lock(mutex_);
     registered_.clear();
     logons_.clear();
+    logon_times_.clear();
     counts_.clear();
   }
   std::string counts() {
@@ -41,14 +42,17 @@ class EventSink final : public spdlog::sinks::base_sink<std::mutex> {
     std::string out;
     for (const char* k : {"registered", "enrolled", "logons", "failed_logons", "rejected", "cannot_connect", "ended"})
       out += std::string(k) + "=" + std::to_string(counts_[k]) + " ";
+    for (const auto& [k, v] : counts_)
+      if (k.rfind("cc.", 0) == 0) out += k + "=" + std::to_string(v) + " ";
     return out;
   }
   std::vector<std::string> events() {
     std::lock_guard lock(mutex_);
-    std::string r = "R", l = "L";
+    std::string r = "R", l = "L", a = "A";
     for (auto t : registered_) r += " " + std::to_string(t);
     for (const auto& [name, t] : logons_) l += " " + name + "=" + std::to_string(t);
-    return {r, l};
+    for (auto t : logon_times_) a += " " + std::to_string(t);
+    return {r, l, a};
   }
 
  protected:
@@ -65,7 +69,9 @@ class EventSink final : public spdlog::sinks::base_sink<std::mutex> {
       ++counts_["enrolled"];
     } else if (rest.find(" logged on to session ") != std::string_view::npos ||
                rest.find(" reconnected to session ") != std::string_view::npos) {
-      logons_.emplace(std::string(name), now_ns());
+      const auto t = now_ns();
+      logons_.emplace(std::string(name), t);
+      logon_times_.push_back(t);
       ++counts_["logons"];
     } else if (rest.starts_with("logon to session ")) {
       ++counts_["failed_logons"];
@@ -73,6 +79,12 @@ class EventSink final : public spdlog::sinks::base_sink<std::mutex> {
       ++counts_["rejected"];
     } else if (rest.starts_with("cannot connect")) {
       ++counts_["cannot_connect"];
+      // "cannot connect to URL: WHY": counted by WHY, one word (cc.connection_refused=3).
+      const auto why = rest.rfind(": ");
+      std::string key = "cc." + std::string(why == std::string_view::npos ? "other" : rest.substr(why + 2));
+      for (char& ch : key)
+        if (ch == ' ' || ch == '=') ch = '_';
+      ++counts_[key];
     } else if (rest.starts_with("connection ended")) {
       ++counts_["ended"];
     }
@@ -86,7 +98,8 @@ class EventSink final : public spdlog::sinks::base_sink<std::mutex> {
 
  private:
   std::vector<std::int64_t> registered_;
-  std::map<std::string, std::int64_t> logons_;
+  std::map<std::string, std::int64_t> logons_;  // first logon per machine
+  std::vector<std::int64_t> logon_times_;         // every logon
   std::map<std::string, long long> counts_;
   int written_ = 0;
 };

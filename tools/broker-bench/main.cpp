@@ -48,7 +48,7 @@ sizes:
                           logon --kind multi: 100)
   --users N               users (enumerate: 1000; logon: one per machine, multi: machines x
                           max-sessions / 2; mixed: machines / 2)
-  --requests N            enumerate: requests per phase (20000)
+  --requests N            enumerate: requests in the trusted and warm phases (5000)
   --connections N         front-end keep-alive connections, one thread each (32)
   --kind K                logon: shared (a pooled single-session group, default), private
                           (assign on first use), multi (multi-session hosts)

@@ -184,7 +184,8 @@ Phase Run::registration_storm(const std::string& name, const std::string& comman
   for (const auto& [k, v] : after)
     if (k.rfind("rej.", 0) == 0 && v - before.at(k) > 0) p.errors["rejected: " + k.substr(4)] = v - before.at(k);
   const Totals counts = agents_->totals("counts");
-  if (counts.at("cannot_connect") > 0) p.errors["cannot connect"] = counts.at("cannot_connect");
+  for (const auto& [k, v] : counts)
+    if (k.rfind("cc.", 0) == 0 && v > 0) p.errors["cannot connect (first failure of a machine): " + k.substr(3)] = v;
   p.figures.push_back({"machines registered at the end", std::to_string(after["registered"]) + " of " +
                                                              std::to_string(expected)});
   if (counts.at("enrolled") > 0) p.figures.push_back({"enrolled", std::to_string(counts.at("enrolled"))});

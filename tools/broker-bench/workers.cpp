@@ -111,6 +111,8 @@ Events AgentWorkers::events() {
       for (std::string word; in >> word;) {
         if (tag == "R") {
           e.registered.push_back(std::stoll(word));
+        } else if (tag == "A") {
+          e.logons.push_back(std::stoll(word));
         } else if (tag == "L") {
           const auto eq = word.rfind('=');
           if (eq != std::string::npos) e.logon_by_machine.emplace(word.substr(0, eq), std::stoll(word.substr(eq + 1)));

@@ -9,11 +9,12 @@
 //   stop                       graceful stop of every machine (goodbye AgentShutdown); "ok left=N"
 //   mark                       forget the events seen so far (the next phase starts now)
 //   counts                     events since mark: registered=, enrolled=, logons=, failed_logons=,
-//                              rejected=, cannot_connect=, ended=
+//                              rejected=, cannot_connect=, ended=, cc.WHY= (cannot connect, by why)
 //   status                     a scan of every machine: machines=, registered=, offline=, ...,
 //                              overfull= (machines holding more sessions than they can), rej.REASON=
-//   events                     "R t t ..." (registration times) and "L name=t ..." (logon times):
-//                              steady_clock nanoseconds, comparable between processes
+//   events                     "R t t ..." (registration times), "L name=t ..." (first logon per
+//                              machine) and "A t t ..." (every logon): steady_clock nanoseconds,
+//                              comparable between processes
 //   interrupt PERCENT SPREAD_MS drop the connection of PERCENT % of the machines (chosen at
 //                              random), spread over SPREAD_MS; they re-register with their secret
 //   logoff                     log off every session; "ok n=N"
@@ -53,6 +54,7 @@ using Totals = std::map<std::string, long long>;
 struct Events {
   std::vector<std::int64_t> registered;                  // steady_clock ns
   std::map<std::string, std::int64_t> logon_by_machine;  // first logon after mark
+  std::vector<std::int64_t> logons;                      // every logon after mark
 };
 
 class AgentWorkers {
