@@ -535,6 +535,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       const auto& msg = t.error().message;
       reply.reason = msg == "expired"                      ? TicketFailure::expired
                      : msg == "issued for another machine" ? TicketFailure::wrong_machine
+                     : msg == "already redeemed"           ? TicketFailure::already_redeemed
                      : msg == "unknown ticket"             ? TicketFailure::not_found
                                                            : TicketFailure::refused;
       reply.message =

@@ -505,7 +505,7 @@ void Loader::read_database(const toml::table& root) {
     if (!root.contains("database")) error(0, "database.path", "is required (add a [database] table with path = \"...\")");
     return;
   }
-  TableReader r(*this, *t, "database", {"path", "busy_timeout_ms"});
+  TableReader r(*this, *t, "database", {"path", "busy_timeout_ms", "group"});
   if (auto v = r.string("path")) {
     if (v->empty() || v->find('\0') != std::string::npos)
       error(r.line("path"), r.key("path"), "must be a file name or \":memory:\"");
@@ -515,6 +515,12 @@ void Loader::read_database(const toml::table& root) {
     error(r.table_line(), r.key("path"), "is required");
   }
   if (auto v = r.integer("busy_timeout_ms", 0, 600000)) config_.database_busy_timeout_ms = static_cast<int>(*v);
+  if (auto v = r.string("group")) {
+    if (v->empty() || v->find_first_of(std::string_view(":/\0 ", 4)) != std::string::npos)
+      error(r.line("group"), r.key("group"), "must be the name of a system group");
+    else
+      config_.database_group = *v;
+  }
   r.finish();
 }
 

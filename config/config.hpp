@@ -77,6 +77,8 @@ struct Config {
   Listener admin{.address = "127.0.0.1", .port = 8082, .max_connections = 256, .max_connections_per_address = 64};
   std::string database_path;  // absolute, or ":memory:"
   int database_busy_timeout_ms = 5000;
+  // A new database file (and its WAL) is created 0600; with a group, 0640 and owned by that group.
+  std::string database_group;
   common::LogOptions log;
   int io_threads = 2;
   int worker_threads = 8;  // the work queue: storage and other blocking work

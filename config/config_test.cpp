@@ -733,3 +733,15 @@ TEST_CASE("[identity] and [xml]: password checks and failed logons") {
   CHECK(only_error(load("[xml]\nfailed_logons_per_minute = -1\n")).key == "xml.failed_logons_per_minute");
   CHECK(only_error(load("[xml]\nport = 8080\n")).key == "xml.port");
 }
+
+TEST_CASE("[database] group: the system group that may read a database file brokerd creates") {
+  auto r = config::load_string("[database]\npath = \"b.db\"\ngroup = \"openbroker-backup\"\n[[admin.token]]\nname = \"t\"\n"
+                               "sha256 = \"e2186dbdb1bb4193608605e84f33208765b5693b55edd4f730a719a100eeea6f\"\n",
+                               "t.toml", "/base");
+  INFO(all_errors(r));
+  REQUIRE(r.config);
+  CHECK(r.config->database_group == "openbroker-backup");
+  auto bad = config::load_string("[database]\npath = \"b.db\"\ngroup = \"a:b\"\n", "t.toml", "/base");
+  CHECK_FALSE(bad.config);
+  CHECK(all_errors(bad).find("database.group: must be the name of a system group") != std::string::npos);
+}

@@ -170,6 +170,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   storage::SqliteOptions sopts;
   sopts.path = cfg.database_path;
   sopts.busy_timeout_ms = cfg.database_busy_timeout_ms;
+  sopts.file_group = cfg.database_group;
   sopts.metrics = &metrics;
   auto repo = storage::open_sqlite(sopts);
   if (!repo) {
@@ -229,6 +230,10 @@ int run(const std::string& config_path, const std::string& ready_file) {
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
   broker::Launcher launcher(repository, clock, agent_channel, work, log, lopts);
+  // A launch's pending session the agent does not report at registration is ended once no launch
+  // can still be preparing it.
+  agents.set_preparation_grace(
+      std::chrono::duration_cast<std::chrono::seconds>(lopts.prepare_timeout) + std::chrono::seconds(5));
   // Power management (docs/power.md): started once the config's connections and machines are in.
   broker::PowerManagerOptions popts;
   popts.base_dir = std::filesystem::path(cfg.path).parent_path().string();

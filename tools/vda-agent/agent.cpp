@@ -671,6 +671,10 @@ struct Machine::Impl : std::enable_shared_from_this<Machine::Impl> {
       case R::unavailable:  // the broker's own trouble: no admin has to act, only wait
         if (r.retry_after_seconds > 0) min_delay = Millis{std::chrono::seconds(r.retry_after_seconds)};
         break;
+      case R::broker_registration_limit_reached:  // the broker is full: come back when it says
+        min_delay = r.retry_after_seconds > 0 ? Millis{std::chrono::seconds(r.retry_after_seconds)}
+                                              : opts().auth_failure_backoff;
+        break;
       case R::unknown_machine:
       case R::bad_proof:
         if (!enrolling && !cfg.enroll_key.empty() && !faults.bad_proof) {
@@ -689,7 +693,6 @@ struct Machine::Impl : std::enable_shared_from_this<Machine::Impl> {
       case R::empty_registration_request:
       case R::missing_registration_capabilities:
       case R::missing_agent_version:
-      case R::broker_registration_limit_reached:
         min_delay = opts().auth_failure_backoff;  // an admin (or a fix) has to act first
         break;
       default: break;
