@@ -5,12 +5,13 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/close_range.h>
 
 #include <cerrno>
 #include <climits>
@@ -35,43 +36,82 @@ std::string slurp(const std::string& path) {
 }  // namespace
 
 Child spawn(const std::vector<std::string>& argv, bool pipes, const std::string& out_file, const std::string& err_file) {
-  int in_pipe[2] = {-1, -1}, out_pipe[2] = {-1, -1};
-  if (pipes && (::pipe2(in_pipe, O_CLOEXEC) != 0 || ::pipe2(out_pipe, O_CLOEXEC) != 0))
-    throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
+  // Everything the child needs is prepared here: between fork and exec it only calls
+  // async-signal-safe functions (the harness is multi-threaded).
+  int in_pipe[2] = {-1, -1}, out_pipe[2] = {-1, -1}, exec_pipe[2] = {-1, -1};
+  auto close_all = [&] {
+    for (int fd : {in_pipe[0], in_pipe[1], out_pipe[0], out_pipe[1], exec_pipe[0], exec_pipe[1]})
+      if (fd >= 0) ::close(fd);
+  };
   if (pipes) {
-    posix_spawn_file_actions_adddup2(&fa, in_pipe[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, out_pipe[1], 1);
+    if (::pipe2(in_pipe, O_CLOEXEC) != 0 || ::pipe2(out_pipe, O_CLOEXEC) != 0) {
+      close_all();
+      throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
+    }
   } else {
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 1, out_file.empty() ? "/dev/null" : out_file.c_str(),
-                                     O_WRONLY | O_CREAT | O_APPEND, 0644);
+    in_pipe[0] = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    out_pipe[1] = ::open(out_file.empty() ? "/dev/null" : out_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
+                         0644);
   }
-  posix_spawn_file_actions_addopen(&fa, 2, err_file.empty() ? "/dev/null" : err_file.c_str(),
-                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+  const int err_fd =
+      ::open(err_file.empty() ? "/dev/null" : err_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (in_pipe[0] < 0 || out_pipe[1] < 0 || err_fd < 0 || ::pipe2(exec_pipe, O_CLOEXEC) != 0) {
+    const std::string why = std::strerror(errno);
+    close_all();
+    if (err_fd >= 0) ::close(err_fd);
+    throw std::runtime_error("cannot start " + argv[0] + ": " + why);
+  }
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, argv[0].c_str(), &fa, nullptr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    // The child dies with the harness (even when the harness is killed), so no broker, worker
+    // or nginx outlives a run.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(127);
+    ::dup2(in_pipe[0], 0);
+    ::dup2(out_pipe[1], 1);
+    ::dup2(err_fd, 2);
+    const int keep = exec_pipe[1];
+    ::dup2(keep, 3);
+    ::fcntl(3, F_SETFD, FD_CLOEXEC);
+    ::close_range(4, ~0U, 0);
+    ::execve(args[0], args.data(), environ);
+    const int e = errno;
+    [[maybe_unused]] auto n = ::write(3, &e, sizeof e);
+    ::_exit(127);
+  }
+  const int fork_errno = errno;
+  ::close(err_fd);
+  ::close(exec_pipe[1]);
+  exec_pipe[1] = -1;
+  ::close(in_pipe[0]);
+  in_pipe[0] = -1;
+  ::close(out_pipe[1]);
+  out_pipe[1] = -1;
+  if (pid < 0) {
+    close_all();
+    throw std::runtime_error("cannot start " + argv[0] + ": fork: " + std::strerror(fork_errno));
+  }
+  int exec_errno = 0;
+  ssize_t n = 0;
+  do n = ::read(exec_pipe[0], &exec_errno, sizeof exec_errno);
+  while (n < 0 && errno == EINTR);
+  ::close(exec_pipe[0]);
+  exec_pipe[0] = -1;
+  if (n > 0) {
+    ::waitpid(pid, nullptr, 0);
+    close_all();
+    throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(exec_errno));
+  }
   Child c;
+  c.pid = pid;
   if (pipes) {
-    ::close(in_pipe[0]);
-    ::close(out_pipe[1]);
     c.in_fd = in_pipe[1];
     c.out_fd = out_pipe[0];
   }
-  if (rc != 0) {
-    if (pipes) {
-      ::close(c.in_fd);
-      ::close(c.out_fd);
-    }
-    throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
-  }
-  c.pid = pid;
   return c;
 }
 

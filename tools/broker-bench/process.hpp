@@ -21,7 +21,9 @@ struct Child {
 
 // Starts argv[0] (a path) with the arguments. stdin/stdout are pipes to the caller when `pipes`,
 // else /dev/null and `out_file`; stderr goes to `err_file` (appended). Every other descriptor is
-// closed in the child. Throws std::runtime_error when the program cannot be started.
+// closed in the child. The child gets SIGTERM when the calling thread ends (PR_SET_PDEATHSIG),
+// so call it from the main thread: then nothing outlives the harness, even killed. Throws
+// std::runtime_error when the program cannot be started.
 Child spawn(const std::vector<std::string>& argv, bool pipes, const std::string& out_file, const std::string& err_file);
 
 // Waits up to `timeout` for pid to exit; its exit code (128 + signal), or -1 when still running.

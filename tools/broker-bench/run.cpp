@@ -238,7 +238,8 @@ void Run::ceilings(const std::string& phase, double phase_rate, const ReplySizes
 
 int Run::finish() {
   report_.load_end = load_average();
-  if (o_.keep) report_.notes.push_back("kept the run's directory " + dir_.path());
+  if (!report_.ok()) dir_.keep();  // the logs of a failed run are worth a look
+  if (o_.keep || !report_.ok()) report_.notes.push_back("kept the run's directory " + dir_.path());
   if (o_.json)
     std::cout << report_.json();
   else
