@@ -2,7 +2,6 @@
 // vda::Fleet of simulated machines driven by one-line commands on stdin, with a logger sink that
 // turns the agents' log lines into timed events.
 #include "tools/broker-bench/workers.hpp"
-
 #include "tools/vda-agent/agent.hpp"
 
 #include <spdlog/sinks/base_sink.h>
@@ -99,7 +98,7 @@ class EventSink final : public spdlog::sinks::base_sink<std::mutex> {
  private:
   std::vector<std::int64_t> registered_;
   std::map<std::string, std::int64_t> logons_;  // first logon per machine
-  std::vector<std::int64_t> logon_times_;         // every logon
+  std::vector<std::int64_t> logon_times_;       // every logon
   std::map<std::string, long long> counts_;
   int written_ = 0;
 };
@@ -115,17 +114,28 @@ bool parse(const std::vector<std::string>& args, WorkerArgs& a) {
   for (std::size_t i = 0; i + 1 < args.size(); i += 2) {
     const auto& k = args[i];
     const auto& v = args[i + 1];
-    if (k == "--broker-url") a.broker_url = v;
-    else if (k == "--kind") { if (!parse_kind(v, a.kind)) return false; }
-    else if (k == "--total") a.total = std::stoi(v);
-    else if (k == "--first") a.first = std::stoi(v);
-    else if (k == "--count") a.count = std::stoi(v);
-    else if (k == "--threads") a.threads = std::stoi(v);
-    else if (k == "--max-sessions") a.max_sessions = std::stoi(v);
-    else if (k == "--client-delay-ms") a.client_delay_ms = std::stoll(v);
-    else if (k == "--backoff-base-ms") a.backoff_base_ms = std::stoll(v);
-    else if (k == "--backoff-max-ms") a.backoff_max_ms = std::stoll(v);
-    else return false;
+    if (k == "--broker-url")
+      a.broker_url = v;
+    else if (k == "--kind") {
+      if (!parse_kind(v, a.kind)) return false;
+    } else if (k == "--total")
+      a.total = std::stoi(v);
+    else if (k == "--first")
+      a.first = std::stoi(v);
+    else if (k == "--count")
+      a.count = std::stoi(v);
+    else if (k == "--threads")
+      a.threads = std::stoi(v);
+    else if (k == "--max-sessions")
+      a.max_sessions = std::stoi(v);
+    else if (k == "--client-delay-ms")
+      a.client_delay_ms = std::stoll(v);
+    else if (k == "--backoff-base-ms")
+      a.backoff_base_ms = std::stoll(v);
+    else if (k == "--backoff-max-ms")
+      a.backoff_max_ms = std::stoll(v);
+    else
+      return false;
   }
   return args.size() % 2 == 0 && !a.broker_url.empty() && a.count > 0;
 }
@@ -233,7 +243,7 @@ int agent_worker_main(const std::vector<std::string>& args) {
       std::mt19937_64 rng{std::random_device{}()};
       std::shuffle(machines.begin(), machines.end(), rng);
       machines.resize(std::min(machines.size(), static_cast<std::size_t>(static_cast<double>(machines.size()) *
-                                                                        std::clamp(percent, 0.0, 100.0) / 100.0)));
+                                                                         std::clamp(percent, 0.0, 100.0) / 100.0)));
       const auto n = machines.size();
       spread_ms = std::clamp<long long>(spread_ms, 0, 3600000);
       // One thread walks through the machines at an even pace; stop_token ends it at quit.

@@ -50,8 +50,8 @@ bool CeilingServer::wait_ready(int port, std::string& error) {
 
 bool CeilingServer::start_static(const std::string& dir, const ReplySizes& sizes, int threads, std::string& error) {
   const int port = free_loopback_port();
-  std::vector<std::string> argv{self_exe(), "static-server", "--port", std::to_string(port), "--threads",
-                                std::to_string(threads)};
+  std::vector<std::string> argv{self_exe(),           "static-server", "--port",
+                                std::to_string(port), "--threads",     std::to_string(threads)};
   for (const auto& [type, bytes] : sizes) {
     argv.push_back("--reply");
     argv.push_back(type + "=" + std::to_string(bytes));

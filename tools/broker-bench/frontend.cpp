@@ -81,8 +81,7 @@ FrontEnds::FrontEnds(const std::string& base_url, int connections, Millis timeou
 
 FrontEnds::~FrontEnds() = default;
 
-std::size_t FrontEnds::run(std::size_t count, Millis limit,
-                           const std::function<void(std::size_t, Connection&)>& work) {
+std::size_t FrontEnds::run(std::size_t count, Millis limit, const std::function<void(std::size_t, Connection&)>& work) {
   next_ = 0;
   done_ = 0;
   const auto deadline = Clock::now() + limit;

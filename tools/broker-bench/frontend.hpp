@@ -20,15 +20,15 @@ class HttpClient;
 namespace bench {
 
 struct Samples {
-  std::map<std::string, std::vector<double>> latency_ms;     // per request type
-  std::map<std::string, long long> errors;                    // "RequestAddress: no-available-workstation", ...
+  std::map<std::string, std::vector<double>> latency_ms;         // per request type
+  std::map<std::string, long long> errors;                       // "RequestAddress: no-available-workstation", ...
   std::map<std::string, std::pair<long long, long long>> bytes;  // type -> (replies, body bytes)
   void merge(Samples&& other);
   double mean_bytes(const std::string& type) const;
 };
 
 struct Reply {
-  int status = 0;               // 0: no reply (transport error)
+  int status = 0;  // 0: no reply (transport error)
   std::string body;
   std::string transport_error;  // set when status is 0
   std::string error_id;         // NFuse <ErrorId>, if any

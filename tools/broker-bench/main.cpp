@@ -104,8 +104,7 @@ int to_int(const std::string& v, const std::string& what, int lo, int hi) {
     std::size_t used = 0;
     const long long x = std::stoll(v, &used);
     if (used == v.size() && x >= lo && x <= hi) return static_cast<int>(x);
-  } catch (const std::exception&) {
-  }
+  } catch (const std::exception&) {}
   throw UsageError(what + " must be an integer " + std::to_string(lo) + ".." + std::to_string(hi));
 }
 
@@ -114,8 +113,7 @@ double to_double(const std::string& v, const std::string& what, double lo, doubl
     std::size_t used = 0;
     const double x = std::stod(v, &used);
     if (used == v.size() && x >= lo && x <= hi) return x;
-  } catch (const std::exception&) {
-  }
+  } catch (const std::exception&) {}
   throw UsageError(what + " must be a number " + std::to_string(lo) + ".." + std::to_string(hi));
 }
 
@@ -130,39 +128,66 @@ bench::Options parse(const std::vector<std::string>& args) {
       if (i + 1 >= args.size()) throw UsageError(a + " needs a value");
       return args[++i];
     };
-    if (a == "--machines") o.machines = to_int(next(), a, 0, 1000000);
-    else if (a == "--users") o.users = to_int(next(), a, 1, 99000);
-    else if (a == "--requests") o.requests = to_int(next(), a, 1, 100000000);
-    else if (a == "--connections") o.connections = to_int(next(), a, 1, 4096);
+    if (a == "--machines")
+      o.machines = to_int(next(), a, 0, 1000000);
+    else if (a == "--users")
+      o.users = to_int(next(), a, 1, 99000);
+    else if (a == "--requests")
+      o.requests = to_int(next(), a, 1, 100000000);
+    else if (a == "--connections")
+      o.connections = to_int(next(), a, 1, 4096);
     else if (a == "--kind") {
       if (!bench::parse_kind(next(), o.kind)) throw UsageError("--kind must be shared, private or multi");
-    } else if (a == "--password") o.credentials = bench::Credentials::password;
-    else if (a == "--max-sessions") o.max_sessions = to_int(next(), a, 1, 10000);
-    else if (a == "--applications") o.applications = to_int(next(), a, 0, 1000);
-    else if (a == "--heartbeat-interval") o.heartbeat_interval = to_int(next(), a, 5, 86400);
-    else if (a == "--duration") o.duration_seconds = to_double(next(), a, 0, 86400);
-    else if (a == "--reregister-percent") o.reregister_percent = to_double(next(), a, 0, 100);
-    else if (a == "--spread") o.spread_seconds = to_double(next(), a, 0, 3600);
-    else if (a == "--logoff") o.logoff = true;
+    } else if (a == "--password")
+      o.credentials = bench::Credentials::password;
+    else if (a == "--max-sessions")
+      o.max_sessions = to_int(next(), a, 1, 10000);
+    else if (a == "--applications")
+      o.applications = to_int(next(), a, 0, 1000);
+    else if (a == "--heartbeat-interval")
+      o.heartbeat_interval = to_int(next(), a, 5, 86400);
+    else if (a == "--duration")
+      o.duration_seconds = to_double(next(), a, 0, 86400);
+    else if (a == "--reregister-percent")
+      o.reregister_percent = to_double(next(), a, 0, 100);
+    else if (a == "--spread")
+      o.spread_seconds = to_double(next(), a, 0, 3600);
+    else if (a == "--logoff")
+      o.logoff = true;
     else if (a == "--ceiling") {
       o.ceiling = next();
       if (o.ceiling != "all" && o.ceiling != "static" && o.ceiling != "nginx" && o.ceiling != "none")
         throw UsageError("--ceiling must be all, static, nginx or none");
-    } else if (a == "--brokerd") o.brokerd = next();
-    else if (a == "--io-threads") o.io_threads = to_int(next(), a, 1, 256);
-    else if (a == "--worker-threads") o.broker_workers = to_int(next(), a, 1, 256);
-    else if (a == "--log-level") o.log_level = next();
-    else if (a == "--xml-url") o.xml_url = next();
-    else if (a == "--agent-url") o.agent_url = next();
-    else if (a == "--admin-url") o.admin_url = next();
-    else if (a == "--pid") o.pid = to_int(next(), a, 1, 1 << 30);
-    else if (a == "--per-worker") o.per_worker = to_int(next(), a, 1, 19000);
-    else if (a == "--agent-threads") o.agent_threads = to_int(next(), a, 1, 64);
-    else if (a == "--phase-limit") o.phase_limit = bench::Millis{static_cast<long long>(to_double(next(), a, 1, 86400) * 1000)};
-    else if (a == "--json") o.json = true;
-    else if (a == "--quiet") o.quiet = true;
-    else if (a == "--keep") o.keep = true;
-    else throw UsageError("unknown option '" + a + "'");
+    } else if (a == "--brokerd")
+      o.brokerd = next();
+    else if (a == "--io-threads")
+      o.io_threads = to_int(next(), a, 1, 256);
+    else if (a == "--worker-threads")
+      o.broker_workers = to_int(next(), a, 1, 256);
+    else if (a == "--log-level")
+      o.log_level = next();
+    else if (a == "--xml-url")
+      o.xml_url = next();
+    else if (a == "--agent-url")
+      o.agent_url = next();
+    else if (a == "--admin-url")
+      o.admin_url = next();
+    else if (a == "--pid")
+      o.pid = to_int(next(), a, 1, 1 << 30);
+    else if (a == "--per-worker")
+      o.per_worker = to_int(next(), a, 1, 19000);
+    else if (a == "--agent-threads")
+      o.agent_threads = to_int(next(), a, 1, 64);
+    else if (a == "--phase-limit")
+      o.phase_limit = bench::Millis{static_cast<long long>(to_double(next(), a, 1, 86400) * 1000)};
+    else if (a == "--json")
+      o.json = true;
+    else if (a == "--quiet")
+      o.quiet = true;
+    else if (a == "--keep")
+      o.keep = true;
+    else
+      throw UsageError("unknown option '" + a + "'");
   }
   if (!o.xml_url.empty() && (o.agent_url.empty() || o.admin_url.empty()))
     throw UsageError("an external broker needs --xml-url, --agent-url and --admin-url");

@@ -2,6 +2,7 @@
 #include "tools/broker-bench/process.hpp"
 
 #include <fcntl.h>
+#include <linux/close_range.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -11,7 +12,6 @@
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <linux/close_range.h>
 
 #include <cerrno>
 #include <climits>
@@ -35,7 +35,8 @@ std::string slurp(const std::string& path) {
 }
 }  // namespace
 
-Child spawn(const std::vector<std::string>& argv, bool pipes, const std::string& out_file, const std::string& err_file) {
+Child spawn(const std::vector<std::string>& argv, bool pipes, const std::string& out_file,
+            const std::string& err_file) {
   // Everything the child needs is prepared here: between fork and exec it only calls
   // async-signal-safe functions (the harness is multi-threaded).
   int in_pipe[2] = {-1, -1}, out_pipe[2] = {-1, -1}, exec_pipe[2] = {-1, -1};
@@ -50,8 +51,8 @@ Child spawn(const std::vector<std::string>& argv, bool pipes, const std::string&
     }
   } else {
     in_pipe[0] = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-    out_pipe[1] = ::open(out_file.empty() ? "/dev/null" : out_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
-                         0644);
+    out_pipe[1] =
+        ::open(out_file.empty() ? "/dev/null" : out_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   }
   const int err_fd =
       ::open(err_file.empty() ? "/dev/null" : err_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);

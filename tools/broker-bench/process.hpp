@@ -33,8 +33,8 @@ int terminate(int pid, Millis grace);
 
 // CPU time (user + system) and memory of a process, from /proc/<pid>/stat and /proc/<pid>/status.
 struct ProcUsage {
-  bool ok = false;           // false: the process is gone (or /proc unreadable)
-  double cpu_seconds = 0;    // utime + stime
+  bool ok = false;            // false: the process is gone (or /proc unreadable)
+  double cpu_seconds = 0;     // utime + stime
   std::uint64_t rss_kib = 0;  // VmRSS
   std::uint64_t hwm_kib = 0;  // VmHWM: peak RSS
   std::uint64_t threads = 0;

@@ -19,7 +19,7 @@ Latency summarize(std::vector<double> ms) {
   if (ms.empty()) return l;
   std::sort(ms.begin(), ms.end());
   auto pct = [&](double p) {
-    const auto i = static_cast<std::size_t>(std::ceil(p * static_cast<double>(ms.size()))) ;
+    const auto i = static_cast<std::size_t>(std::ceil(p * static_cast<double>(ms.size())));
     return ms[std::min(ms.size() - 1, i == 0 ? 0 : i - 1)];
   };
   l.count = static_cast<long long>(ms.size());
@@ -51,7 +51,8 @@ std::string fixed(double v, int digits) {
 void latency_table(std::ostringstream& o, const std::map<std::string, Latency>& lat) {
   if (lat.empty()) return;
   o << "    " << std::left << std::setw(28) << "latency (ms)" << std::right << std::setw(9) << "count" << std::setw(10)
-    << "p50" << std::setw(10) << "p90" << std::setw(10) << "p99" << std::setw(10) << "max" << "\n";
+    << "p50" << std::setw(10) << "p90" << std::setw(10) << "p99" << std::setw(10) << "max"
+    << "\n";
   for (const auto& [type, l] : lat)
     o << "    " << std::left << std::setw(28) << type << std::right << std::setw(9) << l.count << std::setw(10)
       << fixed(l.p50, 2) << std::setw(10) << fixed(l.p90, 2) << std::setw(10) << fixed(l.p99, 2) << std::setw(10)
@@ -70,8 +71,8 @@ void errors_list(std::ostringstream& o, const std::map<std::string, long long>& 
 json::object latency_json(const std::map<std::string, Latency>& lat) {
   json::object o;
   for (const auto& [type, l] : lat)
-    o[type] = {{"count", l.count}, {"p50_ms", l.p50}, {"p90_ms", l.p90}, {"p99_ms", l.p99}, {"max_ms", l.max},
-               {"mean_ms", l.mean}};
+    o[type] = {{"count", l.count}, {"p50_ms", l.p50}, {"p90_ms", l.p90},
+               {"p99_ms", l.p99},  {"max_ms", l.max}, {"mean_ms", l.mean}};
   return o;
 }
 
@@ -138,12 +139,8 @@ std::string Report::json() const {
   json::object o;
   o["scenario"] = scenario;
   o["command"] = command;
-  o["machine"] = {{"cpu", machine.cpu},
-                  {"cores", machine.cores},
-                  {"memory_gib", machine.memory_gib},
-                  {"kernel", machine.kernel},
-                  {"load_average_start", load_start},
-                  {"load_average_end", load_end}};
+  o["machine"] = {{"cpu", machine.cpu},       {"cores", machine.cores},           {"memory_gib", machine.memory_gib},
+                  {"kernel", machine.kernel}, {"load_average_start", load_start}, {"load_average_end", load_end}};
   json::object params;
   for (const auto& [k, v] : parameters) params[k] = v;
   o["parameters"] = std::move(params);
@@ -214,7 +211,8 @@ Progress::Progress(bool enabled, std::function<std::string()> line) {
     const bool tty = ::isatty(2) != 0;
     int ticks = 0;
     while (!stop.stop_requested()) {
-      for (int i = 0; i < 10 && !stop.stop_requested(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      for (int i = 0; i < 10 && !stop.stop_requested(); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
       if (stop.stop_requested()) break;
       ++ticks;
       if (tty) {

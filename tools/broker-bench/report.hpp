@@ -22,12 +22,12 @@ Latency summarize(std::vector<double> ms);
 
 // What the broker (and the harness) spent during a phase.
 struct Usage {
-  bool known = false;          // false: no pid (external broker without --pid)
-  double cpu_seconds = 0;      // the broker's user + system time in the phase
-  double rss_mib = 0;          // VmRSS at the end of the phase
-  double hwm_mib = 0;          // VmHWM (peak RSS) at the end of the phase
-  double commits = -1;         // storage commits in the phase (-1: /metrics not readable)
-  double commit_writes = -1;   // write() calls those commits carried
+  bool known = false;              // false: no pid (external broker without --pid)
+  double cpu_seconds = 0;          // the broker's user + system time in the phase
+  double rss_mib = 0;              // VmRSS at the end of the phase
+  double hwm_mib = 0;              // VmHWM (peak RSS) at the end of the phase
+  double commits = -1;             // storage commits in the phase (-1: /metrics not readable)
+  double commit_writes = -1;       // write() calls those commits carried
   double harness_cpu_seconds = 0;  // agent workers and front ends together
 };
 
@@ -36,8 +36,8 @@ struct Phase {
   std::string op;    // what one operation is: "registration", "enumeration", "launch", "heartbeat"
   long long ops = 0;
   double seconds = 0;
-  std::map<std::string, Latency> latency;    // per request type (or "registration", "launch to Active")
-  std::map<std::string, long long> errors;   // by ErrorId, HTTP status, transport error, rejection reason
+  std::map<std::string, Latency> latency;   // per request type (or "registration", "launch to Active")
+  std::map<std::string, long long> errors;  // by ErrorId, HTTP status, transport error, rejection reason
   Usage usage;
   std::vector<std::pair<std::string, std::string>> figures;  // further named figures, in order
   double rate() const { return seconds > 0 ? static_cast<double>(ops) / seconds : 0; }
@@ -51,8 +51,8 @@ struct CeilingRun {
   double seconds = 0;
   std::map<std::string, Latency> latency;
   std::map<std::string, long long> errors;
-  std::string error;   // why it could not run (then no figures)
-  double ratio = 0;    // the phase's rate / this rate
+  std::string error;  // why it could not run (then no figures)
+  double ratio = 0;   // the phase's rate / this rate
   double rate() const { return seconds > 0 ? static_cast<double>(ops) / seconds : 0; }
 };
 

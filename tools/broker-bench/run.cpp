@@ -68,11 +68,11 @@ bool Run::start_broker(const SiteOptions& site_in) {
   report_.parameters.push_back({"broker", o_.brokerd + " (pid " + std::to_string(broker_.pid()) + "), log level " +
                                               o_.log_level + ", " + std::to_string(o_.io_threads) + " I/O threads, " +
                                               std::to_string(o_.broker_workers) + " worker threads"});
-  report_.parameters.push_back(
-      {"site", std::to_string(site.machines) + " machines in a " + to_string(site.kind) + " group, " +
-                   std::to_string(site.users) + " users, " + std::to_string(site.applications) +
-                   " applications, heartbeat every " + std::to_string(site.heartbeat_interval_seconds) +
-                   " s, credential cache " + std::to_string(site.credential_cache_seconds) + " s"});
+  report_.parameters.push_back({"site", std::to_string(site.machines) + " machines in a " + to_string(site.kind) +
+                                            " group, " + std::to_string(site.users) + " users, " +
+                                            std::to_string(site.applications) + " applications, heartbeat every " +
+                                            std::to_string(site.heartbeat_interval_seconds) + " s, credential cache " +
+                                            std::to_string(site.credential_cache_seconds) + " s"});
   return true;
 }
 
@@ -186,11 +186,10 @@ Phase Run::registration_storm(const std::string& name, const std::string& comman
   const Totals counts = agents_->totals("counts");
   for (const auto& [k, v] : counts)
     if (k.rfind("cc.", 0) == 0 && v > 0) p.errors["cannot connect (first failure of a machine): " + k.substr(3)] = v;
-  p.figures.push_back({"machines registered at the end", std::to_string(after["registered"]) + " of " +
-                                                             std::to_string(expected)});
+  p.figures.push_back(
+      {"machines registered at the end", std::to_string(after["registered"]) + " of " + std::to_string(expected)});
   if (counts.at("enrolled") > 0) p.figures.push_back({"enrolled", std::to_string(counts.at("enrolled"))});
-  if (p.ops > expected)
-    p.figures.push_back({"registrations beyond one per machine", std::to_string(p.ops - expected)});
+  if (p.ops > expected) p.figures.push_back({"registrations beyond one per machine", std::to_string(p.ops - expected)});
   report_.check(name + ": every agent registered", after["registered"] == expected,
                 std::to_string(after["registered"]) + " of " + std::to_string(expected));
   report_.check(name + ": every registration seen by the harness", p.ops >= expected,

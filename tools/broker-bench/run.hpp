@@ -17,28 +17,28 @@
 namespace bench {
 
 struct Options {
-  std::string scenario;                // register, steady, enumerate, logon, mixed
-  int machines = -1;                   // -1: the scenario's default
+  std::string scenario;  // register, steady, enumerate, logon, mixed
+  int machines = -1;     // -1: the scenario's default
   int users = -1;
   int requests = -1;
-  int connections = 32;                // front-end connections
-  Kind kind = Kind::shared;            // logon: the desktop group's kind
+  int connections = 32;                            // front-end connections
+  Kind kind = Kind::shared;                        // logon: the desktop group's kind
   Credentials credentials = Credentials::trusted;  // logon, mixed
-  int per_worker = 9000;               // agents per worker process
-  int agent_threads = 2;               // I/O threads per worker
-  int max_sessions = 20;               // multi-session hosts
-  int heartbeat_interval = -1;         // site heartbeat_interval_seconds (-1: scenario default)
-  double duration_seconds = 60;        // steady: how long to hold
-  double reregister_percent = 20;      // mixed
-  double spread_seconds = 10;          // mixed: re-registrations spread over this long
-  bool logoff = false;                 // logon: log every session off afterwards
-  std::string ceiling = "all";         // all, static, nginx, none
-  Millis phase_limit{600000};          // every phase ends by then
+  int per_worker = 9000;                           // agents per worker process
+  int agent_threads = 2;                           // I/O threads per worker
+  int max_sessions = 20;                           // multi-session hosts
+  int heartbeat_interval = -1;                     // site heartbeat_interval_seconds (-1: scenario default)
+  double duration_seconds = 60;                    // steady: how long to hold
+  double reregister_percent = 20;                  // mixed
+  double spread_seconds = 10;                      // mixed: re-registrations spread over this long
+  bool logoff = false;                             // logon: log every session off afterwards
+  std::string ceiling = "all";                     // all, static, nginx, none
+  Millis phase_limit{600000};                      // every phase ends by then
   bool json = false, quiet = false, keep = false;
   int applications = 5;
   int io_threads = 2, broker_workers = 8;
   std::string log_level = "info";
-  std::string brokerd;                 // path; default: next to this build's tools
+  std::string brokerd;  // path; default: next to this build's tools
   // An external broker (then the site must be the one `broker-bench site` prints).
   std::string xml_url, agent_url, admin_url;
   int pid = 0;

@@ -12,9 +12,10 @@ namespace {
 void memory_per_agent(Phase& p, const Snapshot& before_agents, const Snapshot& now, int agents) {
   if (!before_agents.broker.ok || !now.broker.ok || agents <= 0) return;
   const double grown = static_cast<double>(now.broker.rss_kib) - static_cast<double>(before_agents.broker.rss_kib);
-  p.figures.push_back({"broker RSS before the agents", format_fixed(static_cast<double>(before_agents.broker.rss_kib) / 1024, 1) + " MiB"});
-  p.figures.push_back({"memory per registered agent", format_fixed(grown / agents, 1) +
-                                                          " KiB (RSS growth since before the agents / agents)"});
+  p.figures.push_back({"broker RSS before the agents",
+                       format_fixed(static_cast<double>(before_agents.broker.rss_kib) / 1024, 1) + " MiB"});
+  p.figures.push_back({"memory per registered agent",
+                       format_fixed(grown / agents, 1) + " KiB (RSS growth since before the agents / agents)"});
 }
 
 }  // namespace
@@ -75,8 +76,9 @@ int scenario_steady(Run& run) {
   const auto hold = std::chrono::duration<double>(o.duration_seconds);
   {
     Progress progress(run.progress_enabled(), [&] {
-      return "[steady] " + format_fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 0) +
-             " of " + format_fixed(o.duration_seconds, 0) + " s, broker RSS " +
+      return "[steady] " +
+             format_fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 0) + " of " +
+             format_fixed(o.duration_seconds, 0) + " s, broker RSS " +
              format_fixed(static_cast<double>(run.broker().usage().rss_kib) / 1024, 1) + " MiB";
     });
     while (std::chrono::steady_clock::now() - start < hold) std::this_thread::sleep_for(Millis{100});
@@ -94,9 +96,9 @@ int scenario_steady(Run& run) {
   if (c.at("ended") > 0) p.errors["connections ended"] = c.at("ended");
   run.report().check("steady: every agent still registered", t1.at("registered") == n,
                      std::to_string(t1.at("registered")) + " of " + std::to_string(n));
-  run.report().check("steady: no connection dropped", c.at("ended") == 0 && c.at("registered") == 0,
-                     std::to_string(c.at("ended")) + " ended, " + std::to_string(c.at("registered")) +
-                         " registered again");
+  run.report().check(
+      "steady: no connection dropped", c.at("ended") == 0 && c.at("registered") == 0,
+      std::to_string(c.at("ended")) + " ended, " + std::to_string(c.at("registered")) + " registered again");
   run.report().phases.push_back(p);
   return run.finish();
 }

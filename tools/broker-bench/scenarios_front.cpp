@@ -44,8 +44,8 @@ Phase front_phase(Run& run, FrontEnds& fe, const std::string& name, const std::s
   p.errors = samples.errors;
   run.usage(p, s0, s1);
   if (static_cast<std::size_t>(p.ops) < items)
-    p.figures.push_back({"stopped by the phase limit", std::to_string(items - static_cast<std::size_t>(p.ops)) +
-                                                           " items not run"});
+    p.figures.push_back(
+        {"stopped by the phase limit", std::to_string(items - static_cast<std::size_t>(p.ops)) + " items not run"});
   return p;
 }
 
@@ -92,14 +92,15 @@ LaunchOutcome tally(const std::vector<LaunchRecord>& records, Kind kind, int mac
     ++out.succeeded;
     if (kind != Kind::hosted && !seen.insert(r.address).second) ++out.duplicates;
     const int idx = machine_index(r.address);
-    if (kind != Kind::hosted && idx >= 0 && idx < machines) out.sent_by_machine[machine_name(kind, idx, machines)] = r.sent_ns;
+    if (kind != Kind::hosted && idx >= 0 && idx < machines)
+      out.sent_by_machine[machine_name(kind, idx, machines)] = r.sent_ns;
   }
   return out;
 }
 
 // The logon work item of user `u`: RequestAppData, then RequestAddress for the desktop.
 std::function<void(std::size_t, Connection&)> logon_work(std::vector<LaunchRecord>& records, int users, Kind kind,
-                                                        Credentials cred) {
+                                                         Credentials cred) {
   return [&records, users, kind, cred](std::size_t i, Connection& c) {
     const int u = static_cast<int>(i % static_cast<std::size_t>(users));
     c.post_xml("RequestAppData", kNfusePath, request_app_data(u, cred));
@@ -127,7 +128,8 @@ long long wait_logons(Run& run, long long expected) {
 void add_ratio_figures(Report& report, Phase& phase, const std::string& ceiling_phase) {
   for (const auto& c : report.ceilings)
     if (c.phase == ceiling_phase && c.error.empty() && c.rate() > 0)
-      phase.figures.push_back({"against the " + c.server + " ceiling", format_fixed(phase.rate() / c.rate() * 100, 1) + " %"});
+      phase.figures.push_back(
+          {"against the " + c.server + " ceiling", format_fixed(phase.rate() / c.rate() * 100, 1) + " %"});
 }
 
 }  // namespace
@@ -152,7 +154,8 @@ int scenario_enumerate(Run& run) {
   FrontEnds fe(run.broker().xml_url(), o.connections);
   auto appdata = [users](Credentials cred) {
     return [users, cred](std::size_t i, Connection& c) {
-      c.post_xml("RequestAppData", kNfusePath, request_app_data(static_cast<int>(i % static_cast<std::size_t>(users)), cred));
+      c.post_xml("RequestAppData", kNfusePath,
+                 request_app_data(static_cast<int>(i % static_cast<std::size_t>(users)), cred));
     };
   };
   Samples trusted_s, cold_s, warm_s;
@@ -161,7 +164,8 @@ int scenario_enumerate(Run& run) {
   // cold: every user once, with a password; which users the broker checked (and so cached).
   std::vector<char> checked(static_cast<std::size_t>(users), 0);
   auto cold_work = [&checked](std::size_t i, Connection& c) {
-    const Reply r = c.post_xml("RequestAppData", kNfusePath, request_app_data(static_cast<int>(i), Credentials::password));
+    const Reply r =
+        c.post_xml("RequestAppData", kNfusePath, request_app_data(static_cast<int>(i), Credentials::password));
     checked[i] = r.status == 200 && r.error_id.empty();
   };
   Phase cold = front_phase(run, fe, "cold", "enumeration", static_cast<std::size_t>(users), cold_work, cold_s);
@@ -191,15 +195,16 @@ int scenario_enumerate(Run& run) {
     run.report().check(ph->name + ": every request answered without error",
                        answered(s, "RequestAppData") == ph->ops && error_count(s, "RequestAppData") == 0 &&
                            ph->ops == static_cast<long long>(requests),
-                       std::to_string(answered(s, "RequestAppData")) + " answered of " + std::to_string(requests) + ", " +
-                           std::to_string(error_count(s, "RequestAppData")) + " errors");
+                       std::to_string(answered(s, "RequestAppData")) + " answered of " + std::to_string(requests) +
+                           ", " + std::to_string(error_count(s, "RequestAppData")) + " errors");
   }
   run.report().check("cold: every request answered", answered(cold_s, "RequestAppData") == users,
                      std::to_string(answered(cold_s, "RequestAppData")) + " of " + std::to_string(users) +
                          " (password checks refused under load count as answered)");
   const ReplySizes sizes{{"RequestAppData", static_cast<std::size_t>(warm_s.mean_bytes("RequestAppData"))}};
   run.ceilings("warm", warm.rate(), sizes, requests, [](std::size_t i, Connection& c) {
-    c.post_xml("RequestAppData", "/RequestAppData", request_app_data(static_cast<int>(i % 1000), Credentials::password));
+    c.post_xml("RequestAppData", "/RequestAppData",
+               request_app_data(static_cast<int>(i % 1000), Credentials::password));
   });
   add_ratio_figures(run.report(), trusted, "warm");
   add_ratio_figures(run.report(), warm, "warm");
@@ -260,8 +265,10 @@ int scenario_logon(Run& run) {
   if (!run.start_broker(site)) return run.finish();
   run.start_agents(kind, n);
   run.report().phases.push_back(run.registration_storm("enroll", "start", n));
-  run.report().parameters.push_back({"front ends", std::to_string(o.connections) + " keep-alive connections, " +
-                                                       (o.credentials == Credentials::trusted ? "trusted (user names without passwords)" : "passwords")});
+  run.report().parameters.push_back(
+      {"front ends",
+       std::to_string(o.connections) + " keep-alive connections, " +
+           (o.credentials == Credentials::trusted ? "trusted (user names without passwords)" : "passwords")});
   FrontEnds fe(run.broker().xml_url(), o.connections);
   std::vector<LaunchRecord> records;
   Samples s;
@@ -276,13 +283,15 @@ int scenario_logon(Run& run) {
                        std::to_string(out.succeeded) + " of " + std::to_string(users));
   else
     run.report().notes.push_back("more users than session slots: launches without a machine are expected");
-  run.report().check("no machine with two sessions (or more than it can hold)", st.at("overfull") == 0 && out.duplicates == 0,
+  run.report().check("no machine with two sessions (or more than it can hold)",
+                     st.at("overfull") == 0 && out.duplicates == 0,
                      std::to_string(st.at("overfull")) + " overfull machines, " + std::to_string(out.duplicates) +
                          " addresses handed out twice");
   run.report().check("every agent registered", st.at("registered") == n,
                      std::to_string(st.at("registered")) + " of " + std::to_string(n));
-  run.report().check("every launched session went Active", st.at("logons") >= out.succeeded && st.at("failed_logons") == 0,
-                     std::to_string(st.at("logons")) + " logons, " + std::to_string(st.at("failed_logons")) + " refused");
+  run.report().check(
+      "every launched session went Active", st.at("logons") >= out.succeeded && st.at("failed_logons") == 0,
+      std::to_string(st.at("logons")) + " logons, " + std::to_string(st.at("failed_logons")) + " refused");
   run.report().phases.push_back(p);
 
   const ReplySizes sizes{{"RequestAppData", static_cast<std::size_t>(s.mean_bytes("RequestAppData"))},
@@ -326,8 +335,10 @@ int scenario_mixed(Run& run) {
   run.start_agents(Kind::shared, n);
   run.report().phases.push_back(run.registration_storm("enroll", "start", n));
   run.report().parameters.push_back(
-      {"disturbances", format_fixed(o.reregister_percent, 0) + " % of the agents drop their connection and re-register, spread over " +
-                           format_fixed(o.spread_seconds, 0) + " s; one admin lists a page of 100 machines every 100 ms while the logons run"});
+      {"disturbances", format_fixed(o.reregister_percent, 0) +
+                           " % of the agents drop their connection and re-register, spread over " +
+                           format_fixed(o.spread_seconds, 0) +
+                           " s; one admin lists a page of 100 machines every 100 ms while the logons run"});
   FrontEnds fe(run.broker().xml_url(), o.connections);
   std::atomic<bool> done{false};
   Connection admin(run.broker().admin_url(), Millis{60000});

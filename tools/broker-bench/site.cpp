@@ -127,14 +127,16 @@ std::string site_toml(const SiteOptions& o) {
       << "\ncount = " << range_count(r, o.machines) << "\ncatalog = " << quoted(catalog_name(o.kind))
       << "\ndelivery_group = " << quoted(group_name(o.kind)) << "\n";
   }
-  c << "\n[[rule]]\nname = \"" << group_name(o.kind) << " access\"\nrule_type = \"access\"\ndelivery_group = "
-    << quoted(group_name(o.kind)) << "\nincluded_users = [" << quoted(users_group) << "]\n";
+  c << "\n[[rule]]\nname = \"" << group_name(o.kind)
+    << " access\"\nrule_type = \"access\"\ndelivery_group = " << quoted(group_name(o.kind)) << "\nincluded_users = ["
+    << quoted(users_group) << "]\n";
   if (o.kind == Kind::personal)
     c << "\n[[rule]]\nname = \"Personal\"\nrule_type = \"assignment\"\ndelivery_group = \"Personal\"\n"
       << "included_users = [" << quoted(users_group) << "]\nmax_desktops = 1\n";
   else
-    c << "\n[[rule]]\nname = " << quoted(group_name(o.kind)) << "\nrule_type = \"entitlement\"\ndelivery_group = "
-      << quoted(group_name(o.kind)) << "\nincluded_users = [" << quoted(users_group) << "]\n";
+    c << "\n[[rule]]\nname = " << quoted(group_name(o.kind))
+      << "\nrule_type = \"entitlement\"\ndelivery_group = " << quoted(group_name(o.kind)) << "\nincluded_users = ["
+      << quoted(users_group) << "]\n";
 
   if (o.applications > 0) {
     c << "\n[[delivery_group]]\nname = \"Apps\"\ndesktop_kind = \"Shared\"\ndelivery_type = \"AppsOnly\"\n"
@@ -200,7 +202,8 @@ bool Broker::start(const std::string& brokerd_path, const std::string& dir, cons
   const std::string err_file = dir + "/brokerd.err";
   Child child;
   try {
-    child = spawn({brokerd_path, "--config", config_path, "--ready-file", ready}, false, dir + "/brokerd.out", err_file);
+    child =
+        spawn({brokerd_path, "--config", config_path, "--ready-file", ready}, false, dir + "/brokerd.out", err_file);
   } catch (const std::exception& e) {
     error = e.what();
     return false;

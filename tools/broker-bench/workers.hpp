@@ -38,12 +38,12 @@ namespace bench {
 struct AgentOptions {
   std::string broker_url;  // ws://127.0.0.1:P/cbp
   Kind kind = Kind::shared;
-  int total = 0;              // machines: indexes 0..total-1 of the site
-  int per_worker = 9000;      // most machines in one worker process
-  int threads = 2;            // I/O threads per worker
-  int max_sessions = 20;      // multi-session hosts
-  Millis client_delay{0};     // after prepare_session, the simulated client connects
-  Millis backoff_base{500};   // reconnect back-off (docs/cbp.md), short for storms
+  int total = 0;             // machines: indexes 0..total-1 of the site
+  int per_worker = 9000;     // most machines in one worker process
+  int threads = 2;           // I/O threads per worker
+  int max_sessions = 20;     // multi-session hosts
+  Millis client_delay{0};    // after prepare_session, the simulated client connects
+  Millis backoff_base{500};  // reconnect back-off (docs/cbp.md), short for storms
   Millis backoff_max{5000};
   std::string log_dir;  // the workers' stderr: <log_dir>/agent-worker-<i>.log
 };
