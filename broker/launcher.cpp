@@ -771,6 +771,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     a->last_error = res.machine + ": " + error;
     {
       auto st = repo.write([&](storage::Transaction& tx) -> Status {
+        // The ticket goes with the attempt: an agent that prepares late cannot take a logon with it.
+        if (auto r = tx.remove_logon_ticket(common::crypto::sha256_hex(res.ticket)); !r) return r;
         if (!res.reconnect) {
           auto s = tx.get(Kind::session, res.session_key);
           if (s && s->text("state") == "PreparingNewSession")
@@ -792,6 +794,16 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       if (!st) log->error("launch: cannot undo the reservation on {}: {}", res.machine, st.error().describe());
       std::lock_guard lock(decide_mutex);
       bumps.erase(res.machine);
+    }
+    // No answer in time: the agent may still prepare (or have prepared) the new session, holding
+    // the machine for a client that will never come. Tell it to drop it; "no such session" is fine.
+    if (!res.reconnect && error == "timeout") {
+      auto l = log;
+      const auto machine = res.machine, key = res.agent_key;
+      agents.logoff_session(machine, key, opts.prepare_timeout, [l, machine, key](bool ok, const std::string& e) {
+        if (!ok && e != kNoSuchSession)
+          l->warn("launch: {} did not drop the abandoned preparation of {}: {}", machine, key, e);
+      });
     }
     const bool out_of_time = std::chrono::steady_clock::now() - a->started + opts.prepare_timeout > opts.launch_budget;
     if (res.reconnect || a->attempts >= opts.max_attempts || out_of_time) {

@@ -41,7 +41,8 @@ class FakeAgents : public broker::AgentChannel {
  public:
   std::mutex mutex;
   std::set<std::string> refuse;
-  std::vector<broker::PrepareSession> prepared;
+  std::set<std::string> time_out;  // these prepare the session but their answer never comes in time
+  std::vector<broker::PrepareSession> prepared, timed_out;
   std::vector<std::string> prepared_on, commands;
 
   void prepare_session(const std::string& machine, const broker::PrepareSession& r, std::chrono::milliseconds,
@@ -49,6 +50,11 @@ class FakeAgents : public broker::AgentChannel {
     bool ok;
     {
       std::lock_guard lock(mutex);
+      if (time_out.contains(machine)) {
+        timed_out.push_back(r);
+        std::thread([done] { done(false, "timeout"); }).detach();
+        return;
+      }
       ok = !refuse.contains(machine);
       if (ok) {
         prepared.push_back(r);
@@ -317,6 +323,51 @@ TEST_CASE("launcher: a refused preparation fails over to another machine and is 
   CHECK(none.failure == LaunchFailure::prepare_failed);
   CHECK(none.message.find("no free session slot") != std::string::npos);
   CHECK(f.list(Kind::session).empty());
+}
+
+TEST_CASE("launcher: a machine that answers too late is told to drop the preparation, and its ticket is gone") {
+  Fixture f;
+  f.agents.time_out = {"DEMO\\pool-1", "DEMO\\pool-2"};
+  f.update(Kind::machine, "DEMO\\pool-3", "in_maintenance_mode", true);
+  // Random allocation: launch until one has tried a machine that times out first.
+  broker::LaunchResult r;
+  std::vector<broker::PrepareSession> abandoned;
+  for (int i = 0; i < 40 && abandoned.empty(); ++i) {
+    r = f.launch("erin" + std::to_string(i), "pool-desktop");
+    REQUIRE_MESSAGE(r.ok(), r.message);
+    CHECK(r.machine == "DEMO\\pool-4");
+    {
+      std::lock_guard lock(f.agents.mutex);
+      abandoned = f.agents.timed_out;
+    }
+    if (abandoned.empty()) {
+      f.update(Kind::session, r.session_key, "state", std::string("LoggedOff"));
+      REQUIRE(f.repo->write([&](storage::Transaction& tx) { return tx.remove(Kind::session, r.session_key); }));
+    }
+  }
+  REQUIRE_FALSE(abandoned.empty());
+  for (const auto& p : abandoned) {
+    INFO("abandoned session " << p.session_key);
+    // Its ticket cannot be redeemed on any machine any more.
+    for (const char* m : {"DEMO\\pool-1", "DEMO\\pool-2", "DEMO\\pool-3"}) {
+      auto st = f.repo->write([&](storage::Transaction& tx) -> common::Status {
+        auto t = tx.redeem_logon_ticket(common::crypto::sha256_hex(p.ticket), m, common::format_time(f.clock.now()));
+        REQUIRE_FALSE(t.has_value());
+        CHECK(t.error().message == "unknown ticket");
+        return {};
+      });
+      CHECK(st.has_value());
+    }
+  }
+  // And the agents were told to drop what they may have prepared (before the launch went on).
+  std::lock_guard lock(f.agents.mutex);
+  for (const auto& p : abandoned)
+    CHECK(std::count_if(f.agents.commands.begin(), f.agents.commands.end(), [&](const std::string& c) {
+            return c.find("logoff ") == 0 && c.find(p.session_key) != std::string::npos;
+          }) == 1);
+  // The machine that answered in time got no such command.
+  CHECK(std::none_of(f.agents.commands.begin(), f.agents.commands.end(),
+                     [&](const std::string& c) { return c.find(r.session_key) != std::string::npos; }));
 }
 
 TEST_CASE("launcher: explained failures") {

@@ -99,6 +99,9 @@ class Transaction {
                                                   std::string_view now) = 0;
   // Deletes every ticket expired at `now`; returns how many.
   virtual Result<std::int64_t> purge_logon_tickets(std::string_view now) = 0;
+  // Deletes the ticket with that hash (a launch that gave up on its machine); no error when there
+  // is none.
+  virtual Status remove_logon_ticket(std::string_view ticket_hash) = 0;
 
   virtual Status append_audit(const AuditEntry& entry) = 0;
   virtual Result<std::vector<AuditEntry>> list_audit(const AuditQuery& query) = 0;

@@ -622,6 +622,14 @@ Result<LogonTicket> SqliteTransaction::redeem_logon_ticket(std::string_view tick
   return t;
 }
 
+Status SqliteTransaction::remove_logon_ticket(std::string_view ticket_hash) {
+  if (auto ok = usable(true); !ok) return ok;
+  auto st = db_.prepare("DELETE FROM logon_tickets WHERE ticket_hash = ?1");
+  if (!st) return st.error();
+  st->bind(1, ticket_hash);
+  return st->run();
+}
+
 Result<std::int64_t> SqliteTransaction::purge_logon_tickets(std::string_view now) {
   if (auto ok = usable(true); !ok) return ok.error();
   auto st = db_.prepare("DELETE FROM logon_tickets WHERE expires_at <= ?1");

@@ -44,6 +44,7 @@ class SqliteTransaction final : public Transaction {
   Result<LogonTicket> redeem_logon_ticket(std::string_view ticket_hash, std::string_view machine,
                                           std::string_view now) override;
   Result<std::int64_t> purge_logon_tickets(std::string_view now) override;
+  Status remove_logon_ticket(std::string_view ticket_hash) override;
 
   // An empty entry.time is set to now; entry.id is ignored (assigned by the database).
   Status append_audit(const AuditEntry& entry) override;
