@@ -581,14 +581,23 @@ TEST_CASE("launch: every accepted launch connects after brokerd restarts (SIGTER
   }
 }
 
-TEST_CASE("launch: every accepted launch connects after its agent alone reconnects") {
+// brokerd on the test site with agents for every machine, all registered; the users' clients
+// connect only when a test says so.
+struct HeldClients {
   TempDir dir;
-  Daemon daemon(dir);
-  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
-  Api api(daemon);
-  Xml xml(daemon);
-  Agents agents(daemon, std::nullopt);
-  REQUIRE(agents.all_registered(api));
+  Daemon daemon{dir};
+  const bool started;
+  Api api{daemon};
+  Xml xml{daemon};
+  Agents agents{daemon, std::nullopt};
+  HeldClients() : started(daemon.start(site_config(dir))) {}
+  bool ready() { return started && agents.all_registered(api); }
+};
+
+TEST_CASE("launch: every accepted launch connects after its agent alone reconnects") {
+  HeldClients s;
+  REQUIRE_MESSAGE(s.ready(), s.daemon.log());
+  auto& [dir, daemon, started, api, xml, agents] = s;
   auto accepted = launch_all(xml);
   for (auto& [name, m] : agents.by_name) m.interrupt();
   for (auto& [name, m] : agents.by_name) REQUIRE_MESSAGE(registered_times(m, 2), describe(m));
@@ -596,13 +605,9 @@ TEST_CASE("launch: every accepted launch connects after its agent alone reconnec
 }
 
 TEST_CASE("launch: a pending session its agent lost is ended by the broker, and an admin's logoff of it succeeds") {
-  TempDir dir;
-  Daemon daemon(dir);
-  REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
-  Api api(daemon);
-  Xml xml(daemon);
-  Agents agents(daemon, std::nullopt);
-  REQUIRE(agents.all_registered(api));
+  HeldClients s;
+  REQUIRE_MESSAGE(s.ready(), s.daemon.log());
+  auto& [dir, daemon, started, api, xml, agents] = s;
   auto l = xml.launch("u01", "Pool");
   REQUIRE_MESSAGE(l.error.empty(), l.body);
   const auto key = l.session();
