@@ -18,18 +18,26 @@ void memory_per_agent(Phase& p, const Snapshot& before_agents, const Snapshot& n
                        format_fixed(grown / agents, 1) + " KiB (RSS growth since before the agents / agents)"});
 }
 
-}  // namespace
+int machines_or_default(Run& run) { return run.options().machines > 0 ? run.options().machines : 1000; }
 
-int scenario_register(Run& run) {
+// The site of the agent scenarios: one shared group of n machines; the heartbeat interval from
+// the options, else `heartbeat_default` seconds.
+SiteOptions shared_site(Run& run, int n, int heartbeat_default) {
   const auto& o = run.options();
-  const int n = o.machines > 0 ? o.machines : 1000;
   SiteOptions site;
   site.kind = Kind::shared;
   site.machines = n;
   site.users = o.users >= 0 ? o.users : 10;
   site.applications = o.applications;
-  site.heartbeat_interval_seconds = o.heartbeat_interval > 0 ? o.heartbeat_interval : 60;
-  if (!run.start_broker(site)) return run.finish();
+  site.heartbeat_interval_seconds = o.heartbeat_interval > 0 ? o.heartbeat_interval : heartbeat_default;
+  return site;
+}
+
+}  // namespace
+
+int scenario_register(Run& run) {
+  const int n = machines_or_default(run);
+  if (!run.start_broker(shared_site(run, n, 60))) return run.finish();
   run.wait_quiet();
   const Snapshot before_agents = run.snapshot();
   run.start_agents(Kind::shared, n);
@@ -53,14 +61,8 @@ int scenario_register(Run& run) {
 
 int scenario_steady(Run& run) {
   const auto& o = run.options();
-  const int n = o.machines > 0 ? o.machines : 1000;
-  SiteOptions site;
-  site.kind = Kind::shared;
-  site.machines = n;
-  site.users = o.users >= 0 ? o.users : 10;
-  site.applications = o.applications;
-  site.heartbeat_interval_seconds = o.heartbeat_interval > 0 ? o.heartbeat_interval : 20;
-  if (!run.start_broker(site)) return run.finish();
+  const int n = machines_or_default(run);
+  if (!run.start_broker(shared_site(run, n, 20))) return run.finish();
   run.wait_quiet();
   const Snapshot before_agents = run.snapshot();
   run.start_agents(Kind::shared, n);
