@@ -1,5 +1,7 @@
 #include "admin/admin_api.hpp"
 
+#include "broker/engine.hpp"
+
 #include "broker/launcher.hpp"
 #include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
@@ -350,6 +352,13 @@ void AdminApi::set_listeners_ready(std::vector<std::string> names) {
 }
 
 void AdminApi::set_power_manager(broker::PowerManager* power) { power_ = power; }
+
+void AdminApi::set_engine(const broker::Engine* engine) { engine_ = engine; }
+
+model::Object AdminApi::live(model::Object object) const {
+  if (const auto* engine = engine_.load(); engine && object.kind == model::Kind::machine) engine->overlay_live(object);
+  return object;
+}
 
 void AdminApi::handle(HttpRequest&& request, net::Responder respond) {
   if (request.path == "/healthz") {
@@ -728,7 +737,11 @@ HttpResponse AdminApi::readyz() {
 
 HttpResponse AdminApi::metrics() {
   metrics_.set("broker_up", {}, 1);
-  if (auto counts = site_.count_by(model::Kind::machine, "registration_state")) {
+  if (const auto* engine = engine_.load()) {
+    metrics_.clear("broker_machines");
+    for (const auto& [state, n] : engine->registration_counts())
+      metrics_.set("broker_machines", {{"registration_state", state}}, static_cast<double>(n));
+  } else if (auto counts = site_.count_by(model::Kind::machine, "registration_state")) {
     metrics_.clear("broker_machines");
     for (const auto& [state, n] : *counts)
       metrics_.set("broker_machines", {{"registration_state", state}}, static_cast<double>(n));
@@ -922,6 +935,7 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
       }
       auto page = site_.list(ks->kind, q);
       if (!page) return with_route(reply_error(page.error()), route);
+      for (auto& o : page->items) o = live(std::move(o));
       return with_route(json_reply(200, page_json(*page, q.offset, q.limit)), route);
     }
     if (m == "POST" && ks->api_writable) {
@@ -945,7 +959,7 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
   if (m == "GET") {
     auto obj = site_.get(ks->kind, name);
     if (!obj) return with_route(reply_error(obj.error()), route);
-    json::object body = model::to_json(*obj);
+    json::object body = model::to_json(live(*obj));
     if (auto* power = power_.load(); power && ks->kind == model::Kind::machine) {
       json::array pending;
       for (const auto& a : power->actions())
@@ -984,7 +998,7 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
     if (auto st = take_password(*body, candidate); !st) return with_route(reply_error(st.error()), route);
     if (auto st = model::merge_json(*body, candidate); !st) return with_route(reply_error(st.error()), route);
     auto updated = site_.update(name, std::move(candidate), actor);
-    return with_route(updated ? json_reply(200, model::to_json(*updated)) : reply_error(updated.error()), route);
+    return with_route(updated ? json_reply(200, model::to_json(live(*updated))) : reply_error(updated.error()), route);
   }
   return with_route(method_not_allowed("GET, PATCH, PUT, DELETE"), route);
 }

@@ -4,6 +4,7 @@
 // actions) on the work queue, JSON out; errors become replies in one place (reply_error).
 #pragma once
 
+#include "common/model.hpp"
 #include "net/http.hpp"
 
 #include <spdlog/fwd.h>
@@ -22,6 +23,7 @@ class WorkQueue;
 namespace broker {
 class Launcher;
 class PowerManager;
+class Engine;
 class SiteObjects;
 }  // namespace broker
 namespace storage {
@@ -66,6 +68,10 @@ class AdminApi {
   // any time: the pointer is read atomically per request); `power` must outlive the AdminApi
   // and the requests already dispatched to it.
   void set_power_manager(broker::PowerManager* power);
+  // Machines' live fields (registration_state, load_index, summary_state) and the
+  // broker_machines gauge come from the engine (they are not stored). Same lifetime rules as
+  // set_power_manager.
+  void set_engine(const broker::Engine* engine);
 
  private:
   net::HttpResponse dispatch(const net::HttpRequest& request, const std::string& actor);
@@ -90,6 +96,9 @@ class AdminApi {
   std::shared_ptr<spdlog::logger> logger_;
   broker::Launcher* launcher_;  // may be null
   std::atomic<broker::PowerManager*> power_{nullptr};
+  std::atomic<const broker::Engine*> engine_{nullptr};
+  // The object as admins see it: a machine with its live fields from the engine.
+  common::model::Object live(common::model::Object object) const;
   std::chrono::steady_clock::time_point started_;
   std::atomic<bool> listeners_ready_{false};
   std::vector<std::string> listener_names_;  // written once before listeners_ready_ is set

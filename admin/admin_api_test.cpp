@@ -4,6 +4,7 @@
 // hypervisor connection driven by a ManualClock. The real daemon and agent: tests/integration.
 #include "admin/admin_api.hpp"
 
+#include "broker/engine.hpp"
 #include "broker/launcher.hpp"
 #include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
@@ -84,6 +85,7 @@ struct Reply {
 
 struct Fixture {
   std::unique_ptr<storage::Repository> repo;
+  broker::Engine engine;  // outlives the work queue: its tasks' commits reach it
   common::ManualClock clock;
   common::Metrics metrics;
   ScriptedAgents agents;
@@ -102,7 +104,8 @@ struct Fixture {
     REQUIRE(r);
     repo = std::move(*r);
     site = std::make_unique<broker::SiteObjects>(*repo, common::null_logger());
-    launcher = std::make_unique<broker::Launcher>(*repo, clock, agents, work, nullptr);
+    REQUIRE(engine.attach(*repo));
+    launcher = std::make_unique<broker::Launcher>(*repo, engine, clock, agents, work, nullptr);
     admin::AdminOptions ao;
     ao.tokens.push_back({"unit", common::crypto::sha256_hex(kToken)});
     api = std::make_unique<admin::AdminApi>(*site, *repo, work, metrics, ao, common::null_logger(),

@@ -10,6 +10,7 @@
 // recorded in docs/BENCHMARKS.md. Not a test: it asserts nothing beyond "every launch succeeded".
 //
 //   launch_bench [--machines M] [--concurrency 1,8,32]
+#include "broker/engine.hpp"
 #include "broker/launcher.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
@@ -122,7 +123,12 @@ Run run(int machines, int concurrency, const fs::path& dir) {
   common::WorkQueue work(concurrency);
   broker::LauncherOptions lo;
   lo.credential_key = common::crypto::new_site_key();
-  broker::Launcher launcher(**repo, clock, agents, work, nullptr, lo);
+  broker::Engine engine;
+  if (auto loaded = engine.attach(**repo); !loaded) {
+    std::fprintf(stderr, "launch_bench: %s\n", loaded.error().describe().c_str());
+    std::exit(1);
+  }
+  broker::Launcher launcher(**repo, engine, clock, agents, work, nullptr, lo);
   const auto before = metrics.render();
 
   std::mutex mutex;

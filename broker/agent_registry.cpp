@@ -1,5 +1,7 @@
 #include "broker/agent_registry.hpp"
 
+#include "broker/engine.hpp"
+
 #include "common/crypto.hpp"
 #include "common/model_json.hpp"
 #include "broker/session_keys.hpp"
@@ -319,6 +321,7 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
     logger_->warn("registration of '{}' refused: {}: {}", reg.machine, refusal->reason, refusal->message);
     return refusal;
   }
+  if (engine_) engine_->registered(reg.machine, std::clamp<std::int64_t>(reg.load_index, 0, 10000));
   logger_->info(
       "machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered, {} unknown "
       "preparations ignored)",
@@ -334,6 +337,11 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
 }
 
 Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count) {
+  if (engine_) {  // live state: memory only
+    if (!engine_->set_load(machine, std::clamp<std::int64_t>(load_index, 0, 10000), session_count))
+      return common::make_error(errc::not_found, "no machine '" + machine + "'");
+    return {};
+  }
   return repository_.write([&](storage::Transaction& tx) -> Status {
     auto m = tx.get(Kind::machine, machine);
     if (!m) return m.error();
@@ -538,6 +546,7 @@ Status AgentRegistry::deregister(const std::string& machine, const std::string& 
     if (!r) return r.error();
     return {};
   });
+  if (st && engine_) engine_->unregistered(machine);
   if (st) logger_->info("machine '{}' unregistered: {}", machine, reason);
   return st;
 }

@@ -23,6 +23,7 @@
 
 namespace broker {
 
+class Engine;
 using common::Result;
 using common::Status;
 
@@ -115,6 +116,9 @@ class AgentRegistry {
   // How long after its start a pending session may still be in preparation by a launch (the
   // launcher's prepare timeout and a margin); set before agents connect.
   void set_preparation_grace(std::chrono::seconds grace) { preparation_grace_ = grace; }
+  // The engine that holds the live state (registration, load): registrations and deregistrations
+  // are reported to it, and heartbeats go only to it (no storage write). Set before agents connect.
+  void set_engine(Engine* engine) { engine_ = engine; }
 
   // Unregistered with the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and time.
   Status deregister(const std::string& machine, const std::string& reason);
@@ -127,6 +131,7 @@ class AgentRegistry {
   std::chrono::seconds back_off_;
   std::string credential_key_;
   std::chrono::seconds preparation_grace_{35};
+  Engine* engine_ = nullptr;
   std::mutex mutex_;
   std::map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
   std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_

@@ -96,6 +96,17 @@ bool rule_includes(const Object& rule, const Requester& who) {
 }
 
 std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Requester& who) {
+  std::vector<DirectAssignment> direct;
+  if (who.user)
+    for (const auto& a : site.assignments) {
+      const Object* m = find(site.machines, a.text("machine"));
+      if (m && !a.text("user").empty()) direct.push_back({a.text("user"), m->text("delivery_group")});
+    }
+  return entitled_resources(site, who, direct);
+}
+
+std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Requester& who,
+                                         const std::vector<DirectAssignment>& direct) {
   std::map<std::string, std::vector<const Object*>> rules_by_group;
   for (const auto& r : site.rules) rules_by_group[r.text("delivery_group")].push_back(&r);
 
@@ -131,17 +142,16 @@ std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Request
     }
     if (!is_private || any || !who.user) continue;
     // Machines assigned to the user directly (no rule): one desktop for the group.
-    for (const auto& a : site.assignments) {
-      const Object* m = find(site.machines, a.text("machine"));
-      if (!m || m->text("delivery_group") != g.name || a.text("user").empty()) continue;
-      if (!identity::names_user(*who.user, a.text("user")) && !names(who, {a.text("user")})) continue;
+    for (const auto& a : direct) {
+      if (a.delivery_group != g.name || a.user.empty()) continue;
+      if (!identity::names_user(*who.user, a.user) && !names(who, {a.user})) continue;
       Resource d;
       d.type = Resource::Type::desktop;
       d.in_name = g.name;
       d.f_name = shown_name(nullptr, g);
       d.description = g.text("description");
       d.delivery_group = g.name;
-      d.principals = {a.text("user")};
+      d.principals = {a.user};
       out.push_back(std::move(d));
       break;
     }

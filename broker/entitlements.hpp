@@ -54,7 +54,18 @@ struct Resource {
 bool access_allowed(const common::model::Object& access_rule, const Requester& who);
 bool rule_includes(const common::model::Object& rule, const Requester& who);
 
-// Desktops first (in group then rule order), then applications (in id order).
+// A machine assigned directly (without a rule) to a principal the requester matches, by the
+// assignment's user (or group) name and the machine's delivery group.
+struct DirectAssignment {
+  std::string user, delivery_group;
+};
+
+// Desktops first (in group then rule order), then applications (in id order). Direct
+// assignments come from site.machines and site.assignments.
 std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Requester& who);
+// The same with the requester's direct assignments given (site.machines and site.assignments
+// are not read): the engine finds them in its indexes.
+std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Requester& who,
+                                         const std::vector<DirectAssignment>& direct);
 
 }  // namespace broker

@@ -2,6 +2,7 @@
 #include "broker/launcher.hpp"
 
 #include "broker/agent_registry.hpp"
+#include "broker/engine.hpp"
 #include "broker/entitlements.hpp"
 #include "broker/session_keys.hpp"
 #include "common/clock.hpp"
@@ -35,8 +36,6 @@ namespace {
 
 constexpr std::chrono::hours kLoggedOffRetention{24};  // docs/cbp.md "Session states"
 
-constexpr std::int64_t kFullLoad = 10000;
-constexpr std::int64_t kLaunchLoadBump = 500;  // effective load added per launch until the agent reports
 
 std::string upper(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
@@ -52,14 +51,6 @@ bool is_user(const identity::UserIdentity& u, std::string_view name) {
                            (!u.upn.empty() && iequals(name, u.upn)));
 }
 
-// An assignment names the user, one of the user's groups, or the client's address.
-bool assignment_matches(const Object& a, const identity::UserIdentity& u, const std::string& client_address) {
-  const auto user = a.text("user");
-  if (!user.empty()) return is_user(u, user) || contains_ci(u.groups, user);
-  const auto ip = a.text("client_ip");
-  return !ip.empty() && ip == client_address;
-}
-
 storage::AuditEntry launch_audit(const std::string& action, const std::string& object, boost::json::object detail) {
   storage::AuditEntry e;
   e.actor = "broker";
@@ -70,63 +61,35 @@ storage::AuditEntry launch_audit(const std::string& action, const std::string& o
   return e;
 }
 
-struct Site {
-  Object settings;
-  SiteSnapshot snapshot;
-  std::vector<Object> sessions;
-  std::map<std::string, Object, std::less<>> catalogs;
-
-  const Object* find(const std::vector<Object>& list, std::string_view name) const {
-    for (const auto& o : list)
-      if (o.name == name) return &o;
-    return nullptr;
-  }
-};
-
 // Powered off (or on its way up) and not known to be broken.
-bool can_power_on(const Object& m) {
-  const auto p = m.text("power_state");
-  const auto f = m.text("fault_state", "None");
-  if (f == "FailedToStart" || f == "StuckOnBoot" || f == "VirtualMachineNotFound") return false;
-  return p == "Off" || p == "Suspended" || p == "TurningOn" || p == "Resuming";
+bool can_power_on(const Machine& m) {
+  if (m.fault_state == "FailedToStart" || m.fault_state == "StuckOnBoot" || m.fault_state == "VirtualMachineNotFound")
+    return false;
+  return m.power == PowerState::off || m.power == PowerState::suspended || m.power == PowerState::turning_on ||
+         m.power == PowerState::resuming;
 }
 
-bool booting(const Object& m) {
-  const auto p = m.text("power_state");
-  return p == "TurningOn" || p == "Resuming";
-}
+bool booting(const Machine& m) { return m.power == PowerState::turning_on || m.power == PowerState::resuming; }
+
+bool registered(const Machine& m) { return m.registration == RegistrationState::registered; }
 
 // A machine power management can start for a launch: its catalog names a hypervisor connection,
 // and it is off (or on its way up) without a fault.
-bool power_managed(const Site& site, const Object& m) {
-  const auto it = site.catalogs.find(m.text("catalog"));
-  return it != site.catalogs.end() && !it->second.text("hypervisor_connection").empty() && can_power_on(m);
+bool power_managed(const SiteState& st, const Machine& m) {
+  const auto it = st.catalogs.find(m.catalog);
+  return it != st.catalogs.end() && !it->second.hypervisor_connection.empty() && can_power_on(m);
 }
 
-Result<Site> read_site(storage::Transaction& tx) {
-  Site s;
-  storage::Query all;
-  auto settings = tx.get(Kind::site, "site");
-  s.settings = settings ? std::move(*settings) : common::model::make_default(Kind::site, "site");
-  auto load = [&](Kind k, std::vector<Object>& into) -> Status {
-    auto r = tx.list(k, all);
-    if (!r) return r.error();
-    into = std::move(*r);
-    return {};
-  };
-  for (auto [k, v] : {std::pair{Kind::delivery_group, &s.snapshot.groups}, {Kind::rule, &s.snapshot.rules},
-                      {Kind::application, &s.snapshot.applications}, {Kind::machine, &s.snapshot.machines},
-                      {Kind::assignment, &s.snapshot.assignments}, {Kind::session, &s.sessions}})
-    if (auto st = load(k, *v); !st) return st.error();
-  // Logged-off sessions are history: nothing to reconnect to, nothing in use.
-  std::erase_if(s.sessions, [](const Object& o) { return o.text("state") == "LoggedOff"; });
-  std::vector<Object> catalogs;
-  if (auto st = load(Kind::catalog, catalogs); !st) return st.error();
-  for (auto& c : catalogs) s.catalogs.emplace(c.name, std::move(c));
-  return s;
+// The requester's machines assigned without a rule, for entitlement (private desktops).
+std::vector<DirectAssignment> direct_assignments(const SiteState& st, const identity::UserIdentity& user,
+                                                 const std::string& client_address) {
+  std::vector<DirectAssignment> out;
+  for (const auto* a : st.assignments_for(user, client_address))
+    if (const auto* m = st.machine(a->machine); m && !a->user.empty()) out.push_back({a->user, m->delivery_group});
+  return out;
 }
 
-// What was reserved for one attempt, and how to undo it.
+// What one attempt picked and reserved, what it writes, and how to undo it.
 struct Reservation {
   std::string machine, address, dns_name, group;
   std::int64_t machine_id = 0;
@@ -134,14 +97,24 @@ struct Reservation {
   std::string agent_key;            // the key the agent knows the session by (session_keys.hpp)
   bool reconnect = false;
   bool disconnect_first = false;  // the session is active elsewhere: disconnect it, then reconnect
+  bool reserved = false;          // the engine holds a reservation of the machine for it
+  SessionSupport support = SessionSupport::single_session;
+  std::string assign_rule;        // assign on first use under this rule (and its max_desktops)
+  std::int64_t assign_max = 0;
   std::string new_assignment;     // made by this launch (undone when the launch fails)
+  std::int64_t ttl = 200;
   PrepareSession prepare;
 };
 
 struct Candidate {
-  const Object* machine = nullptr;
+  const Machine* machine = nullptr;
   std::int64_t load = 0;
 };
+
+// A conditional write refused: the database holds what the engine did not know (another broker,
+// or an agent's report committed between the choice and the write). The launch tries again.
+constexpr const char* kGuardRefused = "the machine was taken meanwhile";
+constexpr int kMaxGuardRetries = 8;
 
 }  // namespace
 
@@ -173,18 +146,16 @@ std::string new_logon_ticket() { return upper(common::crypto::random_hex(15)); }
 
 struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   storage::Repository& repo;
+  Engine& engine;
   common::Clock& clock;
   AgentChannel& agents;
   common::WorkQueue& work;
   std::shared_ptr<spdlog::logger> log;
   LauncherOptions opts;
 
-  std::mutex decide_mutex;  // the in-memory selection state; taken inside write transactions only
-  struct Bump {
-    std::int64_t reported = 0;  // the machine's load_index when the bump began
-    std::int64_t extra = 0;
-  };
-  std::map<std::string, Bump> bumps;  // guarded by decide_mutex
+  // Serialises decisions with the launcher's own state (claims, rng); taken before the engine's
+  // lock, never inside a storage transaction.
+  std::mutex decide_mutex;
   std::mt19937_64 rng{std::random_device{}()};  // guarded by decide_mutex
   std::atomic<int> inflight{0};
   PowerControl* power = nullptr;
@@ -208,9 +179,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   bool stopped = false;        // guarded by wait_mutex: stop() has begun, nobody parks any more
   common::Timers timers;
 
-  Impl(storage::Repository& r, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
+  Impl(storage::Repository& r, Engine& e, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
        std::shared_ptr<spdlog::logger> l, LauncherOptions o)
-      : repo(r), clock(c), agents(a), work(w), log(std::move(l)), opts(std::move(o)) {}
+      : repo(r), engine(e), clock(c), agents(a), work(w), log(std::move(l)), opts(std::move(o)) {}
 
   // Wraps the reply to a command about stored session `name` of `machine`: when the agent answers
   // that it has no such session (it restarted without it, or it ended unseen), the stored session
@@ -274,6 +245,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::uint64_t wait_timer = 0;         // which wait (0: none); guarded by wait_mutex
     std::uint64_t wait_timer_handle = 0;  // its common::Timers id; guarded by wait_mutex
     std::vector<std::string> timed_out;  // machines powered on for it that never registered
+    int guard_refusals = 0;              // conditional writes refused (a machine taken meanwhile)
   };
 
   static LaunchResult failed(LaunchFailure f, std::string message) {
@@ -306,12 +278,10 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     return tx.put_logon_ticket(t);
   }
 
-  std::int64_t ttl_for(const Site& site, std::int64_t asked) const {
-    const auto site_ttl = site.settings.integer("logon_ticket_ttl_seconds", 200);
+  std::int64_t ttl_for(const SiteView& view, std::int64_t asked) const {
+    const auto site_ttl = view.settings.logon_ticket_ttl_seconds;
     return asked > 0 ? std::min(asked, site_ttl) : site_ttl;
   }
-
-  bool registered(const Object& m) const { return m.text("registration_state") == "Registered"; }
 
   // The user a machine is held for now (empty: none). Under decide_mutex.
   std::string held_for(const std::string& machine, common::SysTime now) const {
@@ -322,170 +292,323 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     return live ? c.user : std::string();
   }
 
-  std::int64_t effective_load(const Object& m) {
-    auto it = bumps.find(m.name);
-    const auto reported = m.integer("load_index");
-    if (it == bumps.end()) return reported;
-    if (it->second.reported != reported) {  // the agent has reported since: its figure counts
-      bumps.erase(it);
-      return reported;
-    }
-    return reported + it->second.extra;
-  }
-
-  // Sessions of the user for the resource that a launch may reconnect to.
-  const Object* reconnectable(const Site& site, const identity::UserIdentity& user, const Resource& res,
-                              const std::string& reconnection, const std::string& client_name) {
-    const Object* best = nullptr;
-    for (const auto& s : site.sessions) {
-      if (!is_user(user, s.text("user_name"))) continue;
+  // The user's session for the resource that a launch may reconnect to.
+  const Session* reconnectable(const SiteState& st, const identity::UserIdentity& user, const Resource& res,
+                               Reconnection reconnection, const std::string& client_name) {
+    const Session* best = nullptr;
+    for (const Session* s : st.sessions_of(user)) {
       const bool app = res.type == Resource::Type::application;
-      if (app ? s.text("application") != res.in_name && s.text("application") != res.f_name
-              : (s.text("session_type") != "Desktop" || s.text("delivery_group") != res.delivery_group))
+      if (app ? s->application != res.in_name && s->application != res.f_name
+              : (s->type != SessionType::desktop || s->delivery_group != res.delivery_group))
         continue;
-      const auto state = s.text("state");
-      const auto* m = site.find(site.snapshot.machines, s.text("machine"));
-      if (!m || !registered(*m) || m->flag("in_maintenance_mode")) continue;
-      if (state == "Disconnected") return &s;
-      if (state == "Active" && reconnection == "Always") best = &s;
-      if (state == "Active" && reconnection == "SameEndpointOnly" && !client_name.empty() &&
-          iequals(s.text("client_name"), client_name))
-        best = &s;
+      const auto* m = st.machine(s->machine);
+      if (!m || !registered(*m) || m->in_maintenance_mode) continue;
+      if (s->state == SessionState::disconnected) return s;
+      if (s->state != SessionState::active) continue;
+      if (reconnection == Reconnection::always) best = s;
+      if (reconnection == Reconnection::same_endpoint_only && !client_name.empty() && iequals(s->client_name, client_name))
+        best = s;
     }
     return best;
   }
 
-  // Picks a machine (or explains why none). Runs inside the write transaction, under decide_mutex.
-  LaunchResult decide(storage::Transaction& tx, Attempt& a, Reservation& out) {
-    auto loaded = read_site(tx);
-    if (!loaded) return failed(LaunchFailure::storage_error, loaded.error().describe());
-    Site& site = *loaded;
+  // Picks a machine (or explains why none) and reserves it. In memory, under decide_mutex and
+  // the engine's lock: no storage, no agent calls.
+  LaunchResult decide(SiteState& st, const SiteView& view, Attempt& a, Reservation& out) {
     const auto& req = a.request;
     const auto& user = req.user;
     Requester who{&user, req.client_address, req.client_name};
-    const auto ttl = ttl_for(site, req.ticket_ttl_seconds);
-    a.registration_timeout = std::chrono::seconds(site.settings.integer("registration_wait_timeout_seconds", 180));
-    a.power_on_wait = opts.power_on_wait.value_or(
-        std::chrono::seconds(site.settings.integer("launch_power_on_wait_seconds", 20)));
+    out.ttl = ttl_for(view, req.ticket_ttl_seconds);
+    a.registration_timeout = std::chrono::seconds(view.settings.registration_wait_timeout_seconds);
+    a.power_on_wait = opts.power_on_wait.value_or(std::chrono::seconds(view.settings.launch_power_on_wait_seconds));
 
-    auto fill = [&](const Object& m, const std::string& group) {
+    auto fill = [&](const Machine& m, const std::string& group) {
       out.machine = m.name;
       out.machine_id = m.id;
-      out.address = m.text("agent_address");
-      out.dns_name = m.text("dns_name");
+      out.address = m.agent_address;
+      out.dns_name = m.dns_name;
       out.group = group;
+      out.support = m.session_support;
     };
 
     if (!req.reconnect_session.empty()) {
-      auto s = tx.get(Kind::session, req.reconnect_session);
-      if (!s || !is_user(user, s->text("user_name")) || s->text("state") == "LoggedOff")
+      const Session* s = st.session(req.reconnect_session);
+      if (!s || !is_user(user, s->user) || s->state == SessionState::logged_off)
         return failed(LaunchFailure::no_session, "no session '" + req.reconnect_session + "' of " + user.qualified_name);
-      const auto* m = site.find(site.snapshot.machines, s->text("machine"));
+      const Machine* m = st.machine(s->machine);
       if (!m || !registered(*m))
         return failed(LaunchFailure::all_unregistered, "the machine of session '" + s->name + "' is not registered");
-      fill(*m, s->text("delivery_group"));
+      fill(*m, s->delivery_group);
       out.reconnect = true;
-      out.disconnect_first = s->text("state") == "Active";
+      out.disconnect_first = s->state == SessionState::active;
       out.session_key = s->name;
-      out.agent_key = agent_session_key(*s);
-      out.prepare.resource = s->text("application").empty() ? s->text("delivery_group") : s->text("application");
-      out.prepare.application = !s->text("application").empty();
-    } else {
-      // Which resource, and why it cannot be launched.
-      auto resources = entitled_resources(site.snapshot, who);
-      auto it = std::find_if(resources.begin(), resources.end(),
-                             [&](const Resource& r) { return iequals(r.in_name, req.resource); });
-      if (it == resources.end()) {
-        SiteSnapshot enabled = site.snapshot;
-        for (auto& g : enabled.groups) g.fields["enabled"] = true;
-        auto all = entitled_resources(enabled, who);
-        const bool in_disabled_group = std::any_of(all.begin(), all.end(), [&](const Resource& r) {
-          return iequals(r.in_name, req.resource);
-        });
-        if (in_disabled_group)
-          return failed(LaunchFailure::group_disabled, "'" + req.resource + "' is in a disabled delivery group");
-        return failed(LaunchFailure::not_entitled, user.qualified_name + " is not entitled to '" + req.resource + "'");
-      }
-      const Resource res = *it;
-      if (res.disabled) return failed(LaunchFailure::resource_disabled, "'" + res.f_name + "' is disabled");
-      const bool app = res.type == Resource::Type::application;
-      const Object* application = nullptr;
-      const Object* rule = res.rule.empty() ? nullptr : site.find(site.snapshot.rules, res.rule);
-      std::vector<std::string> groups;
-      if (app) {
-        for (const auto& o : site.snapshot.applications)
-          if (iequals(o.text("browser_name", o.name), res.in_name) || o.name == res.in_name) application = &o;
-        if (!application) return failed(LaunchFailure::not_entitled, "no application '" + res.in_name + "'");
-        for (const auto& g : application->list("delivery_groups")) {
-          const auto* grp = site.find(site.snapshot.groups, g);
-          if (!grp || !grp->flag("enabled", true)) continue;
-          const bool access = std::any_of(site.snapshot.rules.begin(), site.snapshot.rules.end(), [&](const Object& r) {
-            return r.text("rule_type") == "access" && r.text("delivery_group") == g && r.flag("enabled", true) &&
-                   access_allowed(r, who);
-          });
-          if (access) groups.push_back(g);
-        }
-      } else {
-        groups.push_back(res.delivery_group);
-      }
-      std::vector<std::string> open_groups;
-      for (const auto& g : groups) {
-        const auto* grp = site.find(site.snapshot.groups, g);
-        if (grp && !grp->flag("in_maintenance_mode")) open_groups.push_back(g);
-      }
-      if (open_groups.empty())
-        return failed(LaunchFailure::group_in_maintenance, "the delivery group of '" + res.f_name + "' is in maintenance mode");
-
-      out.prepare.resource = res.f_name;
-      out.prepare.application = app;
-      if (application) {
-        out.prepare.command_line_executable = application->text("command_line_executable");
-        out.prepare.command_line_arguments = application->text("command_line_arguments");
-        out.prepare.working_directory = application->text("working_directory");
-      }
-
-      // Reconnect first.
-      const std::string reconnection = rule ? rule->text("session_reconnection", "Always") : "Always";
-      if (const auto* existing = reconnectable(site, user, res, reconnection, req.client_name)) {
-        const auto* m = site.find(site.snapshot.machines, existing->text("machine"));
-        fill(*m, existing->text("delivery_group"));
-        out.reconnect = true;
-        out.disconnect_first = existing->text("state") == "Active";
-        out.session_key = existing->name;
-        out.agent_key = agent_session_key(*existing);
-      } else {
-        // Instance limits.
-        auto count_sessions = [&](auto pred) {
-          return std::count_if(site.sessions.begin(), site.sessions.end(), pred);
-        };
-        if (application) {
-          const auto total_max = application->integer("max_total_instances");
-          const auto user_max = application->integer("max_per_user_instances");
-          const auto name = res.f_name;
-          auto is_app = [&](const Object& s) { return s.text("application") == name || s.text("application") == res.in_name; };
-          if (total_max > 0 && count_sessions(is_app) >= total_max)
-            return failed(LaunchFailure::instance_limit, "'" + name + "' runs its maximum of " + std::to_string(total_max) + " instances");
-          if (user_max > 0 && count_sessions([&](const Object& s) { return is_app(s) && is_user(user, s.text("user_name")); }) >= user_max)
-            return failed(LaunchFailure::instance_limit, user.qualified_name + " runs the maximum of " + std::to_string(user_max) +
-                                                            " instances of '" + name + "'");
-        } else if (rule) {
-          const auto max = rule->integer("max_per_entitlement_instances");
-          if (max > 0 && count_sessions([&](const Object& s) {
-                           return s.text("delivery_group") == res.delivery_group && s.text("session_type") == "Desktop";
-                         }) >= max)
-            return failed(LaunchFailure::instance_limit, "'" + res.f_name + "' has its maximum of " + std::to_string(max) + " sessions");
-        }
-        auto chosen = choose(site, tx, a, res, rule, application, open_groups, out);
-        if (!chosen.ok()) return chosen;
-      }
+      out.agent_key = s->key;
+      out.prepare.resource = s->application.empty() ? s->delivery_group : s->application;
+      out.prepare.application = !s->application.empty();
+      return {};
     }
 
-    // Reserve: the pending session (or the reconnect), the ticket, the machine's state.
+    // Which resource, and why it cannot be launched.
+    const auto direct = direct_assignments(st, user, req.client_address);
+    auto resources = entitled_resources(view.config, who, direct);
+    auto it = std::find_if(resources.begin(), resources.end(),
+                           [&](const Resource& r) { return iequals(r.in_name, req.resource); });
+    if (it == resources.end()) {
+      SiteSnapshot enabled = view.config;
+      for (auto& g : enabled.groups) g.fields["enabled"] = true;
+      auto all = entitled_resources(enabled, who, direct);
+      const bool in_disabled_group =
+          std::any_of(all.begin(), all.end(), [&](const Resource& r) { return iequals(r.in_name, req.resource); });
+      if (in_disabled_group)
+        return failed(LaunchFailure::group_disabled, "'" + req.resource + "' is in a disabled delivery group");
+      return failed(LaunchFailure::not_entitled, user.qualified_name + " is not entitled to '" + req.resource + "'");
+    }
+    const Resource res = *it;
+    if (res.disabled) return failed(LaunchFailure::resource_disabled, "'" + res.f_name + "' is disabled");
+    const bool app = res.type == Resource::Type::application;
+    const Application* application = nullptr;
+    const Rule* rule = nullptr;
+    if (!res.rule.empty())
+      if (auto r = st.rules.find(res.rule); r != st.rules.end()) rule = &r->second;
+    std::vector<std::string> groups;
+    if (app) {
+      for (const auto& [name, o] : st.applications)
+        if (iequals(o.browser_name, res.in_name) || o.name == res.in_name) application = &o;
+      if (!application) return failed(LaunchFailure::not_entitled, "no application '" + res.in_name + "'");
+      for (const auto& g : application->delivery_groups) {
+        auto grp = st.groups.find(g);
+        if (grp == st.groups.end() || !grp->second.enabled) continue;
+        const bool access = std::any_of(view.config.rules.begin(), view.config.rules.end(), [&](const Object& r) {
+          return r.text("rule_type") == "access" && r.text("delivery_group") == g && r.flag("enabled", true) &&
+                 access_allowed(r, who);
+        });
+        if (access) groups.push_back(g);
+      }
+    } else {
+      groups.push_back(res.delivery_group);
+    }
+    std::vector<std::string> open_groups;
+    for (const auto& g : groups)
+      if (auto grp = st.groups.find(g); grp != st.groups.end() && !grp->second.in_maintenance_mode) open_groups.push_back(g);
+    if (open_groups.empty())
+      return failed(LaunchFailure::group_in_maintenance, "the delivery group of '" + res.f_name + "' is in maintenance mode");
+
+    out.prepare.resource = res.f_name;
+    out.prepare.application = app;
+    if (application) {
+      out.prepare.command_line_executable = application->command_line_executable;
+      out.prepare.command_line_arguments = application->command_line_arguments;
+      out.prepare.working_directory = application->working_directory;
+    }
+
+    // Reconnect first.
+    const auto reconnection = rule ? rule->session_reconnection : Reconnection::always;
+    if (const auto* existing = reconnectable(st, user, res, reconnection, req.client_name)) {
+      fill(*st.machine(existing->machine), existing->delivery_group);
+      out.reconnect = true;
+      out.disconnect_first = existing->state == SessionState::active;
+      out.session_key = existing->name;
+      out.agent_key = existing->key;
+      return {};
+    }
+
+    // Instance limits (counted only when a limit is set).
+    auto count_live = [&](auto pred) {
+      std::int64_t n = 0;
+      for (const auto& [name, s] : st.sessions)
+        if (s.state != SessionState::logged_off && pred(s)) ++n;
+      return n;
+    };
+    if (application) {
+      const auto total_max = application->max_total_instances;
+      const auto user_max = application->max_per_user_instances;
+      const auto& name = res.f_name;
+      auto is_app = [&](const Session& s) { return s.application == name || s.application == res.in_name; };
+      if (total_max > 0 && count_live(is_app) >= total_max)
+        return failed(LaunchFailure::instance_limit, "'" + name + "' runs its maximum of " + std::to_string(total_max) + " instances");
+      if (user_max > 0) {
+        const auto mine = st.sessions_of(user);
+        if (std::count_if(mine.begin(), mine.end(), [&](const Session* s) { return is_app(*s); }) >= user_max)
+          return failed(LaunchFailure::instance_limit, user.qualified_name + " runs the maximum of " +
+                                                          std::to_string(user_max) + " instances of '" + name + "'");
+      }
+    } else if (rule && rule->max_per_entitlement_instances > 0) {
+      const auto max = rule->max_per_entitlement_instances;
+      if (count_live([&](const Session& s) { return s.delivery_group == res.delivery_group && s.type == SessionType::desktop; }) >= max)
+        return failed(LaunchFailure::instance_limit, "'" + res.f_name + "' has its maximum of " + std::to_string(max) + " sessions");
+    }
+    auto chosen = choose(st, a, res, rule, application, open_groups, out);
+    if (!chosen.ok()) return chosen;
+    st.reserve(out.machine);
+    out.reserved = true;
+    return {};
+  }
+
+  // Machine selection in the open groups (a new session). Explains an empty choice. A shared
+  // single-session group is served from the engine's free-machine index; the whole group is
+  // walked only for multi-session groups, a user's own machines, or to explain a failure.
+  LaunchResult choose(const SiteState& st, Attempt& a, const Resource& res, const Rule* rule,
+                      const Application* application, const std::vector<std::string>& groups, Reservation& out) {
+    const auto& req = a.request;
+    const std::string tag = application ? application->restrict_to_tag : rule ? rule->restrict_to_tag : "";
+    const auto now = clock.now();
+    auto hold = [&](const Machine& m) {  // 0: held for this user, 1: not held, 2: held for another
+      const auto user = held_for(m.name, now);
+      return user.empty() ? 1 : iequals(user, req.user.qualified_name) ? 0 : 2;
+    };
+    auto tagged_ok = [&](const Machine& m) { return tag.empty() || contains_ci(m.tags, tag); };
+    auto assigned = [&](const std::string& machine) {
+      auto it = st.assignments_by_machine.find(machine);
+      return it != st.assignments_by_machine.end() && !it->second.empty();
+    };
+    auto busy_single = [&](const Machine& m) { return st.live_sessions_on(m.name) > 0 || st.reserved.contains(m.name); };
+
+    int total = 0, tagged = 0, reg = 0, open = 0;
+    std::vector<Candidate> usable;
+    std::vector<const Machine*> to_power;  // off but power-managed, idle, not faulted
+    bool private_group = false;
+    std::vector<const Machine*> mine;  // machines assigned to the user (private groups)
+    const DeliveryGroup* private_grp = nullptr;
+    for (const auto& g : groups) {
+      const DeliveryGroup& grp = st.groups.find(g)->second;
+      const bool multi = grp.session_support == SessionSupport::multi_session;
+      private_group = !application && grp.kind == DesktopKind::private_desktop;
+      mine.clear();
+      if (private_group) {
+        private_grp = &grp;
+        for (const auto* asg : st.assignments_for(req.user, req.client_address))
+          if (const auto* m = st.machine(asg->machine); m && m->delivery_group == g) mine.push_back(m);
+      }
+      // The fast path: a free desktop (registered, not in maintenance, no session, no assignment,
+      // not reserved), the one powered on for this user first.
+      if (!multi && (!private_group || mine.empty())) {
+        const Machine* found = nullptr;
+        for (const auto& [machine, c] : claims)
+          if (const auto* m = st.machine(machine); m && m->delivery_group == g && hold(*m) == 0 && st.is_free(*m) &&
+                                                    !a.tried.contains(m->name) && tagged_ok(*m))
+            found = m;
+        if (auto f = st.free_by_group.find(g); !found && f != st.free_by_group.end())
+          for (const auto& name : f->second) {
+            const Machine* m = st.machine(name);
+            if (a.tried.contains(name) || !tagged_ok(*m) || hold(*m) == 2) continue;
+            found = m;
+            break;
+          }
+        if (found) {
+          usable.push_back({found, 0});
+          continue;
+        }
+      }
+      // The walk: every machine of the group (or the user's own ones).
+      std::vector<const Machine*> walk;
+      if (private_group && !mine.empty()) {
+        walk = mine;
+      } else if (auto ms = st.machines_by_group.find(g); ms != st.machines_by_group.end()) {
+        for (const auto& name : ms->second) walk.push_back(st.machine(name));
+      }
+      for (const Machine* mp : walk) {
+        const Machine& m = *mp;
+        if (a.tried.contains(m.name)) continue;
+        if (private_group && mine.empty() && assigned(m.name)) continue;
+        ++total;
+        if (!tagged_ok(m)) continue;
+        ++tagged;
+        if (!registered(m)) {
+          // Off (or on its way up), or on but not registered yet while held for this user: the
+          // hypervisor may report a machine On long before its agent registers.
+          const bool target = power_managed(st, m) ||
+                              (hold(m) == 0 && m.power == PowerState::on && m.fault_state == "None");
+          if (power && target && !m.in_maintenance_mode && st.live_sessions_on(m.name) == 0 &&
+              (!private_group || mine.empty() || grp.automatic_power_on_for_assigned))
+            to_power.push_back(&m);
+          continue;
+        }
+        ++reg;
+        if (m.in_maintenance_mode) continue;
+        ++open;
+        const auto load = st.effective_load(m);
+        if (multi ? load >= kFullLoad : busy_single(m)) continue;
+        if (!multi && hold(m) == 2) continue;
+        usable.push_back({&m, multi ? load : 0});
+      }
+    }
+    if (private_group && mine.empty()) {
+      // Assign on first use, within the rule's MaxDesktops.
+      const auto max = rule && rule->type == RuleType::assignment ? rule->max_desktops : 0;
+      if (max == 0)
+        return failed(LaunchFailure::not_entitled, req.user.qualified_name + " has no machine assigned in '" + res.f_name + "'");
+      const auto have = assignments_under(st, req.user, rule->name);
+      if (have >= max)
+        return failed(LaunchFailure::assignment_limit, req.user.qualified_name + " already has " + std::to_string(have) +
+                                                          " of the " + std::to_string(max) + " machines '" + rule->name + "' allows");
+      out.assign_rule = rule->name;
+      out.assign_max = max;
+    }
+    (void)private_grp;
+    if (usable.empty() && !to_power.empty()) {
+      // The one held for this user first, then those held for no one (another user's only when
+      // nothing else is left); one already on its way up first (no second machine for the same
+      // wait), else any; by name among equals so that concurrent launches converge.
+      std::stable_sort(to_power.begin(), to_power.end(), [&](const Machine* x, const Machine* y) {
+        const int hx = hold(*x), hy = hold(*y);
+        if (hx != hy) return hx < hy;
+        const bool bx = booting(*x), by = booting(*y);
+        return bx != by ? bx : x->name < y->name;
+      });
+      a.power_on = to_power.front()->name;
+      out.assign_rule.clear();
+      return failed(LaunchFailure::powering_on, "no machine is ready; powering on " + a.power_on + ": retry shortly");
+    }
+    if (usable.empty()) {
+      if (total == 0)
+        return failed(private_group && mine.empty() ? LaunchFailure::all_in_use : LaunchFailure::no_machines,
+                      private_group && mine.empty() ? "no unassigned machine left in the delivery group"
+                                                    : "the delivery group has no machines to offer");
+      if (tagged == 0) return failed(LaunchFailure::tag_mismatch, "no machine has the tag '" + tag + "'");
+      if (reg == 0) return failed(LaunchFailure::all_unregistered, "every candidate machine is unregistered");
+      if (open == 0) return failed(LaunchFailure::all_in_maintenance, "every registered candidate is in maintenance mode");
+      return failed(LaunchFailure::all_in_use, "every registered candidate machine is in use");
+    }
+    // Least effective load; random among equals.
+    if (usable.size() > 1) {
+      std::shuffle(usable.begin(), usable.end(), rng);
+      std::stable_sort(usable.begin(), usable.end(), [](const Candidate& x, const Candidate& y) { return x.load < y.load; });
+    }
+    auto pick = std::find_if(usable.begin(), usable.end(), [&](const Candidate& c) { return hold(*c.machine) == 0; });
+    const Machine& m = *(pick == usable.end() ? usable.front() : *pick).machine;
+    if (pick != usable.end()) claims.erase(m.name);  // the machine powered on for this user: taken
+    out.machine = m.name;
+    out.machine_id = m.id;
+    out.address = m.agent_address;
+    out.dns_name = m.dns_name;
+    out.group = m.delivery_group;
+    out.support = m.session_support;
+    return {};
+  }
+
+  // How many machines the user holds under an assignment rule.
+  static std::int64_t assignments_under(const SiteState& st, const identity::UserIdentity& user, const std::string& rule) {
+    std::int64_t n = 0;
+    for (const auto* key : {&user.qualified_name, &user.user_name, &user.upn}) {
+      if (key->empty()) continue;
+      if (auto it = st.assignments_by_user.find(*key); it != st.assignments_by_user.end())
+        for (const auto& name : it->second)
+          if (st.assignments.find(name)->second.rule == rule) ++n;
+    }
+    return n;
+  }
+
+  // The launch's rows, written in one write() (group commit): the ticket, the pending session
+  // (guarded: a single-session machine with no live session, a multi-session one with a free
+  // slot), a new assignment (guarded: the machine unassigned, the user under the rule's limit),
+  // the machine's last-connection columns and the audit entry. A refused guard rolls this
+  // function back and fails with errc::conflict and kGuardRefused.
+  Status commit(storage::Transaction& tx, const Attempt& a, Reservation& out) {
+    const auto& req = a.request;
     const std::string now = common::format_time(clock.now());
+    const auto& cred_user = req.user.qualified_name;
     out.ticket = new_logon_ticket();
-    const auto cred_user = user.qualified_name;
-    if (auto st = put_ticket(tx, out.ticket, out.machine, cred_user, req.credential, ttl); !st)
-      return failed(LaunchFailure::storage_error, st.error().describe());
+    if (auto st = put_ticket(tx, out.ticket, out.machine, cred_user, req.credential, out.ttl); !st) return st;
     if (!out.reconnect) {
       out.session_key = "S" + upper(common::crypto::random_hex(10));
       Object s = common::model::make_default(Kind::session, out.session_key);
@@ -503,189 +626,79 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       if (!req.device_id.empty()) s.fields["device_id"] = req.device_id;
       s.fields["start_time"] = now;
       s.fields["state_change_time"] = now;
-      if (auto r = tx.create(s); !r) return failed(LaunchFailure::storage_error, r.error().describe());
-    }
-    auto m = tx.get(Kind::machine, out.machine);
-    if (!m) return failed(LaunchFailure::storage_error, m.error().describe());
-    Object updated = *m;
-    updated.fields["last_connection_time"] = now;
-    updated.fields["last_connection_user"] = cred_user;
-    if (!out.reconnect) {
-      storage::Query q;
-      q.equals.emplace_back("machine", out.machine);
-      auto sessions = tx.list(Kind::session, q);
-      if (!sessions) return failed(LaunchFailure::storage_error, sessions.error().describe());
-      std::vector<std::string> states;
-      for (const auto& s : *sessions)
-        if (s.text("state") != "LoggedOff") states.push_back(s.text("state"));
-      updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
-      const auto cat = site.catalogs.find(m->text("catalog"));
-      const auto support = cat == site.catalogs.end() ? std::string("SingleSession") : cat->second.text("session_support");
-      updated.fields["summary_state"] = summary_state(registered(*m), support, m->integer("load_index"), states);
-      if (support == "MultiSession") {
-        auto& b = bumps[out.machine];
-        if (b.reported != m->integer("load_index")) b = {m->integer("load_index"), 0};
-        b.extra += kLaunchLoadBump;
+      storage::Query live_on_machine;
+      live_on_machine.equals.emplace_back("machine", out.machine);
+      live_on_machine.not_equals.emplace_back("state", "LoggedOff");
+      const std::int64_t slots =
+          out.support == SessionSupport::multi_session ? static_cast<std::int64_t>(AgentRegistry::kMaxMultiSessions) : 1;
+      auto created = tx.create_guarded(s, Kind::session, live_on_machine, slots);
+      if (!created) return created.error();
+      if (!*created) return make_error(errc::conflict, kGuardRefused);
+      if (!out.assign_rule.empty()) {
+        storage::Query under_rule;
+        under_rule.equals.emplace_back("rule", out.assign_rule);
+        under_rule.equals.emplace_back("user", cred_user);
+        auto have = tx.count(Kind::assignment, under_rule);
+        if (!have) return have.error();
+        if (*have >= out.assign_max) return make_error(errc::conflict, kGuardRefused);
+        Object asg = common::model::make_default(Kind::assignment);
+        asg.fields["machine"] = out.machine;
+        asg.fields["user"] = cred_user;
+        asg.fields["rule"] = out.assign_rule;
+        storage::Query of_machine;
+        of_machine.equals.emplace_back("machine", out.machine);
+        auto made = tx.create_guarded(asg, Kind::assignment, of_machine, 1);
+        if (!made) return made.error();
+        if (!*made) return make_error(errc::conflict, kGuardRefused);
+        out.new_assignment = (*made)->name;
       }
     }
-    if (auto r = tx.update(out.machine, updated); !r) return failed(LaunchFailure::storage_error, r.error().describe());
+    common::model::Fields changed{{"last_connection_time", now}, {"last_connection_user", cred_user}};
+    if (auto r = tx.set_fields(Kind::machine, out.machine, changed); !r) return r.error();
 
     boost::json::object detail{{"user", cred_user},          {"resource", out.prepare.resource},
                                {"machine", out.machine},     {"reconnect", out.reconnect},
                                {"client_name", req.client_name}, {"client_address", req.client_address}};
     if (!out.new_assignment.empty()) detail["new_assignment"] = out.new_assignment;
-    if (auto st = tx.append_audit(launch_audit("launch", out.session_key, detail)); !st)
-      return failed(LaunchFailure::storage_error, st.error().describe());
+    if (auto st = tx.append_audit(launch_audit("launch", out.session_key, detail)); !st) return st;
 
     out.prepare.user = cred_user;
     out.prepare.ticket = out.ticket;
     if (out.agent_key.empty()) out.agent_key = out.session_key;
     out.prepare.session_key = out.agent_key;
-    out.prepare.connect_timeout_seconds = ttl;
+    out.prepare.connect_timeout_seconds = out.ttl;
     out.prepare.client_name = req.client_name;
     out.prepare.client_address = req.client_address;
-    LaunchResult r;
-    r.machine = out.machine;
-    return r;
-  }
-
-  // Machine selection in the open groups (a new session). Explains an empty choice.
-  LaunchResult choose(const Site& site, storage::Transaction& tx, Attempt& a, const Resource& res, const Object* rule,
-                      const Object* application, const std::vector<std::string>& groups, Reservation& out) {
-    const auto& req = a.request;
-    const std::string tag = application ? application->text("restrict_to_tag") : rule ? rule->text("restrict_to_tag") : "";
-    std::map<std::string, int, std::less<>> sessions_on;
-    for (const auto& s : site.sessions) ++sessions_on[s.text("machine")];
-    std::set<std::string, std::less<>> assigned_machines;
-    for (const auto& asg : site.snapshot.assignments) assigned_machines.insert(asg.text("machine"));
-    // Machines powered on for a launch are held for its user (single-session ones are not given
-    // to anyone else meanwhile).
-    const auto now = clock.now();
-    auto hold = [&](const Object& m) {  // 0: held for this user, 1: not held, 2: held for another
-      const auto user = held_for(m.name, now);
-      return user.empty() ? 1 : iequals(user, req.user.qualified_name) ? 0 : 2;
-    };
-
-    int total = 0, tagged = 0, reg = 0, open = 0;
-    std::vector<Candidate> usable;
-    std::vector<const Object*> to_power;  // off but power-managed, idle, not faulted
-    bool private_group = false;
-    std::vector<const Object*> mine;  // machines assigned to the user (private groups)
-    std::string group_of;
-    for (const auto& g : groups) {
-      const auto* grp = site.find(site.snapshot.groups, g);
-      const bool multi = grp->text("session_support") == "MultiSession";
-      private_group = !application && grp->text("desktop_kind") == "Private";
-      if (private_group) {
-        for (const auto& asg : site.snapshot.assignments) {
-          const auto* m = site.find(site.snapshot.machines, asg.text("machine"));
-          if (m && m->text("delivery_group") == g && assignment_matches(asg, req.user, req.client_address)) mine.push_back(m);
-        }
-      }
-      for (const auto& m : site.snapshot.machines) {
-        if (m.text("delivery_group") != g || a.tried.contains(m.name)) continue;
-        if (private_group) {
-          const bool is_mine = std::find(mine.begin(), mine.end(), &m) != mine.end();
-          if (!mine.empty() ? !is_mine : assigned_machines.contains(m.name)) continue;
-        }
-        ++total;
-        if (!tag.empty() && !contains_ci(m.list("tags"), tag)) continue;
-        ++tagged;
-        if (!registered(m)) {
-          // Off (or on its way up), or on but not registered yet while held for this user: the
-          // hypervisor may report a machine On long before its agent registers.
-          const bool target = power_managed(site, m) || (hold(m) == 0 && m.text("power_state") == "On" &&
-                                                          m.text("fault_state", "None") == "None");
-          if (power && target && !m.flag("in_maintenance_mode") && sessions_on[m.name] == 0 &&
-              (!private_group || mine.empty() || grp->flag("automatic_power_on_for_assigned", true)))
-            to_power.push_back(&m);
-          continue;
-        }
-        ++reg;
-        if (m.flag("in_maintenance_mode")) continue;
-        ++open;
-        const auto load = effective_load(m);
-        if (multi ? load >= kFullLoad : sessions_on[m.name] > 0) continue;
-        if (!multi && hold(m) == 2) continue;
-        usable.push_back({&m, multi ? load : 0});
-        group_of = g;
-      }
-    }
-    if (private_group && mine.empty()) {
-      // Assign on first use, within the rule's MaxDesktops.
-      const auto max = rule && rule->text("rule_type") == "assignment" ? rule->integer("max_desktops", 1) : 0;
-      if (max == 0)
-        return failed(LaunchFailure::not_entitled, req.user.qualified_name + " has no machine assigned in '" + res.f_name + "'");
-      const auto have = std::count_if(site.snapshot.assignments.begin(), site.snapshot.assignments.end(), [&](const Object& asg) {
-        return asg.text("rule") == rule->name && is_user(req.user, asg.text("user"));
-      });
-      if (have >= max)
-        return failed(LaunchFailure::assignment_limit, req.user.qualified_name + " already has " + std::to_string(have) +
-                                                          " of the " + std::to_string(max) + " machines '" + rule->name + "' allows");
-    }
-    if (usable.empty() && !to_power.empty()) {
-      // The one held for this user first, then those held for no one (another user's only when
-      // nothing else is left); one already on its way up first (no second machine for the same
-      // wait), else any; by name among equals so that concurrent launches converge.
-      std::stable_sort(to_power.begin(), to_power.end(), [&](const Object* x, const Object* y) {
-        const int hx = hold(*x), hy = hold(*y);
-        if (hx != hy) return hx < hy;
-        const bool bx = booting(*x), by = booting(*y);
-        return bx != by ? bx : x->name < y->name;
-      });
-      a.power_on = to_power.front()->name;
-      return failed(LaunchFailure::powering_on, "no machine is ready; powering on " + a.power_on + ": retry shortly");
-    }
-    if (usable.empty()) {
-      if (total == 0)
-        return failed(private_group && mine.empty() ? LaunchFailure::all_in_use : LaunchFailure::no_machines,
-                      private_group && mine.empty() ? "no unassigned machine left in the delivery group"
-                                                    : "the delivery group has no machines to offer");
-      if (tagged == 0) return failed(LaunchFailure::tag_mismatch, "no machine has the tag '" + tag + "'");
-      if (reg == 0) return failed(LaunchFailure::all_unregistered, "every candidate machine is unregistered");
-      if (open == 0) return failed(LaunchFailure::all_in_maintenance, "every registered candidate is in maintenance mode");
-      return failed(LaunchFailure::all_in_use, "every registered candidate machine is in use");
-    }
-    // Least effective load; random among equals.
-    std::shuffle(usable.begin(), usable.end(), rng);
-    std::stable_sort(usable.begin(), usable.end(), [](const Candidate& x, const Candidate& y) { return x.load < y.load; });
-    auto pick = std::find_if(usable.begin(), usable.end(), [&](const Candidate& c) { return hold(*c.machine) == 0; });
-    const Object& m = *(pick == usable.end() ? usable.front() : *pick).machine;
-    if (pick != usable.end()) claims.erase(m.name);  // the machine powered on for this user: taken
-    out.machine = m.name;
-    out.machine_id = m.id;
-    out.address = m.text("agent_address");
-    out.dns_name = m.text("dns_name");
-    out.group = m.text("delivery_group");
-    if (private_group && mine.empty()) {
-      Object asg = common::model::make_default(Kind::assignment);
-      asg.fields["machine"] = m.name;
-      asg.fields["user"] = req.user.qualified_name;
-      asg.fields["rule"] = rule->name;
-      auto created = tx.create(asg);
-      if (!created) return failed(LaunchFailure::storage_error, created.error().describe());
-      out.new_assignment = created->name;
-    }
     return {};
   }
 
   void attempt(std::shared_ptr<Attempt> a) {
     Reservation res;
     LaunchResult outcome;
+    // After an admin renamed a catalog, group or machine (the database cascaded it), the engine
+    // reads the site again once; otherwise this is a flag test.
+    if (auto st = engine.reload_if_needed(repo); !st) log->error("launch: cannot reload the site: {}", st.error().describe());
     {
-      // The lock is taken inside the transaction, never around write(): storage serialises the
-      // writes itself and commits concurrent launches together (docs/architecture.md).
-      auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      // Choose and reserve in memory (microseconds), then write outside every lock: storage
+      // commits concurrent launches together (docs/architecture.md "Launch").
+      const auto view = engine.view();
+      {
         std::lock_guard lock(decide_mutex);
-        outcome = decide(tx, *a, res);
-        if (!outcome.ok()) return make_error(errc::conflict, outcome.message);  // roll back
-        return {};
-      });
-      if (!st && outcome.ok()) {
-        // The transaction did not commit (its batch failed): undo the in-memory load bump too.
-        outcome = failed(LaunchFailure::storage_error, st.error().describe());
-        std::lock_guard lock(decide_mutex);
-        bumps.erase(res.machine);
+        outcome = engine.with_state([&](SiteState& st) { return decide(st, *view, *a, res); });
+      }
+      if (outcome.ok()) {
+        auto st = repo.write([&](storage::Transaction& tx) -> Status { return commit(tx, *a, res); });
+        // Confirmed: the committed session now holds the machine in the engine. Undone: the
+        // reservation (and a multi-session machine's load bump) goes.
+        if (res.reserved) engine.with_state([&](SiteState& s) { s.release(res.machine, !st.has_value()); });
+        if (!st && st.error().code == errc::conflict && st.error().message == kGuardRefused &&
+            ++a->guard_refusals <= kMaxGuardRetries) {
+          log->info("launch: {} for {}: {}; trying another machine", res.machine, a->request.user.qualified_name,
+                    kGuardRefused);
+          a->tried.insert(res.machine);
+          return attempt(a);
+        }
+        if (!st) outcome = failed(LaunchFailure::storage_error, st.error().describe());
       }
     }
     if (!a->power_on.empty() && outcome.failure == LaunchFailure::powering_on) {
@@ -753,12 +766,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     auto self = shared_from_this();
     work.post([self, key = res.session_key, took] {
       auto st = self->repo.write([&](storage::Transaction& tx) -> Status {
-        auto s = tx.get(Kind::session, key);
-        if (!s) return {};  // already gone
-        Object updated = *s;
-        updated.fields["brokering_duration_ms"] = static_cast<std::int64_t>(took);
-        auto u = tx.update(key, updated);
-        if (!u) return u.error();
+        auto u = tx.set_fields(Kind::session, key, {{"brokering_duration_ms", static_cast<std::int64_t>(took)}});
+        if (!u && u.error().code != errc::not_found) return u.error();  // not_found: already gone
         return {};
       });
       if (!st) self->log->warn("launch: brokering duration of {} not stored: {}", key, st.error().describe());
@@ -780,20 +789,19 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         }
         if (!res.new_assignment.empty())
           if (auto r = tx.remove(Kind::assignment, res.new_assignment); !r && r.error().code != errc::not_found) return r;
-        auto m = tx.get(Kind::machine, res.machine);
-        if (m) {
-          Object updated = *m;
-          updated.fields["last_connection_failure"] = std::string("SessionPreparation");
-          if (!res.reconnect && updated.text("summary_state") == "Preparing") updated.fields["summary_state"] = std::string("Available");
-          if (auto r = tx.update(res.machine, updated); !r) return r.error();
-        }
+        if (auto r = tx.set_fields(Kind::machine, res.machine, {{"last_connection_failure", std::string("SessionPreparation")}});
+            !r && r.error().code != errc::not_found)
+          return r.error();
         return tx.append_audit(launch_audit("launch-failed", res.session_key,
                                             {{"user", a->request.user.qualified_name}, {"machine", res.machine},
                                              {"reason", "SessionPrepareFailure"}, {"error", error}}));
       });
       if (!st) log->error("launch: cannot undo the reservation on {}: {}", res.machine, st.error().describe());
-      std::lock_guard lock(decide_mutex);
-      bumps.erase(res.machine);
+      // The load bump of a multi-session machine goes with the launch.
+      engine.with_state([&](SiteState& s) {
+        if (auto b = s.bumps.find(res.machine); b != s.bumps.end() && (b->second.extra -= kLaunchLoadBump) <= 0)
+          s.bumps.erase(b);
+      });
     }
     // No answer in time: the agent may still prepare (or have prepared) the new session, holding
     // the machine for a client that will never come. Tell it to drop it; "no such session" is fine.
@@ -865,13 +873,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     }
     log->info("launch: {} waits up to {} ms for {} to register", a->request.user.qualified_name, left.count(), machine);
     // It may have registered between the selection and now.
-    bool now_registered = false;
-    auto st = repo.read([&](storage::Transaction& tx) -> Status {
-      auto m = tx.get(Kind::machine, machine);
-      now_registered = m && registered(*m);
-      return {};
-    });
-    if (st && now_registered) wake(machine);
+    if (auto m = engine.machine(machine); m && registered(*m)) wake(machine);
     return true;
   }
 
@@ -940,22 +942,18 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   // (StuckOnBoot: the hypervisor never reported it on; Unregistered: on, but its agent never
   // registered), and the failure is recorded.
   void registration_timed_out(const std::string& machine, const std::string& user, std::chrono::seconds timeout) {
-    std::string fault;
+    const auto m = engine.machine(machine);
+    if (!m || registered(*m)) return;  // gone, or registered after all
+    const std::string fault = m->power == PowerState::on ? "Unregistered" : "StuckOnBoot";
     auto st = repo.write([&](storage::Transaction& tx) -> Status {
-      auto m = tx.get(Kind::machine, machine);
-      if (!m) return m.error().code == errc::not_found ? Status{} : Status{m.error()};
-      if (registered(*m)) return {};  // registered after all
-      fault = m->text("power_state") == "On" ? "Unregistered" : "StuckOnBoot";
-      Object updated = *m;
-      updated.fields["fault_state"] = fault;
-      updated.fields["last_connection_failure"] = std::string("RegistrationTimeout");
-      if (auto r = tx.update(machine, updated); !r) return r.error();
+      common::model::Fields failed{{"fault_state", fault}, {"last_connection_failure", std::string("RegistrationTimeout")}};
+      if (auto r = tx.set_fields(Kind::machine, machine, failed); !r) return r.error();
       return tx.append_audit(launch_audit("launch-failed", machine,
                                           {{"user", user}, {"machine", machine}, {"reason", "RegistrationTimeout"},
                                            {"fault_state", fault}, {"timeout_seconds", timeout.count()}}));
     });
     if (!st) log->error("launch: cannot record the registration timeout of {}: {}", machine, st.error().describe());
-    else if (!fault.empty())
+    else
       log->warn("launch: {} was powered on for {} but did not register within {} s: RegistrationTimeout, fault state {}",
                 machine, user, timeout.count(), fault);
   }
@@ -987,9 +985,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   }
 };
 
-Launcher::Launcher(storage::Repository& repository, common::Clock& clock, AgentChannel& agents, common::WorkQueue& work,
-                   std::shared_ptr<spdlog::logger> logger, LauncherOptions options)
-    : impl_(std::make_shared<Impl>(repository, clock, agents, work,
+Launcher::Launcher(storage::Repository& repository, Engine& engine, common::Clock& clock, AgentChannel& agents,
+                   common::WorkQueue& work, std::shared_ptr<spdlog::logger> logger, LauncherOptions options)
+    : impl_(std::make_shared<Impl>(repository, engine, clock, agents, work,
                                    logger ? std::move(logger) : common::null_logger(), std::move(options))) {}
 
 Launcher::~Launcher() { stop(); }
@@ -1044,30 +1042,24 @@ Result<std::string> Launcher::reissue_ticket(const identity::UserIdentity& user,
 
 Result<std::vector<UserSession>> Launcher::user_sessions(const identity::UserIdentity& user,
                                                          const std::set<std::string>& states) {
-  std::vector<UserSession> out;
-  auto st = impl_->repo.read([&](storage::Transaction& tx) -> Status {
-    storage::Query all;
-    auto sessions = tx.list(Kind::session, all);
-    if (!sessions) return sessions.error();
-    for (const auto& s : *sessions) {
-      if (!is_user(user, s.text("user_name"))) continue;
-      const auto state = s.text("state");
-      if (state != "Active" && state != "Disconnected") continue;
+  return impl_->engine.with_state([&](const SiteState& st) {
+    std::vector<UserSession> out;
+    for (const Session* s : st.sessions_of(user)) {
+      if (s->state != SessionState::active && s->state != SessionState::disconnected) continue;
+      const std::string state(to_string(s->state));
       if (!states.empty() && !states.contains(state)) continue;
       UserSession u;
-      u.session_key = s.name;
-      u.agent_key = agent_session_key(s);
-      u.machine = s.text("machine");
-      u.resource = s.text("application").empty() ? s.text("delivery_group") : s.text("application");
+      u.session_key = s->name;
+      u.agent_key = s->key;
+      u.machine = s->machine;
+      u.resource = s->application.empty() ? s->delivery_group : s->application;
       u.state = state;
-      u.client_name = s.text("client_name");
-      if (auto m = tx.get(Kind::machine, u.machine)) u.machine_id = m->id;
+      u.client_name = s->client_name;
+      if (const auto* m = st.machine(u.machine)) u.machine_id = m->id;
       out.push_back(std::move(u));
     }
-    return {};
+    return out;
   });
-  if (!st) return st.error();
-  return out;
 }
 
 Result<int> Launcher::end_user_sessions(const identity::UserIdentity& user, bool logoff) {
@@ -1088,16 +1080,10 @@ Result<int> Launcher::end_user_sessions(const identity::UserIdentity& user, bool
 
 Status Launcher::session_command(const std::string& session_key, const std::string& command, const std::string& title,
                                  const std::string& text, AgentChannel::Done done) {
-  std::string machine, key;
-  auto st = impl_->repo.read([&](storage::Transaction& tx) -> Status {
-    auto s = tx.get(Kind::session, session_key);
-    if (!s) return s.error();
-    if (s->text("state") == "LoggedOff") return make_error(errc::not_found, "session '" + session_key + "' has logged off");
-    machine = s->text("machine");
-    key = agent_session_key(*s);
-    return {};
-  });
-  if (!st) return st;
+  const auto s = impl_->engine.session(session_key);
+  if (!s) return make_error(errc::not_found, "no session '" + session_key + "'");
+  if (s->state == SessionState::logged_off) return make_error(errc::not_found, "session '" + session_key + "' has logged off");
+  const std::string machine = s->machine, key = s->key;
   const auto timeout = impl_->opts.prepare_timeout;
   if (command == "logoff") {
     // The agent no longer has it: the session is over, and the admin's logoff has done its job.
@@ -1181,13 +1167,10 @@ Status Launcher::sweep() {
       // A grace of a few seconds past the ticket lifetime: the agent drops its reservation then too.
       if (!common::parse_time(s.text("start_time"), started) || now < started + ttl + std::chrono::seconds(5)) continue;
       if (auto r = tx.remove(Kind::session, s.name); !r) return r;
-      auto m = tx.get(Kind::machine, s.text("machine"));
-      if (m) {
-        Object updated = *m;
-        updated.fields["last_connection_failure"] = std::string("ConnectionTimeout");
-        if (updated.text("summary_state") == "Preparing") updated.fields["summary_state"] = std::string("Available");
-        if (auto r = tx.update(m->name, updated); !r) return r.error();
-      }
+      if (auto r = tx.set_fields(Kind::machine, s.text("machine"),
+                                 {{"last_connection_failure", std::string("ConnectionTimeout")}});
+          !r && r.error().code != errc::not_found)
+        return r.error();
       if (auto st = tx.append_audit(launch_audit("launch-timeout", s.name,
                                                  {{"user", s.text("user_name")}, {"machine", s.text("machine")},
                                                   {"reason", "ConnectionTimeout"}}));
@@ -1205,3 +1188,4 @@ int Launcher::in_flight() const { return impl_->inflight.load(); }
 void Launcher::set_power(PowerControl* power) { impl_->power = power; }
 
 }  // namespace broker
+

@@ -44,6 +44,8 @@ class Repository;
 
 namespace broker {
 
+class Engine;
+
 // What the launcher asks of an agent (cbp::AgentEndpoint implements it).
 struct PrepareSession {
   std::string user;  // "DEMO\\alice"
@@ -159,8 +161,9 @@ struct LauncherOptions {
 
 class Launcher {
  public:
-  Launcher(storage::Repository& repository, common::Clock& clock, AgentChannel& agents, common::WorkQueue& work,
-           std::shared_ptr<spdlog::logger> logger, LauncherOptions options = {});
+  // `engine` holds the site (attached to `repository`'s commit observer): selection reads it.
+  Launcher(storage::Repository& repository, Engine& engine, common::Clock& clock, AgentChannel& agents,
+           common::WorkQueue& work, std::shared_ptr<spdlog::logger> logger, LauncherOptions options = {});
   ~Launcher();  // stop()
   // Launches waiting for a machine to register answer now ("the broker is stopping"), and later
   // ones that would wait answer retry-required at once. Call before the front ends' server stops:

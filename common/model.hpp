@@ -82,6 +82,8 @@ std::span<const KindSpec> all_kinds();
 const KindSpec& spec(Kind kind);
 const KindSpec* find_kind(std::string_view name_or_plural);  // "machine", "machines" or "machines" path
 
+using Fields = std::map<std::string, Value, std::less<>>;
+
 struct Object {
   Kind kind = Kind::site;
   std::int64_t id = 0;
@@ -89,7 +91,7 @@ struct Object {
   std::string owner = "api";  // "api", or "config:<path>" for objects declared in a config file
   std::string created_at;
   std::string updated_at;
-  std::map<std::string, Value, std::less<>> fields;
+  Fields fields;
 
   // Typed reads; a null or missing field gives the fallback.
   std::string text(std::string_view field, std::string_view fallback = {}) const;

@@ -34,6 +34,7 @@ struct Query {
   std::vector<std::pair<std::string, std::string>> equals;  // field -> value in text form ("true", "42")
   std::int64_t offset = 0;
   std::int64_t limit = -1;  // -1: all
+  std::vector<std::pair<std::string, std::string>> not_equals;  // scalar fields only; NULL counts as different
 };
 
 struct AuditEntry {
@@ -84,6 +85,17 @@ class Transaction {
   virtual Result<Object> update(std::string_view name, const Object& obj) = 0;
   // errc::not_found; errc::conflict ("... still referenced by machine X") when referenced.
   virtual Status remove(Kind kind, std::string_view name) = 0;
+  // Sets only the given scalar fields of the object named `name` (one UPDATE of those columns and
+  // updated_at) and returns the object as stored. errc::not_found; errc::invalid_argument for a
+  // field not of the kind, a list field, or a value of the wrong type. References are not
+  // checked: do not set reference fields with it.
+  virtual Result<Object> set_fields(Kind kind, std::string_view name, const common::model::Fields& fields) = 0;
+  // A claim: creates `obj` only when fewer than `below` objects of `guard_kind` match `guard`,
+  // counted in this write transaction (which holds the database's write lock, so no other writer,
+  // in this process or another sharing the file, comes between the count and the insert).
+  // Returns nullopt, having written nothing, when the guard refuses; errors as for create.
+  virtual Result<std::optional<Object>> create_guarded(const Object& obj, Kind guard_kind, const Query& guard,
+                                                       std::int64_t below) = 0;
 
   // Stores a new ticket. errc::conflict for a duplicate hash, errc::invalid_argument for a
   // missing machine (or expires_at).

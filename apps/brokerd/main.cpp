@@ -3,6 +3,7 @@
 // SIGTERM/SIGINT, then shuts down gracefully.
 #include "admin/admin_api.hpp"
 #include "broker/agent_registry.hpp"
+#include "broker/engine.hpp"
 #include "broker/launcher.hpp"
 #include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
@@ -178,6 +179,10 @@ int run(const std::string& config_path, const std::string& ready_file) {
     return 1;
   }
   storage::Repository& repository = **repo;
+  // The site in memory (docs/architecture.md "The engine"): loaded once the config file is
+  // reconciled (below), then kept in step by storage's commit observer. Declared before
+  // everything that writes, so it outlives their last commit.
+  broker::Engine engine;
   log->info("database {} (schema version {})", cfg.database_path, repository.schema().version);
 
   broker::SiteObjects site(repository, log);
@@ -229,7 +234,8 @@ int run(const std::string& config_path, const std::string& ready_file) {
   cbp::EndpointChannel agent_channel(agent_endpoint);
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
-  broker::Launcher launcher(repository, clock, agent_channel, work, log, lopts);
+  agents.set_engine(&engine);
+  broker::Launcher launcher(repository, engine, clock, agent_channel, work, log, lopts);
   // A launch's pending session the agent does not report at registration is ended once no launch
   // can still be preparing it.
   agents.set_preparation_grace(
@@ -248,6 +254,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
   admin::AdminApi admin_api(site, repository, work, metrics, aopts, log, &launcher);
   admin_api.set_power_manager(&power);
+  admin_api.set_engine(&engine);
   xmlservice::XmlServiceOptions xopts;
   xopts.failed_logons_per_minute = cfg.xml_service.failed_logons_per_minute;
   xopts.clock = &clock;
@@ -313,6 +320,15 @@ int run(const std::string& config_path, const std::string& ready_file) {
   } else if (*reset > 0) {
     log->info("{} machines marked Unregistered until their agents register again", *reset);
   }
+  if (auto st = engine.attach(repository); !st) {
+    log->critical("not started: cannot load the site: {}", st.error().describe());
+    repository.close();
+    return 1;
+  } else {
+    const auto stats = engine.stats();
+    log->info("site loaded: {} machines, {} live sessions, {} assignments, {} delivery groups", stats.machines,
+              stats.live_sessions, stats.assignments, stats.groups);
+  }
   if (auto st = power.start(); !st) {
     log->critical("not started: power management: {}", st.error().describe());
     repository.close();
@@ -333,7 +349,8 @@ int run(const std::string& config_path, const std::string& ready_file) {
   std::thread sweeper([&] {
     std::unique_lock lock(sweep_mutex);
     for (int tick = 1; !sweep_cv.wait_for(lock, std::chrono::seconds(5), [&] { return stopping; }); ++tick) {
-      work.post([&launcher, &log] {
+      work.post([&launcher, &log, &engine, &repository] {
+        if (auto st = engine.reload_if_needed(repository); !st) log->error("housekeeping: {}", st.error().describe());
         if (auto st = launcher.sweep(); !st) log->error("housekeeping: {}", st.error().describe());
       });
       if (tick % 6 == 0)  // machines' power states, every 30 s

@@ -374,6 +374,24 @@ common::Result<Filter> build_filter(const KindSql& k, const Query& query) {
         break;
     }
   }
+  for (const auto& [key, text] : query.not_equals) {
+    const FieldSpec* field = k.spec->field(key);
+    if (!field || field->type == FieldType::text_list)
+      return Error(errc::invalid_argument, display_name(*k.spec) + " has no scalar field '" + key + "' to filter on", key);
+    const std::string column = quote_identifier(field->name);
+    if (field->type == FieldType::integer || field->type == FieldType::boolean) {
+      std::int64_t n = text == "true" ? 1 : 0;
+      if (field->type == FieldType::integer) {
+        const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
+        if (ec != std::errc{} || end != text.data() + text.size() || text.empty())
+          return Error(errc::invalid_argument, "'" + text + "' is not an integer", key);
+      }
+      filter.values.emplace_back(n);
+    } else {
+      filter.values.emplace_back(text);
+    }
+    add("(" + column + " IS NULL OR " + column + " <> " + param() + ")");
+  }
   filter.where = std::move(where);
   return filter;
 }
@@ -549,6 +567,48 @@ Status SqliteTransaction::remove(Kind kind, std::string_view name) {
   if (auto ok = st->run(); !ok) return ok;
   if (changes_) changes_->push_back({kind, std::string(name), {}, std::nullopt});
   return {};
+}
+
+Result<Object> SqliteTransaction::set_fields(Kind kind, std::string_view name, const common::model::Fields& fields) {
+  if (auto ok = usable(true); !ok) return ok.error();
+  const KindSql& k = kind_sql(kind);
+  std::string sql = "UPDATE " + k.table + " SET updated_at = ?2";
+  int index = 3;
+  for (const auto& [key, value] : fields) {
+    const FieldSpec* field = k.spec->field(key);
+    if (!field) return Error(errc::invalid_argument, "is not a field of " + display_name(*k.spec), key);
+    if (field->type == FieldType::text_list) return Error(errc::invalid_argument, "is a list: update the object", key);
+    if (!std::holds_alternative<std::monostate>(value) && !type_matches(field->type, value))
+      return Error(errc::invalid_argument, "must be a " + std::string(common::model::to_string(field->type)), key);
+    sql += ", " + quote_identifier(field->name) + " = ?" + std::to_string(index++);
+  }
+  sql += " WHERE name = ?1";
+  {
+    auto st = db_.prepare(sql);
+    if (!st) return st.error();
+    const auto now = now_text();
+    st->bind(1, name);
+    st->bind(2, std::string_view(now));
+    index = 3;
+    for (const auto& [key, value] : fields) bind_value(*st, index++, value);
+    if (auto ok = st->run(); !ok) return ok.error();
+  }
+  if (db_.changes() == 0) return not_found(*k.spec, name);
+  auto obj = get(kind, name);
+  if (!obj) return obj.error();
+  if (changes_) changes_->push_back({kind, obj->name, {}, *obj});
+  return obj;
+}
+
+Result<std::optional<Object>> SqliteTransaction::create_guarded(const Object& obj, Kind guard_kind, const Query& guard,
+                                                                std::int64_t below) {
+  if (auto ok = usable(true); !ok) return ok.error();
+  auto n = count(guard_kind, guard);
+  if (!n) return n.error();
+  if (*n >= below) return std::optional<Object>();
+  auto created = create(obj);
+  if (!created) return created.error();
+  return std::optional<Object>(std::move(*created));
 }
 
 Status SqliteTransaction::put_logon_ticket(const LogonTicket& ticket) {

@@ -39,6 +39,9 @@ class SqliteTransaction final : public Transaction {
   Result<Object> update(std::string_view name, const Object& obj) override;
   // errc::conflict: "<kind> '<name>' is still used by <kind> '<name>'" (the first referrer by id).
   Status remove(Kind kind, std::string_view name) override;
+  Result<Object> set_fields(Kind kind, std::string_view name, const common::model::Fields& fields) override;
+  Result<std::optional<Object>> create_guarded(const Object& obj, Kind guard_kind, const Query& guard,
+                                               std::int64_t below) override;
 
   Status put_logon_ticket(const LogonTicket& ticket) override;
   Result<LogonTicket> redeem_logon_ticket(std::string_view ticket_hash, std::string_view machine,
