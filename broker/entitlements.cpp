@@ -1,5 +1,6 @@
 #include "broker/entitlements.hpp"
 
+#include "broker/engine.hpp"
 #include "common/address.hpp"
 #include "storage/repository.hpp"
 
@@ -93,6 +94,14 @@ bool rule_includes(const Object& rule, const Requester& who) {
   if (rule.flag("included_user_filter_enabled", true) && !names(who, rule.list("included_users"))) return false;
   if (rule.flag("excluded_user_filter_enabled") && names(who, rule.list("excluded_users"))) return false;
   return true;
+}
+
+std::vector<DirectAssignment> direct_assignments_for(const SiteState& state, const identity::UserIdentity& user,
+                                                     const std::string& client_address) {
+  std::vector<DirectAssignment> out;
+  for (const auto* a : state.assignments_for(user, client_address))
+    if (const auto* m = state.machine(a->machine); m && !a->user.empty()) out.push_back({a->user, m->delivery_group});
+  return out;
 }
 
 std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Requester& who) {

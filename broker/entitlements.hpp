@@ -25,6 +25,8 @@ class Repository;
 
 namespace broker {
 
+struct SiteState;  // broker/engine.hpp
+
 // The configuration objects entitlement needs, read in one transaction.
 struct SiteSnapshot {
   std::vector<common::model::Object> groups, rules, applications, machines, assignments;
@@ -59,6 +61,14 @@ bool rule_includes(const common::model::Object& rule, const Requester& who);
 struct DirectAssignment {
   std::string user, delivery_group;
 };
+
+// The requester's direct assignments from the engine's indexes (SiteState::assignments_for: the
+// assignments naming the user, one of the user's groups, or the client's address), each with
+// its machine's delivery group; assignments without a user name or whose machine is unknown are
+// left out. Call it under the engine's lock (Engine::with_state). Touches only the requester's
+// assignments, whatever the size of the site.
+std::vector<DirectAssignment> direct_assignments_for(const SiteState& state, const identity::UserIdentity& user,
+                                                     const std::string& client_address);
 
 // Desktops first (in group then rule order), then applications (in id order). Direct
 // assignments come from site.machines and site.assignments.

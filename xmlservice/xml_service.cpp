@@ -1,8 +1,8 @@
 #include "xmlservice/xml_service.hpp"
 
+#include "broker/engine.hpp"
 #include "broker/entitlements.hpp"
 #include "broker/launcher.hpp"
-#include "broker/site_objects.hpp"
 #include "common/address.hpp"
 #include "common/clock.hpp"
 #include "common/log.hpp"
@@ -99,11 +99,10 @@ bool in_scope(const std::optional<Scope>& scope, const std::string& folder) {
 }  // namespace
 
 struct XmlService::Impl {
-  Impl(identity::Directory& d, broker::SiteObjects& s, storage::Repository& r, common::WorkQueue& w,
-       common::Metrics& m, std::shared_ptr<spdlog::logger> l, broker::Launcher* la, const XmlServiceOptions& o)
+  Impl(identity::Directory& d, broker::Engine& e, common::WorkQueue& w, common::Metrics& m,
+       std::shared_ptr<spdlog::logger> l, broker::Launcher* la, const XmlServiceOptions& o)
       : directory(d),
-        site(s),
-        repository(r),
+        engine(e),
         work(w),
         metrics(m),
         log(std::move(l)),
@@ -112,8 +111,7 @@ struct XmlService::Impl {
         throttle(o.failed_logons_per_minute, o.max_throttled_sources, o.clock ? *o.clock : *clock) {}
 
   identity::Directory& directory;
-  broker::SiteObjects& site;
-  storage::Repository& repository;
+  broker::Engine& engine;
   common::WorkQueue& work;
   common::Metrics& metrics;
   std::shared_ptr<spdlog::logger> log;
@@ -428,9 +426,10 @@ struct XmlService::Impl {
 
   // Returns the response and a short outcome for the log ("ok, 4 resources").
   // `caller`: who is asking, for the requests that need to know (needs_caller).
-  std::pair<NFuseResponse, std::string> dispatch(const NFuseRequest& request, const model::Object& site_settings,
+  std::pair<NFuseResponse, std::string> dispatch(const NFuseRequest& request, const broker::SiteView& view,
                                                   const std::string& remote, const std::optional<Caller>& identified,
                                                   std::string& who) {
+    const model::Object& site_settings = view.settings_object;
     return std::visit(
         [&](const auto& req) -> std::pair<NFuseResponse, std::string> {
           using T = std::decay_t<decltype(req)>;
@@ -467,19 +466,18 @@ struct XmlService::Impl {
             } else if constexpr (std::is_same_v<T, RequestServerData>) {
               ResponseServerData r;
               if (server_type_ok(req.server_types) && client_type_ok(req.client_types)) {
-                storage::Query q;
-                q.equals.emplace_back("registration_state", "Registered");
-                auto machines = site.list(model::Kind::machine, q);
-                if (!machines) return {error_response(request, ErrorId::service_unavailable), "service-unavailable"};
-                for (const auto& m : machines->items) r.servers.push_back({m.name, ServerType::win32, ClientType::ica30});
+                // The registered machines (the engine's live registration state), in id order as
+                // storage lists them.
+                std::vector<std::pair<std::int64_t, std::string>> registered;
+                engine.with_state([&](const broker::SiteState& st) {
+                  for (const auto& [name, m] : st.machines)
+                    if (m.registration == broker::RegistrationState::registered) registered.emplace_back(m.id, name);
+                });
+                std::sort(registered.begin(), registered.end());
+                for (auto& [id, name] : registered) r.servers.push_back({std::move(name), ServerType::win32, ClientType::ica30});
               }
               return {r, "ok, " + std::to_string(r.servers.size()) + " servers"};
             } else {
-              auto snapshot = broker::load_snapshot(repository);
-              if (!snapshot) {
-                log->error("xml: cannot read the site: {}", snapshot.error().describe());
-                return {error_response(request, ErrorId::service_unavailable), "service-unavailable"};
-              }
               broker::Requester requester;
               requester.user = caller.user ? &*caller.user : nullptr;
               requester.client_address = req.client_address ? req.client_address->value : remote;
@@ -487,7 +485,14 @@ struct XmlService::Impl {
               ResponseAppData r;
               r.scope = req.scope;
               if (server_type_ok(req.server_types) && client_type_ok(req.client_types)) {
-                for (const auto& res : broker::entitled_resources(*snapshot, requester)) {
+                // The configuration as of the last change (the view the request started with),
+                // and the requester's own direct assignments from the engine's indexes.
+                std::vector<broker::DirectAssignment> direct;
+                if (caller.user)
+                  direct = engine.with_state([&](const broker::SiteState& st) {
+                    return broker::direct_assignments_for(st, *caller.user, requester.client_address);
+                  });
+                for (const auto& res : broker::entitled_resources(view.config, requester, direct)) {
                   if (!req.app_names.empty() &&
                       std::none_of(req.app_names.begin(), req.app_names.end(),
                                    [&](const std::string& n) { return identity::iequals(n, res.in_name); }))
@@ -514,10 +519,10 @@ struct XmlService::Impl {
   }
 };
 
-XmlService::XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
-                       common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger,
-                       broker::Launcher* launcher, XmlServiceOptions options)
-    : impl_(std::make_unique<Impl>(directory, site, repository, work, metrics, std::move(logger), launcher, options)) {
+XmlService::XmlService(identity::Directory& directory, broker::Engine& engine, common::WorkQueue& work,
+                       common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger, broker::Launcher* launcher,
+                       XmlServiceOptions options)
+    : impl_(std::make_unique<Impl>(directory, engine, work, metrics, std::move(logger), launcher, options)) {
   metrics.describe("broker_xml_requests_total", common::Metrics::Type::counter,
                    "NFuse XML requests by request type and result (ok or the ErrorId).");
   metrics.describe("broker_xml_request_duration_seconds", common::Metrics::Type::histogram,
@@ -600,32 +605,27 @@ void XmlService::process(const net::HttpRequest& http, net::Responder respond) {
            {});
     return respond(xml_reply(render(error_response(parsed->request, over->error), encoding), encoding));
   }
-  auto site_settings = impl_->site.site();
-  if (!site_settings) {
-    impl_->log->error("xml: cannot read the site settings: {}", site_settings.error().describe());
-    finish(type, "service-unavailable", {});
-    return respond(xml_reply(render(error_response(parsed->request, ErrorId::service_unavailable), encoding), encoding));
-  }
-
+  // The site settings and configuration this request is answered with (immutable; a change
+  // published meanwhile applies to the next request).
   // The rest runs once the caller is known, which for a password check may be later, on the
   // thread the directory finishes on.
   struct Pending {
     NFuseRequest request;
-    model::Object settings;
+    std::shared_ptr<const broker::SiteView> view;
   };
-  auto pending = std::make_shared<Pending>(Pending{std::move(parsed->request), std::move(*site_settings)});
+  auto pending = std::make_shared<Pending>(Pending{std::move(parsed->request), impl_->engine.view()});
   auto answer = [impl, pending, remote, finish, respond, type, encoding](std::optional<Caller> caller) {
     try {
       if (const auto* ra = std::get_if<RequestAddress>(&pending->request); ra && impl->launcher) {
         return impl->launch(
-            pending->request, *ra, pending->settings, remote, *caller,
+            pending->request, *ra, pending->view->settings_object, remote, *caller,
             [finish, respond, type, encoding](NFuseResponse response, std::string result, std::string who) {
               finish(type, result, who);
               respond(xml_reply(render(response, encoding), encoding));
             });
       }
       std::string who;
-      auto [response, result] = impl->dispatch(pending->request, pending->settings, remote, caller, who);
+      auto [response, result] = impl->dispatch(pending->request, *pending->view, remote, caller, who);
       finish(type, result, who);
       respond(xml_reply(render(response, encoding), encoding));
     } catch (const std::exception& e) {
@@ -635,7 +635,8 @@ void XmlService::process(const net::HttpRequest& http, net::Responder respond) {
   };
   const auto identity = impl_->needs_caller(pending->request);
   if (!identity) return answer(std::nullopt);
-  impl_->identify(*identity->credentials, pending->settings, remote, identity->client_address, identity->required,
+  impl_->identify(*identity->credentials, pending->view->settings_object, remote, identity->client_address,
+                  identity->required,
                   [answer](Caller caller) { answer(std::move(caller)); });
 }
 

@@ -3,6 +3,11 @@
 // the identity directory says who is asking, the entitlement engine says what they may see, and
 // the codec renders the typed reply. Errors become NFuse ErrorIds in one place (reply_error in
 // the .cpp). Dialect: docs/nfuse.md.
+//
+// Reads come from the engine (broker::Engine), never from storage: the site settings and the
+// configuration from its immutable SiteView, the requester's direct assignments and the
+// registered machines from its state (docs/architecture.md "Enumeration"). Only the directory
+// (and the launcher, for launches) may touch storage.
 #pragma once
 
 #include "net/http.hpp"
@@ -18,14 +23,11 @@ class Metrics;
 class WorkQueue;
 }  // namespace common
 namespace broker {
+class Engine;
 class Launcher;
-class SiteObjects;
 }  // namespace broker
 namespace identity {
 class Directory;
-}
-namespace storage {
-class Repository;
 }
 
 namespace xmlservice {
@@ -45,18 +47,19 @@ class XmlService {
   // Without a launcher the launch requests (RequestAddress, RequestTicket, ...) answer
   // `unspecified` and are not advertised. Password checks go through
   // Directory::authenticate_async, so with a directory that hashes on a pool of its own a
-  // request that waits for a hash holds no work-queue thread meanwhile.
-  XmlService(identity::Directory& directory, broker::SiteObjects& site, storage::Repository& repository,
-             common::WorkQueue& work, common::Metrics& metrics, std::shared_ptr<spdlog::logger> logger,
-             broker::Launcher* launcher = nullptr, XmlServiceOptions options = {});
+  // request that waits for a hash holds no work-queue thread meanwhile. Keeps references to
+  // the directory, the engine, the work queue and the metrics; they must outlive the service.
+  XmlService(identity::Directory& directory, broker::Engine& engine, common::WorkQueue& work, common::Metrics& metrics,
+             std::shared_ptr<spdlog::logger> logger, broker::Launcher* launcher = nullptr,
+             XmlServiceOptions options = {});
   ~XmlService();
 
   // The net::HttpHandler of the XML listener. Called on an I/O thread; never blocks (requests
-  // are processed on the work queue: password checks and storage reads block).
+  // are processed on the work queue: the directory's look-ups may block).
   void handle(net::HttpRequest&& request, net::Responder respond);
 
-  // Processes one request and calls respond once, from any thread. Blocks on storage (run it on
-  // the work queue); a launch answers later, when the agent has prepared the session, and a
+  // Processes one request and calls respond once, from any thread. May block in the directory
+  // (run it on the work queue); a launch answers later, when the agent has prepared the session, and a
   // password check may answer later, from the thread the directory finishes it on.
   void process(const net::HttpRequest& request, net::Responder respond);
   // The same, waiting for the answer (tests, benchmarks; never on the work queue's threads).

@@ -2,6 +2,7 @@
 // directory and the entitlement engine, driven with NFuse request bodies.
 #include "xmlservice/xml_service.hpp"
 
+#include "broker/engine.hpp"
 #include "broker/site_objects.hpp"
 #include "common/crypto.hpp"
 #include "common/log.hpp"
@@ -117,6 +118,7 @@ struct Setup {
 struct Service {
   std::unique_ptr<storage::Repository> repo;
   std::unique_ptr<broker::SiteObjects> site;
+  broker::Engine engine;  // attached to repo: kept in step with what the admin path commits
   common::ManualClock clock;
   std::unique_ptr<identity::BuiltinDirectory> directory;
   common::WorkQueue work{1};
@@ -135,6 +137,7 @@ struct Service {
     repo = std::move(*r);
     site = std::make_unique<broker::SiteObjects>(*repo, common::null_logger());
     REQUIRE(site->reconcile("test.toml", cfg.config->site, cfg.config->objects).has_value());
+    REQUIRE(engine.attach(*repo).has_value());
     identity::BuiltinDirectoryOptions o;
     o.dummy_hash_iterations = 1000;
     o.verify_password = [this](std::string_view pw, std::string_view enc) {
@@ -146,7 +149,7 @@ struct Service {
     auto logger = std::make_shared<spdlog::logger>("test", std::make_shared<spdlog::sinks::ostream_sink_mt>(log_text));
     logger->set_pattern("%v");
     if (!setup.xml.clock) setup.xml.clock = &clock;
-    xml = std::make_unique<xmlservice::XmlService>(*directory, *site, *repo, work, metrics, logger, nullptr, setup.xml);
+    xml = std::make_unique<xmlservice::XmlService>(*directory, engine, work, metrics, logger, nullptr, setup.xml);
   }
 
   net::HttpResponse post(const std::string& body, const std::string& from = "127.0.0.1") {
@@ -403,4 +406,105 @@ TEST_CASE("with the password checks busy, requests that need no hash are still a
   release.set_value();
   for (auto& w : waiting) CHECK(has(w.get(), "<ErrorId>failed-credentials</ErrorId>"));
   CHECK(s.log_text.str().find("too many password checks at once (queue_full)") != std::string::npos);
+}
+
+// Enumeration is answered from the engine: what the admin path commits reaches it through the
+// repository's commit observer (broker::Engine::apply), with no reload and no restart.
+TEST_CASE("enumeration follows configuration changes and direct assignments made after start") {
+  Service s;
+  const std::string actor = "token:t";
+  const auto make = [](common::model::Kind kind, std::string name,
+                       std::initializer_list<std::pair<const char*, common::model::Value>> fields) {
+    auto o = common::model::make_default(kind, std::move(name));
+    for (const auto& [k, v] : fields) o.fields[k] = v;
+    return o;
+  };
+  using common::model::Kind;
+  using common::model::TextList;
+  const auto ok = [](const auto& result) {
+    if (!result) FAIL_CHECK(result.error().describe());
+    return result.has_value();
+  };
+  REQUIRE_FALSE(has(s.post(appdata(creds("bob", "bob-pass"))), "Personal"));
+
+  // A private group with an access rule but no assignment rule: nothing to see yet.
+  REQUIRE(ok(s.site->create(make(Kind::delivery_group, "Personal", {{"desktop_kind", std::string("Private")},
+                                                                 {"published_name", std::string("My PC")}}),
+                         actor)));
+  REQUIRE(ok(s.site->create(make(Kind::rule, "personal-access", {{"rule_type", std::string("access")},
+                                                              {"delivery_group", std::string("Personal")},
+                                                              {"included_users", TextList{"DEMO\\Domain Users"}}}),
+                         actor)));
+  REQUIRE(ok(s.site->create(make(Kind::machine, "pc-7", {{"catalog", std::string("pool")},
+                                                      {"delivery_group", std::string("Personal")}}),
+                         actor)));
+  CHECK_FALSE(has(s.post(appdata(creds("bob", "bob-pass"))), "Personal"));
+
+  // A direct assignment (no rule) of pc-7 to bob: bob sees the group's desktop, alice does not.
+  REQUIRE(ok(s.site->create(make(Kind::assignment, "", {{"machine", std::string("pc-7")}, {"user", std::string("DEMO\\bob")}}),
+                         actor)));
+  auto bob = s.post(appdata(creds("bob", "bob-pass")));
+  CHECK(has(bob, "<InName>Personal</InName>"));
+  CHECK(has(bob, "<FName>My PC</FName>"));
+  CHECK_FALSE(has(s.post(appdata(creds("alice", "alice-pass"))), "Personal"));
+
+  // Configuration changes: a renamed desktop, a new application, then hidden.
+  auto personal = s.site->get(Kind::delivery_group, "Personal");
+  REQUIRE(personal.has_value());
+  personal->fields["published_name"] = std::string("My Desktop");
+  REQUIRE(ok(s.site->update("Personal", *personal, actor)));
+  bob = s.post(appdata(creds("bob", "bob-pass")));
+  CHECK(has(bob, "<FName>My Desktop</FName>"));
+  CHECK_FALSE(has(bob, "Calc"));
+  REQUIRE(ok(s.site->create(make(Kind::application, "Calc", {{"command_line_executable", std::string("calc.exe")},
+                                                             {"delivery_groups", TextList{"Apps"}}}),
+                            actor)));
+  CHECK(has(s.post(appdata(creds("bob", "bob-pass"))), "<InName>Calc</InName>"));
+  auto calc = s.site->get(Kind::application, "Calc");
+  REQUIRE(calc.has_value());
+  calc->fields["visible"] = false;
+  REQUIRE(ok(s.site->update("Calc", *calc, actor)));
+  CHECK_FALSE(has(s.post(appdata(creds("bob", "bob-pass"))), "Calc"));
+  // The site settings come from the config file: a reload of the changed file (brokerd's
+  // reconcile) reaches the engine the same way.
+  std::string toml = site_toml(false);
+  toml.replace(toml.find("Test Farm"), 9, "Renamed Farm");
+  auto cfg = config::load_string(toml, "test.toml");
+  REQUIRE(cfg.config.has_value());
+  REQUIRE(ok(s.site->reconcile("test.toml", cfg.config->site, cfg.config->objects)));
+  CHECK(has(s.post(wrap("<RequestServerFarmData><Nil/></RequestServerFarmData>")),
+            "<ServerFarmName>Renamed Farm</ServerFarmName>"));
+
+  // The assignment removed: the desktop goes.
+  auto assignments = s.site->list(Kind::assignment, {});
+  REQUIRE(assignments.has_value());
+  REQUIRE(assignments->items.size() == 1);
+  REQUIRE(ok(s.site->remove(Kind::assignment, assignments->items[0].name, actor)));
+  CHECK_FALSE(has(s.post(appdata(creds("bob", "bob-pass"))), "Personal"));
+}
+
+TEST_CASE("RequestServerData lists the machines the engine holds registered") {
+  Service s;
+  using common::model::Kind;
+  const auto ok = [](const auto& result) {
+    if (!result) FAIL_CHECK(result.error().describe());
+    return result.has_value();
+  };
+  for (const char* name : {"pc-1", "pc-2"}) {
+    auto m = common::model::make_default(Kind::machine, name);
+    m.fields["catalog"] = std::string("pool");
+    m.fields["delivery_group"] = std::string("Desktops");
+    REQUIRE(ok(s.site->create(m, "token:t")));
+  }
+  const auto servers = [&] {
+    return s.post(wrap("<RequestServerData><ServerType>all</ServerType>" + creds("alice", "alice-pass") +
+                       "</RequestServerData>"));
+  };
+  CHECK_FALSE(has(servers(), "<ServerName>"));
+  REQUIRE(s.engine.registered("pc-2", 0));  // live state: the agent registry sets it, storage never sees it
+  auto r = servers();
+  CHECK(has(r, "<ServerName>pc-2</ServerName>"));
+  CHECK_FALSE(has(r, "pc-1"));
+  REQUIRE(s.engine.unregistered("pc-2"));
+  CHECK_FALSE(has(servers(), "<ServerName>"));
 }

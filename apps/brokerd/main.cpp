@@ -258,7 +258,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   xmlservice::XmlServiceOptions xopts;
   xopts.failed_logons_per_minute = cfg.xml_service.failed_logons_per_minute;
   xopts.clock = &clock;
-  xmlservice::XmlService xml_service(directory, site, repository, work, metrics, log, &launcher, xopts);
+  xmlservice::XmlService xml_service(directory, engine, work, metrics, log, &launcher, xopts);
   // The Secure Ticket Authority ([sta]) on the XML listener: POST /scripts/ctxsta.dll.
   std::unique_ptr<xmlservice::StaService> sta;
   if (cfg.sta.enabled) {
