@@ -30,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 namespace {
@@ -76,8 +77,15 @@ double metric(const std::string& text, const std::string& name) {
   return std::atof(text.c_str() + at + name.size() + 2);
 }
 
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
 struct Run {
-  double seconds = 0, p50_ms = 0, p99_ms = 0, batch = 0;
+  double seconds = 0, p50_ms = 0, p99_ms = 0, batch = 0, cpu_us = 0;
   int failed = 0;
 };
 
@@ -120,10 +128,10 @@ Run run(int machines, int concurrency, const fs::path& dir) {
 
   common::SystemClock clock;
   InstantAgents agents;
+  broker::Engine engine;  // outlives the work queue: its last tasks' commits reach it
   common::WorkQueue work(concurrency);
   broker::LauncherOptions lo;
   lo.credential_key = common::crypto::new_site_key();
-  broker::Engine engine;
   if (auto loaded = engine.attach(**repo); !loaded) {
     std::fprintf(stderr, "launch_bench: %s\n", loaded.error().describe().c_str());
     std::exit(1);
@@ -136,6 +144,7 @@ Run run(int machines, int concurrency, const fs::path& dir) {
   int in_flight = 0, done_count = 0;
   Run r;
   std::vector<double> latencies;
+  const double cpu_start = cpu_seconds();
   const auto start = Clock::now();
   for (int i = 0; i < machines; ++i) {
     {
@@ -168,6 +177,7 @@ Run run(int machines, int concurrency, const fs::path& dir) {
     cv.wait(lock, [&] { return done_count == machines; });
   }
   r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  r.cpu_us = (cpu_seconds() - cpu_start) * 1e6 / machines;
   std::sort(latencies.begin(), latencies.end());
   r.p50_ms = latencies[latencies.size() / 2];
   r.p99_ms = latencies[std::min(latencies.size() - 1, latencies.size() * 99 / 100)];
@@ -198,12 +208,12 @@ int main(int argc, char** argv) {
   fs::create_directories(dir);
   std::printf("%d machines, %d launches of distinct users per run (shared single-session group)\n\n", machines,
               machines);
-  std::printf("%-12s %10s %12s %10s %10s %12s %8s\n", "in flight", "seconds", "launches/s", "p50 ms", "p99 ms",
-              "mean batch", "failed");
+  std::printf("%-12s %10s %12s %10s %10s %12s %14s %8s\n", "in flight", "seconds", "launches/s", "p50 ms", "p99 ms",
+              "mean batch", "CPU us/launch", "failed");
   for (int c : concurrency) {
     const auto r = run(machines, c, dir);
-    std::printf("%-12d %10.2f %12.0f %10.2f %10.2f %12.2f %8d\n", c, r.seconds, machines / r.seconds, r.p50_ms,
-                r.p99_ms, r.batch, r.failed);
+    std::printf("%-12d %10.2f %12.0f %10.2f %10.2f %12.2f %14.0f %8d\n", c, r.seconds, machines / r.seconds, r.p50_ms,
+                r.p99_ms, r.batch, r.cpu_us, r.failed);
   }
   fs::remove_all(dir);
   return 0;

@@ -158,6 +158,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   std::mutex decide_mutex;
   std::mt19937_64 rng{std::random_device{}()};  // guarded by decide_mutex
   std::atomic<int> inflight{0};
+  std::atomic<std::uint64_t> refused_claims{0};
   PowerControl* power = nullptr;
 
   // Machines powered on for a launch, held for its user until they register (and claim_hold
@@ -672,6 +673,25 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     return {};
   }
 
+  // A claim on `machine` was refused: the database holds sessions or assignments of it the engine
+  // did not see (written by another broker sharing the database). They are read (two indexed
+  // queries) and given to the engine, so that no launch picks the machine again in vain.
+  void resync(const std::string& machine) {
+    std::vector<storage::Change> found;
+    auto st = repo.read([&](storage::Transaction& tx) -> Status {
+      storage::Query q;
+      q.equals.emplace_back("machine", machine);
+      for (Kind k : {Kind::session, Kind::assignment}) {
+        auto objects = tx.list(k, q);
+        if (!objects) return objects.error();
+        for (auto& o : *objects) found.push_back({k, o.name, {}, std::move(o)});
+      }
+      return {};
+    });
+    if (!st) return log->warn("launch: cannot read the sessions of {} again: {}", machine, st.error().describe());
+    engine.apply(found);
+  }
+
   void attempt(std::shared_ptr<Attempt> a) {
     Reservation res;
     LaunchResult outcome;
@@ -688,13 +708,18 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       }
       if (outcome.ok()) {
         auto st = repo.write([&](storage::Transaction& tx) -> Status { return commit(tx, *a, res); });
+        const bool refused = !st && st.error().code == errc::conflict && st.error().message == kGuardRefused;
+        if (refused) {
+          // Before the reservation goes: no other launch may pick the machine in between.
+          ++refused_claims;
+          log->info("launch: {} for {}: {}; trying another machine", res.machine, a->request.user.qualified_name,
+                    kGuardRefused);
+          resync(res.machine);
+        }
         // Confirmed: the committed session now holds the machine in the engine. Undone: the
         // reservation (and a multi-session machine's load bump) goes.
         if (res.reserved) engine.with_state([&](SiteState& s) { s.release(res.machine, !st.has_value()); });
-        if (!st && st.error().code == errc::conflict && st.error().message == kGuardRefused &&
-            ++a->guard_refusals <= kMaxGuardRetries) {
-          log->info("launch: {} for {}: {}; trying another machine", res.machine, a->request.user.qualified_name,
-                    kGuardRefused);
+        if (refused && ++a->guard_refusals <= kMaxGuardRetries) {
           a->tried.insert(res.machine);
           return attempt(a);
         }
@@ -1184,6 +1209,8 @@ Status Launcher::sweep() {
 }
 
 int Launcher::in_flight() const { return impl_->inflight.load(); }
+
+std::uint64_t Launcher::refused_claims() const { return impl_->refused_claims.load(); }
 
 void Launcher::set_power(PowerControl* power) { impl_->power = power; }
 

@@ -12,10 +12,17 @@
 // site's registration_wait_timeout_seconds gets a fault state and the launch fails over
 // (RegistrationTimeout when no machine is left). docs/power.md "Launching on a powered-off machine".
 //
-// Concurrency: selection and reservation happen under one mutex, in the same storage transaction
-// that records the pending session, so two launches never take the same single-session machine
-// and assignments never exceed the rules. The slow part (waiting for the agent's ack) runs outside
-// the mutex. Blocking storage work runs on the work queue; callbacks come from any thread.
+// Concurrency (docs/architecture.md "Launch"): selection runs in memory on the engine's state
+// (broker/engine.hpp) under the launcher's decide mutex and the engine's lock, and reserves the
+// chosen machine there; the launch's rows are then written in one write() outside every lock
+// (group commit), each claim guarded in SQL (Transaction::create_guarded: a single-session
+// machine without a live session, an unassigned machine and the user under the rule's limit).
+// The reservation is confirmed once the write committed (the session, now in the engine, holds
+// the machine) and undone when it failed; a refused guard re-reads that machine's rows into the
+// engine and tries the next machine. So two launches never take the same single-session machine
+// and assignments never exceed the rules, even against another broker sharing the database.
+// The slow part (waiting for the agent's ack) holds no lock. Blocking storage work runs on the
+// work queue; callbacks come from any thread.
 #pragma once
 
 #include "common/error.hpp"
@@ -23,6 +30,7 @@
 
 #include <spdlog/fwd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -210,6 +218,9 @@ class Launcher {
 
   // Launches accepted and not answered yet.
   int in_flight() const;
+  // Conditional writes refused since start: a machine the engine took for free was claimed in the
+  // database (by another broker sharing it); each such launch tried another machine.
+  std::uint64_t refused_claims() const;
 
  private:
   struct Impl;

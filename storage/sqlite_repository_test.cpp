@@ -33,6 +33,7 @@ using namespace common::model;
 using common::errc;
 using storage::AuditEntry;
 using storage::AuditQuery;
+using storage::Change;
 using storage::Query;
 using storage::Repository;
 using storage::Transaction;
@@ -404,6 +405,58 @@ TEST_CASE("defaults, nulls and empty references are stored as documented") {
     REQUIRE(read.has_value());
     check_same_fields(*read, got);
     CHECK(std::holds_alternative<TextList>(read->fields.at("tags")));
+  });
+}
+
+TEST_CASE("set_fields updates only the given columns; create_guarded claims only under its guard") {
+  auto repo = memory_repo();
+  std::vector<Change> seen;
+  repo->set_commit_observer([&](const std::vector<Change>& c) { seen.insert(seen.end(), c.begin(), c.end()); });
+  write_ok(*repo, [](Transaction& tx) {
+    create_ok(tx, make_default(Kind::catalog, "c1"));
+    Object m = machine("m1", "c1");
+    m.fields["tags"] = TextList{"gpu"};
+    m.fields["dns_name"] = std::string("m1.example");
+    create_ok(tx, m);
+  });
+  seen.clear();
+  write_ok(*repo, [](Transaction& tx) {
+    auto r = tx.set_fields(Kind::machine, "m1", {{"last_connection_user", std::string("DEMO\\alice")}});
+    REQUIRE(r.has_value());
+    CHECK(r->text("last_connection_user") == "DEMO\\alice");
+    CHECK(r->text("dns_name") == "m1.example");  // untouched
+    CHECK(r->list("tags") == TextList{"gpu"});
+    CHECK(tx.set_fields(Kind::machine, "nope", {{"dns_name", std::string("x")}}).error().code == errc::not_found);
+    CHECK(tx.set_fields(Kind::machine, "m1", {{"tags", TextList{}}}).error().code == errc::invalid_argument);
+    CHECK(tx.set_fields(Kind::machine, "m1", {{"load_index", std::string("x")}}).error().code == errc::invalid_argument);
+    CHECK(tx.set_fields(Kind::machine, "m1", {{"no_such", std::string("x")}}).error().code == errc::invalid_argument);
+  });
+  REQUIRE(seen.size() == 1);  // the observer sees the object as stored
+  CHECK(seen[0].object->text("last_connection_user") == "DEMO\\alice");
+
+  write_ok(*repo, [](Transaction& tx) {
+    Query live;
+    live.equals.emplace_back("machine", "m1");
+    live.not_equals.emplace_back("state", "LoggedOff");
+    Object s1 = make_default(Kind::session, "S1");
+    s1.fields["machine"] = std::string("m1");
+    s1.fields["state"] = std::string("LoggedOff");
+    create_ok(tx, s1);  // history does not count
+    Object s2 = make_default(Kind::session, "S2");
+    s2.fields["machine"] = std::string("m1");
+    auto claimed = tx.create_guarded(s2, Kind::session, live, 1);
+    REQUIRE(claimed.has_value());
+    CHECK(claimed->has_value());
+    Object s3 = make_default(Kind::session, "S3");
+    s3.fields["machine"] = std::string("m1");
+    auto refused = tx.create_guarded(s3, Kind::session, live, 1);
+    REQUIRE(refused.has_value());
+    CHECK_FALSE(refused->has_value());
+    CHECK(tx.get(Kind::session, "S3").error().code == errc::not_found);
+    auto more = tx.create_guarded(s3, Kind::session, live, 2);  // a second slot
+    REQUIRE(more.has_value());
+    CHECK(more->has_value());
+    CHECK(*tx.count(Kind::session, live) == 2);
   });
 }
 

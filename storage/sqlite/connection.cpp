@@ -48,7 +48,10 @@ void Statement::bind_null(int index) { sqlite3_bind_null(stmt_, index); }
 
 common::Result<bool> Statement::step() {
   const int rc = sqlite3_step(stmt_);
-  if (rc == SQLITE_ROW) return true;
+  if (rc == SQLITE_ROW) {
+    ++connection_->rows_returned_;
+    return true;
+  }
   if (rc == SQLITE_DONE) return false;
   return connection_->error(rc, "statement failed");
 }

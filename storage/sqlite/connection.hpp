@@ -82,6 +82,8 @@ class Connection {
   bool read_only() const;
   std::int64_t last_insert_rowid() const;
   int changes() const;
+  // Rows its statements have returned since it was opened (for the rows-read metric).
+  std::uint64_t rows_returned() const { return rows_returned_; }
   const std::string& path() const { return path_; }
   sqlite3* handle() const { return db_; }
 
@@ -95,6 +97,8 @@ class Connection {
 
   sqlite3* db_;
   std::string path_;
+  mutable std::uint64_t rows_returned_ = 0;  // used by the connection's holder only
+  friend class Statement;
   // Node-based: entries keep their address, so a loan can hold a pointer to its flag.
   std::unordered_map<std::string, CachedStatement> cache_;
 };

@@ -42,6 +42,7 @@ constexpr std::string_view kMemory = ":memory:";
 constexpr std::string_view kCommitMetric = "broker_storage_commit_seconds";
 constexpr std::string_view kBatchesMetric = "broker_storage_commit_batches_total";
 constexpr std::string_view kBatchWritesMetric = "broker_storage_commit_batch_writes_total";
+constexpr std::string_view kRowsMetric = "broker_storage_rows_read_total";
 
 // The most write() calls one COMMIT serves; later arrivals form the next batch.
 constexpr std::size_t kMaxBatch = 64;
@@ -92,6 +93,7 @@ class SqliteRepository final : public Repository {
     if (auto ok = db_->exec("BEGIN"); !ok) return ok;
     sqlite::SqliteTransaction tx(*db_, false);
     Status result;
+    const auto rows_before = db_->rows_returned();
     try {
       result = fn(tx);
     } catch (...) {
@@ -100,6 +102,7 @@ class SqliteRepository final : public Repository {
       throw;
     }
     tx.finish();
+    if (metrics_) metrics_->add(kRowsMetric, {}, static_cast<double>(db_->rows_returned() - rows_before));
     // A read transaction has nothing to commit: ending it either way releases the snapshot.
     if (!result) {
       rollback();
@@ -296,6 +299,14 @@ class SqliteRepository final : public Repository {
     p.changes.clear();
     if (observer_) tx.record_changes(&p.changes);
     bool failed = false;
+    const auto rows_before = db_->rows_returned();
+    struct CountRows {  // rows the function read, whatever way it ends
+      SqliteRepository& self;
+      std::uint64_t before;
+      ~CountRows() {
+        if (self.metrics_) self.metrics_->add(kRowsMetric, {}, static_cast<double>(self.db_->rows_returned() - before));
+      }
+    } count_rows{*this, rows_before};
     try {
       p.result = (*p.fn)(tx);
       failed = !p.result;
@@ -537,6 +548,8 @@ Result<std::unique_ptr<Repository>> open_sqlite(const SqliteOptions& options) {
                               "time to commit one storage write batch (one COMMIT and one disk flush)");
     options.metrics->describe(kBatchesMetric, common::Metrics::Type::counter,
                               "storage write batches committed (group commit: one COMMIT and disk flush each)");
+    options.metrics->describe(kRowsMetric, common::Metrics::Type::counter,
+                              "rows returned by storage statements (reads inside read() and write() calls)");
     options.metrics->describe(kBatchWritesMetric, common::Metrics::Type::counter,
                               "write() calls run in committed batches; divided by "
                               "broker_storage_commit_batches_total it is the mean batch size");
