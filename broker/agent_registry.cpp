@@ -74,22 +74,11 @@ Status end_session(storage::Transaction& tx, const Object& session, const std::s
 
 }  // namespace
 
-std::string summary_state(bool registered, const std::string& session_support, std::int64_t load_index,
-                          const std::vector<std::string>& states) {
-  if (!registered) return "Unregistered";
-  const auto has = [&](const char* s) { return std::find(states.begin(), states.end(), s) != states.end(); };
-  if (session_support == "MultiSession") return load_index >= 10000 ? "InUse" : "Available";
-  if (has("Active") || has("Connected") || has("Reconnecting")) return "InUse";
-  if (has("PreparingNewSession")) return "Preparing";
-  if (has("Disconnected")) return "Disconnected";
-  if (!states.empty()) return "InUse";
-  return "Available";
-}
-
-AgentRegistry::AgentRegistry(storage::Repository& repository, common::Clock& clock,
+AgentRegistry::AgentRegistry(storage::Repository& repository, Engine& engine, common::Clock& clock,
                              std::shared_ptr<spdlog::logger> logger, int max_failures_per_minute,
                              std::chrono::seconds back_off)
     : repository_(repository),
+      engine_(engine),
       clock_(clock),
       logger_(std::move(logger)),
       max_failures_(max_failures_per_minute),
@@ -123,17 +112,17 @@ Result<std::string> AgentRegistry::enrollment_verifier(const std::string& catalo
 
 Result<std::string> AgentRegistry::enroll(const std::string& machine, const std::string& catalog) {
   const std::string secret = common::crypto::random_hex(32);
+  // Registration is live: the engine knows whether an agent holds the machine now.
+  const auto live = engine_.machine(machine);
+  const bool registered = live && live->registration == RegistrationState::registered;
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
     auto existing = tx.get(Kind::machine, machine);
     if (!existing && existing.error().code != errc::not_found) return existing.error();
     if (existing) {
       if (existing->text("catalog") != catalog)
         return make_error(errc::conflict, "machine '" + machine + "' belongs to catalog '" + existing->text("catalog") + "'");
-      if (existing->text("registration_state") == "Registered")
-        return make_error(errc::conflict, "machine '" + machine + "' is registered; authenticate with its secret");
-      Object m = *existing;
-      m.fields["secret_hash"] = common::crypto::sha256_hex(secret);
-      auto r = tx.update(machine, m);
+      if (registered) return make_error(errc::conflict, "machine '" + machine + "' is registered; authenticate with its secret");
+      auto r = tx.set_fields(Kind::machine, machine, {{"secret_hash", common::crypto::sha256_hex(secret)}});
       if (!r) return r.error();
       return tx.append_audit(agent_audit(machine, "enroll"));
     }
@@ -183,145 +172,176 @@ void AgentRegistry::record_success(const std::string& machine) {
 }
 
 Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration& reg) {
-  std::optional<Refusal> refusal;
+  const auto load_index = std::clamp<std::int64_t>(reg.load_index, 0, kFullLoad);
+  // The machine and its catalog's session support, from the engine (the live site).
+  std::optional<Refusal> refusal = engine_.with_state([&](const SiteState& site) -> std::optional<Refusal> {
+    const Machine* m = site.machine(reg.machine);
+    if (!m) return Refusal{"UnknownMachine", "no machine named '" + reg.machine + "'"};
+    const auto support = to_string(m->session_support);
+    if (support != reg.session_support)
+      return Refusal{"SingleMultiSessionMismatch", "the agent is " + reg.session_support + " but catalog '" +
+                                                       m->catalog + "' is " + std::string(support)};
+    return std::nullopt;
+  });
+  if (refusal) {
+    logger_->warn("registration of '{}' refused: {}: {}", reg.machine, refusal->reason, refusal->message);
+    return refusal;
+  }
   int ended = 0, non_brokered = 0, ignored = 0, over_limit = 0;
   std::vector<std::string> lost;  // pending sessions whose preparation the agent no longer has
   const auto now_time = clock_.now();
   const std::string now = common::format_time(now_time);
-  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
+  // What must survive a restart (docs/cbp.md "Registration"): the sessions reconciliation
+  // changes, the agent's facts when they changed, audit. Run first as a dry run in a read
+  // transaction (apply false: stops at the first write it would make, setting needs_write), and
+  // only when something would change, again in a write transaction.
+  bool needs_write = false;
+  const bool any_live =
+      engine_.with_state([&](const SiteState& site) { return site.live_sessions_on(reg.machine) > 0; });
+  auto reconcile = [&](storage::Transaction& tx, bool apply) -> Status {
     ended = non_brokered = ignored = over_limit = 0;
     lost.clear();
+    needs_write = false;
+    const auto must_write = [&] {
+      needs_write = true;
+      return !apply;  // true: stop here (dry run)
+    };
     auto m = tx.get(Kind::machine, reg.machine);
-    if (!m && m.error().code == errc::not_found) {
+    if (!m && m.error().code == errc::not_found) {  // removed since the check above
       refusal = Refusal{"UnknownMachine", "no machine named '" + reg.machine + "'"};
       return {};
     }
     if (!m) return m.error();
-    auto cat = tx.get(Kind::catalog, m->text("catalog"));
-    if (!cat) return cat.error();
-    if (cat->text("session_support") != reg.session_support) {
-      refusal = Refusal{"SingleMultiSessionMismatch", "the agent is " + reg.session_support + " but catalog '" +
-                                                          cat->name + "' is " + cat->text("session_support")};
-      return {};
-    }
     // Sessions: end the stored ones the agent no longer has, record the ones we did not broker.
-    storage::Query q;
-    q.equals.emplace_back("machine", reg.machine);
-    auto stored = tx.list(Kind::session, q);
-    if (!stored) return stored.error();
+    // A machine with no live session that reports none has nothing to reconcile.
     std::vector<std::string> states;
-    for (const auto& s : *stored) {
-      if (s.text("state") == "LoggedOff") continue;
-      const auto key = agent_session_key(s);
-      const auto reported = std::find_if(reg.sessions.begin(), reg.sessions.end(),
-                                         [&](const AgentSession& a) { return a.session_key == key; });
-      if (reported != reg.sessions.end()) continue;
-      if (s.text("state") != "PreparingNewSession") {
+    if (any_live || !reg.sessions.empty()) {
+      storage::Query q;
+      q.equals.emplace_back("machine", reg.machine);
+      auto stored = tx.list(Kind::session, q);
+      if (!stored) return stored.error();
+      for (const auto& s : *stored) {
+        if (s.text("state") == "LoggedOff") continue;
+        const auto key = agent_session_key(s);
+        const auto reported = std::find_if(reg.sessions.begin(), reg.sessions.end(),
+                                           [&](const AgentSession& a) { return a.session_key == key; });
+        if (reported != reg.sessions.end()) continue;
+        if (s.text("state") != "PreparingNewSession") {
+          if (must_write()) return {};
+          if (auto r = end_session(tx, s, now); !r) return r;
+          ++ended;
+          continue;
+        }
+        // A launch's pending session the agent does not report: it restarted without the
+        // preparation, so the user's client can never connect to it. Ended at once, unless a launch
+        // may still be preparing it right now (younger than the preparation grace).
+        common::SysTime started;
+        const bool young =
+            !common::parse_time(s.text("start_time"), started) || now_time < started + preparation_grace_;
+        if (young || !s.flag("brokered", true)) {
+          states.push_back(s.text("state"));
+          continue;
+        }
+        if (must_write()) return {};
         if (auto r = end_session(tx, s, now); !r) return r;
-        ++ended;
-        continue;
+        lost.push_back(s.name);
+        auto failed = tx.set_fields(Kind::machine, reg.machine,
+                                    {{"last_connection_failure", std::string("SessionPreparation")}});
+        if (!failed) return failed.error();
+        m = std::move(*failed);
+        auto e = agent_audit(reg.machine, "launch-failed");
+        e.kind = "session";
+        e.object = s.name;
+        e.after = boost::json::serialize(boost::json::object{{"user", s.text("user_name")},
+                                                             {"machine", reg.machine},
+                                                             {"reason", "PreparationLost"},
+                                                             {"error", "the agent re-registered without the session"}});
+        if (auto audited = tx.append_audit(e); !audited) return audited;
       }
-      // A launch's pending session the agent does not report: it restarted without the
-      // preparation, so the user's client can never connect to it. Ended at once, unless a launch
-      // may still be preparing it right now (younger than the preparation grace).
-      common::SysTime started;
-      const bool young = !common::parse_time(s.text("start_time"), started) || now_time < started + preparation_grace_;
-      if (young || !s.flag("brokered", true)) {
-        states.push_back(s.text("state"));
-        continue;
-      }
-      if (auto r = end_session(tx, s, now); !r) return r;
-      lost.push_back(s.name);
-      Object failed = *m;
-      failed.fields["last_connection_failure"] = std::string("SessionPreparation");
-      auto failed_stored = tx.update(reg.machine, failed);
-      if (!failed_stored) return failed_stored.error();
-      m = std::move(*failed_stored);
-      auto e = agent_audit(reg.machine, "launch-failed");
-      e.kind = "session";
-      e.object = s.name;
-      e.after = boost::json::serialize(boost::json::object{{"user", s.text("user_name")},
-                                                           {"machine", reg.machine},
-                                                           {"reason", "PreparationLost"},
-                                                           {"error", "the agent re-registered without the session"}});
-      if (auto audited = tx.append_audit(e); !audited) return audited;
-    }
-    const std::size_t limit = session_limit(reg.session_support);
-    for (const auto& a : reg.sessions) {
-      auto existing = live_session(tx, reg.machine, a.session_key);
-      if (!existing && existing.error().code != errc::not_found) return existing.error();
-      if (!existing && a.state == "PreparingNewSession") {
-        ++ignored;  // no client and no valid ticket: it will never become a session we know
-        continue;
-      }
-      if (!existing && states.size() >= limit) {
-        ++over_limit;  // more than the machine's session support allows: not recorded
-        continue;
-      }
-      if (auto r = forget_logged_off(tx, reg.machine, a.session_key); !r) return r;
-      Object s = existing ? *existing : common::model::make_default(Kind::session, "");
-      if (!existing) {
-        auto name = reported_session_name(tx, reg.machine, a.session_key);
-        if (!name) return name.error();
-        s.name = *name;
-        s.fields["session_key"] = a.session_key;
-        s.fields["brokered"] = false;
-        s.fields["start_time"] = now;
-        ++non_brokered;
-      }
-      s.fields["machine"] = reg.machine;
-      // What the agent does not report keeps what the broker knows (docs/cbp.md allows a
-      // prepared session without its user); another user in a brokered session is not taken
-      // over here: the session's next event ends it (session_event).
-      const bool brokered = existing && existing->flag("brokered", true);
-      if (!a.user.empty() && !(brokered && !existing->text("user_name").empty()))
-        s.fields["user_name"] = a.user;
-      if (!a.client_name.empty()) s.fields["client_name"] = a.client_name;
-      if (!a.client_address.empty()) s.fields["client_address"] = a.client_address;
-      const auto state = stored_state(a.state);
-      if (!existing || s.text("state") != state) s.fields["state_change_time"] = now;
-      s.fields["state"] = state;
-      s.fields["protocol"] = protocol_or_default(a.protocol);
-      if (!a.application.empty()) {
-        s.fields["application"] = a.application;
-        s.fields["session_type"] = std::string("Application");
-      }
-      if (existing && common::model::same_declared_fields(s, *existing) && s.fields == existing->fields) {
+      const std::size_t limit = session_limit(reg.session_support);
+      for (const auto& a : reg.sessions) {
+        auto existing = live_session(tx, reg.machine, a.session_key);
+        if (!existing && existing.error().code != errc::not_found) return existing.error();
+        if (!existing && a.state == "PreparingNewSession") {
+          ++ignored;  // no client and no valid ticket: it will never become a session we know
+          continue;
+        }
+        if (!existing && states.size() >= limit) {
+          ++over_limit;  // more than the machine's session support allows: not recorded
+          continue;
+        }
+        Object s = existing ? *existing : common::model::make_default(Kind::session, "");
+        if (!existing) {
+          if (must_write()) return {};
+          if (auto r = forget_logged_off(tx, reg.machine, a.session_key); !r) return r;
+          auto name = reported_session_name(tx, reg.machine, a.session_key);
+          if (!name) return name.error();
+          s.name = *name;
+          s.fields["session_key"] = a.session_key;
+          s.fields["brokered"] = false;
+          s.fields["start_time"] = now;
+          ++non_brokered;
+        }
+        s.fields["machine"] = reg.machine;
+        // What the agent does not report keeps what the broker knows (docs/cbp.md allows a
+        // prepared session without its user); another user in a brokered session is not taken
+        // over here: the session's next event ends it (session_event).
+        const bool brokered = existing && existing->flag("brokered", true);
+        if (!a.user.empty() && !(brokered && !existing->text("user_name").empty()))
+          s.fields["user_name"] = a.user;
+        if (!a.client_name.empty()) s.fields["client_name"] = a.client_name;
+        if (!a.client_address.empty()) s.fields["client_address"] = a.client_address;
+        const auto state = stored_state(a.state);
+        if (!existing || s.text("state") != state) s.fields["state_change_time"] = now;
+        s.fields["state"] = state;
+        s.fields["protocol"] = protocol_or_default(a.protocol);
+        if (!a.application.empty()) {
+          s.fields["application"] = a.application;
+          s.fields["session_type"] = std::string("Application");
+        }
+        if (existing && common::model::same_declared_fields(s, *existing) && s.fields == existing->fields) {
+          states.push_back(state);
+          continue;  // nothing changed: no write
+        }
+        if (must_write()) return {};
+        auto r = existing ? tx.update(s.name, s) : tx.create(s);
+        if (!r) return r.error();
         states.push_back(state);
-        continue;  // nothing changed: no write
       }
-      auto r = existing ? tx.update(s.name, s) : tx.create(s);
-      if (!r) return r.error();
-      states.push_back(state);
+      if (over_limit > 0) {
+        if (must_write()) return {};
+        auto e = agent_audit(reg.machine, "session-limit-exceeded");
+        e.after = boost::json::serialize(boost::json::object{{"session_support", reg.session_support},
+                                                             {"limit", static_cast<std::int64_t>(limit)},
+                                                             {"not_recorded", over_limit}});
+        if (auto r = tx.append_audit(e); !r) return r;
+      }
     }
-    if (over_limit > 0) {
-      auto e = agent_audit(reg.machine, "session-limit-exceeded");
-      e.after = boost::json::serialize(boost::json::object{{"session_support", reg.session_support},
-                                                           {"limit", static_cast<std::int64_t>(limit)},
-                                                           {"not_recorded", over_limit}});
-      if (auto r = tx.append_audit(e); !r) return r;
-    }
-    Object updated = *m;
-    updated.fields["registration_state"] = std::string("Registered");
-    updated.fields["agent_version"] = reg.agent_version;
-    updated.fields["os_type"] = reg.os;
-    updated.fields["cbp_version"] = std::to_string(reg.protocol_version);
-    updated.fields["agent_address"] = reg.address;
-    updated.fields["load_index"] = std::clamp<std::int64_t>(reg.load_index, 0, 10000);
-    updated.fields["session_count"] = static_cast<std::int64_t>(states.size());
-    updated.fields["fault_state"] = std::string("None");
-    updated.fields["summary_state"] =
-        summary_state(true, reg.session_support, reg.load_index, states);
-    auto r = tx.update(reg.machine, updated);
+    // The agent's facts, written only when they changed. Registration state, load index, session
+    // count and summary state are live (the engine's), never written here.
+    common::model::Fields facts;
+    const auto fact = [&](const char* field, std::string value) {
+      if (m->text(field) != value) facts.emplace(field, std::move(value));
+    };
+    fact("agent_version", reg.agent_version);
+    fact("os_type", reg.os);
+    fact("cbp_version", std::to_string(reg.protocol_version));
+    fact("agent_address", reg.address);
+    fact("fault_state", "None");  // a registered machine has no registration or start fault
+    if (facts.empty()) return {};
+    if (must_write()) return {};
+    auto r = tx.set_fields(Kind::machine, reg.machine, facts);
     if (!r) return r.error();
     return {};
-  });
+  };
+  auto st = repository_.read([&](storage::Transaction& tx) { return reconcile(tx, false); });
+  if (st && needs_write && !refusal) st = repository_.write([&](storage::Transaction& tx) { return reconcile(tx, true); });
   if (!st) return st.error();
   if (refusal) {
     logger_->warn("registration of '{}' refused: {}: {}", reg.machine, refusal->reason, refusal->message);
     return refusal;
   }
-  if (engine_) engine_->registered(reg.machine, std::clamp<std::int64_t>(reg.load_index, 0, 10000));
+  engine_.registered(reg.machine, load_index);
   logger_->info(
       "machine '{}' registered (agent {}, protocol {}, {} sessions; {} stale ended, {} non-brokered, {} unknown "
       "preparations ignored)",
@@ -337,28 +357,10 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
 }
 
 Status AgentRegistry::heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count) {
-  if (engine_) {  // live state: memory only
-    if (!engine_->set_load(machine, std::clamp<std::int64_t>(load_index, 0, 10000), session_count))
-      return common::make_error(errc::not_found, "no machine '" + machine + "'");
-    return {};
-  }
-  return repository_.write([&](storage::Transaction& tx) -> Status {
-    auto m = tx.get(Kind::machine, machine);
-    if (!m) return m.error();
-    load_index = std::clamp<std::int64_t>(load_index, 0, 10000);
-    if (m->integer("load_index") == load_index && m->integer("session_count") == session_count) return {};
-    Object updated = *m;
-    updated.fields["load_index"] = load_index;
-    updated.fields["session_count"] = session_count;
-    auto cat = tx.get(Kind::catalog, m->text("catalog"));
-    if (!cat) return cat.error();
-    if (cat->text("session_support") == "MultiSession")  // its summary follows the load index
-      updated.fields["summary_state"] =
-          summary_state(m->text("registration_state") == "Registered", "MultiSession", load_index, {});
-    auto r = tx.update(machine, updated);
-    if (!r) return r.error();
-    return {};
-  });
+  // Live state: memory only (docs/cbp.md "Heartbeats").
+  if (!engine_.set_load(machine, std::clamp<std::int64_t>(load_index, 0, kFullLoad), session_count))
+    return common::make_error(errc::not_found, "no machine '" + machine + "'");
+  return {};
 }
 
 Result<MachineSessions> machine_sessions(storage::Transaction& tx, const std::string& machine) {
@@ -376,26 +378,11 @@ Result<MachineSessions> machine_sessions(storage::Transaction& tx, const std::st
   return out;
 }
 
-Status refresh_summary(storage::Transaction& tx, const std::string& machine) {
-  auto ms = machine_sessions(tx, machine);
-  if (!ms) return ms.error();
-  const Object& m = ms->machine;
-  Object updated = m;
-  updated.fields["session_count"] = static_cast<std::int64_t>(ms->states.size());
-  updated.fields["summary_state"] = summary_state(m.text("registration_state") == "Registered", ms->session_support,
-                                                  m.integer("load_index"), ms->states);
-  if (common::model::same_declared_fields(updated, m) && updated.fields == m.fields) return {};
-  auto r = tx.update(machine, updated);
-  if (!r) return r.error();
-  return {};
-}
-
 Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& machine, const std::string& event,
                                                          const AgentSession& a) {
   const std::string now = common::format_time(clock_.now());
   SessionEventOutcome outcome;
   bool over_limit = false;
-  // The event and the machine's summary, in one transaction.
   auto apply = [&](storage::Transaction& tx) -> Status {
     auto existing = live_session(tx, machine, a.session_key);
     if (!existing && existing.error().code != errc::not_found) return existing.error();
@@ -407,11 +394,9 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
       // session never began. The launch is recorded as ConnectionTimeout, as the broker's own
       // sweep would.
       if (auto r = tx.remove(Kind::session, existing->name); !r) return r;
-      if (auto m = tx.get(Kind::machine, machine)) {
-        Object updated = *m;
-        updated.fields["last_connection_failure"] = std::string("ConnectionTimeout");
-        if (auto r = tx.update(machine, updated); !r) return r.error();
-      }
+      if (auto r = tx.set_fields(Kind::machine, machine, {{"last_connection_failure", std::string("ConnectionTimeout")}});
+          !r && r.error().code != errc::not_found)
+        return r.error();
       auto e = agent_audit(machine, "launch-timeout");
       e.kind = "session";
       e.object = existing->name;
@@ -431,11 +416,9 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
       // Someone else logged on with this launch: the agent is told to end the session.
       outcome.end_session = true;
       outcome.why = "the brokered user is " + existing->text("user_name") + " but " + a.user + " connected";
-      if (auto m = tx.get(Kind::machine, machine)) {
-        Object updated = *m;
-        updated.fields["last_connection_failure"] = std::string("Other");
-        if (auto r = tx.update(machine, updated); !r) return r.error();
-      }
+      if (auto r = tx.set_fields(Kind::machine, machine, {{"last_connection_failure", std::string("Other")}});
+          !r && r.error().code != errc::not_found)
+        return r.error();
       auto e = agent_audit(machine, "session-wrong-user");
       e.kind = "session";
       e.object = a.session_key;
@@ -483,10 +466,8 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
     if (!r) return r.error();
     return {};
   };
-  auto st = repository_.write([&](storage::Transaction& tx) -> Status {
-    if (auto applied = apply(tx); !applied) return applied;
-    return refresh_summary(tx, machine);
-  });
+  // The machine's summary follows from the committed sessions (the engine derives it).
+  auto st = repository_.write(apply);
   if (!st) return st.error();
   if (outcome.end_session)
     logger_->warn("machine '{}': session {}: {}; ending it", machine, a.session_key, outcome.why);
@@ -532,21 +513,17 @@ Result<storage::LogonTicket> AgentRegistry::redeem_ticket(const std::string& mac
 }
 
 Status AgentRegistry::deregister(const std::string& machine, const std::string& reason) {
+  // The state is live (the engine's): no agent holds the machine now, whatever storage says.
+  // The reason and time are history admins read: stored.
+  engine_.unregistered(machine);
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
-    auto m = tx.get(Kind::machine, machine);
-    if (!m && m.error().code == errc::not_found) return {};  // removed meanwhile
-    if (!m) return m.error();
-    Object updated = *m;
-    updated.fields["registration_state"] = std::string("Unregistered");
-    // A machine powered off is Off for admins, not merely Unregistered (site-model 1.8).
-    updated.fields["summary_state"] = std::string(m->text("power_state") == "Off" ? "Off" : "Unregistered");
-    updated.fields["last_deregistration_reason"] = reason;
-    updated.fields["last_deregistration_time"] = common::format_time(clock_.now());
-    auto r = tx.update(machine, updated);
+    auto r = tx.set_fields(Kind::machine, machine,
+                           {{"last_deregistration_reason", reason},
+                            {"last_deregistration_time", common::format_time(clock_.now())}});
+    if (!r && r.error().code == errc::not_found) return {};  // removed meanwhile
     if (!r) return r.error();
     return {};
   });
-  if (st && engine_) engine_->unregistered(machine);
   if (st) logger_->info("machine '{}' unregistered: {}", machine, reason);
   return st;
 }

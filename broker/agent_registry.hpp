@@ -1,8 +1,17 @@
 // broker/agent_registry.hpp: the engine's view of agents (VDAs): authentication material,
-// registration, heartbeats, session events and deregistration, reflected in the machine's state
-// fields and in the sessions table. The CBP endpoint (cbp/) calls it; it knows no sockets or JSON.
+// registration, heartbeats, session events and deregistration. The CBP endpoint (cbp/) calls it;
+// it knows no sockets or JSON.
 //
-// Threading: every method blocks on storage; call it off the I/O threads. Thread-safe.
+// Live and durable (docs/architecture.md "Live state"): registration state, load index and the
+// agent's session count are live, held by the engine (broker::Engine::registered, unregistered,
+// set_load) and never written to storage; a heartbeat touches no storage at all. What must survive
+// a restart is stored: an enrollment's machine and secret hash, the agent's facts (version, OS,
+// protocol version, address) when they change, the sessions reconciliation changes, the
+// deregistration reason and time, and audit entries. A re-registration that changes nothing
+// writes nothing.
+//
+// Threading: methods other than heartbeat() may block on storage; call them off the I/O threads.
+// Thread-safe.
 #pragma once
 
 #include "common/clock.hpp"
@@ -66,8 +75,11 @@ class AgentRegistry {
   // are not recorded; the violation is logged and audited (session-limit-exceeded).
   static constexpr std::size_t kMaxMultiSessions = 10000;
 
-  AgentRegistry(storage::Repository& repository, common::Clock& clock, std::shared_ptr<spdlog::logger> logger,
-                int max_failures_per_minute = 5, std::chrono::seconds back_off = std::chrono::seconds(60));
+  // The engine holds the live state; attach it to `repository` (Engine::attach) so that what the
+  // registry stores reaches it. Both must outlive the registry.
+  AgentRegistry(storage::Repository& repository, Engine& engine, common::Clock& clock,
+                std::shared_ptr<spdlog::logger> logger, int max_failures_per_minute = 5,
+                std::chrono::seconds back_off = std::chrono::seconds(60));
 
   // The verifier (sha256 hex of the machine secret) of a known machine; errc::not_found for an
   // unknown machine, errc::forbidden when it has no secret yet (enroll or set one first).
@@ -76,7 +88,7 @@ class AgentRegistry {
   // catalog does not exist or has no enrollment key.
   Result<std::string> enrollment_verifier(const std::string& catalog);
   // First contact under an enrollment key: creates the machine in the catalog when it does not
-  // exist, or re-keys an existing machine of that catalog that is not Registered (non-persistent
+  // exist, or re-keys an existing machine of that catalog that is not Registered now (non-persistent
   // VMs lose their secret); sets a new secret and returns it (shown once). errc::conflict when the
   // machine is Registered or belongs to another catalog.
   Result<std::string> enroll(const std::string& machine, const std::string& catalog);
@@ -95,10 +107,11 @@ class AgentRegistry {
   // preparation grace (a launch may still be preparing a younger one). Sessions beyond the
   // machine's session support are not recorded (audit session-limit-exceeded).
   // Returns a Refusal (and changes nothing) for a session-support mismatch with the catalog or an
-  // unknown machine.
+  // unknown machine. The engine learns the registration and load index; storage gets only what
+  // changed (sessions, the agent's facts and fault_state None, audit): nothing when nothing did.
   Result<std::optional<Refusal>> register_agent(const Registration& registration);
-  // Stores the reported load index and session count; a multi-session machine's summary state
-  // follows the load index.
+  // The reported load index and session count, to the engine only (no storage); errc::not_found
+  // for a machine the engine does not know.
   Status heartbeat(const std::string& machine, std::int64_t load_index, std::int64_t session_count);
   // event: Connected | Active | Disconnected | Reconnected | LoggedOff. A logged-off session is
   // kept as LoggedOff with its end time. When someone other than the brokered user connects to a
@@ -116,22 +129,19 @@ class AgentRegistry {
   // How long after its start a pending session may still be in preparation by a launch (the
   // launcher's prepare timeout and a margin); set before agents connect.
   void set_preparation_grace(std::chrono::seconds grace) { preparation_grace_ = grace; }
-  // The engine that holds the live state (registration, load): registrations and deregistrations
-  // are reported to it, and heartbeats go only to it (no storage write). Set before agents connect.
-  void set_engine(Engine* engine) { engine_ = engine; }
-
-  // Unregistered with the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and time.
+  // Unregistered in the engine; the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and
+  // time are stored (last_deregistration_reason, last_deregistration_time).
   Status deregister(const std::string& machine, const std::string& reason);
 
  private:
   storage::Repository& repository_;
+  Engine& engine_;
   common::Clock& clock_;
   std::shared_ptr<spdlog::logger> logger_;
   int max_failures_;
   std::chrono::seconds back_off_;
   std::string credential_key_;
   std::chrono::seconds preparation_grace_{35};
-  Engine* engine_ = nullptr;
   std::mutex mutex_;
   std::map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
   std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_
@@ -146,12 +156,9 @@ struct MachineSessions {
 };
 Result<MachineSessions> machine_sessions(storage::Transaction& tx, const std::string& machine);
 
-// Writes the machine's session count and summary state as its stored sessions make them (no
-// write when they are already so), in `tx`.
-Status refresh_summary(storage::Transaction& tx, const std::string& machine);
-
-// Summary state of a registered machine from its sessions (site-model-reference 1.8).
-std::string summary_state(bool registered, const std::string& session_support, std::int64_t load_index,
-                          const std::vector<std::string>& session_states);
+// Formerly wrote the machine's stored session count and summary state; those are live now (the
+// engine derives the summary: broker::derive_summary), so this writes nothing. Kept only until
+// broker/launcher.cpp drops its last call; do not call it from new code.
+inline Status refresh_summary(storage::Transaction&, const std::string&) { return {}; }
 
 }  // namespace broker

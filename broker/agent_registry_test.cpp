@@ -1,9 +1,11 @@
 #include "broker/agent_registry.hpp"
 
+#include "broker/engine.hpp"
 #include "broker/session_keys.hpp"
 #include "broker/site_objects.hpp"
 #include "common/crypto.hpp"
 #include "common/log.hpp"
+#include "common/metrics.hpp"
 #include "storage/repository.hpp"
 
 #include <doctest/doctest.h>
@@ -15,13 +17,27 @@ using broker::Registration;
 
 namespace {
 
+// Commits the repository made so far (broker_storage_commit_batches_total).
+double commits(const common::Metrics& metrics) {
+  const std::string text = "\n" + metrics.render();
+  const std::string name = "broker_storage_commit_batches_total";
+  const auto pos = text.find("\n" + name + " ");
+  if (pos == std::string::npos) return 0;
+  return std::stod(text.substr(pos + name.size() + 2));
+}
+
 struct Fixture {
+  common::Metrics metrics;
+  broker::Engine engine;  // outlives the repository's commits
   std::unique_ptr<storage::Repository> repo;
   std::unique_ptr<broker::SiteObjects> site;
   common::ManualClock clock{common::SysTime{std::chrono::hours(24 * 365 * 56)}};
   std::unique_ptr<AgentRegistry> agents;
   Fixture() {
-    auto r = storage::open_sqlite({":memory:"});
+    storage::SqliteOptions o;
+    o.path = ":memory:";
+    o.metrics = &metrics;
+    auto r = storage::open_sqlite(o);
     REQUIRE(r.has_value());
     repo = std::move(*r);
     site = std::make_unique<broker::SiteObjects>(*repo, common::null_logger());
@@ -35,9 +51,15 @@ struct Fixture {
     m.fields["delivery_group"] = std::string("grp");
     declared.push_back(m);
     REQUIRE(site->reconcile("/etc/b.toml", std::nullopt, declared).has_value());
-    agents = std::make_unique<AgentRegistry>(*repo, clock, common::null_logger(), 3, std::chrono::seconds(60));
+    REQUIRE(engine.attach(*repo));
+    agents = std::make_unique<AgentRegistry>(*repo, engine, clock, common::null_logger(), 3, std::chrono::seconds(60));
   }
   Object machine(const std::string& name) { return *site->get(Kind::machine, name); }
+  // The live fields, from the engine.
+  broker::Machine live(const std::string& name) { return engine.machine(name).value(); }
+  std::string registration(const std::string& name) { return std::string(to_string(live(name).registration)); }
+  std::string summary(const std::string& name) { return std::string(to_string(live(name).summary)); }
+  std::size_t sessions(const std::string& name) { return engine.sessions_of_machine(name).size(); }
 };
 
 Registration reg(std::string machine, std::vector<AgentSession> sessions = {}) {
@@ -83,7 +105,7 @@ TEST_CASE("registration, session reconciliation, events, summary state, deregist
   REQUIRE(refused.has_value());
   REQUIRE(refused->has_value());
   CHECK((*refused)->reason == "SingleMultiSessionMismatch");
-  CHECK(f.machine("DEMO\\m1").text("registration_state") == "Unregistered");
+  CHECK(f.registration("DEMO\\m1") == "Unregistered");
   CHECK((*f.agents->register_agent(reg("ghost")))->reason == "UnknownMachine");
 
   // A stored session the agent no longer has is ended; an unknown one is recorded non-brokered.
@@ -100,10 +122,15 @@ TEST_CASE("registration, session reconciliation, events, summary state, deregist
   REQUIRE(ok.has_value());
   CHECK_FALSE(ok->has_value());
   auto m = f.machine("DEMO\\m1");
-  CHECK(m.text("registration_state") == "Registered");
+  CHECK(f.registration("DEMO\\m1") == "Registered");
   CHECK(m.text("agent_address") == "10.0.0.5:1494");
-  CHECK(m.text("summary_state") == "InUse");
-  CHECK(m.integer("session_count") == 1);
+  CHECK(m.text("agent_version") == "1.0");
+  CHECK(m.text("os_type") == "Windows 11");
+  CHECK(f.summary("DEMO\\m1") == "InUse");
+  CHECK(f.sessions("DEMO\\m1") == 1);
+  // Live fields are not stored (docs/storage.md): the row keeps its defaults.
+  CHECK(m.text("registration_state") == "Unregistered");
+  CHECK(m.integer("session_count") == 0);
   // The stale session ended: kept as LoggedOff, with its end time.
   auto ended = f.site->get(Kind::session, "stale-key");
   REQUIRE(ended.has_value());
@@ -115,14 +142,14 @@ TEST_CASE("registration, session reconciliation, events, summary state, deregist
   CHECK(recorded->text("user_name") == "DEMO\\alice");
 
   REQUIRE(f.agents->session_event("DEMO\\m1", "Disconnected", s).has_value());
-  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Disconnected");
+  CHECK(f.summary("DEMO\\m1") == "Disconnected");
   REQUIRE(f.agents->session_event("DEMO\\m1", "Reconnected", s).has_value());
   CHECK(f.site->get(Kind::session, "s-1")->text("state") == "Active");
   REQUIRE(f.agents->session_event("DEMO\\m1", "LoggedOff", s).has_value());
   CHECK(f.site->get(Kind::session, "s-1")->text("state") == "LoggedOff");
   CHECK_FALSE(f.site->get(Kind::session, "s-1")->text("end_time").empty());
-  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Available");
-  CHECK(f.machine("DEMO\\m1").integer("session_count") == 0);
+  CHECK(f.summary("DEMO\\m1") == "Available");
+  CHECK(f.sessions("DEMO\\m1") == 0);
   // The agent reuses the key for a new session: a new record replaces the logged-off one.
   REQUIRE(f.agents->session_event("DEMO\\m1", "Active", s).has_value());
   CHECK(f.site->get(Kind::session, "s-1")->text("state") == "Active");
@@ -131,12 +158,13 @@ TEST_CASE("registration, session reconciliation, events, summary state, deregist
   CHECK_FALSE(f.agents->session_event("DEMO\\m1", "Exploded", s).has_value());
 
   REQUIRE(f.agents->heartbeat("DEMO\\m1", 4200, 0));
-  CHECK(f.machine("DEMO\\m1").integer("load_index") == 4200);
+  CHECK(f.live("DEMO\\m1").load_index == 4200);
+  CHECK(f.agents->heartbeat("ghost", 1, 0).error().code == common::errc::not_found);
 
   REQUIRE(f.agents->deregister("DEMO\\m1", "ContactLost"));
   m = f.machine("DEMO\\m1");
-  CHECK(m.text("registration_state") == "Unregistered");
-  CHECK(m.text("summary_state") == "Unregistered");
+  CHECK(f.registration("DEMO\\m1") == "Unregistered");
+  CHECK(f.summary("DEMO\\m1") == "Unregistered");
   CHECK(m.text("last_deregistration_reason") == "ContactLost");
   CHECK_FALSE(m.text("last_deregistration_time").empty());
 }
@@ -158,12 +186,20 @@ TEST_CASE("repeated authentication failures put a machine in a back-off that exp
   CHECK_FALSE(f.agents->in_back_off("DEMO\\m1"));
 }
 
-TEST_CASE("summary state rules") {
-  CHECK(broker::summary_state(false, "SingleSession", 0, {"Active"}) == "Unregistered");
-  CHECK(broker::summary_state(true, "SingleSession", 0, {}) == "Available");
-  CHECK(broker::summary_state(true, "SingleSession", 0, {"PreparingNewSession"}) == "Preparing");
-  CHECK(broker::summary_state(true, "MultiSession", 5000, {"Active", "Active"}) == "Available");
-  CHECK(broker::summary_state(true, "MultiSession", 10000, {"Active"}) == "InUse");
+TEST_CASE("summary state rules (broker::derive_summary, the one place they are decided)") {
+  using broker::derive_summary;
+  using R = broker::RegistrationState;
+  using P = broker::PowerState;
+  using S = broker::SessionState;
+  using broker::SummaryState;
+  const auto single = broker::SessionSupport::single_session, multi = broker::SessionSupport::multi_session;
+  CHECK(derive_summary(R::unregistered, P::on, single, 0, {S::active}) == SummaryState::unregistered);
+  CHECK(derive_summary(R::unregistered, P::off, single, 0, {}) == SummaryState::off);
+  CHECK(derive_summary(R::registered, P::on, single, 0, {}) == SummaryState::available);
+  CHECK(derive_summary(R::registered, P::on, single, 0, {S::preparing_new_session}) == SummaryState::preparing);
+  CHECK(derive_summary(R::registered, P::on, single, 0, {S::disconnected}) == SummaryState::disconnected);
+  CHECK(derive_summary(R::registered, P::on, multi, 5000, {S::active, S::active}) == SummaryState::available);
+  CHECK(derive_summary(R::registered, P::on, multi, 10000, {S::active}) == SummaryState::in_use);
 }
 
 TEST_CASE("logon tickets: once, only by their machine, within their lifetime, then wiped") {
@@ -258,7 +294,7 @@ TEST_CASE("re-registration keeps what the broker knows of a session when the age
   CHECK(s->text("client_name") == "BOB-PC");
   CHECK(s->text("client_address") == "192.0.2.7");
   CHECK(s->text("state") == "PreparingNewSession");
-  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Preparing");
+  CHECK(f.summary("DEMO\\m1") == "Preparing");
   // The user connects: the session is theirs, not a wrong-user case.
   AgentSession active{"SPENDING", "DEMO\\bob", "Active", "BOB-PC", "192.0.2.7", "HDX", ""};
   auto e = f.agents->session_event("DEMO\\m1", "Active", active);
@@ -282,13 +318,13 @@ TEST_CASE("a pending session the re-registered agent no longer has is ended at o
   CHECK(old->text("state") == "LoggedOff");
   CHECK(f.site->get(Kind::session, "SYOUNG")->text("state") == "PreparingNewSession");
   CHECK(f.machine("DEMO\\m1").text("last_connection_failure") == "SessionPreparation");
-  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  CHECK(f.sessions("DEMO\\m1") == 1);
   CHECK(has(audit_actions(f), "launch-failed"));
   // Once the young one is past the grace, the next registration ends it too.
   f.clock.advance(std::chrono::seconds(20));
   REQUIRE(f.agents->register_agent(reg("DEMO\\m1")).has_value());
   CHECK(f.site->get(Kind::session, "SYOUNG")->text("state") == "LoggedOff");
-  CHECK(f.machine("DEMO\\m1").text("summary_state") == "Available");
+  CHECK(f.summary("DEMO\\m1") == "Available");
 }
 
 TEST_CASE("session keys are unique per machine: two machines reporting the same key keep two sessions") {
@@ -307,8 +343,8 @@ TEST_CASE("session keys are unique per machine: two machines reporting the same 
   CHECK(second->text("machine") == "DEMO\\m2");
   CHECK(second->text("session_key") == "rdp-3");
   CHECK(broker::agent_session_key(*second) == "rdp-3");
-  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
-  CHECK(f.machine("DEMO\\m2").integer("session_count") == 1);
+  CHECK(f.sessions("DEMO\\m1") == 1);
+  CHECK(f.sessions("DEMO\\m2") == 1);
   // Events go to each machine's own record; registering again changes nothing.
   REQUIRE(f.agents->session_event("DEMO\\m2", "Disconnected", b).has_value());
   CHECK(f.site->get(Kind::session, "DEMO\\m2/rdp-3")->text("state") == "Disconnected");
@@ -327,15 +363,77 @@ TEST_CASE("a single-session machine records one session, whatever its agent repo
   for (int i = 0; i < 5; ++i)
     many.push_back({"x-" + std::to_string(i), "DEMO\\u" + std::to_string(i), "Active", "", "", "HDX", ""});
   REQUIRE(f.agents->register_agent(reg("DEMO\\m1", many)).has_value());
-  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  CHECK(f.sessions("DEMO\\m1") == 1);
   CHECK(f.site->get(Kind::session, "x-0").has_value());
   CHECK_FALSE(f.site->get(Kind::session, "x-1").has_value());
   CHECK(has(audit_actions(f), "session-limit-exceeded"));
   // A further session reported by event is not recorded either.
   REQUIRE(f.agents->session_event("DEMO\\m1", "Active", many[3]).has_value());
   CHECK_FALSE(f.site->get(Kind::session, "x-3").has_value());
-  CHECK(f.machine("DEMO\\m1").integer("session_count") == 1);
+  CHECK(f.sessions("DEMO\\m1") == 1);
   // The recorded one still takes events.
   REQUIRE(f.agents->session_event("DEMO\\m1", "Disconnected", many[0]).has_value());
   CHECK(f.site->get(Kind::session, "x-0")->text("state") == "Disconnected");
+}
+
+TEST_CASE("heartbeats are live state: no storage commit, whatever the load") {
+  Fixture f;
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1")).has_value());
+  const double before = commits(f.metrics);
+  for (int load : {0, 2500, 2500, 10000, 12000, 0}) REQUIRE(f.agents->heartbeat("DEMO\\m1", load, load > 0 ? 1 : 0));
+  CHECK(commits(f.metrics) == before);
+  CHECK(f.live("DEMO\\m1").load_index == 0);
+  REQUIRE(f.agents->heartbeat("DEMO\\m1", 12000, 1));
+  CHECK(f.live("DEMO\\m1").load_index == 10000);  // clamped
+  CHECK(f.live("DEMO\\m1").reported_sessions == 1);
+  CHECK(f.machine("DEMO\\m1").integer("load_index") == 0);  // never stored
+  CHECK(commits(f.metrics) == before);
+}
+
+TEST_CASE("a re-registration that changes nothing writes nothing; a changed fact is written alone") {
+  Fixture f;
+  REQUIRE(put_pending(f, "SPENDING", "DEMO\\m1", f.clock.now()));
+  AgentSession pending{"SPENDING", "DEMO\\bob", "PreparingNewSession", "BOB-PC", "192.0.2.7", "HDX", ""};
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1", {pending})).has_value());  // first: facts stored
+  const auto audits = audit_actions(f).size();
+  double before = commits(f.metrics);
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(f.agents->deregister("DEMO\\m1", "AgentShutdown"));  // history: one write each
+    CHECK(f.registration("DEMO\\m1") == "Unregistered");
+    CHECK(commits(f.metrics) == ++before);
+    auto again = f.agents->register_agent(reg("DEMO\\m1", {pending}));
+    REQUIRE(again.has_value());
+    CHECK_FALSE(again->has_value());
+    CHECK(commits(f.metrics) == before);  // nothing changed: no write at all
+    CHECK(f.registration("DEMO\\m1") == "Registered");
+    CHECK(f.summary("DEMO\\m1") == "Preparing");
+  }
+  CHECK(audit_actions(f).size() == audits);
+  // A new agent version is a fact that changed: written (one commit), nothing else is.
+  auto upgraded = reg("DEMO\\m1", {pending});
+  upgraded.agent_version = "1.1";
+  upgraded.load_index = 700;
+  REQUIRE(f.agents->register_agent(upgraded).has_value());
+  CHECK(commits(f.metrics) == before + 1);
+  const auto m = f.machine("DEMO\\m1");
+  CHECK(m.text("agent_version") == "1.1");
+  CHECK(m.text("registration_state") == "Unregistered");  // live fields stay out of storage
+  CHECK(m.integer("load_index") == 0);
+  CHECK(f.live("DEMO\\m1").load_index == 700);
+  // A session the agent reports differently is a change too.
+  AgentSession active = pending;
+  active.state = "Active";
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1", {active})).has_value());
+  CHECK(commits(f.metrics) == before + 2);
+  CHECK(f.site->get(Kind::session, "SPENDING")->text("state") == "Active");
+  CHECK(f.summary("DEMO\\m1") == "InUse");
+}
+
+TEST_CASE("enrollment refuses a machine the engine has registered, and re-keys it once it is not") {
+  Fixture f;
+  REQUIRE(f.agents->enroll("DEMO\\m1", "pool").has_value());
+  REQUIRE(f.agents->register_agent(reg("DEMO\\m1")).has_value());
+  CHECK(f.agents->enroll("DEMO\\m1", "pool").error().code == common::errc::conflict);
+  REQUIRE(f.agents->deregister("DEMO\\m1", "ContactLost"));
+  CHECK(f.agents->enroll("DEMO\\m1", "pool").has_value());
 }

@@ -1,6 +1,8 @@
 // broker/power_manager.cpp: see power_manager.hpp.
 #include "broker/power_manager.hpp"
 
+#include "broker/engine.hpp"
+
 #include "common/log.hpp"
 #include "common/model.hpp"
 #include "power/libvirt_driver.hpp"
@@ -11,6 +13,7 @@
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
@@ -27,6 +30,12 @@ using common::model::Kind;
 using common::model::Object;
 
 namespace {
+
+// What the engine holds of a machine that the pool policy and the registration check need.
+struct LiveFacts {
+  bool registered = false;
+  int sessions = 0;  // sessions not logged off (pending ones too), or the agent's count if higher
+};
 
 std::string time_text(common::SysTime t) { return t == common::SysTime{} ? std::string() : common::format_time(t); }
 
@@ -89,8 +98,27 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
   std::map<std::string, bool> was_peak;  // guarded by power_on_mutex: delivery group -> peak at the last pass
   std::function<std::set<std::string>()> held_machines;  // set before the first reconcile_pools()
 
+  std::atomic<const Engine*> engine{nullptr};  // the live registrations and sessions (set_engine)
+
   Impl(storage::Repository& r, common::Clock& c, std::shared_ptr<spdlog::logger> l, PowerManagerOptions o)
       : repo(r), clock(c), log(std::move(l)), opts(std::move(o)) {}
+
+  // Machine -> its live facts, from the engine; empty without one (every machine unregistered,
+  // no sessions).
+  std::map<std::string, LiveFacts, std::less<>> live_facts() const {
+    std::map<std::string, LiveFacts, std::less<>> out;
+    const Engine* e = engine.load();
+    if (!e) return out;
+    e->with_state([&](const SiteState& site) {
+      for (const auto& [name, m] : site.machines) {
+        const auto live = static_cast<std::int64_t>(site.live_sessions_on(name));
+        out.emplace(name, LiveFacts{m.registration == RegistrationState::registered,
+                                    static_cast<int>(std::clamp<std::int64_t>(std::max(live, m.reported_sessions), 0,
+                                                                              1000000))});
+      }
+    });
+    return out;
+  }
 
   // ActionStore (queue dispatcher threads).
   void saved(const PowerAction& r) override {
@@ -134,14 +162,8 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
           updated.fields[k] = v;
           changed = true;
         }
-      // Summary state (site-model 1.8): an unregistered machine that is off shows Off.
-      if (fields.contains("power_state") && updated.text("registration_state") != "Registered") {
-        const std::string summary = updated.text("power_state") == "Off" ? "Off" : "Unregistered";
-        if (updated.text("summary_state") != summary) {
-          updated.fields["summary_state"] = summary;
-          changed = true;
-        }
-      }
+      // (An unregistered machine that is off shows summary state Off: the engine derives it from
+      // the stored power state, broker::derive_summary.)
       if (!changed) return {};
       if (fields.contains("power_state") && updated.text("power_state") == "On" && m->text("power_state") != "On") {
         std::lock_guard lock(power_on_mutex);
@@ -227,6 +249,7 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
   // Every machine with the connection that powers it ("" when none).
   Result<std::vector<ManagedMachine>> machines() const {
     std::vector<ManagedMachine> out;
+    const auto live = live_facts();
     auto st = repo.read([&](storage::Transaction& tx) -> Status {
       storage::Query all;
       auto cats = tx.list(Kind::catalog, all);
@@ -235,10 +258,12 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
       for (const auto& c : *cats) conn_of[c.name] = c.text("hypervisor_connection");
       auto ms = tx.list(Kind::machine, all);
       if (!ms) return ms.error();
-      for (const auto& m : *ms)
+      for (const auto& m : *ms) {
+        const auto it = live.find(m.name);
         out.push_back({m.name, conn_of[m.text("catalog")], power::vm_ref(m.name, m.text("hosted_machine_id")),
-                       m.text("power_state"), m.text("registration_state") == "Registered",
+                       m.text("power_state"), it != live.end() && it->second.registered,
                        m.text("fault_state", "None")});
+      }
       return {};
     });
     if (!st) return st.error();
@@ -541,6 +566,7 @@ Result<int> PowerManager::reconcile_pools() {
     return {};
   });
   if (!st) return st.error();
+  const auto live = im.live_facts();
   std::map<std::string, std::string> conn_of_catalog;
   for (const auto& c : catalogs) conn_of_catalog[c.name] = c.text("hypervisor_connection");
   std::set<std::string> assigned;
@@ -567,7 +593,9 @@ Result<int> PowerManager::reconcile_pools() {
       if (m.text("delivery_group") != g.name) continue;
       const auto conn = conn_of_catalog[m.text("catalog")];
       if (conn.empty() || !im.find(conn)) continue;  // not power-managed
-      auto pm = power::pool_machine(m);
+      const auto facts = live.find(m.name);
+      auto pm = facts == live.end() ? power::pool_machine(m, false, 0)
+                                    : power::pool_machine(m, facts->second.registered, facts->second.sessions);
       pm.assigned = assigned.contains(m.name);
       if (held.contains(m.name)) pm.sessions = std::max(pm.sessions, 1);  // a launch waits for it
       if (auto b = busy.find(m.name); b != busy.end()) pm.pending = b->second;
@@ -629,6 +657,8 @@ Result<bool> PowerManager::power_on(const std::string& machine) {
          (c->machine_count > 0 && s.active >= by_percent) ||
          s.started_last_minute >= static_cast<std::size_t>(l.max_new_actions_per_minute);
 }
+
+void PowerManager::set_engine(const Engine* engine) { impl_->engine = engine; }
 
 void PowerManager::set_held_machines(std::function<std::set<std::string>()> held) {
   impl_->held_machines = std::move(held);

@@ -35,6 +35,8 @@ class Repository;
 
 namespace broker {
 
+class Engine;
+
 struct PowerManagerOptions {
   // Simulated connections: delays of the simulated hypervisor.
   std::chrono::milliseconds simulated_boot_delay{std::chrono::seconds(20)};
@@ -102,6 +104,11 @@ class PowerManager final : public PowerControl {
 
   // PowerControl: TurnOn with launch priority (reason Launch).
   common::Result<bool> power_on(const std::string& machine) override;
+
+  // The engine whose live state (registrations, sessions) the pool policy and refresh() read:
+  // registration is not stored. Set before start(); without one every machine counts as
+  // unregistered with no sessions (tests that need neither).
+  void set_engine(const Engine* engine);
 
   // Machines the pool policy counts as in use although they have no session yet: machines held
   // for a launch (Launcher::held_machines). Set before the first reconcile_pools().

@@ -1,5 +1,6 @@
 #include "broker/power_manager.hpp"
 
+#include "broker/engine.hpp"
 #include "common/clock.hpp"
 #include "storage/repository.hpp"
 
@@ -23,7 +24,10 @@ Object make(Kind k, std::string name, std::initializer_list<std::pair<const char
   return o;
 }
 
+// Machines' registrations are live state: the engine's (the tests set them there; storage's
+// registration_state stays Unregistered, as brokerd leaves it).
 struct Site {
+  broker::Engine engine;  // outlives the repository's commits
   std::unique_ptr<storage::Repository> repo;
   common::ManualClock clock{std::chrono::system_clock::now()};
 
@@ -48,13 +52,19 @@ struct Site {
       objects.push_back(make(Kind::machine, "DEMO\\pool-" + std::to_string(i),
                              {{"catalog", std::string("pool")},
                               {"delivery_group", std::string("Pool")},
-                              {"registration_state", std::string("Registered")},
                               {"power_state", std::string("On")}}));
     REQUIRE(repo->write([&](storage::Transaction& tx) -> common::Status {
       for (const auto& obj : objects)
         if (auto c = tx.create(obj); !c) return c.error();
       return {};
     }));
+    REQUIRE(engine.attach(*repo));
+    for (int i = 1; i <= 4; ++i) REQUIRE(engine.registered("DEMO\\pool-" + std::to_string(i), 0));
+  }
+  // The machine is off and its agent gone.
+  void power_off(const std::string& name) {
+    update(Kind::machine, name, {{"power_state", std::string("Off")}});
+    REQUIRE(engine.unregistered(name));
   }
   // Sets fields of a stored object.
   void update(Kind k, const std::string& name, std::initializer_list<std::pair<const char*, Value>> fields) {
@@ -85,6 +95,7 @@ TEST_CASE("power manager: the pool policy keeps the scheme's pool size and shuts
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   REQUIRE(power.start());
   CHECK(power.manages("DEMO\\pool-1"));
 
@@ -130,11 +141,11 @@ TEST_CASE("power manager: fault states StuckOnBoot and Unregistered") {
   site.update(Kind::hypervisor_connection, "sim",
               {{"simulated_boot_delay_seconds", std::int64_t{3600}}, {"max_new_actions_per_minute", std::int64_t{100}}});
   for (const char* name : {"DEMO\\pool-1", "DEMO\\pool-2"})
-    site.update(Kind::machine, name,
-                {{"power_state", std::string("Off")}, {"registration_state", std::string("Unregistered")}});
+    site.power_off(name);
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   REQUIRE(power.start());
   auto on = power.submit({"DEMO\\pool-1"}, power::Action::turn_on);
   REQUIRE(on.has_value());
@@ -152,11 +163,11 @@ TEST_CASE("power manager: fault states StuckOnBoot and Unregistered") {
 TEST_CASE("power manager: a machine powered on whose agent never registers gets the Unregistered fault") {
   Site site;
   site.update(Kind::hypervisor_connection, "sim", {{"simulated_boot_delay_seconds", std::int64_t{0}}});
-  site.update(Kind::machine, "DEMO\\pool-2",
-              {{"power_state", std::string("Off")}, {"registration_state", std::string("Unregistered")}});
+  site.power_off("DEMO\\pool-2");
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   REQUIRE(power.start());
   auto on = power.submit({"DEMO\\pool-2"}, power::Action::turn_on);
   REQUIRE(on.has_value());
@@ -185,6 +196,7 @@ TEST_CASE("power manager: a launch's power-on says when the connection's throttl
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   REQUIRE(power.start());
   // The first power-on of the minute starts; the second waits for the per-minute throttle.
   auto first = power.power_on("DEMO\\pool-1");
@@ -219,7 +231,6 @@ TEST_CASE("power manager: a private group's assigned machines start when peak be
       objects.push_back(make(Kind::machine, pc,
                              {{"catalog", std::string("pool")},
                               {"delivery_group", std::string("Personal")},
-                              {"registration_state", std::string("Unregistered")},
                               {"power_state", std::string("Off")}}));
       objects.push_back(make(Kind::assignment, {}, {{"machine", std::string(pc)}, {"user", std::string("DEMO\\alice")}}));
     }
@@ -230,6 +241,7 @@ TEST_CASE("power manager: a private group's assigned machines start when peak be
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   REQUIRE(power.start());
   auto turn_ons = [&] {
     std::vector<std::string> out;
@@ -270,6 +282,7 @@ TEST_CASE("power manager: a libvirt connection's username and password_file answ
     broker::PowerManagerOptions o;
     o.base_dir = dir;  // password_file is relative to the config file's directory
     broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+    power.set_engine(&site.engine);
     REQUIRE(power.start());
     REQUIRE(power.refresh());
     const auto state = site.machine_field("DEMO\\secure-01", "power_state");
@@ -288,6 +301,7 @@ TEST_CASE("power manager: a simulated connection's simulated_failure_percent fai
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(10);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   REQUIRE(power.start());
   auto off = power.submit({"DEMO\\pool-4"}, power::Action::shutdown);
   REQUIRE(off.has_value());
@@ -309,6 +323,7 @@ TEST_CASE("power manager: the pool policy never shuts down a machine held for a 
   broker::PowerManagerOptions o;
   o.tick = std::chrono::milliseconds(20);
   broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
   power.set_held_machines([] { return std::set<std::string>{"DEMO\\pool-4"}; });
   REQUIRE(power.start());
   // Pool size one, four idle machines on: three go, but not pool-4 (held; counted as in use).

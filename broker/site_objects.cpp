@@ -406,15 +406,15 @@ Result<ReconcileReport> SiteObjects::reconcile(const std::string& config_path, c
 Result<int> SiteObjects::reset_registrations() {
   int reset = 0;
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
-    auto machines = tx.list(Kind::machine, {});
+    reset = 0;
+    // Only rows a broker that still stored registration left behind: nothing else writes the column.
+    storage::Query q;
+    q.not_equals.emplace_back("registration_state", std::string(model::registration::unregistered));
+    auto machines = tx.list(Kind::machine, q);
     if (!machines) return machines.error();
-    for (auto m : *machines) {
-      if (m.text("registration_state") == model::registration::unregistered &&
-          m.text("summary_state") == "Unregistered")
-        continue;
-      m.fields["registration_state"] = std::string(model::registration::unregistered);
-      m.fields["summary_state"] = std::string("Unregistered");
-      auto r = tx.update(m.name, m);
+    for (const auto& m : *machines) {
+      auto r = tx.set_fields(Kind::machine, m.name,
+                             {{"registration_state", std::string(model::registration::unregistered)}});
       if (!r) return r.error();
       ++reset;
     }

@@ -77,8 +77,10 @@ class SiteObjects {
   Result<ReconcileReport> reconcile(const std::string& config_path, const std::optional<Object>& site,
                                     const std::vector<Object>& declared);
 
-  // Registration is live state: at start every machine is Unregistered until its agent
-  // registers again. Returns how many machines were reset.
+  // Registration is live state (the engine's; brokerd no longer stores it): at start every machine
+  // is Unregistered until its agent registers again. Resets the stored registration_state that an
+  // older broker left as anything else, so that the engine loads Unregistered. Returns how many
+  // machines were reset.
   Result<int> reset_registrations();
 
   // Counts of machines per registration_state and sessions per state (for /metrics).

@@ -8,6 +8,7 @@
 #include "cbp/endpoint.hpp"
 
 #include "broker/agent_registry.hpp"
+#include "broker/engine.hpp"
 #include "broker/site_objects.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
@@ -107,6 +108,8 @@ class FlakyRepository : public storage::Repository {
 struct Broker {
   std::shared_ptr<spdlog::logger> log = test_logger();
   std::filesystem::path dir;
+  // The live state (registration, load); attached to repo, so it outlives the queued commits.
+  broker::Engine engine;
   std::unique_ptr<storage::Repository> repo;
   std::unique_ptr<FlakyRepository> flaky;  // the registry's view of repo
   std::unique_ptr<broker::SiteObjects> site;
@@ -143,8 +146,10 @@ struct Broker {
       REQUIRE(secret.has_value());
       secrets[name] = *secret;
     }
+    REQUIRE(engine.attach(*repo));
     flaky = std::make_unique<FlakyRepository>(*repo);
-    registry = std::make_unique<broker::AgentRegistry>(*flaky, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
+    registry =
+        std::make_unique<broker::AgentRegistry>(*flaky, engine, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
     endpoint = std::make_unique<cbp::AgentEndpoint>(*registry, *work, options, log);
     server = std::make_unique<net::Server>(2, log);
     net::ListenerOptions agent;
@@ -200,9 +205,12 @@ struct Broker {
   }
   vda::Machine start(const std::string& name) { return start(config(name)); }
 
+  // The stored machine with the engine's live fields (registration_state, load_index,
+  // summary_state), as the admin API shows it.
   Object machine(const std::string& name) {
     auto m = site->get(Kind::machine, name);
     REQUIRE(m.has_value());
+    engine.overlay_live(*m);
     return *m;
   }
   std::optional<Object> session(const std::string& key) {

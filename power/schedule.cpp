@@ -625,12 +625,12 @@ std::string hour_text(const LocalTime& t) {
 
 }  // namespace
 
-PoolMachine pool_machine(const model::Object& m) {
+PoolMachine pool_machine(const model::Object& m, bool registered, int sessions) {
   PoolMachine p;
   p.name = m.name;
   p.power = power_state_from(m.text("power_state"));
-  p.registered = m.text("registration_state") == model::registration::registered;
-  p.sessions = static_cast<int>(std::clamp<std::int64_t>(m.integer("session_count"), 0, 1000000));
+  p.registered = registered;
+  p.sessions = std::clamp(sessions, 0, 1000000);
   p.in_maintenance = m.flag("in_maintenance_mode");
   return p;
 }

@@ -212,9 +212,10 @@ struct PoolMachine {
   // and the settlement period before automatic shutdown.
   std::optional<common::SysTime> last_session_end;
 };
-// name, power_state, registration_state, session_count and in_maintenance_mode of a machine
-// object; assigned, pending and last_session_end are left for the caller.
-PoolMachine pool_machine(const common::model::Object& machine);
+// name, power_state and in_maintenance_mode of a stored machine object, with its live
+// registration and session count (the engine's: storage does not hold them); assigned, pending
+// and last_session_end are left for the caller.
+PoolMachine pool_machine(const common::model::Object& machine, bool registered, int sessions);
 
 inline constexpr std::string_view kReasonIdlePool = "IdlePool";  // pool size and buffer
 inline constexpr std::string_view kReasonPolicy = "Policy";      // shutdown after use

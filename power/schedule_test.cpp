@@ -728,18 +728,22 @@ TEST_CASE("schedule: end to end, a London pool across the spring-forward hour") 
   CHECK(after.actions[0].detail == "pool size 2 (off-peak, 02:00): 1 on");
 }
 
-TEST_CASE("schedule: pool_machine reads a machine object") {
+TEST_CASE("schedule: pool_machine reads a machine object and takes the live fields it is given") {
   Object m = common::model::make_default(Kind::machine, "DEMO\\pool-1");
   m.fields["power_state"] = std::string("On");
-  m.fields["registration_state"] = std::string("Registered");
-  m.fields["session_count"] = std::int64_t{1};
   m.fields["in_maintenance_mode"] = true;
-  const PoolMachine p = pool_machine(m);
+  // The stored registration_state and session_count are not live state: ignored.
+  m.fields["registration_state"] = std::string("Registered");
+  m.fields["session_count"] = std::int64_t{3};
+  const PoolMachine p = pool_machine(m, false, 1);
   CHECK(p.name == "DEMO\\pool-1");
   CHECK(p.power == PowerState::on);
-  CHECK(p.registered);
+  CHECK_FALSE(p.registered);
   CHECK(p.sessions == 1);
   CHECK(p.in_maintenance);
+  CHECK(pool_machine(m, true, 0).registered);
+  CHECK(pool_machine(m, true, 0).sessions == 0);
+  CHECK(pool_machine(m, true, -4).sessions == 0);
   m.fields["power_state"] = std::string("Unmanaged");
-  CHECK(pool_machine(m).power == PowerState::unknown);
+  CHECK(pool_machine(m, true, 0).power == PowerState::unknown);
 }

@@ -203,7 +203,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   dopts.password_checks = &password_checks;
   dopts.resume = [&work](std::function<void()> task) { return work.post(std::move(task)); };
   identity::BuiltinDirectory directory(repository, clock, dopts);
-  broker::AgentRegistry agents(repository, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
+  broker::AgentRegistry agents(repository, engine, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
   cbp::EndpointOptions eopts;
   {
     // The config file's [site] wins (it is reconciled below); else what the database holds.
@@ -234,7 +234,6 @@ int run(const std::string& config_path, const std::string& ready_file) {
   cbp::EndpointChannel agent_channel(agent_endpoint);
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
-  agents.set_engine(&engine);
   broker::Launcher launcher(repository, engine, clock, agent_channel, work, log, lopts);
   // A launch's pending session the agent does not report at registration is ended once no launch
   // can still be preparing it.
@@ -245,6 +244,7 @@ int run(const std::string& config_path, const std::string& ready_file) {
   popts.base_dir = std::filesystem::path(cfg.path).parent_path().string();
   if (popts.base_dir.empty()) popts.base_dir = ".";
   broker::PowerManager power(repository, clock, log, popts);
+  power.set_engine(&engine);  // registrations and sessions are live: the pool policy reads them there
   launcher.set_power(&power);
   power.set_held_machines([&launcher] { return launcher.held_machines(); });
   // A launch waiting for a machine it powered on goes on once the machine's agent registers.
