@@ -16,6 +16,26 @@
 namespace identity {
 
 namespace detail {
+// The users' names, UPNs and SIDs in lower case ("name:alice", "upn:alice@demo.test",
+// "sid:s-1-5-...") -> the stored name: case-insensitive look-ups without reading every user.
+struct NameIndex {
+  std::unordered_map<std::string, std::string> stored;
+};
+
+// Every group's members, for resolving a user's groups without reading every group.
+struct GroupIndex {
+  struct Group {
+    std::string name, domain, sid;  // domain as stored: empty means the site's default_domain
+  };
+  struct Membership {
+    std::size_t group;   // into groups
+    std::string domain;  // the member's `DOMAIN\` qualifier, empty when none
+  };
+  std::vector<Group> groups;
+  // By the member's name, UPN or SID: "name:alice" -> (group, "DEMO").
+  std::unordered_map<std::string, std::vector<Membership>> members;
+};
+
 struct SiteSettings {
   std::string default_domain;
   std::int64_t lockout_threshold = 0;
@@ -80,21 +100,71 @@ std::string effective_domain(const Object& obj, const SiteSettings& settings) {
   return domain.empty() ? settings.default_domain : domain;
 }
 
+// Reads the index of the users' names, UPNs and SIDs.
+Result<detail::NameIndex> read_name_index(Transaction& tx) {
+  auto all = tx.list(Kind::user, {});
+  if (!all) return all.error();
+  detail::NameIndex index;
+  index.stored.reserve(all->size() * 2);
+  for (const auto& u : *all) {
+    index.stored.emplace("name:" + lower(u.name), u.name);
+    if (const auto upn = u.text("upn"); !upn.empty()) index.stored.emplace("upn:" + lower(upn), u.name);
+    if (const auto sid = u.text("sid"); !sid.empty()) index.stored.emplace("sid:" + lower(sid), u.name);
+  }
+  return index;
+}
+
+// Reads the group membership index.
+Result<detail::GroupIndex> read_group_index(Transaction& tx) {
+  auto all = tx.list(Kind::group, {});
+  if (!all) return all.error();
+  detail::GroupIndex index;
+  index.groups.reserve(all->size());
+  for (std::size_t i = 0; i < all->size(); ++i) {
+    const Object& g = (*all)[i];
+    index.groups.push_back({g.name, g.text("domain"), g.text("sid")});
+    for (const auto& entry : g.list("members")) {
+      const std::string_view m = trim(entry);
+      if (m.empty()) continue;
+      if (is_sid(m)) {
+        index.members["sid:" + lower(m)].push_back({i, {}});
+      } else if (auto slash = m.find('\\'); slash != std::string_view::npos) {
+        index.members["name:" + lower(m.substr(slash + 1))].push_back({i, std::string(m.substr(0, slash))});
+      } else if (m.find('@') != std::string_view::npos) {
+        index.members["upn:" + lower(m)].push_back({i, {}});
+      } else {
+        index.members["name:" + lower(m)].push_back({i, {}});
+      }
+    }
+  }
+  return index;
+}
+
+// Finds a user by a case-insensitive key of the name index ("name:alice"): the stored row, or
+// nullopt (not in the index, or deleted since it was read).
+Result<std::optional<Object>> get_indexed(Transaction& tx, const detail::NameIndex& index, const std::string& key) {
+  auto it = index.stored.find(key);
+  if (it == index.stored.end()) return std::optional<Object>{};
+  auto user = tx.get(Kind::user, it->second);
+  if (user) return std::optional<Object>(std::move(*user));
+  if (user.error().code == errc::not_found) return std::optional<Object>{};
+  return user.error();
+}
+
 // The user `name` designates, or nullopt. `allow_sid`: a bare `S-1-...` name is matched
-// against the users' SIDs (pass-through only).
+// against the users' SIDs (pass-through only). An exact name (or UPN) is found by its key; any
+// other spelling through `names` (the name index, read on first need: see BuiltinDirectory).
 Result<std::optional<Object>> find_user(Transaction& tx, const AccountName& name, const SiteSettings& settings,
-                                        bool allow_sid) {
+                                        bool allow_sid,
+                                        const std::function<Result<std::shared_ptr<const detail::NameIndex>>()>& names) {
   if (name.name.empty()) return std::optional<Object>{};
-  const auto scan = [&](auto&& match) -> Result<std::optional<Object>> {
-    auto all = tx.list(Kind::user, {});
-    if (!all) return all.error();
-    for (auto& user : *all)
-      if (match(user)) return std::optional<Object>(std::move(user));
-    return std::optional<Object>{};
+  const auto indexed = [&](const std::string& key) -> Result<std::optional<Object>> {
+    auto index = names();
+    if (!index) return index.error();
+    return get_indexed(tx, **index, key);
   };
 
-  if (allow_sid && name.domain.empty() && is_sid(name.name))
-    return scan([&](const Object& u) { return iequals(u.text("sid"), name.name); });
+  if (allow_sid && name.domain.empty() && is_sid(name.name)) return indexed("sid:" + lower(name.name));
 
   if (name.upn) {
     storage::Query exact;
@@ -103,7 +173,7 @@ Result<std::optional<Object>> find_user(Transaction& tx, const AccountName& name
     auto hit = tx.list(Kind::user, exact);
     if (!hit) return hit.error();
     if (!hit->empty()) return std::optional<Object>(std::move(hit->front()));
-    return scan([&](const Object& u) { return iequals(u.text("upn"), name.name); });
+    return indexed("upn:" + lower(name.name));
   }
 
   std::optional<Object> found;
@@ -112,7 +182,7 @@ Result<std::optional<Object>> find_user(Transaction& tx, const AccountName& name
   } else if (exact.error().code != errc::not_found) {
     return exact.error();
   } else {
-    auto any = scan([&](const Object& u) { return iequals(u.name, name.name); });
+    auto any = indexed("name:" + lower(name.name));
     if (!any) return any.error();
     found = std::move(*any);
   }
@@ -200,7 +270,7 @@ std::optional<Result<AuthOutcome>> BuiltinDirectory::prepare(const Credentials& 
     auto st = read_settings(tx);
     if (!st) return st.error();
     a.settings = std::move(*st);
-    auto u = find_user(tx, a.name, a.settings, false);
+    auto u = find_user(tx, a.name, a.settings, false, [&] { return name_index(tx); });
     if (!u) return u.error();
     a.user = std::move(*u);
     return {};
@@ -330,7 +400,7 @@ Result<AuthOutcome> BuiltinDirectory::lookup(std::string_view user_name, std::st
     auto s = read_settings(tx);
     if (!s) return s.error();
     settings = std::move(*s);
-    auto u = find_user(tx, name, settings, true);
+    auto u = find_user(tx, name, settings, true, [&] { return name_index(tx); });
     if (!u) return u.error();
     user = std::move(*u);
     return {};
@@ -495,14 +565,13 @@ Status BuiltinDirectory::unlock(const Object& user) {
 }
 
 Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Settings& settings) {
-  std::vector<Object> groups;
-  auto read = repository_.read([&](Transaction& tx) -> Status {
-    auto all = tx.list(Kind::group, {});
-    if (!all) return all.error();
-    groups = std::move(*all);
-    return {};
-  });
-  if (!read) return read.error();
+  auto index = group_index();
+  if (!index) return index.error();
+  const detail::GroupIndex& groups = **index;
+  const auto group_domain = [&](const detail::GroupIndex::Group& g) {
+    return g.domain.empty() ? settings.default_domain : g.domain;
+  };
+  const auto& members = groups.members;
 
   UserIdentity id;
   id.user_name = user.name;
@@ -513,34 +582,12 @@ Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Setting
   id.display_name = user.text("display_name");
   id.email = user.text("email");
 
-  // Index every membership by the member's name, UPN or SID: "name:alice" -> (group, "DEMO").
-  struct Membership {
-    std::size_t group;
-    std::string domain;  // the member's `DOMAIN\` qualifier, empty when none
-  };
-  std::unordered_map<std::string, std::vector<Membership>> members;
-  for (std::size_t i = 0; i < groups.size(); ++i) {
-    for (const auto& entry : groups[i].list("members")) {
-      const std::string_view m = trim(entry);
-      if (m.empty()) continue;
-      if (is_sid(m)) {
-        members["sid:" + lower(m)].push_back({i, {}});
-      } else if (auto slash = m.find('\\'); slash != std::string_view::npos) {
-        members["name:" + lower(m.substr(slash + 1))].push_back({i, std::string(m.substr(0, slash))});
-      } else if (m.find('@') != std::string_view::npos) {
-        members["upn:" + lower(m)].push_back({i, {}});
-      } else {
-        members["name:" + lower(m)].push_back({i, {}});
-      }
-    }
-  }
-
   // Breadth-first from the user through the groups that contain it; each group is entered once,
   // so a cycle ends.
   struct Member {
     std::string name, domain, upn, sid;
   };
-  std::vector<bool> entered(groups.size(), false);
+  std::vector<bool> entered(groups.groups.size(), false);
   std::vector<std::size_t> found;
   std::deque<Member> pending{Member{id.user_name, id.domain, id.upn, id.sid}};
   while (!pending.empty()) {
@@ -553,8 +600,8 @@ Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Setting
         if (entered[ref.group] || (!ref.domain.empty() && !iequals(ref.domain, m.domain))) continue;
         entered[ref.group] = true;
         found.push_back(ref.group);
-        const Object& g = groups[ref.group];
-        pending.push_back(Member{g.name, effective_domain(g, settings), {}, g.text("sid")});
+        const auto& g = groups.groups[ref.group];
+        pending.push_back(Member{g.name, group_domain(g), {}, g.sid});
       }
     };
     enter("name:" + lower(m.name));
@@ -564,8 +611,7 @@ Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Setting
 
   std::vector<std::pair<std::string, std::string>> named;  // canonical name, SID
   named.reserve(found.size());
-  for (std::size_t i : found)
-    named.emplace_back(qualify(effective_domain(groups[i], settings), groups[i].name), groups[i].text("sid"));
+  for (std::size_t i : found) named.emplace_back(qualify(group_domain(groups.groups[i]), groups.groups[i].name), groups.groups[i].sid);
   std::sort(named.begin(), named.end(), [](const auto& a, const auto& b) { return lower(a.first) < lower(b.first); });
   for (auto& [name, sid] : named) {
     if (!id.groups.empty() && iequals(id.groups.back(), name)) continue;
@@ -573,6 +619,69 @@ Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Setting
     if (!sid.empty()) id.group_sids.push_back(std::move(sid));
   }
   return id;
+}
+
+bool BuiltinDirectory::fresh(SysTime read_at) const {
+  if (options_.index_ttl <= std::chrono::seconds::zero()) return false;
+  const SysTime now = clock_.now();
+  return now >= read_at && now - read_at < options_.index_ttl;  // a clock set back: read again
+}
+
+Result<std::shared_ptr<const detail::NameIndex>> BuiltinDirectory::name_index(Transaction& tx) {
+  {
+    std::lock_guard lock(index_mutex_);
+    if (names_ && fresh(names_read_)) return names_;
+  }
+  // Inside the caller's read transaction, which holds the database: look-ups that need the
+  // index meanwhile wait for the connection, then find it fresh.
+  const SysTime now = clock_.now();
+  auto read = read_name_index(tx);
+  if (!read) return read.error();
+  auto index = std::make_shared<const detail::NameIndex>(std::move(*read));
+  std::lock_guard lock(index_mutex_);
+  names_ = index;
+  names_read_ = now;
+  ++index_reads_;
+  return index;
+}
+
+Result<std::shared_ptr<const detail::GroupIndex>> BuiltinDirectory::group_index() {
+  {
+    std::lock_guard lock(index_mutex_);
+    if (groups_ && fresh(groups_read_)) return groups_;
+  }
+  std::shared_ptr<const detail::GroupIndex> index;
+  auto read = repository_.read([&](Transaction& tx) -> Status {
+    {  // another call may have read it while this one waited for the database
+      std::lock_guard lock(index_mutex_);
+      if (groups_ && fresh(groups_read_)) {
+        index = groups_;
+        return {};
+      }
+    }
+    const SysTime now = clock_.now();
+    auto built = read_group_index(tx);
+    if (!built) return built.error();
+    index = std::make_shared<const detail::GroupIndex>(std::move(*built));
+    std::lock_guard lock(index_mutex_);
+    groups_ = index;
+    groups_read_ = now;
+    ++index_reads_;
+    return {};
+  });
+  if (!read) return read.error();
+  return index;
+}
+
+void BuiltinDirectory::invalidate_indexes() {
+  std::lock_guard lock(index_mutex_);
+  names_.reset();
+  groups_.reset();
+}
+
+std::uint64_t BuiltinDirectory::index_reads() const {
+  std::lock_guard lock(index_mutex_);
+  return index_reads_;
 }
 
 Result<AuthOutcome> BuiltinDirectory::with_identity(AuthResult result, const Object& user, const Settings& settings) {

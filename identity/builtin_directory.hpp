@@ -7,7 +7,8 @@
 // Finding the user: by account name (case-insensitively) with an optional domain, which must
 // equal the user's domain, or the site's default_domain for a user without one (both empty:
 // the request must name no domain either); or by UPN (`alice@demo.test`), case-insensitively.
-// Pass-through look-ups also accept the user's SID.
+// Pass-through look-ups also accept the user's SID. The name as stored (and the UPN as stored)
+// is found by its key; another spelling, and a SID, through the name index (see "Indexes").
 //
 // Credential checks, in this order:
 //   1. unknown user: failed_credentials, after a password check against a fixed dummy hash, so
@@ -44,6 +45,17 @@
 // or name a group the user is in, transitively; cycles are harmless. A group's domain is its
 // own, else the site's default_domain.
 //
+// Indexes: a call reads the site settings and the one user row it needs (one read transaction,
+// by key), so lock-outs, disables, password and flag changes apply at the next call. Two things
+// would need every row of a table and are kept in memory instead, each read again with one query
+// when it is older than options.index_ttl (5 s; 0: at every call) or after
+// invalidate_indexes(): the group membership index (every group's members, domain and SID) and
+// the name index (every user's name, UPN and SID in lower case -> the stored name). So a change
+// to groups or their members reaches identities within index_ttl, and a user created meanwhile
+// is found at once by the exact name or UPN, by another spelling (or SID) within index_ttl.
+// Nothing outside this class needs to tell it about changes (the storage commit observer is the
+// engine's); an admin action that wants it at once may call invalidate_indexes().
+//
 // Threading: thread-safe; every call blocks (storage; PBKDF2 outside any lock), except that
 // authenticate_async() can hand the hash to a bounded pool (BuiltinDirectoryOptions::
 // password_checks) and go on elsewhere. The in-memory state (failure counts, cache) is guarded
@@ -56,8 +68,11 @@
 #include "identity/password_checks.hpp"
 #include "storage/repository.hpp"
 
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -69,7 +84,9 @@ namespace identity {
 
 namespace detail {
 struct SiteSettings;  // the site settings one call works with (builtin_directory.cpp)
-}
+struct NameIndex;     // users by lower-case name, UPN and SID
+struct GroupIndex;    // group membership
+}  // namespace detail
 
 struct BuiltinDirectoryOptions {
   // Iterations of the dummy hash checked for unknown users; match what `brokerd --hash-password`
@@ -88,6 +105,9 @@ struct BuiltinDirectoryOptions {
   // authenticate_async(): where password hashes run (at most the pool's threads at once, a
   // bounded queue with a deadline; see password_checks.hpp). Null: on the calling thread.
   PasswordCheckPool* password_checks = nullptr;
+  // How long the group membership and name indexes are used before they are read again (see
+  // "Indexes" above). 0: read at every call that needs them.
+  std::chrono::seconds index_ttl{5};
   // authenticate_async(): where the check goes on after the hash (storage: a lock-out write, the
   // user's groups), e.g. the daemon's work queue. Returns false when it cannot take the task
   // (shutting down): the check then ends with errc::unavailable. Null: on the pool's thread.
@@ -110,6 +130,11 @@ class BuiltinDirectory final : public Directory {
   // a `DOMAIN\` prefix is ignored). Not needed for correctness (see the file comment); for an
   // admin who wants a user to type the password again at once.
   void forget(std::string_view user_name);
+
+  // Drops the group membership and name indexes: the next call that needs them reads them.
+  void invalidate_indexes();
+  // How many times an index was read from storage (tests, metrics).
+  std::uint64_t index_reads() const;
 
   // The number of cached successful checks (for tests and metrics).
   std::size_t cached_entries() const;
@@ -143,6 +168,11 @@ class BuiltinDirectory final : public Directory {
   // Clears an automatic lock-out that has run out (when it still is the one read).
   Status unlock(const storage::Object& user);
   Result<UserIdentity> resolve(const storage::Object& user, const Settings& settings);
+  // The indexes, read when missing or older than options_.index_ttl. name_index() reads inside
+  // the caller's transaction; group_index() in a read transaction of its own.
+  bool fresh(common::SysTime read_at) const;
+  Result<std::shared_ptr<const detail::NameIndex>> name_index(storage::Transaction& tx);
+  Result<std::shared_ptr<const detail::GroupIndex>> group_index();
   // An outcome that carries the identity.
   Result<AuthOutcome> with_identity(AuthResult result, const storage::Object& user, const Settings& settings);
 
@@ -161,6 +191,13 @@ class BuiltinDirectory final : public Directory {
   std::size_t unknown_bytes_ = 0;  // guarded by mutex_: estimated heap use of the unknown entries
   std::unordered_map<std::string, CacheEntry> cache_;               // guarded by mutex_; key: HMAC hex
   std::size_t next_sweep_ = 1024;                                   // guarded by mutex_
+
+  mutable std::mutex index_mutex_;  // guards the indexes below (held only to copy or set a pointer)
+  std::shared_ptr<const detail::NameIndex> names_;    // null: not read yet
+  common::SysTime names_read_{};
+  std::shared_ptr<const detail::GroupIndex> groups_;  // null: not read yet
+  common::SysTime groups_read_{};
+  std::uint64_t index_reads_ = 0;
 };
 
 }  // namespace identity

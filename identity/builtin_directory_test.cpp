@@ -711,3 +711,59 @@ TEST_CASE("authenticate_async: a full queue is errc::unavailable; resume runs th
   CHECK(ok->identity->qualified_name == "DEMO\\alice");
   CHECK(resumed == 1);
 }
+
+TEST_CASE("the group membership and name indexes are read once per index_ttl, not per call") {
+  Fixture f;
+  f.add_user("alice", "pw", {{"sid", std::string("S-1-5-21-9-1001")}});
+  f.add_user("bob", "pw");
+  f.add_group("Finance", {"alice"});
+  const auto groups_of = [&](const std::string& name) {
+    auto r = f.dir->lookup(name, "");
+    REQUIRE(r.has_value());
+    REQUIRE(r->identity.has_value());
+    return r->identity->groups;
+  };
+
+  for (int i = 0; i < 20; ++i) {
+    CHECK(groups_of("alice") == std::vector<std::string>{"DEMO\\Finance"});
+    CHECK(groups_of("bob").empty());
+  }
+  CHECK(f.dir->index_reads() == 1);  // the group index; exact names need no name index
+  for (int i = 0; i < 20; ++i) {
+    CHECK(groups_of("ALICE") == std::vector<std::string>{"DEMO\\Finance"});
+    CHECK(groups_of("s-1-5-21-9-1001") == std::vector<std::string>{"DEMO\\Finance"});
+    CHECK(f.dir->lookup("mallory", "").error().code == common::errc::not_found);
+  }
+  CHECK(f.dir->index_reads() == 2);  // and the name index, once
+
+  // A membership change reaches identities once the index is older than index_ttl (5 s)...
+  f.change(Kind::group, "Finance", {{"members", TextList{"alice", "bob"}}});
+  f.clock.advance(4s);
+  CHECK(groups_of("bob").empty());
+  f.clock.advance(1s);
+  CHECK(groups_of("bob") == std::vector<std::string>{"DEMO\\Finance"});
+  // ... or at once after invalidate_indexes().
+  f.add_group("Staff", {"Finance"});
+  f.dir->invalidate_indexes();
+  CHECK(groups_of("bob") == std::vector<std::string>{"DEMO\\Finance", "DEMO\\Staff"});
+
+  // A new user is found at once by its exact name, by another spelling once the name index is
+  // read again; user flags are read at every call.
+  CHECK(f.dir->lookup("BOB", "")->result == AuthResult::ok);  // the name index is read here
+  f.add_user("carol", "pw");
+  CHECK(f.dir->lookup("carol", "")->result == AuthResult::ok);
+  f.clock.advance(5s);
+  CHECK(f.dir->lookup("Carol", "")->result == AuthResult::ok);
+  f.change(Kind::user, "carol", {{"disabled", true}});
+  CHECK(f.dir->lookup("Carol", "")->result == AuthResult::account_disabled);
+}
+
+TEST_CASE("index_ttl 0 reads the indexes at every call") {
+  Fixture f({}, [](BuiltinDirectoryOptions& o) { o.index_ttl = 0s; });
+  f.add_user("alice", "pw");
+  f.add_group("Finance", {"alice"});
+  CHECK(f.dir->lookup("alice", "")->identity->groups == std::vector<std::string>{"DEMO\\Finance"});
+  f.change(Kind::group, "Finance", {{"members", TextList{"bob"}}});
+  CHECK(f.dir->lookup("alice", "")->identity->groups.empty());
+  CHECK(f.dir->index_reads() == 2);
+}
