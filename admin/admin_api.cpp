@@ -933,6 +933,43 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
                             route);
         q.equals.emplace_back(k, v);
       }
+      // A machine's live fields (registration_state, load_index, summary_state) are the engine's,
+      // not storage's: a filter on one is applied to the overlaid objects in memory, and the page
+      // cut from what matched (this lists every machine the other filters match).
+      std::vector<std::pair<std::string, std::string>> live_filters;
+      if (ks->kind == model::Kind::machine && engine_.load())
+        std::erase_if(q.equals, [&](const auto& filter) {
+          const bool is_live = filter.first == "registration_state" || filter.first == "load_index" ||
+                               filter.first == "summary_state";
+          if (is_live) live_filters.push_back(filter);
+          return is_live;
+        });
+      if (!live_filters.empty()) {
+        storage::Query stored = q;
+        stored.offset = 0;
+        stored.limit = -1;
+        auto all = site_.list(ks->kind, stored);
+        if (!all) return with_route(reply_error(all.error()), route);
+        const auto text_of = [](const model::Value& v) -> std::string {
+          if (const auto* s = std::get_if<std::string>(&v)) return *s;
+          if (const auto* i = std::get_if<std::int64_t>(&v)) return std::to_string(*i);
+          if (const auto* b = std::get_if<bool>(&v)) return *b ? "true" : "false";
+          return {};
+        };
+        broker::Page page;
+        for (auto& o : all->items) {
+          o = live(std::move(o));
+          const bool matches = std::all_of(live_filters.begin(), live_filters.end(), [&](const auto& filter) {
+            auto it = o.fields.find(filter.first);
+            return it != o.fields.end() && text_of(it->second) == filter.second;
+          });
+          if (!matches) continue;
+          if (page.total >= q.offset && (q.limit < 0 || page.total < q.offset + q.limit))
+            page.items.push_back(std::move(o));
+          ++page.total;
+        }
+        return with_route(json_reply(200, page_json(page, q.offset, q.limit)), route);
+      }
       auto page = site_.list(ks->kind, q);
       if (!page) return with_route(reply_error(page.error()), route);
       for (auto& o : page->items) o = live(std::move(o));
