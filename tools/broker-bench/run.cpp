@@ -181,8 +181,11 @@ Phase Run::registration_storm(const std::string& name, const std::string& comman
   p.seconds = static_cast<double>(last - t0) / 1e9;
   p.latency["registration"] = summarize(since(ev.registered, t0));
   usage(p, s0, s1);
-  for (const auto& [k, v] : after)
-    if (k.rfind("rej.", 0) == 0 && v - before.at(k) > 0) p.errors["rejected: " + k.substr(4)] = v - before.at(k);
+  for (const auto& [k, v] : after) {
+    const auto was = before.find(k);  // a reason first seen in this phase is absent before it
+    const long long delta = v - (was == before.end() ? 0 : was->second);
+    if (k.rfind("rej.", 0) == 0 && delta > 0) p.errors["rejected: " + k.substr(4)] = delta;
+  }
   const Totals counts = agents_->totals("counts");
   for (const auto& [k, v] : counts)
     if (k.rfind("cc.", 0) == 0 && v > 0) p.errors["cannot connect (first failure of a machine): " + k.substr(3)] = v;
