@@ -80,15 +80,6 @@ bool power_managed(const SiteState& st, const Machine& m) {
   return it != st.catalogs.end() && !it->second.hypervisor_connection.empty() && can_power_on(m);
 }
 
-// The requester's machines assigned without a rule, for entitlement (private desktops).
-std::vector<DirectAssignment> direct_assignments(const SiteState& st, const identity::UserIdentity& user,
-                                                 const std::string& client_address) {
-  std::vector<DirectAssignment> out;
-  for (const auto* a : st.assignments_for(user, client_address))
-    if (const auto* m = st.machine(a->machine); m && !a->user.empty()) out.push_back({a->user, m->delivery_group});
-  return out;
-}
-
 // What one attempt picked and reserved, what it writes, and how to undo it.
 struct Reservation {
   std::string machine, address, dns_name, group;
@@ -350,7 +341,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     }
 
     // Which resource, and why it cannot be launched.
-    const auto direct = direct_assignments(st, user, req.client_address);
+    const auto direct = direct_assignments_for(st, user, req.client_address);
     auto resources = entitled_resources(view.config, who, direct);
     auto it = std::find_if(resources.begin(), resources.end(),
                            [&](const Resource& r) { return iequals(r.in_name, req.resource); });
