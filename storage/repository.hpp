@@ -167,6 +167,16 @@ class Repository {
   // Sets (or with nullptr clears) the observer of committed changes (CommitObserver). Set it
   // before concurrent use; it replaces any earlier one.
   virtual void set_commit_observer(CommitObserver observer) = 0;
+  // How many changes to objects of `kind` (creates, updates, renames, removals) have committed
+  // through this repository since it was opened. Counted after COMMIT and before the write()
+  // calls that made them return, so a reader that reads the count, then the objects, and later
+  // finds the count unchanged knows that no write through this repository changed such objects
+  // since (writers in other processes sharing the database are not counted). nullopt: this
+  // implementation does not count (callers must not cache on it).
+  virtual std::optional<std::uint64_t> change_count(Kind kind) const {
+    (void)kind;
+    return std::nullopt;
+  }
   virtual SchemaInfo schema() const = 0;
   // Waits for the transaction in progress, checkpoints the WAL and closes; calls still waiting
   // (queued write()s included) and later calls fail with errc::unavailable.

@@ -1652,3 +1652,31 @@ TEST_CASE("the commit observer sees what each committed write changed, and nothi
     for (const auto& c : seen[i]) created.insert(c.name);
   CHECK(created.size() == 160);
 }
+
+TEST_CASE("change_count counts the committed changes of each kind, with or without an observer") {
+  auto repo = memory_repo();
+  const auto count = [&](Kind k) { return repo->change_count(k).value(); };
+  CHECK(count(Kind::user) == 0);
+  write_ok(*repo, [](Transaction& tx) {
+    create_ok(tx, make_default(Kind::user, "alice"));
+    create_ok(tx, make_default(Kind::group, "staff"));
+  });
+  CHECK(count(Kind::user) == 1);
+  CHECK(count(Kind::group) == 1);
+  CHECK(count(Kind::catalog) == 0);
+  // Rolled back: not counted. Reads: not counted.
+  CHECK(write_error(*repo, [](Transaction& tx) -> common::Status {
+          (void)tx.create(make_default(Kind::user, "doomed"));
+          return common::make_error(errc::conflict, "no");
+        }).code == errc::conflict);
+  read_ok(*repo, [](Transaction& tx) { CHECK(tx.list(Kind::user, {}).value().size() == 1); });
+  CHECK(count(Kind::user) == 1);
+  write_ok(*repo, [](Transaction& tx) {
+    Object u = *tx.get(Kind::user, "alice");
+    u.fields["disabled"] = true;
+    REQUIRE(tx.update("alice", u).has_value());
+  });
+  write_ok(*repo, [](Transaction& tx) { REQUIRE(tx.remove(Kind::group, "staff").has_value()); });
+  CHECK(count(Kind::user) == 2);
+  CHECK(count(Kind::group) == 2);
+}

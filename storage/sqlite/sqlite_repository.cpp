@@ -117,6 +117,12 @@ class SqliteRepository final : public Repository {
 
   void set_commit_observer(CommitObserver observer) override { observer_ = std::move(observer); }
 
+  std::optional<std::uint64_t> change_count(Kind kind) const override {
+    const auto i = static_cast<std::size_t>(kind);
+    if (i >= change_counts_.size()) return std::nullopt;
+    return change_counts_[i].load();
+  }
+
   Status ping() override {
     if (inside()) return nested();
     Turn turn;
@@ -297,7 +303,7 @@ class SqliteRepository final : public Repository {
     }
     sqlite::SqliteTransaction tx(*db_, true);
     p.changes.clear();
-    if (observer_) tx.record_changes(&p.changes);
+    tx.record_changes(&p.changes);  // for the observer and change_count()
     bool failed = false;
     const auto rows_before = db_->rows_returned();
     struct CountRows {  // rows the function read, whatever way it ends
@@ -359,13 +365,15 @@ class SqliteRepository final : public Repository {
             if (!batch[i]->thrown && batch[i]->result) batch[i]->result = ok;
           continue;
         }
-        if (observer_) {
+        {
           std::vector<Change> committed;
           for (std::size_t i = first; i < next; ++i)
             if (!batch[i]->thrown && batch[i]->result)
               for (auto& c : batch[i]->changes) committed.push_back(std::move(c));
+          for (const auto& c : committed)
+            if (const auto k = static_cast<std::size_t>(c.kind); k < change_counts_.size()) change_counts_[k].fetch_add(1);
           // The commit stands whatever the observer does (it must not throw).
-          if (!committed.empty()) try {
+          if (observer_ && !committed.empty()) try {
               observer_(committed);
             } catch (...) {
             }
@@ -397,6 +405,8 @@ class SqliteRepository final : public Repository {
   std::atomic<std::thread::id> owner_{};
   std::unique_ptr<Connection> db_;  // used only by the connection's holder; null once closed
   CommitObserver observer_;          // set before concurrent use; called by the connection's holder
+  // Committed changes per Kind (change_count()); bumped by the connection's holder after COMMIT.
+  std::array<std::atomic<std::uint64_t>, 16> change_counts_{};
   const SchemaInfo info_;
   common::Metrics* metrics_;
 };
