@@ -1,5 +1,7 @@
 #include "broker/site_objects.hpp"
 
+#include "common/site_rules.hpp"
+
 #include "common/crypto.hpp"
 #include "common/model_json.hpp"
 #include "power/schedule.hpp"
@@ -10,6 +12,8 @@
 #include <map>
 
 namespace broker {
+
+namespace site_rules = common::site_rules;
 
 using common::errc;
 using common::make_error;
@@ -114,16 +118,11 @@ Status SiteObjects::check_semantics(storage::Transaction& tx, const Object& obj)
       auto grp = tx.get(Kind::delivery_group, obj.text("delivery_group"));
       if (!cat) return cat.error();
       if (!grp) return grp.error();
-      if (cat->text("session_support") != grp->text("session_support"))
-        return make_error(errc::invalid_argument,
-                          "group '" + grp->name + "' is " + grp->text("session_support") + " but catalog '" +
-                              cat->name + "' is " + cat->text("session_support"),
-                          "delivery_group");
+      if (auto p = site_rules::machine_in_group(*cat, *grp)) return make_error(errc::invalid_argument, p->message, p->field);
       break;
     }
     case Kind::delivery_group: {
-      if (obj.text("desktop_kind") == "Private" && obj.text("delivery_type") == "DesktopsAndApps")
-        return make_error(errc::invalid_argument, "a Private group cannot deliver DesktopsAndApps", "delivery_type");
+      if (auto p = site_rules::delivery_group(obj)) return make_error(errc::invalid_argument, p->message, p->field);
       // The power policy reads schedules in this zone: refuse one that cannot be read now rather
       // than skip the group's pool management later.
       if (auto zone = zones_->find(obj.text("time_zone", "UTC")); !zone)
@@ -162,15 +161,7 @@ Status SiteObjects::check_semantics(storage::Transaction& tx, const Object& obj)
     case Kind::rule: {
       auto grp = tx.get(Kind::delivery_group, obj.text("delivery_group"));
       if (!grp) return grp.error();
-      const auto type = obj.text("rule_type");
-      if (type == "assignment" && grp->text("desktop_kind") != "Private")
-        return make_error(errc::invalid_argument, "assignment rules are for Private groups; '" + grp->name +
-                                                      "' is " + grp->text("desktop_kind"),
-                          "rule_type");
-      if (type == "entitlement" && grp->text("desktop_kind") != "Shared")
-        return make_error(errc::invalid_argument, "entitlement rules are for Shared groups; '" + grp->name +
-                                                      "' is " + grp->text("desktop_kind"),
-                          "rule_type");
+      if (auto p = site_rules::rule_in_group(obj, *grp)) return make_error(errc::invalid_argument, p->message, p->field);
       break;
     }
     case Kind::assignment: {
@@ -180,15 +171,14 @@ Status SiteObjects::check_semantics(storage::Transaction& tx, const Object& obj)
       auto m = tx.get(Kind::machine, obj.text("machine"));
       if (!m) return m.error();
       const auto group_name = m->text("delivery_group");
-      if (group_name.empty())
-        return make_error(errc::invalid_argument, "machine '" + m->name + "' is in no delivery group", "machine");
-      auto grp = tx.get(Kind::delivery_group, group_name);
-      if (!grp) return grp.error();
-      if (grp->text("desktop_kind") != "Private")
-        return make_error(errc::invalid_argument,
-                          "machine '" + m->name + "' is in the " + grp->text("desktop_kind") + " group '" + grp->name +
-                              "'; assignments are for Private groups",
-                          "machine");
+      std::optional<Object> grp;
+      if (!group_name.empty()) {
+        auto g = tx.get(Kind::delivery_group, group_name);
+        if (!g) return g.error();
+        grp = std::move(*g);
+      }
+      if (auto p = site_rules::assignment_machine(*m, grp ? &*grp : nullptr))
+        return make_error(errc::invalid_argument, p->message, p->field);
       break;
     }
     default: break;

@@ -118,6 +118,20 @@ TEST_CASE("semantic checks name the field") {
   auto private_mixed = f.site->create(
       obj(Kind::delivery_group, "p", {{"desktop_kind", std::string("Private")}, {"delivery_type", std::string("DesktopsAndApps")}}, "api"), "t");
   CHECK(private_mixed.error().field == "delivery_type");
+  // The same rules as the config loader (common/site_rules.hpp): they used to drift, and the
+  // admin API accepted an app_entitlement rule on a DesktopsOnly group that the config refuses.
+  auto apps_on_desktops = f.site->create(
+      obj(Kind::rule, "a", {{"rule_type", std::string("app_entitlement")}, {"delivery_group", std::string("single")}}, "api"),
+      "t");
+  REQUIRE(!apps_on_desktops);
+  CHECK(apps_on_desktops.error().field == "rule_type");
+  CHECK(apps_on_desktops.error().message ==
+        "app_entitlement rules are for groups that deliver applications; 'single' is DesktopsOnly");
+  REQUIRE(f.site->create(obj(Kind::delivery_group, "apps", {{"delivery_type", std::string("AppsOnly")}}, "api"), "t"));
+  auto desktops_on_apps = f.site->create(
+      obj(Kind::rule, "e", {{"rule_type", std::string("entitlement")}, {"delivery_group", std::string("apps")}}, "api"), "t");
+  REQUIRE(!desktops_on_apps);
+  CHECK(desktops_on_apps.error().message == "entitlement rules publish desktops; 'apps' is AppsOnly (use app_entitlement)");
 }
 
 TEST_CASE("a delivery group's time zone must exist; a group's power time schemes must not share days") {

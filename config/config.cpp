@@ -9,6 +9,8 @@
 // toml++ is the only heavy include of the module and stays in this file.
 #include "config/config.hpp"
 
+#include "common/site_rules.hpp"
+
 #include "common/address.hpp"
 
 #include "common/crypto.hpp"
@@ -958,18 +960,13 @@ void Loader::check_rules_between_objects() {
     const Declared* cat = find(Kind::catalog, d.obj.text("catalog"));
     const Declared* group = find(Kind::delivery_group, d.obj.text("delivery_group"));
     if (!cat || !group || !cat->usable("session_support") || !group->usable("session_support")) continue;
-    if (cat->obj.text("session_support") != group->obj.text("session_support"))
-      error(d.key_line("delivery_group"), d.path + ".delivery_group",
-            "catalog " + in_quotes(cat->obj.name) + " is " + cat->obj.text("session_support") + " but delivery group " +
-                in_quotes(group->obj.name) + " is " + group->obj.text("session_support") +
-                " (a machine's catalog and delivery group need the same session_support)");
+    if (auto p = common::site_rules::machine_in_group(cat->obj, group->obj))
+      error(d.key_line(p->field), d.path + "." + p->field, p->message);
   }
   // Delivery groups: Private groups deliver desktops or apps, not both.
   for (const auto& d : declared_[Kind::delivery_group]) {
-    if (d.usable("desktop_kind") && d.usable("delivery_type") && d.obj.text("desktop_kind") == "Private" &&
-        d.obj.text("delivery_type") == "DesktopsAndApps")
-      error(d.key_line("delivery_type"), d.path + ".delivery_type",
-            "a Private delivery group cannot be DesktopsAndApps (use DesktopsOnly or AppsOnly)");
+    if (!d.usable("desktop_kind") || !d.usable("delivery_type")) continue;
+    if (auto p = common::site_rules::delivery_group(d.obj)) error(d.key_line(p->field), d.path + "." + p->field, p->message);
   }
   // Power time schemes: the schemes of one delivery group must not share a day (site-model-reference 2.8).
   {
@@ -1010,20 +1007,8 @@ void Loader::check_rules_between_objects() {
     if (!d.usable("rule_type") || !d.usable("delivery_group")) continue;
     const Declared* group = find(Kind::delivery_group, d.obj.text("delivery_group"));
     if (!group || !group->usable("desktop_kind") || !group->usable("delivery_type")) continue;
-    const std::string type = d.obj.text("rule_type");
-    const std::string desktop_kind = group->obj.text("desktop_kind");
-    const std::string delivery = group->obj.text("delivery_type");
-    std::string problem;
-    if (type == "assignment" && desktop_kind != "Private")
-      problem = "assignment rules are for Private delivery groups; " + in_quotes(group->obj.name) + " is " + desktop_kind;
-    else if (type == "entitlement" && desktop_kind != "Shared")
-      problem = "entitlement rules are for Shared delivery groups; " + in_quotes(group->obj.name) + " is " + desktop_kind;
-    else if (type == "entitlement" && delivery == "AppsOnly")
-      problem = "entitlement rules publish desktops; " + in_quotes(group->obj.name) + " is AppsOnly (use app_entitlement)";
-    else if (type == "app_entitlement" && delivery == "DesktopsOnly")
-      problem = "app_entitlement rules are for groups that deliver applications; " + in_quotes(group->obj.name) +
-                " is DesktopsOnly";
-    if (!problem.empty()) error(d.key_line("rule_type"), d.path + ".rule_type", problem);
+    if (auto p = common::site_rules::rule_in_group(d.obj, group->obj))
+      error(d.key_line(p->field), d.path + "." + p->field, p->message);
   }
 }
 
