@@ -36,13 +36,6 @@ struct GroupIndex {
   std::unordered_map<std::string, std::vector<Membership>> members;
 };
 
-struct SiteSettings {
-  std::string default_domain;
-  std::int64_t lockout_threshold = 0;
-  std::int64_t lockout_window_seconds = 0;
-  std::int64_t lockout_duration_seconds = 0;
-  std::int64_t credential_cache_seconds = 0;
-};
 }  // namespace detail
 
 namespace {
@@ -190,6 +183,28 @@ Result<std::optional<Object>> find_user(Transaction& tx, const AccountName& name
   return found;
 }
 
+// What the directory reads of a user row, without the fields it never looks at (and without
+// empty or false ones): what the row cache keeps.
+Object slim(const Object& user) {
+  static constexpr std::string_view kKept[] = {"domain",   "upn",         "sid",        "display_name",
+                                               "email",    "password_hash", "disabled", "expired",
+                                               "must_change_password", "locked_out", "locked_out_until"};
+  Object out;
+  out.kind = user.kind;
+  out.name = user.name;
+  out.id = user.id;
+  for (const auto field : kKept) {
+    auto it = user.fields.find(std::string(field));
+    if (it == user.fields.end()) continue;
+    const Value& v = it->second;
+    if (std::holds_alternative<std::monostate>(v)) continue;
+    if (const auto* b = std::get_if<bool>(&v); b && !*b) continue;
+    if (const auto* t = std::get_if<std::string>(&v); t && t->empty()) continue;
+    out.fields.emplace(it->first, v);
+  }
+  return out;
+}
+
 enum class LockState { none, active, lapsed };
 
 LockState lock_state(const Object& user, SysTime now) {
@@ -266,16 +281,10 @@ std::optional<Result<AuthOutcome>> BuiltinDirectory::prepare(const Credentials& 
   a.name = parse_account_name(credentials.user_name, credentials.domain);
   a.password = credentials.password;
   a.encoded = dummy_hash_;
-  auto read = repository_.read([&](Transaction& tx) -> Status {
-    auto st = read_settings(tx);
-    if (!st) return st.error();
-    a.settings = std::move(*st);
-    auto u = find_user(tx, a.name, a.settings, false, [&] { return name_index(tx); });
-    if (!u) return u.error();
-    a.user = std::move(*u);
-    return {};
-  });
-  if (!read) return Result<AuthOutcome>(read.error());
+  auto found = find(a.name, false);
+  if (!found) return Result<AuthOutcome>(found.error());
+  a.settings = std::move(found->settings);
+  a.user = std::move(found->user);
 
   if (!a.user) {  // 1. unknown: locked-out names answer at once, the others after the dummy hash
     a.unknown = unknown_key(a.name);
@@ -394,18 +403,10 @@ void BuiltinDirectory::authenticate_async(const Credentials& credentials, AuthCa
 
 Result<AuthOutcome> BuiltinDirectory::lookup(std::string_view user_name, std::string_view domain) {
   const AccountName name = parse_account_name(user_name, domain);
-  SiteSettings settings;
-  std::optional<Object> user;
-  auto read = repository_.read([&](Transaction& tx) -> Status {
-    auto s = read_settings(tx);
-    if (!s) return s.error();
-    settings = std::move(*s);
-    auto u = find_user(tx, name, settings, true, [&] { return name_index(tx); });
-    if (!u) return u.error();
-    user = std::move(*u);
-    return {};
-  });
-  if (!read) return read.error();
+  auto found = find(name, true);
+  if (!found) return found.error();
+  const SiteSettings& settings = found->settings;
+  std::optional<Object>& user = found->user;
   if (!user) return Error(errc::not_found, "no such user");
 
   if (user->flag("disabled")) return outcome(AuthResult::account_disabled);
@@ -627,34 +628,85 @@ bool BuiltinDirectory::fresh(SysTime read_at) const {
   return now >= read_at && now - read_at < options_.index_ttl;  // a clock set back: read again
 }
 
+bool BuiltinDirectory::current(const Stamp& stamp, std::optional<std::uint64_t> count) const {
+  return count ? stamp.count == count : fresh(stamp.read_at);
+}
+
+Result<BuiltinDirectory::Found> BuiltinDirectory::find(const AccountName& name, bool allow_sid) {
+  // The counts before the read: a change committed meanwhile makes the entry stale at once.
+  const auto users = repository_.change_count(Kind::user);
+  const auto site = repository_.change_count(Kind::site);
+  const bool cacheable = users && site;
+  std::string key;
+  if (cacheable) {
+    key.reserve(name.name.size() + name.domain.size() + 4);
+    key += allow_sid ? 's' : '-';
+    key += name.upn ? 'u' : '-';
+    key += lower(name.domain);
+    key += '\\';
+    key += name.name;
+    std::lock_guard lock(index_mutex_);
+    if (rows_users_ != users || rows_site_ != site) {
+      rows_.clear();
+      settings_.reset();
+      rows_users_ = users;
+      rows_site_ = site;
+    }
+    if (settings_)
+      if (auto it = rows_.find(key); it != rows_.end()) return Found{*settings_, it->second};
+  }
+  Found found;
+  auto read = repository_.read([&](Transaction& tx) -> Status {
+    auto st = read_settings(tx);
+    if (!st) return st.error();
+    found.settings = std::move(*st);
+    auto u = find_user(tx, name, found.settings, allow_sid, [&] { return name_index(tx); });
+    if (!u) return u.error();
+    if (*u) found.user = slim(**u);
+    return {};
+  });
+  if (!read) return read.error();
+  if (cacheable) {
+    std::lock_guard lock(index_mutex_);
+    if (rows_users_ == users && rows_site_ == site) {
+      if (rows_.size() >= options_.max_cached_users) rows_.clear();
+      settings_ = found.settings;
+      rows_.emplace(std::move(key), found.user);
+    }
+  }
+  return found;
+}
+
 Result<std::shared_ptr<const detail::NameIndex>> BuiltinDirectory::name_index(Transaction& tx) {
+  const auto count = repository_.change_count(Kind::user);
   {
     std::lock_guard lock(index_mutex_);
-    if (names_ && fresh(names_read_)) return names_;
+    if (names_ && current(names_stamp_, count)) return names_;
   }
   // Inside the caller's read transaction, which holds the database: look-ups that need the
-  // index meanwhile wait for the connection, then find it fresh.
+  // index meanwhile wait for the connection, then find it current.
   const SysTime now = clock_.now();
   auto read = read_name_index(tx);
   if (!read) return read.error();
   auto index = std::make_shared<const detail::NameIndex>(std::move(*read));
   std::lock_guard lock(index_mutex_);
   names_ = index;
-  names_read_ = now;
+  names_stamp_ = {count, now};
   ++index_reads_;
   return index;
 }
 
 Result<std::shared_ptr<const detail::GroupIndex>> BuiltinDirectory::group_index() {
+  const auto count = repository_.change_count(Kind::group);
   {
     std::lock_guard lock(index_mutex_);
-    if (groups_ && fresh(groups_read_)) return groups_;
+    if (groups_ && current(groups_stamp_, count)) return groups_;
   }
   std::shared_ptr<const detail::GroupIndex> index;
   auto read = repository_.read([&](Transaction& tx) -> Status {
     {  // another call may have read it while this one waited for the database
       std::lock_guard lock(index_mutex_);
-      if (groups_ && fresh(groups_read_)) {
+      if (groups_ && current(groups_stamp_, count)) {
         index = groups_;
         return {};
       }
@@ -665,7 +717,7 @@ Result<std::shared_ptr<const detail::GroupIndex>> BuiltinDirectory::group_index(
     index = std::make_shared<const detail::GroupIndex>(std::move(*built));
     std::lock_guard lock(index_mutex_);
     groups_ = index;
-    groups_read_ = now;
+    groups_stamp_ = {count, now};
     ++index_reads_;
     return {};
   });
@@ -677,6 +729,13 @@ void BuiltinDirectory::invalidate_indexes() {
   std::lock_guard lock(index_mutex_);
   names_.reset();
   groups_.reset();
+  rows_.clear();
+  settings_.reset();
+}
+
+std::size_t BuiltinDirectory::cached_users() const {
+  std::lock_guard lock(index_mutex_);
+  return rows_.size();
 }
 
 std::uint64_t BuiltinDirectory::index_reads() const {

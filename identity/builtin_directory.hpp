@@ -45,16 +45,24 @@
 // or name a group the user is in, transitively; cycles are harmless. A group's domain is its
 // own, else the site's default_domain.
 //
-// Indexes: a call reads the site settings and the one user row it needs (one read transaction,
-// by key), so lock-outs, disables, password and flag changes apply at the next call. Two things
-// would need every row of a table and are kept in memory instead, each read again with one query
-// when it is older than options.index_ttl (5 s; 0: at every call) or after
-// invalidate_indexes(): the group membership index (every group's members, domain and SID) and
-// the name index (every user's name, UPN and SID in lower case -> the stored name). So a change
-// to groups or their members reaches identities within index_ttl, and a user created meanwhile
-// is found at once by the exact name or UPN, by another spelling (or SID) within index_ttl.
-// Nothing outside this class needs to tell it about changes (the storage commit observer is the
-// engine's); an admin action that wants it at once may call invalidate_indexes().
+// Caches and indexes (docs/architecture.md "Enumeration"). What a call needs is kept in memory
+// and read again only when it may have changed, which the repository tells by its per-kind
+// change counts (storage::Repository::change_count; they move after a commit and before the
+// write() that made it returns, so the next call after any change reads again):
+//   - the site settings and the user rows found by each name form (with "no such user"), while
+//     no user and no site change has committed; a lock-out or unlock written here is a user
+//     change too. So lock-outs, disables, password and flag changes apply at the next call, as
+//     if the row were read every time; a call that hits reads nothing;
+//   - the group membership index (every group's members, domain and SID), while no group changed;
+//   - the name index (every user's name, UPN and SID in lower case -> the stored name: other
+//     spellings and SIDs without reading every user), while no user changed.
+// A repository that does not count (change_count() nullopt) gets the old behaviour for rows and
+// settings (read at every call), and the two indexes are read again when older than
+// options.index_ttl (5 s; 0: at every call): group changes then reach identities within
+// index_ttl, and a new user is found at once by the exact name or UPN, by another spelling
+// within index_ttl. Writers in other processes sharing the database are not counted either.
+// invalidate_indexes() drops everything. At most options.max_cached_users rows are kept (then
+// the row cache starts again empty); a cached row keeps only the fields read here.
 //
 // Threading: thread-safe; every call blocks (storage; PBKDF2 outside any lock), except that
 // authenticate_async() can hand the hash to a bounded pool (BuiltinDirectoryOptions::
@@ -83,7 +91,14 @@
 namespace identity {
 
 namespace detail {
-struct SiteSettings;  // the site settings one call works with (builtin_directory.cpp)
+// The site settings one call works with.
+struct SiteSettings {
+  std::string default_domain;
+  std::int64_t lockout_threshold = 0;
+  std::int64_t lockout_window_seconds = 0;
+  std::int64_t lockout_duration_seconds = 0;
+  std::int64_t credential_cache_seconds = 0;
+};
 struct NameIndex;     // users by lower-case name, UPN and SID
 struct GroupIndex;    // group membership
 }  // namespace detail
@@ -108,6 +123,8 @@ struct BuiltinDirectoryOptions {
   // How long the group membership and name indexes are used before they are read again (see
   // "Indexes" above). 0: read at every call that needs them.
   std::chrono::seconds index_ttl{5};
+  // Most user look-ups (by name form, unknown names included) kept in the row cache.
+  std::size_t max_cached_users = 100000;
   // authenticate_async(): where the check goes on after the hash (storage: a lock-out write, the
   // user's groups), e.g. the daemon's work queue. Returns false when it cannot take the task
   // (shutting down): the check then ends with errc::unavailable. Null: on the pool's thread.
@@ -131,8 +148,10 @@ class BuiltinDirectory final : public Directory {
   // admin who wants a user to type the password again at once.
   void forget(std::string_view user_name);
 
-  // Drops the group membership and name indexes: the next call that needs them reads them.
+  // Drops the cached rows, settings and indexes: the next call reads what it needs.
   void invalidate_indexes();
+  // Look-ups held in the row cache (tests, metrics).
+  std::size_t cached_users() const;
   // How many times an index was read from storage (tests, metrics).
   std::uint64_t index_reads() const;
 
@@ -171,6 +190,20 @@ class BuiltinDirectory final : public Directory {
   // The indexes, read when missing or older than options_.index_ttl. name_index() reads inside
   // the caller's transaction; group_index() in a read transaction of its own.
   bool fresh(common::SysTime read_at) const;
+  // When an index was read: the change count then (nullopt: not counted) and the time.
+  struct Stamp {
+    std::optional<std::uint64_t> count;
+    common::SysTime read_at{};
+  };
+  // Current: the count has not moved since; without counts, read within index_ttl.
+  bool current(const Stamp& stamp, std::optional<std::uint64_t> count) const;
+  // The site settings and the user a name designates (slimmed; nullopt: none), from the row
+  // cache or one read transaction.
+  struct Found {
+    Settings settings;
+    std::optional<storage::Object> user;
+  };
+  Result<Found> find(const AccountName& name, bool allow_sid);
   Result<std::shared_ptr<const detail::NameIndex>> name_index(storage::Transaction& tx);
   Result<std::shared_ptr<const detail::GroupIndex>> group_index();
   // An outcome that carries the identity.
@@ -194,9 +227,13 @@ class BuiltinDirectory final : public Directory {
 
   mutable std::mutex index_mutex_;  // guards the indexes below (held only to copy or set a pointer)
   std::shared_ptr<const detail::NameIndex> names_;    // null: not read yet
-  common::SysTime names_read_{};
+  Stamp names_stamp_;
   std::shared_ptr<const detail::GroupIndex> groups_;  // null: not read yet
-  common::SysTime groups_read_{};
+  Stamp groups_stamp_;
+  // The row cache: key (name form) -> the user (nullopt: no such user), valid for these counts.
+  std::unordered_map<std::string, std::optional<storage::Object>> rows_;
+  std::optional<Settings> settings_;
+  std::optional<std::uint64_t> rows_users_, rows_site_;
   std::uint64_t index_reads_ = 0;
 };
 

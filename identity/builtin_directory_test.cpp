@@ -42,13 +42,42 @@ struct SiteSettings {
   std::int64_t cache = 60;
 };
 
+// The repository as the directory sees it: counts its read transactions and can hide the change
+// counts (a repository that does not count).
+class SeenRepository final : public storage::Repository {
+ public:
+  SeenRepository(storage::Repository& inner, bool counted) : inner_(inner), counted_(counted) {}
+  common::Status write(const std::function<common::Status(storage::Transaction&)>& fn) override {
+    return inner_.write(fn);
+  }
+  common::Status read(const std::function<common::Status(storage::Transaction&)>& fn) override {
+    ++reads;
+    return inner_.read(fn);
+  }
+  common::Status ping() override { return inner_.ping(); }
+  void set_commit_observer(storage::CommitObserver observer) override { inner_.set_commit_observer(std::move(observer)); }
+  std::optional<std::uint64_t> change_count(Kind kind) const override {
+    return counted_ ? inner_.change_count(kind) : std::nullopt;
+  }
+  storage::SchemaInfo schema() const override { return inner_.schema(); }
+  void close() override { inner_.close(); }
+
+  std::atomic<int> reads{0};
+
+ private:
+  storage::Repository& inner_;
+  const bool counted_;
+};
+
 struct Fixture {
   std::unique_ptr<storage::Repository> repo;
+  std::unique_ptr<SeenRepository> seen;  // what the directory uses
   common::ManualClock clock{start_time()};
   std::atomic<int> verifies{0};
   std::unique_ptr<BuiltinDirectory> dir;
 
-  explicit Fixture(const SiteSettings& s = {}, const std::function<void(BuiltinDirectoryOptions&)>& tweak = {}) {
+  explicit Fixture(const SiteSettings& s = {}, const std::function<void(BuiltinDirectoryOptions&)>& tweak = {},
+                   bool counted = true) {
     storage::SqliteOptions o;
     o.path = ":memory:";
     auto r = storage::open_sqlite(o);
@@ -70,7 +99,8 @@ struct Fixture {
       return common::crypto::verify_password(pw, enc);
     };
     if (tweak) tweak(options);
-    dir = std::make_unique<BuiltinDirectory>(*repo, clock, options);
+    seen = std::make_unique<SeenRepository>(*repo, counted);
+    dir = std::make_unique<BuiltinDirectory>(*seen, clock, options);
   }
 
   void create(const Object& obj) {
@@ -712,8 +742,63 @@ TEST_CASE("authenticate_async: a full queue is errc::unavailable; resume runs th
   CHECK(resumed == 1);
 }
 
-TEST_CASE("the group membership and name indexes are read once per index_ttl, not per call") {
+TEST_CASE("nothing is read while nothing changed; a user, group or site change applies at the next call") {
   Fixture f;
+  f.add_user("alice", "pw", {{"sid", std::string("S-1-5-21-9-1001")}});
+  f.add_user("bob", "pw");
+  f.add_group("Finance", {"alice"});
+  const auto groups_of = [&](const std::string& name) {
+    auto r = f.dir->lookup(name, "");
+    REQUIRE(r.has_value());
+    REQUIRE(r->identity.has_value());
+    return r->identity->groups;
+  };
+  CHECK(groups_of("alice") == std::vector<std::string>{"DEMO\\Finance"});
+  CHECK(groups_of("ALICE") == std::vector<std::string>{"DEMO\\Finance"});
+  CHECK(groups_of("s-1-5-21-9-1001") == std::vector<std::string>{"DEMO\\Finance"});
+  CHECK(groups_of("bob").empty());
+  CHECK(f.dir->lookup("mallory", "").error().code == common::errc::not_found);
+  CHECK(f.result("alice", "pw") == AuthResult::ok);
+  const int reads = f.seen->reads;
+  CHECK(f.dir->index_reads() == 2);  // the group index, and the name index (for ALICE and the SID)
+  for (int i = 0; i < 20; ++i) {  // the clock does not matter
+    f.clock.advance(1h);
+    CHECK(groups_of("alice") == std::vector<std::string>{"DEMO\\Finance"});
+    CHECK(groups_of("ALICE") == std::vector<std::string>{"DEMO\\Finance"});
+    CHECK(groups_of("s-1-5-21-9-1001") == std::vector<std::string>{"DEMO\\Finance"});
+    CHECK(groups_of("bob").empty());
+    CHECK(f.dir->lookup("mallory", "").error().code == common::errc::not_found);
+    CHECK(f.result("alice", "pw") == AuthResult::ok);  // a cached success
+  }
+  CHECK(f.seen->reads == reads);  // no storage read at all
+  CHECK(f.dir->index_reads() == 2);
+
+  // A membership change: the next call sees it.
+  f.change(Kind::group, "Finance", {{"members", TextList{"alice", "bob"}}});
+  CHECK(groups_of("bob") == std::vector<std::string>{"DEMO\\Finance"});
+  f.add_group("Staff", {"Finance"});
+  CHECK(groups_of("bob") == std::vector<std::string>{"DEMO\\Finance", "DEMO\\Staff"});
+  // User changes: a new user under any spelling, a disable, a new password, a removal.
+  f.add_user("carol", "pw");
+  CHECK(f.dir->lookup("Carol", "")->result == AuthResult::ok);
+  f.change(Kind::user, "carol", {{"disabled", true}});
+  CHECK(f.dir->lookup("carol", "")->result == AuthResult::account_disabled);
+  f.change(Kind::user, "alice", {{"password_hash", common::crypto::hash_password("new", kIterations)}});
+  CHECK(f.result("alice", "pw") == AuthResult::failed_credentials);
+  CHECK(f.result("alice", "new") == AuthResult::ok);
+  auto st = f.repo->write([](storage::Transaction& tx) { return tx.remove(Kind::user, "bob"); });
+  REQUIRE(st.has_value());
+  CHECK(f.dir->lookup("bob", "").error().code == common::errc::not_found);
+  // A site change: the default domain (of a user without a domain of its own).
+  f.add_user("dora", "pw");
+  f.change(Kind::user, "dora", {{"domain", Value()}});
+  CHECK(f.dir->lookup("dora", "")->identity->qualified_name == "DEMO\\dora");
+  f.change(Kind::site, "site", {{"default_domain", std::string("CORP")}});
+  CHECK(f.dir->lookup("dora", "")->identity->qualified_name == "CORP\\dora");
+}
+
+TEST_CASE("a repository that does not count: rows at every call, indexes once per index_ttl") {
+  Fixture f({}, {}, false);
   f.add_user("alice", "pw", {{"sid", std::string("S-1-5-21-9-1001")}});
   f.add_user("bob", "pw");
   f.add_group("Finance", {"alice"});
@@ -729,6 +814,7 @@ TEST_CASE("the group membership and name indexes are read once per index_ttl, no
     CHECK(groups_of("bob").empty());
   }
   CHECK(f.dir->index_reads() == 1);  // the group index; exact names need no name index
+  CHECK(f.dir->cached_users() == 0);
   for (int i = 0; i < 20; ++i) {
     CHECK(groups_of("ALICE") == std::vector<std::string>{"DEMO\\Finance"});
     CHECK(groups_of("s-1-5-21-9-1001") == std::vector<std::string>{"DEMO\\Finance"});
@@ -759,11 +845,19 @@ TEST_CASE("the group membership and name indexes are read once per index_ttl, no
 }
 
 TEST_CASE("index_ttl 0 reads the indexes at every call") {
-  Fixture f({}, [](BuiltinDirectoryOptions& o) { o.index_ttl = 0s; });
+  Fixture f({}, [](BuiltinDirectoryOptions& o) { o.index_ttl = 0s; }, false);
   f.add_user("alice", "pw");
   f.add_group("Finance", {"alice"});
   CHECK(f.dir->lookup("alice", "")->identity->groups == std::vector<std::string>{"DEMO\\Finance"});
   f.change(Kind::group, "Finance", {{"members", TextList{"bob"}}});
   CHECK(f.dir->lookup("alice", "")->identity->groups.empty());
   CHECK(f.dir->index_reads() == 2);
+}
+
+TEST_CASE("the row cache is bounded") {
+  Fixture f({}, [](BuiltinDirectoryOptions& o) { o.max_cached_users = 10; });
+  f.add_user("alice", "pw");
+  for (int i = 0; i < 50; ++i) (void)f.dir->lookup("nobody" + std::to_string(i), "");
+  CHECK(f.dir->cached_users() <= 10);
+  CHECK(f.dir->lookup("alice", "")->result == AuthResult::ok);
 }
