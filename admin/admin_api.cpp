@@ -356,7 +356,15 @@ void AdminApi::set_power_manager(broker::PowerManager* power) { power_ = power; 
 void AdminApi::set_engine(const broker::Engine* engine) { engine_ = engine; }
 
 model::Object AdminApi::live(model::Object object) const {
-  if (const auto* engine = engine_.load(); engine && object.kind == model::Kind::machine) engine->overlay_live(object);
+  if (const auto* engine = engine_.load(); engine && object.kind == model::Kind::machine) {
+    engine->overlay_live(object);
+    // session_count is live too (not stored): the sessions the broker keeps for the machine.
+    if (auto n = engine->with_state([&](const broker::SiteState& site) -> std::optional<std::int64_t> {
+          if (!site.machine(object.name)) return std::nullopt;
+          return static_cast<std::int64_t>(site.live_sessions_on(object.name));
+        }))
+      object.fields["session_count"] = *n;
+  }
   return object;
 }
 
@@ -933,14 +941,15 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
                             route);
         q.equals.emplace_back(k, v);
       }
-      // A machine's live fields (registration_state, load_index, summary_state) are the engine's,
-      // not storage's: a filter on one is applied to the overlaid objects in memory, and the page
-      // cut from what matched (this lists every machine the other filters match).
+      // A machine's live fields (registration_state, load_index, summary_state, session_count)
+      // are the engine's, not storage's: a filter on one is applied to the overlaid objects in
+      // memory, and the page cut from what matched (this lists every machine the other filters
+      // match).
       std::vector<std::pair<std::string, std::string>> live_filters;
       if (ks->kind == model::Kind::machine && engine_.load())
         std::erase_if(q.equals, [&](const auto& filter) {
           const bool is_live = filter.first == "registration_state" || filter.first == "load_index" ||
-                               filter.first == "summary_state";
+                               filter.first == "summary_state" || filter.first == "session_count";
           if (is_live) live_filters.push_back(filter);
           return is_live;
         });
