@@ -156,9 +156,5 @@ struct MachineSessions {
 };
 Result<MachineSessions> machine_sessions(storage::Transaction& tx, const std::string& machine);
 
-// Formerly wrote the machine's stored session count and summary state; those are live now (the
-// engine derives the summary: broker::derive_summary), so this writes nothing. Kept only until
-// broker/launcher.cpp drops its last call; do not call it from new code.
-inline Status refresh_summary(storage::Transaction&, const std::string&) { return {}; }
 
 }  // namespace broker

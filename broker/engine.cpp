@@ -561,6 +561,7 @@ void Engine::put_locked(const Object& o, bool keep_live) {
       s.state = field(o, "state", kSessionState, SessionState::unknown);
       s.brokered = o.flag("brokered", true);
       s.start_time = o.text("start_time");
+      s.end_time = o.text("end_time");
       index_session_locked(s, true);
       const auto machine = s.machine;
       state_.sessions[s.name] = std::move(s);

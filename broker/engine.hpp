@@ -115,7 +115,7 @@ struct Session {
   SessionType type = SessionType::desktop;
   SessionState state = SessionState::preparing_new_session;
   bool brokered = true;
-  std::string start_time;
+  std::string start_time, end_time;
 };
 
 struct Assignment {

@@ -247,3 +247,17 @@ TEST_CASE("launch at scale: a launch storm never puts two sessions on a desktop,
   CHECK(site.engine.stats().reserved == 0);  // every reservation confirmed or undone
   CHECK(site.engine.free_machines("Pool").size() == kMachines - kLaunches - kTakenElsewhere);
 }
+
+TEST_CASE("launch at scale: housekeeping writes only when something is due") {
+  ScaleSite site(50);
+  const auto commits = [&] { return metric(site.metrics, "broker_storage_commit_batches_total"); };
+  REQUIRE(site.launcher->sweep());  // at start: tickets of an earlier run may be waiting
+  const double after_first = commits();
+  REQUIRE(site.launcher->sweep());
+  CHECK(commits() == after_first);  // nothing due: no commit
+  REQUIRE(site.launcher->launch_sync(site.request(1)).ok());
+  drain(site.work, ScaleSite::kThreads);
+  const double after_launch = commits();
+  REQUIRE(site.launcher->sweep());  // the launch's ticket expires in 200 s, its session is young
+  CHECK(commits() == after_launch);
+}

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <future>
+#include <limits>
 #include <random>
 #include <utility>
 
@@ -150,6 +151,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   std::mt19937_64 rng{std::random_device{}()};  // guarded by decide_mutex
   std::atomic<int> inflight{0};
   std::atomic<std::uint64_t> refused_claims{0};
+  // When the earliest logon ticket this launcher issued expires (milliseconds since the epoch;
+  // 0 at start: tickets of an earlier run may be waiting): the sweep purges only from then on.
+  std::atomic<std::int64_t> next_ticket_expiry{0};
   PowerControl* power = nullptr;
 
   // Machines powered on for a launch, held for its user until they register (and claim_hold
@@ -169,11 +173,19 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   std::map<std::string, std::vector<std::shared_ptr<Attempt>>> waiting;  // by machine; guarded by wait_mutex
   std::uint64_t wait_ids = 0;  // guarded by wait_mutex
   bool stopped = false;        // guarded by wait_mutex: stop() has begun, nobody parks any more
-  common::Timers timers;
+  std::unique_ptr<common::Timers> own_timers;  // when opts.scheduler is not given
+  common::Scheduler* timers = nullptr;
 
   Impl(storage::Repository& r, Engine& e, common::Clock& c, AgentChannel& a, common::WorkQueue& w,
        std::shared_ptr<spdlog::logger> l, LauncherOptions o)
-      : repo(r), engine(e), clock(c), agents(a), work(w), log(std::move(l)), opts(std::move(o)) {}
+      : repo(r), engine(e), clock(c), agents(a), work(w), log(std::move(l)), opts(std::move(o)) {
+    if (opts.scheduler) {
+      timers = opts.scheduler;
+    } else {
+      own_timers = std::make_unique<common::Timers>();
+      timers = own_timers.get();
+    }
+  }
 
   // Wraps the reply to a command about stored session `name` of `machine`: when the agent answers
   // that it has no such session (it restarted without it, or it ended unseen), the stored session
@@ -210,7 +222,6 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
         failed.fields["last_connection_failure"] = std::string("SessionPreparation");
         if (auto r = tx.update(machine, failed); !r) return r.error();
       }
-      if (auto r = refresh_summary(tx, machine); !r) return r;
       ended = true;
       return tx.append_audit(launch_audit("session-ended", name,
                                           {{"user", s->text("user_name")}, {"machine", machine},
@@ -266,7 +277,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     auto sealed = seal_credential(cred, t.ticket_hash, machine);
     if (!sealed) return sealed.error();
     t.credential_data = std::move(*sealed);
-    t.expires_at = common::format_time(clock.now() + std::chrono::seconds(ttl));
+    const auto expires = clock.now() + std::chrono::seconds(ttl);
+    t.expires_at = common::format_time(expires);
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(expires.time_since_epoch()).count();
+    for (auto seen = next_ticket_expiry.load(); ms < seen && !next_ticket_expiry.compare_exchange_weak(seen, ms);) {
+    }
     return tx.put_logon_ticket(t);
   }
 
@@ -880,7 +895,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       a->wait_machine = machine;
       const auto id = ++wait_ids;
       a->wait_timer = id;
-      const auto timer = timers.after(left, [self, a, id] {
+      const auto timer = timers->after(left, [self, a, id] {
         if (!self->work.post([self, a, id] { self->wait_over(a, id); }) && !self->unpark(a, id).empty()) self->stopping(a);
       });
       if (timer == 0) return false;  // stopping: answer now
@@ -919,7 +934,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       woken = std::move(it->second);
       waiting.erase(it);
       for (auto& a : woken) {
-        timers.cancel(a->wait_timer_handle);
+        timers->cancel(a->wait_timer_handle);
         a->wait_machine.clear();
         a->wait_timer = 0;
       }
@@ -1015,9 +1030,12 @@ void Launcher::stop() {
     impl_->stopped = true;
     waiting.swap(impl_->waiting);
     for (auto& [machine, list] : waiting)
-      for (auto& a : list) a->wait_timer = 0;  // a timer already firing finds nothing to end
+      for (auto& a : list) {
+        impl_->timers->cancel(a->wait_timer_handle);
+        a->wait_timer = 0;  // a timer already firing finds nothing to end
+      }
   }
-  impl_->timers.stop();
+  if (impl_->own_timers) impl_->own_timers->stop();
   for (auto& [machine, list] : waiting)
     for (auto& a : list) impl_->stopping(a);
 }
@@ -1159,29 +1177,38 @@ Status Launcher::sweep() {
   }
   for (const auto& [machine, c] : expired) impl_->registration_timed_out(machine, c.user, c.timeout);
   const auto now_text = common::format_time(now);
-  return impl_->repo.write([&](storage::Transaction& tx) -> Status {
-    if (auto r = tx.purge_logon_tickets(now_text); !r) return r.error();
-    auto settings = tx.get(Kind::site, "site");
-    const auto ttl = std::chrono::seconds(settings ? settings->integer("logon_ticket_ttl_seconds", 200) : 200);
-    // Logged-off sessions are kept for a day (admins look back at them), then purged.
-    storage::Query gone;
-    gone.equals.emplace_back("state", "LoggedOff");
-    auto ended = tx.list(Kind::session, gone);
-    if (!ended) return ended.error();
-    for (const auto& s : *ended) {
-      common::SysTime end;
-      if (common::parse_time(s.text("end_time"), end) && now < end + kLoggedOffRetention) continue;
-      if (auto r = tx.remove(Kind::session, s.name); !r) return r;
+  // What is due, from memory: a write only when something is (no commit every 5 s for nothing).
+  const auto ttl = std::chrono::seconds(impl_->engine.view()->settings.logon_ticket_ttl_seconds);
+  std::vector<std::string> purge, time_out;
+  impl_->engine.with_state([&](const SiteState& st) {
+    for (const auto& [name, s] : st.sessions) {
+      common::SysTime t;
+      if (s.state == SessionState::logged_off) {
+        // Logged-off sessions are kept for a day (admins look back at them), then purged.
+        if (!common::parse_time(s.end_time, t) || now >= t + kLoggedOffRetention) purge.push_back(name);
+      } else if (s.state == SessionState::preparing_new_session && s.brokered) {
+        // A grace of a few seconds past the ticket lifetime: the agent drops its reservation then too.
+        if (common::parse_time(s.start_time, t) && now >= t + ttl + std::chrono::seconds(5)) time_out.push_back(name);
+      }
     }
-    storage::Query q;
-    q.equals.emplace_back("state", "PreparingNewSession");
-    auto pending = tx.list(Kind::session, q);
-    if (!pending) return pending.error();
-    for (const auto& s : *pending) {
-      if (!s.flag("brokered", true)) continue;
-      common::SysTime started;
-      // A grace of a few seconds past the ticket lifetime: the agent drops its reservation then too.
-      if (!common::parse_time(s.text("start_time"), started) || now < started + ttl + std::chrono::seconds(5)) continue;
+  });
+  const auto now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count();
+  const bool tickets_due = now_ms >= impl_->next_ticket_expiry.load();
+  if (!tickets_due && purge.empty() && time_out.empty()) return {};
+  // Tickets issued from here on lower it again.
+  if (tickets_due) impl_->next_ticket_expiry = std::numeric_limits<std::int64_t>::max();
+  auto swept = impl_->repo.write([&](storage::Transaction& tx) -> Status {
+    if (tickets_due)
+      if (auto r = tx.purge_logon_tickets(now_text); !r) return r.error();
+    for (const auto& name : purge) {
+      auto s = tx.get(Kind::session, name);
+      if (!s || s->text("state") != "LoggedOff") continue;
+      if (auto r = tx.remove(Kind::session, name); !r) return r;
+    }
+    std::vector<Object> pending;
+    for (const auto& name : time_out)
+      if (auto s = tx.get(Kind::session, name); s && s->text("state") == "PreparingNewSession") pending.push_back(*s);
+    for (const auto& s : pending) {
       if (auto r = tx.remove(Kind::session, s.name); !r) return r;
       if (auto r = tx.set_fields(Kind::machine, s.text("machine"),
                                  {{"last_connection_failure", std::string("ConnectionTimeout")}});
@@ -1197,6 +1224,8 @@ Status Launcher::sweep() {
     }
     return {};
   });
+  if (!swept && tickets_due) impl_->next_ticket_expiry = 0;  // try again at the next sweep
+  return swept;
 }
 
 int Launcher::in_flight() const { return impl_->inflight.load(); }

@@ -44,6 +44,7 @@
 
 namespace common {
 class Clock;
+class Scheduler;
 class WorkQueue;
 }  // namespace common
 namespace storage {
@@ -165,6 +166,10 @@ struct LauncherOptions {
   // A machine that registers for a user who is not waiting any more stays held for that user's
   // retry this long.
   std::chrono::milliseconds claim_hold{60000};
+  // Where the launch waits' timers run (brokerd: the I/O threads' io_context,
+  // net::Server::scheduler()); it must outlive the launcher's last launch. nullptr: a timer thread
+  // of the launcher's own (tests, tools).
+  common::Scheduler* scheduler = nullptr;
 };
 
 class Launcher {

@@ -14,19 +14,29 @@
 
 namespace common {
 
-class Timers {
+// Something that runs a callback once after a delay (steady clock). brokerd's is the I/O
+// threads' io_context (net::Server::scheduler(): no thread of its own); Timers below is a thread
+// of its own for tests and tools. Callbacks must be short: post real work to a WorkQueue.
+class Scheduler {
+ public:
+  virtual ~Scheduler() = default;
+  // Runs fn once, `delay` from now (at once when delay <= 0). Returns an id for cancel(); 0 when
+  // the scheduler is stopping (fn is dropped).
+  virtual std::uint64_t after(std::chrono::milliseconds delay, std::function<void()> fn) = 0;
+  // Drops the timer. True when it had not started running; false when it has run, is running or
+  // is unknown.
+  virtual bool cancel(std::uint64_t id) = 0;
+};
+
+class Timers final : public Scheduler {
  public:
   Timers();
-  ~Timers();  // stop()
+  ~Timers() override;  // stop()
   Timers(const Timers&) = delete;
   Timers& operator=(const Timers&) = delete;
 
-  // Runs fn once, `delay` from now (at once when delay <= 0). Returns an id for cancel(); 0 once
-  // stop() has begun (fn is dropped).
-  std::uint64_t after(std::chrono::milliseconds delay, std::function<void()> fn);
-  // Drops the timer. True when it had not started running; false when it has run, is running or
-  // is unknown.
-  bool cancel(std::uint64_t id);
+  std::uint64_t after(std::chrono::milliseconds delay, std::function<void()> fn) override;
+  bool cancel(std::uint64_t id) override;
   // Drops every timer not yet run and joins the thread (waits for a running callback). Idempotent
   // and safe from several threads; not from a callback. An exception thrown by a callback is
   // swallowed.

@@ -19,6 +19,8 @@
 // refused; the Connection gives its place back when it is destroyed.
 #include "net/server.hpp"
 
+#include "common/timers.hpp"
+
 #include "common/log.hpp"
 #include "common/metrics.hpp"
 #include "common/version.hpp"
@@ -958,6 +960,52 @@ std::unique_ptr<ssl::context> make_tls_context(const std::string& where, const L
 
 }  // namespace
 
+// common::Scheduler on the io_context: one steady_timer per pending callback.
+class AsioScheduler final : public common::Scheduler {
+ public:
+  explicit AsioScheduler(asio::io_context& io) : io_(io) {}
+  std::uint64_t after(std::chrono::milliseconds delay, std::function<void()> fn) override {
+    std::lock_guard lock(mutex_);
+    if (stopped_) return 0;
+    const auto id = ++next_id_;
+    auto timer = std::make_shared<asio::steady_timer>(io_, delay);
+    pending_.emplace(id, timer);
+    timer->async_wait([this, id, timer, fn = std::move(fn)](const boost::system::error_code& ec) {
+      {
+        std::lock_guard inner(mutex_);
+        if (pending_.erase(id) == 0) return;  // cancelled
+      }
+      if (ec) return;
+      try {
+        fn();
+      } catch (...) {
+      }
+    });
+    return id;
+  }
+  bool cancel(std::uint64_t id) override {
+    std::lock_guard lock(mutex_);
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return false;
+    it->second->cancel();
+    pending_.erase(it);
+    return true;
+  }
+  void stop() {
+    std::lock_guard lock(mutex_);
+    stopped_ = true;
+    for (auto& [id, timer] : pending_) timer->cancel();
+    pending_.clear();
+  }
+
+ private:
+  asio::io_context& io_;
+  std::mutex mutex_;
+  std::map<std::uint64_t, std::shared_ptr<asio::steady_timer>> pending_;  // guarded by mutex_
+  std::uint64_t next_id_ = 0;                                              // guarded by mutex_
+  bool stopped_ = false;                                                   // guarded by mutex_
+};
+
 struct Server::Impl {
   Impl(int thread_count, std::shared_ptr<spdlog::logger> logger, common::Metrics* metrics)
       : ioc(thread_count),
@@ -1031,6 +1079,7 @@ struct Server::Impl {
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work;  // guarded by mutex
   std::vector<std::thread> threads;  // written by start(), joined by do_stop()
   std::thread stopper;               // runs do_stop() when stop() is called on an I/O thread
+  AsioScheduler scheduler{ioc};
 };
 
 void Server::Impl::add_listener(const ListenerOptions& options, HttpHandler handler,
@@ -1112,6 +1161,7 @@ void Server::Impl::start() {
 }
 
 void Server::Impl::stop(std::chrono::milliseconds deadline) {
+  scheduler.stop();
   {
     std::unique_lock lock(mutex);
     for (auto* waiter : signal_waiters) waiter->stop();
@@ -1216,6 +1266,7 @@ void Server::add_listener(const ListenerOptions& options, HttpHandler handler, W
 void Server::set_shared_connection_limit(std::size_t limit) { impl_->state->set_shared_limit(limit); }
 std::uint16_t Server::port(const std::string& listener_name) const { return impl_->port(listener_name); }
 void Server::start() { impl_->start(); }
+common::Scheduler& Server::scheduler() { return impl_->scheduler; }
 void Server::stop(std::chrono::milliseconds deadline) { impl_->stop(deadline); }
 void Server::wait_for_signal() { impl_->wait_for_signal(); }
 bool Server::running() const { return impl_->running(); }

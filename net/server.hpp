@@ -55,6 +55,7 @@
 #include <vector>
 
 namespace common {
+class Scheduler;
 class Metrics;
 }
 
@@ -153,6 +154,11 @@ class Server {
   void wait_for_signal();
 
   bool running() const;
+
+  // Timers on the server's io_context (no thread of their own): callbacks run on an I/O thread
+  // once the server is started, one at a time per timer; keep them short (post real work to a
+  // WorkQueue). stop() cancels the pending ones and refuses new ones (after() returns 0).
+  common::Scheduler& scheduler();
 
  private:
   struct Impl;

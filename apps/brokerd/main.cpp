@@ -12,6 +12,7 @@
 #include "common/crypto.hpp"
 #include "common/log.hpp"
 #include "common/metrics.hpp"
+#include "common/timers.hpp"
 #include "common/version.hpp"
 #include "common/work_queue.hpp"
 #include "config/config.hpp"
@@ -25,7 +26,7 @@
 
 #include <unistd.h>
 
-#include <condition_variable>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -232,8 +233,11 @@ int run(const std::string& config_path, const std::string& ready_file) {
   }
   agents.set_credential_key(site_key);
   cbp::EndpointChannel agent_channel(agent_endpoint);
+  // The network server: its io_context also runs the broker's timers (launch waits, housekeeping).
+  net::Server server(cfg.io_threads, log, &metrics);
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
+  lopts.scheduler = &server.scheduler();
   broker::Launcher launcher(repository, engine, clock, agent_channel, work, log, lopts);
   // A launch's pending session the agent does not report at registration is ended once no launch
   // can still be preparing it.
@@ -282,7 +286,6 @@ int run(const std::string& config_path, const std::string& ready_file) {
     sta = std::make_unique<xmlservice::StaService>(std::move(so), clock, metrics, log, &work);
   }
 
-  net::Server server(cfg.io_threads, log, &metrics);
   auto xml_listener = listener_options("xml", cfg.xml);
   auto agent_listener = listener_options("agent", cfg.agent);
   auto admin_listener = listener_options("admin", cfg.admin);
@@ -342,35 +345,30 @@ int run(const std::string& config_path, const std::string& ready_file) {
   if (!ready_file.empty() && !write_ready_file(ready_file, server))
     log->warn("cannot write the ready file {}", ready_file);
 
-  // Housekeeping every few seconds: launches whose client never came, expired tickets.
-  std::mutex sweep_mutex;
-  std::condition_variable sweep_cv;
-  bool stopping = false;
-  std::thread sweeper([&] {
-    std::unique_lock lock(sweep_mutex);
-    for (int tick = 1; !sweep_cv.wait_for(lock, std::chrono::seconds(5), [&] { return stopping; }); ++tick) {
-      work.post([&launcher, &log, &engine, &repository] {
-        if (auto st = engine.reload_if_needed(repository); !st) log->error("housekeeping: {}", st.error().describe());
-        if (auto st = launcher.sweep(); !st) log->error("housekeeping: {}", st.error().describe());
+  // Housekeeping every 5 s on the server's timers (no thread of its own), its work on the work
+  // queue: launches whose client never came, expired tickets, a reload after a rename; power
+  // states every 30 s; the pool policy every minute.
+  std::atomic<bool> housekeeping_on{true};
+  std::function<void(int)> housekeeping = [&](int tick) {
+    if (!housekeeping_on) return;
+    work.post([&launcher, &log, &engine, &repository] {
+      if (auto st = engine.reload_if_needed(repository); !st) log->error("housekeeping: {}", st.error().describe());
+      if (auto st = launcher.sweep(); !st) log->error("housekeeping: {}", st.error().describe());
+    });
+    if (tick % 6 == 0)  // machines' power states, every 30 s
+      work.post([&power, &log] {
+        if (auto st = power.refresh(); !st) log->error("power: refresh: {}", st.error().describe());
       });
-      if (tick % 6 == 0)  // machines' power states, every 30 s
-        work.post([&power, &log] {
-          if (auto st = power.refresh(); !st) log->error("power: refresh: {}", st.error().describe());
-        });
-      if (tick % 12 == 0)  // the delivery groups' pool policy, every minute
-        work.post([&power, &log] {
-          if (auto n = power.reconcile_pools(); !n) log->error("power: pool policy: {}", n.error().describe());
-        });
-    }
-  });
+    if (tick % 12 == 0)  // the delivery groups' pool policy, every minute
+      work.post([&power, &log] {
+        if (auto n = power.reconcile_pools(); !n) log->error("power: pool policy: {}", n.error().describe());
+      });
+    server.scheduler().after(std::chrono::seconds(5), [&housekeeping, tick] { housekeeping(tick + 1); });
+  };
+  server.scheduler().after(std::chrono::seconds(5), [&housekeeping] { housekeeping(1); });
 
   server.wait_for_signal();
-  {
-    std::lock_guard lock(sweep_mutex);
-    stopping = true;
-  }
-  sweep_cv.notify_all();
-  sweeper.join();
+  housekeeping_on = false;
   log->info("stopping: finishing in-flight requests (up to {} s)", cfg.shutdown_grace_seconds);
   agent_endpoint.begin_shutdown();
   launcher.stop();  // launches waiting for a machine to boot answer while the server can still send
