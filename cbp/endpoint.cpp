@@ -1,5 +1,7 @@
 #include "cbp/endpoint.hpp"
 
+#include "common/timers.hpp"
+
 #include "broker/agent_registry.hpp"
 #include "common/metrics.hpp"
 #include "common/version.hpp"
@@ -68,7 +70,8 @@ struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
   std::mutex timer_mutex;
   std::condition_variable timer_cv;
   bool stop_timer = false;
-  std::thread timer;
+  std::thread timer;          // without options.scheduler
+  std::uint64_t timer_id = 0;  // with options.scheduler: the pending check; guarded by timer_mutex
 
   Impl(broker::AgentRegistry& r, common::WorkQueue& w, EndpointOptions o, std::shared_ptr<spdlog::logger> l,
        common::Metrics* m)
@@ -642,6 +645,10 @@ AgentEndpoint::AgentEndpoint(broker::AgentRegistry& registry, common::WorkQueue&
   if (metrics)
     metrics->describe("broker_cbp_events_total", common::Metrics::Type::counter,
                       "Agent protocol events (hello, register, redeem_ticket, deregister, message) by result.");
+  if (impl_->options.scheduler) {
+    arm_deadline_checks(impl_);
+    return;
+  }
   impl_->timer = std::thread([impl = impl_.get()] {
     std::unique_lock lock(impl->timer_mutex);
     while (!impl->stop_timer) {
@@ -654,10 +661,26 @@ AgentEndpoint::AgentEndpoint(broker::AgentRegistry& registry, common::WorkQueue&
   });
 }
 
+void AgentEndpoint::arm_deadline_checks(const std::shared_ptr<Impl>& impl) {
+  std::lock_guard lock(impl->timer_mutex);
+  if (impl->stop_timer) return;
+  impl->timer_id = impl->options.scheduler->after(std::chrono::milliseconds(200), [weak = std::weak_ptr<Impl>(impl)] {
+    auto self = weak.lock();
+    if (!self) return;
+    {
+      std::lock_guard inner(self->timer_mutex);
+      if (self->stop_timer) return;
+    }
+    self->tick();
+    arm_deadline_checks(self);
+  });
+}
+
 AgentEndpoint::~AgentEndpoint() {
   {
     std::lock_guard lock(impl_->timer_mutex);
     impl_->stop_timer = true;
+    if (impl_->options.scheduler && impl_->timer_id != 0) impl_->options.scheduler->cancel(impl_->timer_id);
   }
   impl_->timer_cv.notify_all();
   if (impl_->timer.joinable()) impl_->timer.join();

@@ -27,6 +27,7 @@ namespace broker {
 class AgentRegistry;
 }
 namespace common {
+class Scheduler;
 class Metrics;
 class WorkQueue;
 }  // namespace common
@@ -39,6 +40,10 @@ struct EndpointOptions {
   std::chrono::milliseconds hello_timeout = kHelloTimeout;
   std::chrono::milliseconds register_timeout = kRegisterTimeout;
   std::string broker_name = "openbroker";
+  // Where the deadline checks (every 200 ms) run: brokerd passes the I/O threads' timers
+  // (net::Server::scheduler()), which must outlive the endpoint. nullptr: a thread of its own
+  // (tests, tools).
+  common::Scheduler* scheduler = nullptr;
 };
 
 struct CommandOutcome {
@@ -50,7 +55,7 @@ class AgentEndpoint {
  public:
   AgentEndpoint(broker::AgentRegistry& registry, common::WorkQueue& work, EndpointOptions options,
                 std::shared_ptr<spdlog::logger> logger, common::Metrics* metrics = nullptr);
-  ~AgentEndpoint();  // stops the timer thread
+  ~AgentEndpoint();  // stops the deadline checks
   AgentEndpoint(const AgentEndpoint&) = delete;
   AgentEndpoint& operator=(const AgentEndpoint&) = delete;
 
@@ -81,6 +86,7 @@ class AgentEndpoint {
  private:
   struct Impl;
   struct Connection;
+  static void arm_deadline_checks(const std::shared_ptr<Impl>& impl);
   std::shared_ptr<Impl> impl_;
 };
 

@@ -205,7 +205,11 @@ int run(const std::string& config_path, const std::string& ready_file) {
   dopts.resume = [&work](std::function<void()> task) { return work.post(std::move(task)); };
   identity::BuiltinDirectory directory(repository, clock, dopts);
   broker::AgentRegistry agents(repository, engine, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
+  // The network server: its io_context also runs the broker's timers (launch waits, the agent
+  // endpoint's deadline checks, housekeeping). Declared before everything that arms them.
+  net::Server server(cfg.io_threads, log, &metrics);
   cbp::EndpointOptions eopts;
+  eopts.scheduler = &server.scheduler();
   {
     // The config file's [site] wins (it is reconciled below); else what the database holds.
     auto stored = site.site();
@@ -233,8 +237,6 @@ int run(const std::string& config_path, const std::string& ready_file) {
   }
   agents.set_credential_key(site_key);
   cbp::EndpointChannel agent_channel(agent_endpoint);
-  // The network server: its io_context also runs the broker's timers (launch waits, housekeeping).
-  net::Server server(cfg.io_threads, log, &metrics);
   broker::LauncherOptions lopts;
   lopts.credential_key = site_key;
   lopts.scheduler = &server.scheduler();
