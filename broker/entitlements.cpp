@@ -33,6 +33,23 @@ common::Result<SiteSnapshot> load_snapshot(storage::Repository& repository) {
 
 namespace {
 
+using common::model::TextList;
+
+// Field reads without copies (the per-request path reads every rule's lists).
+std::string_view text_of(const Object& o, std::string_view field, std::string_view fallback = {}) {
+  auto it = o.fields.find(field);
+  if (it != o.fields.end())
+    if (const auto* s = std::get_if<std::string>(&it->second)) return *s;
+  return fallback;
+}
+const TextList& list_of(const Object& o, std::string_view field) {
+  static const TextList empty;
+  auto it = o.fields.find(field);
+  if (it != o.fields.end())
+    if (const auto* l = std::get_if<TextList>(&it->second)) return *l;
+  return empty;
+}
+
 bool names(const Requester& who, const std::vector<std::string>& principals) {
   return who.user && identity::names_any(*who.user, principals);
 }
@@ -63,36 +80,36 @@ std::string shown_name(const Object* rule, const Object& group) {
 bool access_allowed(const Object& rule, const Requester& who) {
   if (!rule.flag("enabled", true)) return false;
   const bool anonymous = who.user == nullptr;
-  const auto allowed = rule.text("allowed_users", "Filtered");
+  const auto allowed = text_of(rule, "allowed_users", "Filtered");
   const bool filter = rule.flag("included_user_filter_enabled", true);
   if (allowed == "Filtered") {
-    if (anonymous || (filter && !names(who, rule.list("included_users")))) return false;
+    if (anonymous || (filter && !names(who, list_of(rule, "included_users")))) return false;
   } else if (allowed == "AnyAuthenticated" || allowed == "Any") {
     if (anonymous) return false;
   } else if (allowed == "AnonymousOnly") {
     if (!anonymous) return false;
   } else if (allowed == "FilteredOrAnonymous") {
-    if (!anonymous && filter && !names(who, rule.list("included_users"))) return false;
+    if (!anonymous && filter && !names(who, list_of(rule, "included_users"))) return false;
   } else {
     return false;
   }
-  if (rule.flag("excluded_user_filter_enabled") && names(who, rule.list("excluded_users"))) return false;
-  const auto inc_ips = rule.list("included_client_ips");
+  if (rule.flag("excluded_user_filter_enabled") && names(who, list_of(rule, "excluded_users"))) return false;
+  const auto& inc_ips = list_of(rule, "included_client_ips");
   if (!inc_ips.empty() && !any_address(who.client_address, inc_ips)) return false;
-  if (any_address(who.client_address, rule.list("excluded_client_ips"))) return false;
-  const auto inc_names = rule.list("included_client_names");
+  if (any_address(who.client_address, list_of(rule, "excluded_client_ips"))) return false;
+  const auto& inc_names = list_of(rule, "included_client_names");
   if (!inc_names.empty() && !any_name(who.client_name, inc_names)) return false;
-  if (!who.client_name.empty() && any_name(who.client_name, rule.list("excluded_client_names"))) return false;
+  if (!who.client_name.empty() && any_name(who.client_name, list_of(rule, "excluded_client_names"))) return false;
   // The XML service cannot tell gateway connections apart: rules only for gateway users fail.
-  const auto via = rule.text("allowed_connections", "Filtered");
+  const auto via = text_of(rule, "allowed_connections", "Filtered");
   if (via == "ViaAG" || via == "AnyViaAG") return false;
-  return any_name("HDX", rule.list("allowed_protocols"));
+  return any_name("HDX", list_of(rule, "allowed_protocols"));
 }
 
 bool rule_includes(const Object& rule, const Requester& who) {
   if (!rule.flag("enabled", true)) return false;
-  if (rule.flag("included_user_filter_enabled", true) && !names(who, rule.list("included_users"))) return false;
-  if (rule.flag("excluded_user_filter_enabled") && names(who, rule.list("excluded_users"))) return false;
+  if (rule.flag("included_user_filter_enabled", true) && !names(who, list_of(rule, "included_users"))) return false;
+  if (rule.flag("excluded_user_filter_enabled") && names(who, list_of(rule, "excluded_users"))) return false;
   return true;
 }
 
@@ -122,7 +139,7 @@ std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Request
   auto has_access = [&](const Object& group) {
     if (!group.flag("enabled", true)) return false;
     for (const Object* r : rules_by_group[group.name])
-      if (r->text("rule_type") == "access" && access_allowed(*r, who)) return true;
+      if (text_of(*r, "rule_type") == "access" && access_allowed(*r, who)) return true;
     return false;
   };
 
@@ -132,12 +149,12 @@ std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Request
 
   // Desktops.
   for (const auto& g : site.groups) {
-    if (!access[g.name] || g.text("delivery_type") == "AppsOnly") continue;
-    const bool is_private = g.text("desktop_kind") == "Private";
-    const std::string wanted = is_private ? "assignment" : "entitlement";
+    if (!access[g.name] || text_of(g, "delivery_type") == "AppsOnly") continue;
+    const bool is_private = text_of(g, "desktop_kind") == "Private";
+    const std::string_view wanted = is_private ? "assignment" : "entitlement";
     bool any = false;
     for (const Object* r : rules_by_group[g.name]) {
-      if (r->text("rule_type") != wanted || !rule_includes(*r, who)) continue;
+      if (text_of(*r, "rule_type") != wanted || !rule_includes(*r, who)) continue;
       Resource d;
       d.type = Resource::Type::desktop;
       d.in_name = r->name;
@@ -169,13 +186,13 @@ std::vector<Resource> entitled_resources(const SiteSnapshot& site, const Request
   // Applications.
   for (const auto& app : site.applications) {
     if (!app.flag("visible", true)) continue;
-    if (app.flag("user_filter_enabled") && !names(who, app.list("associated_users"))) continue;
-    for (const auto& group_name : app.list("delivery_groups")) {
+    if (app.flag("user_filter_enabled") && !names(who, list_of(app, "associated_users"))) continue;
+    for (const auto& group_name : list_of(app, "delivery_groups")) {
       const Object* g = find(site.groups, group_name);
-      if (!g || !access[g->name] || g->text("delivery_type") == "DesktopsOnly") continue;
+      if (!g || !access[g->name] || text_of(*g, "delivery_type") == "DesktopsOnly") continue;
       const Object* granting = nullptr;
       for (const Object* r : rules_by_group[g->name])
-        if (r->text("rule_type") == "app_entitlement" && rule_includes(*r, who)) {
+        if (text_of(*r, "rule_type") == "app_entitlement" && rule_includes(*r, who)) {
           granting = r;
           break;
         }
