@@ -1144,7 +1144,7 @@ def build(kinds):
         "* `broker_http_requests_total{listener,route,method,status}` counter",
         "* `broker_http_request_duration_seconds{listener,route}` histogram",
         "* `broker_http_connections{listener}` gauge: open connections",
-        "* `broker_machines{registration_state}` gauge",
+        "* `broker_machines{registration_state}` gauge: from the engine's live state",
         "* `broker_sessions{state}` gauge",
         "* `broker_power_actions{hypervisor_connection,state}` gauge: power actions by state (Pending, Started, "
         "and those finished within the retention), every state listed",
@@ -1152,6 +1152,7 @@ def build(kinds):
         "* `broker_storage_commit_seconds` histogram: one group commit (a batch of write transactions)",
         "* `broker_storage_commit_batches_total` counter: group commits",
         "* `broker_storage_commit_batch_writes_total` counter: write transactions committed in them (their ratio is the mean batch size)",
+        "* `broker_storage_rows_read_total` counter: rows storage statements returned (reads in read and write transactions)",
         "* `broker_sta_requests_total{request,result}` counter, `broker_sta_request_duration_seconds` histogram, `broker_sta_tickets_outstanding` gauge: the Secure Ticket Authority",
         "* `broker_cbp_events_total{event,result}` counter: agent protocol events",
         "* `broker_accept_failures_total{listener,reason}` counter: accept() failures (e.g. out of file descriptors; the listener backs off)",
