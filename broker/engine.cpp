@@ -226,12 +226,25 @@ void SiteState::refresh_machine(const std::string& name) {
   if (auto s = sessions_by_machine.find(name); s != sessions_by_machine.end())
     for (const auto& n : s->second) states.push_back(sessions.find(n)->second.state);
   m.summary = derive_summary(m.registration, m.power, m.session_support, m.load_index, states);
+  unindex_load(m);
   if (m.delivery_group.empty()) return;
+  if (m.session_support == SessionSupport::multi_session && m.registration == RegistrationState::registered &&
+      !m.in_maintenance_mode) {
+    const auto load = effective_load(m);
+    hosts_by_load[m.delivery_group].insert({load, m.name});
+    m.indexed_load = load;
+  }
   auto& set = free_by_group[m.delivery_group];
   if (is_free(m))
     set.insert(m.name);
   else
     set.erase(m.name);
+}
+
+void SiteState::unindex_load(Machine& m) {
+  if (!m.indexed_load) return;
+  if (auto h = hosts_by_load.find(m.delivery_group); h != hosts_by_load.end()) h->second.erase({*m.indexed_load, m.name});
+  m.indexed_load.reset();
 }
 
 // ---- Engine ----
@@ -392,6 +405,9 @@ void Engine::index_machine_locked(const Machine& m, bool add) {
   } else {
     state_.machines_by_group[m.delivery_group].erase(m.name);
     state_.free_by_group[m.delivery_group].erase(m.name);
+    if (m.indexed_load)
+      if (auto h = state_.hosts_by_load.find(m.delivery_group); h != state_.hosts_by_load.end())
+        h->second.erase({*m.indexed_load, m.name});
   }
 }
 

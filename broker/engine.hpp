@@ -105,6 +105,7 @@ struct Machine {
   std::int64_t stored_load = 0;
   // Derived when it changes (derive_summary).
   SummaryState summary = SummaryState::unregistered;
+  std::optional<std::int64_t> indexed_load;  // its key in SiteState::hosts_by_load, if there
   SessionSupport session_support = SessionSupport::single_session;  // its catalog's
 };
 
@@ -188,6 +189,8 @@ struct SiteState {
   // Indexes (names into the maps above).
   ByName<Names> machines_by_group;
   ByName<Names> free_by_group;  // registered single-session, not in maintenance, no live session, no assignment, not reserved
+  // Registered multi-session machines not in maintenance, per group, by effective load (then name).
+  ByName<std::set<std::pair<std::int64_t, std::string>>> hosts_by_load;
   ByName<Names> sessions_by_machine;                        // live only
   std::map<std::string, Names, Lowered> sessions_by_user;    // live only
   std::map<std::string, Names, Lowered> assignments_by_user;  // the assignment's user (or group) name
@@ -219,7 +222,8 @@ struct SiteState {
   void release(const std::string& machine, bool undo);
 
   bool is_free(const Machine& m) const;
-  void refresh_machine(const std::string& machine);  // free index and summary
+  void refresh_machine(const std::string& machine);  // free and load indexes, and summary
+  void unindex_load(Machine& m);
 };
 
 class Engine {

@@ -111,3 +111,37 @@ TEST_CASE("engine: loaded once, then kept in step by the commit observer") {
   CHECK(f.engine.machine("DEMO\\pool-1")->delivery_group == "Shared");
   CHECK(f.engine.stats().reloads == 2);
 }
+
+TEST_CASE("engine: multi-session hosts are indexed by effective load; a reservation bumps it, a report resets it") {
+  Fixture f;
+  f.write([](storage::Transaction& tx) {
+    Object rds2 = *tx.get(Kind::machine, "DEMO\\rds-1");
+    rds2.name = "DEMO\\rds-2";
+    rds2.id = 0;
+    Fixture::create(tx, rds2);
+  });
+  auto order = [&] {
+    return f.engine.with_state([](const broker::SiteState& st) {
+      std::vector<std::pair<std::int64_t, std::string>> out;
+      if (auto h = st.hosts_by_load.find("Pool"); h != st.hosts_by_load.end()) out.assign(h->second.begin(), h->second.end());
+      return out;
+    });
+  };
+  using Entry = std::pair<std::int64_t, std::string>;
+  CHECK(order() == std::vector<Entry>{{0, "DEMO\\rds-1"}, {0, "DEMO\\rds-2"}});
+  CHECK(f.engine.set_load("DEMO\\rds-1", 3000, 3));
+  CHECK(order() == std::vector<Entry>{{0, "DEMO\\rds-2"}, {3000, "DEMO\\rds-1"}});
+  f.engine.with_state([](broker::SiteState& st) { st.reserve("DEMO\\rds-2"); });
+  CHECK(order() == std::vector<Entry>{{500, "DEMO\\rds-2"}, {3000, "DEMO\\rds-1"}});
+  CHECK(f.engine.set_load("DEMO\\rds-2", 100, 1));  // the agent's figure counts from now on
+  CHECK(order() == std::vector<Entry>{{100, "DEMO\\rds-2"}, {3000, "DEMO\\rds-1"}});
+  f.engine.with_state([](broker::SiteState& st) { st.release("DEMO\\rds-2", false); });
+  CHECK(f.engine.unregistered("DEMO\\rds-1"));
+  CHECK(order() == std::vector<Entry>{{100, "DEMO\\rds-2"}});
+  f.write([](storage::Transaction& tx) {
+    Object m = *tx.get(Kind::machine, "DEMO\\rds-2");
+    m.fields["in_maintenance_mode"] = true;
+    REQUIRE(tx.update(m.name, m).has_value());
+  });
+  CHECK(order().empty());
+}

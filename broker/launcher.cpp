@@ -452,8 +452,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   }
 
   // Machine selection in the open groups (a new session). Explains an empty choice. A shared
-  // single-session group is served from the engine's free-machine index; the whole group is
-  // walked only for multi-session groups, a user's own machines, or to explain a failure.
+  // single-session group is served from the engine's free-machine index, a multi-session group
+  // from its hosts by effective load; the whole group is walked only for a user's own machines
+  // or to explain a failure.
   LaunchResult choose(const SiteState& st, Attempt& a, const Resource& res, const Rule* rule,
                       const Application* application, const std::vector<std::string>& groups, Reservation& out) {
     const auto& req = a.request;
@@ -475,14 +476,12 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     std::vector<const Machine*> to_power;  // off but power-managed, idle, not faulted
     bool private_group = false;
     std::vector<const Machine*> mine;  // machines assigned to the user (private groups)
-    const DeliveryGroup* private_grp = nullptr;
     for (const auto& g : groups) {
       const DeliveryGroup& grp = st.groups.find(g)->second;
       const bool multi = grp.session_support == SessionSupport::multi_session;
       private_group = !application && grp.kind == DesktopKind::private_desktop;
       mine.clear();
       if (private_group) {
-        private_grp = &grp;
         for (const auto* asg : st.assignments_for(req.user, req.client_address))
           if (const auto* m = st.machine(asg->machine); m && m->delivery_group == g) mine.push_back(m);
       }
@@ -506,6 +505,22 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
           continue;
         }
       }
+      // Multi-session hosts from the load index: the least effectively loaded acceptable one.
+      if (multi && !private_group)
+        if (auto h = st.hosts_by_load.find(g); h != st.hosts_by_load.end()) {
+          const Machine* found = nullptr;
+          for (const auto& [load, name] : h->second) {
+            if (load >= kFullLoad) break;
+            const Machine* m = st.machine(name);
+            if (a.tried.contains(name) || !tagged_ok(*m)) continue;
+            found = m;
+            break;
+          }
+          if (found) {
+            usable.push_back({found, st.effective_load(*found)});
+            continue;
+          }
+        }
       // The walk: every machine of the group (or the user's own ones).
       std::vector<const Machine*> walk;
       if (private_group && !mine.empty()) {
@@ -551,7 +566,6 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       out.assign_rule = rule->name;
       out.assign_max = max;
     }
-    (void)private_grp;
     if (usable.empty() && !to_power.empty()) {
       // The one held for this user first, then those held for no one (another user's only when
       // nothing else is left); one already on its way up first (no second machine for the same
