@@ -806,18 +806,46 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
               res.reconnect ? "reconnects to" : "launches", res.prepare.resource, res.machine, res.session_key);
     const auto took =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - a->started).count();
-    // BrokeringDuration, informational: written beside the reply, not part of the launch's
-    // commit. Posted before finish(): once the launch is finished its owner may go away.
-    auto self = shared_from_this();
-    work.post([self, key = res.session_key, took] {
-      auto st = self->repo.write([&](storage::Transaction& tx) -> Status {
-        auto u = tx.set_fields(Kind::session, key, {{"brokering_duration_ms", static_cast<std::int64_t>(took)}});
-        if (!u && u.error().code != errc::not_found) return u.error();  // not_found: already gone
-        return {};
-      });
-      if (!st) self->log->warn("launch: brokering duration of {} not stored: {}", key, st.error().describe());
-    });
+    // BrokeringDuration, informational: not part of the launch's commit. Durations are gathered
+    // and written together, one write for all those of the last 200 ms (a storm's thousands of
+    // launches cost a handful of commits); a crash may lose the last ones.
+    note_brokering_duration(res.session_key, took);
     finish(a, std::move(r));
+  }
+
+  std::mutex durations_mutex;
+  std::vector<std::pair<std::string, std::int64_t>> durations;  // guarded by durations_mutex
+
+  void note_brokering_duration(const std::string& session, std::int64_t ms) {
+    bool first = false;
+    {
+      std::lock_guard lock(durations_mutex);
+      first = durations.empty();
+      durations.emplace_back(session, ms);
+    }
+    if (!first) return;  // a flush is already due
+    auto self = shared_from_this();
+    auto flush = [self] {
+      if (!self->work.post([self] { self->flush_brokering_durations(); })) self->flush_brokering_durations();
+    };
+    if (timers->after(std::chrono::milliseconds(200), flush) == 0) flush();
+  }
+
+  void flush_brokering_durations() {
+    std::vector<std::pair<std::string, std::int64_t>> batch;
+    {
+      std::lock_guard lock(durations_mutex);
+      batch.swap(durations);
+    }
+    if (batch.empty()) return;
+    auto st = repo.write([&](storage::Transaction& tx) -> Status {
+      for (const auto& [key, ms] : batch) {
+        auto u = tx.set_fields(Kind::session, key, {{"brokering_duration_ms", ms}});
+        if (!u && u.error().code != errc::not_found) return u.error();  // not_found: already gone
+      }
+      return {};
+    });
+    if (!st) log->warn("launch: brokering durations of {} launches not stored: {}", batch.size(), st.error().describe());
   }
 
   void prepare_failed(const std::shared_ptr<Attempt>& a, const Reservation& res, const std::string& error) {
@@ -1050,6 +1078,7 @@ void Launcher::stop() {
       }
   }
   if (impl_->own_timers) impl_->own_timers->stop();
+  impl_->flush_brokering_durations();
   for (auto& [machine, list] : waiting)
     for (auto& a : list) impl_->stopping(a);
 }
@@ -1243,6 +1272,8 @@ Status Launcher::sweep() {
 }
 
 int Launcher::in_flight() const { return impl_->inflight.load(); }
+
+void Launcher::flush_brokering_durations() { impl_->flush_brokering_durations(); }
 
 std::uint64_t Launcher::refused_claims() const { return impl_->refused_claims.load(); }
 

@@ -223,6 +223,9 @@ class Launcher {
 
   // Launches accepted and not answered yet.
   int in_flight() const;
+  // Writes the brokering durations of the launches answered so far (the launcher gathers them and
+  // writes them together 200 ms after the first, and at stop()). Tests call it to settle.
+  void flush_brokering_durations();
   // Conditional writes refused since start: a machine the engine took for free was claimed in the
   // database (by another broker sharing it); each such launch tried another machine.
   std::uint64_t refused_claims() const;
