@@ -1,5 +1,6 @@
 #include "broker/engine.hpp"
 #include "broker/launcher.hpp"
+#include "common/timers.hpp"
 
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
@@ -94,7 +95,8 @@ struct Fixture {
   std::string key = common::crypto::new_site_key();
   std::unique_ptr<broker::Launcher> launcher;
 
-  explicit Fixture(std::optional<std::chrono::milliseconds> power_on_wait = std::chrono::milliseconds(0)) {
+  explicit Fixture(std::optional<std::chrono::milliseconds> power_on_wait = std::chrono::milliseconds(0),
+                   common::Scheduler* scheduler = nullptr) {
     storage::SqliteOptions o;
     o.path = ":memory:";
     auto r = storage::open_sqlite(o);
@@ -104,6 +106,7 @@ struct Fixture {
     lo.credential_key = key;
     lo.max_attempts = 3;
     lo.power_on_wait = power_on_wait;
+    lo.scheduler = scheduler;
     REQUIRE(engine.attach(*repo));
     launcher = std::make_unique<broker::Launcher>(*repo, engine, clock, agents, work, nullptr, lo);
     std::vector<Object> objects = {
@@ -700,4 +703,30 @@ TEST_CASE("launcher: stop() answers the launches waiting for a machine to regist
   // Later launches do not wait any more.
   auto r = f.launch("frank", "pool-desktop");
   CHECK(r.failure == LaunchFailure::powering_on);
+}
+
+TEST_CASE("launcher: a launch's wait for registration runs on the scheduler: it ends when the scheduler's time does") {
+  common::ManualScheduler timers;  // time moves only when the test says so
+  Fixture f(std::chrono::seconds(30), &timers);
+  FakePower power;  // powers on; the agent never registers
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  std::promise<broker::LaunchResult> answered;
+  auto future = answered.get_future();
+  broker::LaunchRequest req;
+  req.user = user("erin");
+  req.resource = "pool-desktop";
+  f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
+  // Parked on its timer (a bounded poll for the work queue to get there, no sleep).
+  for (int i = 0; i < 1000000 && timers.pending() == 0; ++i) std::this_thread::yield();
+  REQUIRE(timers.pending() == 1);
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1"});
+  timers.advance(std::chrono::seconds(20));  // not yet: the wait is 30 s
+  CHECK(timers.pending() == 1);
+  CHECK(future.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);
+  timers.advance(std::chrono::seconds(11));  // the wait is over: retry-required, the machine held
+  REQUIRE(future.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  CHECK(future.get().failure == LaunchFailure::powering_on);
+  CHECK(f.launcher->held_machines() == std::set<std::string>{"DEMO\\pool-1"});
+  CHECK(timers.pending() == 0);
 }

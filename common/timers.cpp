@@ -70,4 +70,49 @@ void Timers::run() {
   }
 }
 
+std::uint64_t ManualScheduler::after(std::chrono::milliseconds delay, std::function<void()> fn) {
+  std::lock_guard lock(mutex_);
+  const auto id = ++next_id_;
+  due_.emplace(std::pair{now_ + std::max(delay, std::chrono::milliseconds(0)), id}, std::move(fn));
+  return id;
+}
+
+bool ManualScheduler::cancel(std::uint64_t id) {
+  std::lock_guard lock(mutex_);
+  for (auto it = due_.begin(); it != due_.end(); ++it)
+    if (it->first.second == id) {
+      due_.erase(it);
+      return true;
+    }
+  return false;
+}
+
+void ManualScheduler::advance(std::chrono::milliseconds by) {
+  std::chrono::milliseconds until;
+  {
+    std::lock_guard lock(mutex_);
+    until = now_ + by;
+  }
+  for (;;) {
+    std::function<void()> fn;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = due_.begin();
+      if (it == due_.end() || it->first.first > until) {
+        now_ = until;
+        return;
+      }
+      now_ = it->first.first;
+      fn = std::move(it->second);
+      due_.erase(it);
+    }
+    fn();
+  }
+}
+
+std::size_t ManualScheduler::pending() const {
+  std::lock_guard lock(mutex_);
+  return due_.size();
+}
+
 }  // namespace common

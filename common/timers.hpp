@@ -28,6 +28,23 @@ class Scheduler {
   virtual bool cancel(std::uint64_t id) = 0;
 };
 
+// A Scheduler for tests: time stands still until advance(), which runs the callbacks that fall
+// due, in order, on the calling thread. Thread-safe.
+class ManualScheduler final : public Scheduler {
+ public:
+  std::uint64_t after(std::chrono::milliseconds delay, std::function<void()> fn) override;
+  bool cancel(std::uint64_t id) override;
+  // Moves time on by `by` and runs every callback due by then.
+  void advance(std::chrono::milliseconds by);
+  std::size_t pending() const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::chrono::milliseconds now_{0};                                                          // guarded by mutex_
+  std::map<std::pair<std::chrono::milliseconds, std::uint64_t>, std::function<void()>> due_;  // guarded by mutex_
+  std::uint64_t next_id_ = 0;                                                                 // guarded by mutex_
+};
+
 class Timers final : public Scheduler {
  public:
   Timers();
