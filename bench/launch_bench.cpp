@@ -11,6 +11,7 @@
 //
 //   launch_bench [--machines M] [--concurrency 1,8,32]
 #include "broker/engine.hpp"
+#include "broker/instant_agents.hpp"
 #include "broker/launcher.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
@@ -38,25 +39,6 @@ namespace {
 namespace fs = std::filesystem;
 using namespace common::model;
 using Clock = std::chrono::steady_clock;
-
-// Agents that accept every command at once, answering from another thread as the endpoint does.
-class InstantAgents final : public broker::AgentChannel {
- public:
-  void prepare_session(const std::string&, const broker::PrepareSession&, std::chrono::milliseconds,
-                       Done done) override {
-    std::thread([done = std::move(done)] { done(true, {}); }).detach();
-  }
-  void logoff_session(const std::string&, const std::string&, std::chrono::milliseconds, Done done) override {
-    done(true, {});
-  }
-  void disconnect_session(const std::string&, const std::string&, std::chrono::milliseconds, Done done) override {
-    done(true, {});
-  }
-  void send_message(const std::string&, const std::string&, const std::string&, const std::string&,
-                    std::chrono::milliseconds, Done done) override {
-    done(true, {});
-  }
-};
 
 Object make(Kind k, std::string name, std::initializer_list<std::pair<const char*, Value>> fields) {
   Object o = make_default(k, std::move(name));
@@ -127,7 +109,7 @@ Run run(int machines, int concurrency, const fs::path& dir) {
   }
 
   common::SystemClock clock;
-  InstantAgents agents;
+  broker::InstantAgents agents;
   broker::Engine engine;  // outlives the work queue: its last tasks' commits reach it
   common::WorkQueue work(concurrency);
   broker::LauncherOptions lo;

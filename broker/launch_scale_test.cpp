@@ -1,6 +1,7 @@
 // Launches at site scale: what a launch reads from storage at 19,000 machines, and a storm of
 // concurrent launches at 1,000 machines against a database another broker writes to as well.
 #include "broker/engine.hpp"
+#include "broker/instant_agents.hpp"
 #include "broker/launcher.hpp"
 #include "common/clock.hpp"
 #include "common/crypto.hpp"
@@ -26,25 +27,6 @@ using broker::LaunchFailure;
 namespace {
 
 namespace fs = std::filesystem;
-
-// Agents that accept every command at once, answering from another thread as the endpoint does.
-class InstantAgents final : public broker::AgentChannel {
- public:
-  void prepare_session(const std::string&, const broker::PrepareSession&, std::chrono::milliseconds,
-                       Done done) override {
-    std::thread([done = std::move(done)] { done(true, {}); }).detach();
-  }
-  void logoff_session(const std::string&, const std::string&, std::chrono::milliseconds, Done done) override {
-    done(true, {});
-  }
-  void disconnect_session(const std::string&, const std::string&, std::chrono::milliseconds, Done done) override {
-    done(true, {});
-  }
-  void send_message(const std::string&, const std::string&, const std::string&, const std::string&,
-                    std::chrono::milliseconds, Done done) override {
-    done(true, {});
-  }
-};
 
 Object make(Kind k, std::string name, std::initializer_list<std::pair<const char*, Value>> fields) {
   Object o = make_default(k, std::move(name));
@@ -85,7 +67,7 @@ struct ScaleSite {
   std::unique_ptr<storage::Repository> repo;
   broker::Engine engine;  // outlives the work queue: its tasks' commits reach it
   common::SystemClock clock;
-  InstantAgents agents;
+  broker::InstantAgents agents;
   static constexpr int kThreads = 4;
   common::WorkQueue work{kThreads};
   std::unique_ptr<broker::Launcher> launcher;

@@ -609,14 +609,10 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
 
   // How many machines the user holds under an assignment rule.
   static std::int64_t assignments_under(const SiteState& st, const identity::UserIdentity& user, const std::string& rule) {
-    std::int64_t n = 0;
-    for (const auto* key : {&user.qualified_name, &user.user_name, &user.upn}) {
-      if (key->empty()) continue;
-      if (auto it = st.assignments_by_user.find(*key); it != st.assignments_by_user.end())
-        for (const auto& name : it->second)
-          if (st.assignments.find(name)->second.rule == rule) ++n;
-    }
-    return n;
+    // The user's own assignments (not a group's or an address's) under the rule, each once.
+    const auto mine = st.assignments_for(user, {});
+    return std::count_if(mine.begin(), mine.end(),
+                         [&](const Assignment* a) { return a->rule == rule && is_user(user, a->user); });
   }
 
   // The launch's rows, written in one write() (group commit): the ticket, the pending session
