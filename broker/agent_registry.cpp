@@ -40,17 +40,32 @@ storage::AuditEntry agent_audit(const std::string& machine, const char* action) 
   return e;
 }
 
+// The session `key` of `machine`, in any state: the engine's index names the record; a session
+// the engine does not know yet (created by an earlier write of the same group commit) is looked
+// for as session_keys.hpp stores it.
+Result<Object> known_session(storage::Transaction& tx, const Engine& engine, const std::string& machine,
+                             const std::string& key) {
+  if (auto name = engine.session_name(machine, key)) {
+    auto s = tx.get(Kind::session, *name);
+    if (s && s->text("machine") == machine && agent_session_key(*s) == key) return s;
+    if (!s && s.error().code != errc::not_found) return s.error();
+  }
+  return find_session(tx, machine, key);
+}
+
 // The session `key` of `machine` that has not logged off, or errc::not_found.
-Result<Object> live_session(storage::Transaction& tx, const std::string& machine, const std::string& key) {
-  auto s = find_session(tx, machine, key);
+Result<Object> live_session(storage::Transaction& tx, const Engine& engine, const std::string& machine,
+                            const std::string& key) {
+  auto s = known_session(tx, engine, machine, key);
   if (s && s->text("state") == "LoggedOff")
     return make_error(errc::not_found, "session '" + key + "' has logged off");
   return s;
 }
 
 // An agent reuses a key of a session that logged off: the old record makes room for the new one.
-Status forget_logged_off(storage::Transaction& tx, const std::string& machine, const std::string& key) {
-  auto s = find_session(tx, machine, key);
+Status forget_logged_off(storage::Transaction& tx, const Engine& engine, const std::string& machine,
+                         const std::string& key) {
+  auto s = known_session(tx, engine, machine, key);
   if (s && s->text("state") == "LoggedOff") return tx.remove(Kind::session, s->name);
   return {};
 }
@@ -260,7 +275,7 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
       }
       const std::size_t limit = session_limit(reg.session_support);
       for (const auto& a : reg.sessions) {
-        auto existing = live_session(tx, reg.machine, a.session_key);
+        auto existing = live_session(tx, engine_, reg.machine, a.session_key);
         if (!existing && existing.error().code != errc::not_found) return existing.error();
         if (!existing && a.state == "PreparingNewSession") {
           ++ignored;  // no client and no valid ticket: it will never become a session we know
@@ -273,7 +288,7 @@ Result<std::optional<Refusal>> AgentRegistry::register_agent(const Registration&
         Object s = existing ? *existing : common::model::make_default(Kind::session, "");
         if (!existing) {
           if (must_write()) return {};
-          if (auto r = forget_logged_off(tx, reg.machine, a.session_key); !r) return r;
+          if (auto r = forget_logged_off(tx, engine_, reg.machine, a.session_key); !r) return r;
           auto name = reported_session_name(tx, reg.machine, a.session_key);
           if (!name) return name.error();
           s.name = *name;
@@ -384,7 +399,7 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
   SessionEventOutcome outcome;
   bool over_limit = false;
   auto apply = [&](storage::Transaction& tx) -> Status {
-    auto existing = live_session(tx, machine, a.session_key);
+    auto existing = live_session(tx, engine_, machine, a.session_key);
     if (!existing && existing.error().code != errc::not_found) return existing.error();
     if (event == "LoggedOff") {
       if (!existing) return {};
@@ -441,7 +456,8 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
         return tx.append_audit(e);
       }
     }
-    if (auto r = forget_logged_off(tx, machine, a.session_key); !r) return r;
+    if (!existing)
+      if (auto r = forget_logged_off(tx, engine_, machine, a.session_key); !r) return r;
     Object s = existing ? *existing : common::model::make_default(Kind::session, "");
     if (!existing) {
       auto name = reported_session_name(tx, machine, a.session_key);

@@ -412,6 +412,17 @@ void Engine::index_machine_locked(const Machine& m, bool add) {
 }
 
 void Engine::index_session_locked(const Session& s, bool add) {
+  if (add) {
+    // Two records of one key (a live one beside an old logged-off one) point at the live one.
+    auto [it, inserted] = state_.sessions_by_key.try_emplace({s.machine, s.key}, s.name);
+    if (!inserted && it->second != s.name) {
+      const Session* other = state_.session(it->second);
+      if (!other || !live(*other) || live(s)) it->second = s.name;
+    }
+  } else if (auto it = state_.sessions_by_key.find(std::pair{s.machine, s.key});
+             it != state_.sessions_by_key.end() && it->second == s.name) {
+    state_.sessions_by_key.erase(it);
+  }
   if (!live(s)) return;
   if (add) {
     state_.sessions_by_machine[s.machine].insert(s.name);
@@ -566,7 +577,8 @@ void Engine::put_locked(const Object& o, bool keep_live) {
     case Kind::session: {
       Session s;
       s.name = o.name;
-      s.key = o.text("session_key", o.name);
+      s.key = o.text("session_key");
+      if (s.key.empty()) s.key = o.name;
       s.machine = o.text("machine");
       s.user = o.text("user_name");
       s.delivery_group = o.text("delivery_group");
@@ -667,6 +679,13 @@ std::vector<Session> Engine::sessions_of_user(std::string_view user) const {
   if (auto it = state_.sessions_by_user.find(user); it != state_.sessions_by_user.end())
     for (const auto& n : it->second) out.push_back(state_.sessions.find(n)->second);
   return out;
+}
+
+std::optional<std::string> Engine::session_name(const std::string& machine, const std::string& key) const {
+  std::lock_guard lock(mutex_);
+  auto it = state_.sessions_by_key.find(std::pair{machine, key});
+  if (it == state_.sessions_by_key.end()) return std::nullopt;
+  return it->second;
 }
 
 std::vector<Assignment> Engine::assignments_of_user(std::string_view user) const {

@@ -193,6 +193,9 @@ struct SiteState {
   ByName<std::set<std::pair<std::int64_t, std::string>>> hosts_by_load;
   ByName<Names> sessions_by_machine;                        // live only
   std::map<std::string, Names, Lowered> sessions_by_user;    // live only
+  // Every stored session (logged-off ones too) by (machine, the agent's key) -> stored name:
+  // how an agent's session event finds its record (broker/session_keys.hpp).
+  std::map<std::pair<std::string, std::string>, std::string, std::less<>> sessions_by_key;
   std::map<std::string, Names, Lowered> assignments_by_user;  // the assignment's user (or group) name
   ByName<Names> assignments_by_client_ip;
   ByName<Names> assignments_by_machine;
@@ -267,6 +270,8 @@ class Engine {
   // Sessions that have not logged off, of a machine / of a user name (case-insensitive).
   std::vector<Session> sessions_of_machine(std::string_view machine) const;
   std::vector<Session> sessions_of_user(std::string_view user) const;
+  // The stored name of the machine's session that its agent knows by `key`, in any state.
+  std::optional<std::string> session_name(const std::string& machine, const std::string& key) const;
   std::vector<Assignment> assignments_of_user(std::string_view user) const;
   std::vector<Assignment> assignments_of_machine(std::string_view machine) const;
   // Machines of a delivery group, by name.

@@ -145,3 +145,38 @@ TEST_CASE("engine: multi-session hosts are indexed by effective load; a reservat
   });
   CHECK(order().empty());
 }
+
+TEST_CASE("engine: sessions are found by (machine, agent key) in any state") {
+  Fixture f;
+  // A brokered session is stored under its own name; an agent's session "rdp-1" reported by two
+  // machines is stored once bare and once as "<machine>/rdp-1" (broker/session_keys.hpp).
+  f.write([](storage::Transaction& tx) {
+    Object brokered = make_default(Kind::session, "S1");
+    brokered.fields["machine"] = std::string("DEMO\\pool-1");
+    Fixture::create(tx, brokered);
+    Object bare = make_default(Kind::session, "rdp-1");
+    bare.fields["machine"] = std::string("DEMO\\rds-1");
+    bare.fields["session_key"] = std::string("rdp-1");
+    Fixture::create(tx, bare);
+    Object qualified = make_default(Kind::session, "DEMO\\pool-2/rdp-1");
+    qualified.fields["machine"] = std::string("DEMO\\pool-2");
+    qualified.fields["session_key"] = std::string("rdp-1");
+    Fixture::create(tx, qualified);
+  });
+  CHECK(f.engine.session_name("DEMO\\pool-1", "S1") == "S1");
+  CHECK(f.engine.session_name("DEMO\\rds-1", "rdp-1") == "rdp-1");
+  CHECK(f.engine.session_name("DEMO\\pool-2", "rdp-1") == "DEMO\\pool-2/rdp-1");
+  CHECK_FALSE(f.engine.session_name("DEMO\\pool-3", "rdp-1").has_value());
+  CHECK_FALSE(f.engine.session_name("DEMO\\pool-2", "S1").has_value());
+
+  // Logged off: still found (an agent reusing the key replaces the old record); removed: gone.
+  f.write([](storage::Transaction& tx) {
+    Object s = *tx.get(Kind::session, "rdp-1");
+    s.fields["state"] = std::string("LoggedOff");
+    REQUIRE(tx.update("rdp-1", s).has_value());
+  });
+  CHECK(f.engine.session_name("DEMO\\rds-1", "rdp-1") == "rdp-1");
+  f.write([](storage::Transaction& tx) { REQUIRE(tx.remove(Kind::session, "DEMO\\pool-2/rdp-1").has_value()); });
+  CHECK_FALSE(f.engine.session_name("DEMO\\pool-2", "rdp-1").has_value());
+  CHECK(f.engine.session_name("DEMO\\rds-1", "rdp-1") == "rdp-1");
+}

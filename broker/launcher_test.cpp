@@ -512,11 +512,17 @@ void power_off_pool(Fixture& f) {
   }
 }
 
-// FakePower::on_power: the hypervisor boots the machine and its agent registers 100 ms later.
+// Waits (yielding, up to 30 s of patience) until a launch has parked on the scheduler's timer.
+void park_patiently(const common::ManualScheduler& timers) {
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (timers.pending() == 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+}
+
+// FakePower::on_power: the hypervisor boots the machine and its agent registers, on another
+// thread, while the launch goes on to wait (before or after it parks: both must work).
 std::function<void(const std::string&)> boots_and_registers(Fixture& f) {
   return [&f](const std::string& machine) {
     std::thread([&f, machine] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
       f.update(Kind::machine, machine, "power_state", std::string("On"));
       f.update(Kind::machine, machine, "registration_state", std::string("Registered"));
       f.launcher->machine_registered(machine);
@@ -684,7 +690,8 @@ TEST_CASE("launcher: a retry waits on the machine held for the user even once th
 }
 
 TEST_CASE("launcher: stop() answers the launches waiting for a machine to register") {
-  Fixture f(std::chrono::seconds(60));
+  common::ManualScheduler timers;  // the wait never ends by itself: only stop() ends it
+  Fixture f(std::chrono::seconds(60), &timers);
   FakePower power;
   f.launcher->set_power(&power);
   power_off_pool(f);
@@ -693,9 +700,11 @@ TEST_CASE("launcher: stop() answers the launches waiting for a machine to regist
   req.user = user("erin");
   req.resource = "pool-desktop";
   f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
-  while (power.powered().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  // Parked on its timer (a bounded poll for the work queue to get there, no sleep).
+  park_patiently(timers);
+  REQUIRE(timers.pending() == 1);
   auto future = answered.get_future();
-  CHECK(future.wait_for(std::chrono::milliseconds(100)) == std::future_status::timeout);  // waiting
+  CHECK(future.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);  // waiting
   f.launcher->stop();
   REQUIRE(future.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
   CHECK(future.get().failure == LaunchFailure::storage_error);
@@ -718,7 +727,7 @@ TEST_CASE("launcher: a launch's wait for registration runs on the scheduler: it 
   req.resource = "pool-desktop";
   f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
   // Parked on its timer (a bounded poll for the work queue to get there, no sleep).
-  for (int i = 0; i < 1000000 && timers.pending() == 0; ++i) std::this_thread::yield();
+  park_patiently(timers);
   REQUIRE(timers.pending() == 1);
   CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1"});
   timers.advance(std::chrono::seconds(20));  // not yet: the wait is 30 s
