@@ -10,6 +10,7 @@
 #include "common/model_json.hpp"
 #include "common/version.hpp"
 #include "common/work_queue.hpp"
+#include "identity/directory.hpp"
 #include "storage/repository.hpp"
 
 #include <boost/json.hpp>
@@ -726,11 +727,68 @@ HttpResponse AdminApi::power_actions(const HttpRequest& req, const std::vector<s
   return with_route(json_reply(200, j), route);
 }
 
+void AdminApi::set_directory(DirectoryAccess access) { directory_ = std::move(access); }
+
+// GET /api/v1/directory and GET /api/v1/directory/users/{name}; on the work queue.
+HttpResponse AdminApi::directory(const HttpRequest& req, const std::vector<std::string>& parts) {
+  if (req.method != "GET") return method_not_allowed("GET");
+  if (parts.size() == 3) {
+    const DirectoryStatus s = directory_.status ? directory_.status() : DirectoryStatus{};
+    auto r = json_reply(200, json::object{{"backend", directory_.backend},
+                                          {"reachable", s.reachable},
+                                          {"server", s.server},
+                                          {"last_error", s.last_error},
+                                          {"connection_failures", s.connection_failures},
+                                          {"cached_identities", s.cached_identities}});
+    r.route = "/api/v1/directory";
+    return r;
+  }
+  if (parts.size() != 5 || parts[3] != "users") {
+    auto r = reply_error(Error(errc::not_found, "no such endpoint: " + req.path));
+    r.route = "other";
+    return r;
+  }
+  const auto with_route = [](HttpResponse r) {
+    r.route = "/api/v1/directory/users/{name}";
+    return r;
+  };
+  if (!directory_.directory) return with_route(reply_error(Error(errc::unavailable, "no directory")));
+  std::string domain;
+  for (const auto& [k, v] : req.query_params())
+    if (k == "domain") domain = v;
+  auto outcome = directory_.directory->lookup(parts[4], domain);
+  if (!outcome) return with_route(reply_error(outcome.error()));
+  json::object body{{"result", std::string(identity::to_string(outcome->result))}};
+  if (const auto& id = outcome->identity) {
+    json::array groups, sids;
+    for (const auto& g : id->groups) groups.emplace_back(g);
+    for (const auto& g : id->group_sids) sids.emplace_back(g);
+    body["user_name"] = id->user_name;
+    body["domain"] = id->domain;
+    body["qualified_name"] = id->qualified_name;
+    body["upn"] = id->upn;
+    body["sid"] = id->sid;
+    body["display_name"] = id->display_name;
+    body["email"] = id->email;
+    body["groups"] = std::move(groups);
+    body["group_sids"] = std::move(sids);
+  }
+  return with_route(json_reply(200, body));
+}
+
 HttpResponse AdminApi::readyz() {
   json::object body;
   bool ready = true;
   auto ping = repository_.ping();
   body["storage"] = ping ? "ok" : ping.error().message;
+  // Reported, but not a reason to be unready: the broker still serves cached identities,
+  // enumerations of users already known and every admin and agent request (docs/directory.md).
+  if (directory_.status) {
+    const DirectoryStatus d = directory_.status();
+    body["directory"] = d.reachable ? std::string("ok") : "unreachable: " + d.last_error;
+  } else {
+    body["directory"] = "ok";
+  }
   ready = ready && ping.has_value();
   json::array names;
   if (listeners_ready_)
@@ -863,6 +921,8 @@ HttpResponse AdminApi::dispatch(const HttpRequest& req, const std::string& actor
                                              std::chrono::steady_clock::now() - started_).count()}};
     return with_route(json_reply(200, body), "/api/v1/info");
   }
+
+  if (noun == "directory") return directory(req, parts);
 
   if (noun == "audit" && parts.size() == 3) {
     if (m != "GET") return method_not_allowed("GET");

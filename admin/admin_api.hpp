@@ -29,6 +29,9 @@ class SiteObjects;
 namespace storage {
 class Repository;
 }
+namespace identity {
+class Directory;
+}
 
 namespace admin {
 
@@ -41,6 +44,21 @@ struct AdminOptions {
   std::vector<Token> tokens;
   std::vector<std::string> unauthenticated_paths;  // besides /healthz
   std::size_t max_page = 1000;
+};
+
+// The directory's state as the admin API shows it (GET /api/v1/directory, /readyz).
+struct DirectoryStatus {
+  bool reachable = true;
+  std::string server;      // the LDAP server last reached
+  std::string last_error;  // the last connection failure
+  std::uint64_t connection_failures = 0;
+  std::size_t cached_identities = 0;
+};
+
+struct DirectoryAccess {
+  std::string backend = "builtin";
+  identity::Directory* directory = nullptr;   // GET /api/v1/directory/users/{name}; null: 503
+  std::function<DirectoryStatus()> status;    // null: always reachable
 };
 
 class AdminApi {
@@ -72,6 +90,11 @@ class AdminApi {
   // broker_machines gauge come from the engine (they are not stored). Same lifetime rules as
   // set_power_manager.
   void set_engine(const broker::Engine* engine);
+  // The user directory (docs/directory.md): GET /api/v1/directory (backend and state),
+  // GET /api/v1/directory/users/{name}[?domain=D] (a trusted look-up: identity and groups, as
+  // `brokerctl directory test` prints them) and the "directory" member of /readyz. Call before the
+  // admin listener serves; the directory must outlive the AdminApi.
+  void set_directory(DirectoryAccess access);
 
  private:
   net::HttpResponse dispatch(const net::HttpRequest& request, const std::string& actor);
@@ -86,6 +109,7 @@ class AdminApi {
   net::HttpResponse power_actions(const net::HttpRequest& request, const std::vector<std::string>& parts,
                                   const std::string& actor, broker::PowerManager& power);
   net::HttpResponse readyz();
+  net::HttpResponse directory(const net::HttpRequest& request, const std::vector<std::string>& parts);
   net::HttpResponse metrics();
 
   broker::SiteObjects& site_;
@@ -102,6 +126,7 @@ class AdminApi {
   std::chrono::steady_clock::time_point started_;
   std::atomic<bool> listeners_ready_{false};
   std::vector<std::string> listener_names_;  // written once before listeners_ready_ is set
+  DirectoryAccess directory_;                // set before the listener serves
 };
 
 }  // namespace admin

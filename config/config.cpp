@@ -236,6 +236,10 @@ class Loader {
   void read_sta(const toml::table& root);
   void read_identity(const toml::table& root);
   void read_xml(const toml::table& root);
+  void read_directory(const toml::table& root);
+  // A file name key: resolved against the file's directory into `target` when the file can be
+  // read, else an error. `omit_to`: what leaving the key out is for (in the message).
+  void readable_file(TableReader& r, std::string_view k, std::string& target, std::string_view omit_to);
   void read_site(const toml::table& root);
   void read_objects(const toml::table& root);
   bool read_object(const KindSpec& ks, const toml::table& t, const std::string& path, Declared& d);
@@ -450,21 +454,8 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
     out.port = static_cast<std::uint16_t>(*v);
     ports_.push_back({&out, r.line("port")});
   }
-  const auto tls_file = [&](std::string_view k, std::string& target, std::string_view omit_to) {
-    auto v = r.string(k);
-    if (!v) return;
-    if (v->empty() || v->find('\0') != std::string::npos) {
-      error(r.line(k), r.key(k), "must be a file name (omit the key " + std::string(omit_to) + ")");
-      return;
-    }
-    const std::string p = resolve(*v);
-    if (auto problem = check_readable(p); !problem.empty())
-      error(r.line(k), r.key(k), problem);
-    else
-      target = p;
-  };
-  tls_file("tls_cert", out.tls_cert_file, "for plain HTTP");
-  tls_file("tls_key", out.tls_key_file, "for plain HTTP");
+  readable_file(r, "tls_cert", out.tls_cert_file, "for plain HTTP");
+  readable_file(r, "tls_key", out.tls_key_file, "for plain HTTP");
   if (r.has("tls_cert") != r.has("tls_key")) {
     const std::string_view given = r.has("tls_cert") ? "tls_cert" : "tls_key";
     const std::string_view missing = r.has("tls_cert") ? "tls_key" : "tls_cert";
@@ -483,7 +474,7 @@ void Loader::read_listener(const toml::table& t, const std::string& path, Listen
       error(r.line("tls_client_ca"), r.key("tls_client_ca"),
             "needs tls_cert and tls_key: client certificates are only checked on a TLS listener");
     } else {
-      tls_file("tls_client_ca", out.tls_client_ca_file, "to accept agents without a client certificate");
+      readable_file(r, "tls_client_ca", out.tls_client_ca_file, "to accept agents without a client certificate");
     }
   }
   if (auto v = r.integer("header_limit_bytes", 1024, 1024 * 1024))
@@ -883,6 +874,118 @@ void Loader::read_xml(const toml::table& root) {
   r.finish();
 }
 
+void Loader::readable_file(TableReader& r, std::string_view k, std::string& target, std::string_view omit_to) {
+  auto v = r.string(k);
+  if (!v) return;
+  if (v->empty() || v->find('\0') != std::string::npos) {
+    error(r.line(k), r.key(k), "must be a file name (omit the key " + std::string(omit_to) + ")");
+    return;
+  }
+  const std::string p = resolve(*v);
+  if (auto problem = check_readable(p); !problem.empty())
+    error(r.line(k), r.key(k), problem);
+  else
+    target = p;
+}
+
+void Loader::read_directory(const toml::table& root) {
+  const toml::table* t = section(root, "directory");
+  if (!t) return;
+  Directory& d = config_.directory;
+  const std::size_t errors_before = error_count();
+  static constexpr std::string_view kAttributes[] = {
+      "account_name", "upn",  "sid", "member_of", "member", "group_name", "display_name", "mail",
+      "user_account_control", "pwd_last_set", "account_expires", "lockout_time"};
+  TableReader r(*this, *t, "directory",
+                {"backend", "profile", "servers", "start_tls", "ca_file", "verify_certificates", "bind_dn",
+                 "bind_password_file", "base_dn", "domain", "user_filter", "group_filter", "group_lookup",
+                 "attributes", "network_timeout_ms", "operation_timeout_ms", "pool_size", "cache_seconds",
+                 "lockout_duration_seconds", "reconnect_max_seconds"});
+  if (auto v = r.string("backend")) {
+    if (*v == "builtin" || *v == "ldap")
+      d.backend = *v;
+    else
+      error(r.line("backend"), r.key("backend"), in_quotes(*v) + " is not \"builtin\" or \"ldap\"");
+  }
+  if (auto v = r.string("profile")) {
+    if (*v == "ad" || *v == "openldap")
+      d.profile = *v;
+    else
+      error(r.line("profile"), r.key("profile"), in_quotes(*v) + " is not \"ad\" or \"openldap\"");
+  }
+  if (auto list = r.strings("servers")) {
+    for (auto& s : *list) {
+      std::string lower = s.value;
+      std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+      const bool ok = (lower.rfind("ldap://", 0) == 0 && lower.size() > 7) || (lower.rfind("ldaps://", 0) == 0 && lower.size() > 8);
+      if (!ok || s.value.find_first_of(" \t\n\r") != std::string::npos)
+        error(s.line, r.key("servers"), in_quotes(s.value) + " is not an ldap:// or ldaps:// URI");
+      else
+        d.servers.push_back(std::move(s.value));
+    }
+  }
+  if (auto v = r.boolean("start_tls")) d.start_tls = *v;
+  if (auto v = r.boolean("verify_certificates")) d.verify_certificates = *v;
+  readable_file(r, "ca_file", d.ca_file, "for the system's trust store");
+  readable_file(r, "bind_password_file", d.bind_password_file, "for anonymous searches, with bind_dn");
+  if (auto v = r.string("bind_dn")) d.bind_dn = *v;
+  if (auto v = r.string("base_dn")) d.base_dn = *v;
+  if (auto v = r.string("domain")) d.domain = *v;
+  const auto filter = [&](std::string_view k, std::optional<std::string>& target) {
+    auto v = r.string(k);
+    if (!v) return;
+    if (v->size() < 3 || v->front() != '(' || v->back() != ')')
+      error(r.line(k), r.key(k), in_quotes(*v) + " is not an LDAP filter in parentheses, e.g. \"(objectClass=user)\"");
+    else
+      target = *v;
+  };
+  filter("user_filter", d.user_filter);
+  filter("group_filter", d.group_filter);
+  if (auto v = r.string("group_lookup")) {
+    if (*v == "member_of" || *v == "member")
+      d.group_lookup = *v;
+    else
+      error(r.line("group_lookup"), r.key("group_lookup"), in_quotes(*v) + " is not \"member_of\" or \"member\"");
+  }
+  if (const toml::node* n = r.get("attributes")) {
+    if (const toml::table* at = n->as_table()) {
+      TableReader ar(*this, *at, "directory.attributes", {std::begin(kAttributes), std::end(kAttributes)});
+      for (auto k : kAttributes)
+        if (auto v = ar.string(k)) {
+          if (v->find_first_of(" ()=*\\,\0") != std::string::npos)
+            error(ar.line(k), ar.key(k), in_quotes(*v) + " is not an attribute name");
+          else
+            d.attributes.emplace_back(std::string(k), *v);
+        }
+      ar.finish();
+    } else {
+      r.wrong_type("attributes", *n, "a table ([directory.attributes])");
+    }
+  }
+  if (auto v = r.integer("network_timeout_ms", 100, 600000)) d.network_timeout_ms = static_cast<int>(*v);
+  if (auto v = r.integer("operation_timeout_ms", 100, 600000)) d.operation_timeout_ms = static_cast<int>(*v);
+  if (auto v = r.integer("pool_size", 1, 256)) d.pool_size = static_cast<int>(*v);
+  if (auto v = r.integer("cache_seconds", 0, 86400)) d.cache_seconds = static_cast<int>(*v);
+  if (auto v = r.integer("lockout_duration_seconds", 0, 86400 * 365)) d.lockout_duration_seconds = static_cast<int>(*v);
+  if (auto v = r.integer("reconnect_max_seconds", 1, 3600)) d.reconnect_max_seconds = static_cast<int>(*v);
+  r.refuse("bind_password",
+           "the service account's password never goes in the config file: write it to a file only brokerd can read "
+           "and name that file with bind_password_file");
+  r.finish();
+  if (d.backend == "ldap") {
+    const auto required = [&](std::string_view k, bool present, const std::string& what) {
+      if (!present) error(r.line(k), r.key(k), "is required for backend \"ldap\" (" + what + ")");
+    };
+    if (!r.has("servers") || (d.servers.empty() && error_count() == errors_before))
+      error(r.line("servers"), r.key("servers"), "is required for backend \"ldap\" (one or more ldap:// or ldaps:// URIs)");
+    required("base_dn", !d.base_dn.empty(), "where users and groups are searched");
+    required("domain", !d.domain.empty(), "the NetBIOS domain name, e.g. \"CORP\"");
+    if (!d.bind_dn.empty() && !r.has("bind_password_file"))
+      error(r.line("bind_dn"), r.key("bind_password_file"),
+            "is required with bind_dn (a file holding the service account's password; never the password itself)");
+  }
+}
+
 void Loader::read_site(const toml::table& root) {
   const toml::table* t = section(root, "site");
   if (!t) return;
@@ -1024,7 +1127,7 @@ LoadResult Loader::run(std::string_view text) {
   }
 
   TableReader top(*this, root, "",
-                  {"daemon", "listeners", "database", "logging", "admin", "sta", "identity", "xml", "site",
+                  {"daemon", "listeners", "database", "logging", "admin", "sta", "identity", "xml", "directory", "site",
                    "hypervisor_connection", "catalog",
                    "delivery_group", "power_time_scheme", "machine", "application", "rule", "assignment", "user", "group"});
   for (const auto& ks : model::all_kinds()) {
@@ -1041,6 +1144,7 @@ LoadResult Loader::run(std::string_view text) {
   read_sta(root);
   read_identity(root);
   read_xml(root);
+  read_directory(root);
   read_site(root);
   read_objects(root);
   check_references();

@@ -61,6 +61,34 @@ struct Identity {
   int password_check_max_wait_ms = 2000;
 };
 
+// [directory]: where users and groups come from (docs/directory.md). The LDAP keys are read only
+// for backend "ldap"; filters, group_lookup and attribute names left out take the profile's
+// defaults (identity::ldap_profile), so they are optional here.
+struct Directory {
+  std::string backend = "builtin";  // "builtin" | "ldap"
+  std::string profile = "ad";       // "ad" | "openldap"
+  std::vector<std::string> servers;  // ldap:// or ldaps:// URIs, tried in order
+  bool start_tls = true;             // for ldap:// servers
+  std::string ca_file;               // absolute after loading; empty: the system's trust store
+  bool verify_certificates = true;
+  std::string bind_dn;
+  std::string bind_password_file;  // absolute after loading; the password is its first line
+  std::string base_dn;
+  std::string domain;  // NetBIOS domain name of the directory's users and groups ("CORP")
+  std::optional<std::string> user_filter, group_filter;
+  std::optional<std::string> group_lookup;  // "member_of" | "member"
+  // [directory.attributes]: account_name, upn, sid, member_of, member, group_name, display_name,
+  // mail, user_account_control, pwd_last_set, account_expires, lockout_time -> attribute name
+  // ("" switches a state attribute off).
+  std::vector<std::pair<std::string, std::string>> attributes;
+  int network_timeout_ms = 5000;
+  int operation_timeout_ms = 10000;
+  int pool_size = 4;
+  int cache_seconds = 300;
+  int lockout_duration_seconds = 1800;
+  int reconnect_max_seconds = 30;
+};
+
 // [xml]: the NFuse XML service (the listener itself is [listeners.xml]).
 struct XmlService {
   int failed_logons_per_minute = 30;  // per source address; 0: no throttling
@@ -89,6 +117,7 @@ struct Config {
   Sta sta;
   Identity identity;
   XmlService xml_service;
+  Directory directory;
   // The [site] table as the Kind::site object named "site" (owner "config:<path>"), if present.
   std::optional<common::model::Object> site;
   // Declared site objects in dependency order (all_kinds() order, then file order), each with

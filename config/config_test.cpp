@@ -745,3 +745,66 @@ TEST_CASE("[database] group: the system group that may read a database file brok
   CHECK_FALSE(bad.config);
   CHECK(all_errors(bad).find("database.group: must be the name of a system group") != std::string::npos);
 }
+
+TEST_CASE("[directory]: builtin by default; ldap with its required keys, profiles and overrides") {
+  const auto none = load("");
+  REQUIRE(none.config);
+  CHECK(none.config->directory.backend == "builtin");
+
+  char tmpl[] = "/tmp/config-test-XXXXXX";
+  REQUIRE(::mkdtemp(tmpl));
+  const std::string dir = tmpl;
+  { std::ofstream(dir + "/pw") << "secret\n"; }
+  const std::string ldap = "[directory]\nbackend = \"ldap\"\nservers = [\"ldaps://dc1.example.com\", \"ldap://dc2:389\"]\n"
+                           "bind_dn = \"CN=svc,DC=example,DC=com\"\nbind_password_file = \"pw\"\n"
+                           "base_dn = \"DC=example,DC=com\"\ndomain = \"EXAMPLE\"\n";
+  const auto ok = config::load_string(ldap + "profile = \"openldap\"\ngroup_lookup = \"member_of\"\n"
+                                             "user_filter = \"(objectClass=person)\"\npool_size = 2\ncache_seconds = 60\n"
+                                             "[directory.attributes]\naccount_name = \"sAMAccountName\"\nlockout_time = \"\"\n" +
+                                          kTail,
+                                      "t.toml", dir);
+  INFO(all_errors(ok));
+  REQUIRE(ok.config);
+  const auto& d = ok.config->directory;
+  CHECK(d.backend == "ldap");
+  CHECK(d.profile == "openldap");
+  CHECK(d.servers == std::vector<std::string>{"ldaps://dc1.example.com", "ldap://dc2:389"});
+  CHECK(d.start_tls);
+  CHECK(d.verify_certificates);
+  CHECK(d.bind_password_file == dir + "/pw");
+  CHECK(d.domain == "EXAMPLE");
+  CHECK(d.group_lookup == std::optional<std::string>("member_of"));
+  CHECK(d.user_filter == std::optional<std::string>("(objectClass=person)"));
+  CHECK_FALSE(d.group_filter);
+  CHECK(d.pool_size == 2);
+  CHECK(d.cache_seconds == 60);
+  CHECK(d.attributes == std::vector<std::pair<std::string, std::string>>{{"account_name", "sAMAccountName"},
+                                                                        {"lockout_time", ""}});
+
+  // Required keys, and the password never in the file.
+  CHECK(only_error(load("[directory]\nbackend = \"ldap\"\nbase_dn = \"DC=x\"\ndomain = \"X\"\n")).key ==
+        "directory.servers");
+  CHECK(only_error(load("[directory]\nbackend = \"ldap\"\nservers = [\"ldap://x\"]\ndomain = \"X\"\n")).key ==
+        "directory.base_dn");
+  CHECK(only_error(load("[directory]\nbackend = \"ldap\"\nservers = [\"ldap://x\"]\nbase_dn = \"DC=x\"\n")).key ==
+        "directory.domain");
+  CHECK(only_error(load("[directory]\nbackend = \"ldap\"\nservers = [\"ldap://x\"]\nbase_dn = \"DC=x\"\n"
+                        "domain = \"X\"\nbind_dn = \"CN=svc\"\n"))
+            .key == "directory.bind_password_file");
+  const auto pw = only_error(load("[directory]\nbind_password = \"hunter2\"\n"));
+  CHECK(pw.key == "directory.bind_password");
+  CHECK(pw.message.find("bind_password_file") != std::string::npos);
+  CHECK(pw.message.find("hunter2") == std::string::npos);
+  // Checked values.
+  CHECK(only_error(load("[directory]\nbackend = \"novell\"\n")).key == "directory.backend");
+  CHECK(only_error(load("[directory]\nprofile = \"edirectory\"\n")).key == "directory.profile");
+  CHECK(only_error(load("[directory]\nservers = [\"http://dc1\"]\n")).key == "directory.servers");
+  CHECK(only_error(load("[directory]\nuser_filter = \"objectClass=user\"\n")).key == "directory.user_filter");
+  CHECK(only_error(load("[directory]\ngroup_lookup = \"tokenGroups\"\n")).key == "directory.group_lookup");
+  CHECK(only_error(load("[directory]\nbind_password_file = \"/nonexistent/pw\"\n")).key ==
+        "directory.bind_password_file");
+  CHECK(only_error(load("[directory]\npool_size = 0\n")).key == "directory.pool_size");
+  CHECK(only_error(load("[directory.attributes]\nuid = \"uid\"\n")).key == "directory.attributes.uid");
+  CHECK(only_error(load("[directory.attributes]\nupn = \"a)(b\"\n")).key == "directory.attributes.upn");
+  std::filesystem::remove_all(dir);
+}

@@ -486,6 +486,18 @@ struct LdapDirectory::Impl {
     pool_cv.notify_one();
   }
 
+  // Closes the idle connections (their slots are made again on next use).
+  void drop_idle() {
+    std::vector<Handle> dropped;
+    {
+      std::lock_guard lock(pool_mutex);
+      open -= idle.size();
+      dropped.swap(idle);
+      pool_cv.notify_all();
+    }
+    // `dropped` unbinds here, outside the lock.
+  }
+
   // Runs fn(ld) on a pooled connection; when it fails for the connection's sake, once more on a
   // new one (which may be another server). fn returns an OpResult.
   template <class Fn>
@@ -500,6 +512,7 @@ struct LdapDirectory::Impl {
         return Error(errc::storage_error, "directory: " + describe(r.rc, r.diag));
       }
       release(std::move(*h), true);
+      drop_idle();  // made before the failure, likely dead too: the retry gets a new connection
       if (attempt == 1) {
         note_unreachable(describe(r.rc, r.diag));
         return Error(errc::unavailable, "directory unreachable: " + describe(r.rc, r.diag));

@@ -1016,6 +1016,35 @@ def build(kinds):
             "storage": {"type": "string", "description": "`ok`, or why storage is not usable."},
             "listeners": {"type": "array", "items": {"type": "string"},
                           "description": "Listeners accepting connections; empty until all are up."},
+            "directory": {"type": "string",
+                          "description": "`ok`, or `unreachable: <why>` for an LDAP directory that cannot be "
+                                         "reached (reported, but not a reason to be unready: docs/directory.md)."},
+        },
+    }
+    schemas["DirectoryStatus"] = {
+        "type": "object",
+        "required": ["backend", "reachable"],
+        "properties": {
+            "backend": {"type": "string", "enum": ["builtin", "ldap"]},
+            "reachable": {"type": "boolean", "description": "false after the last attempt to reach any LDAP server failed"},
+            "server": {"type": "string", "description": "the LDAP server last reached"},
+            "last_error": {"type": "string", "description": "the last connection failure"},
+            "connection_failures": {"type": "integer"},
+            "cached_identities": {"type": "integer"},
+        },
+    }
+    schemas["DirectoryUser"] = {
+        "type": "object",
+        "required": ["result"],
+        "properties": {
+            "result": {"type": "string", "enum": ["ok", "account_disabled", "account_locked_out",
+                                                  "must_change_credentials", "expired_credentials"]},
+            "user_name": {"type": "string"}, "domain": {"type": "string"},
+            "qualified_name": {"type": "string"}, "upn": {"type": "string"}, "sid": {"type": "string"},
+            "display_name": {"type": "string"}, "email": {"type": "string"},
+            "groups": {"type": "array", "items": {"type": "string"},
+                       "description": "Every group, nested ones included, as DOMAIN\\Group, sorted."},
+            "group_sids": {"type": "array", "items": {"type": "string"}},
         },
     }
 
@@ -1096,6 +1125,28 @@ def build(kinds):
         "responses": responses(400, 401, 500, 503, ok={"200": {"description": "A page of audit entries.",
                                                                "content": json_content(ref("schemas", "AuditPage"))}}),
     }}
+    paths["/directory"] = {"get": {
+        "tags": ["directory"], "operationId": "getDirectory", "summary": "The user directory's backend and state",
+        "description": "docs/directory.md. `brokerctl directory status`.",
+        "responses": responses(401, 500, 503, ok={"200": {"description": "The directory.",
+                                                          "content": json_content(ref("schemas", "DirectoryStatus"), {
+                                                              "backend": "ldap", "reachable": True,
+                                                              "server": "ldaps://dc1.example.com", "last_error": "",
+                                                              "connection_failures": 0, "cached_identities": 12})}}),
+    }}
+    paths["/directory/users/{name}"] = {"get": {
+        "tags": ["directory"], "operationId": "testDirectoryUser", "summary": "Look a user up in the directory",
+        "description": "A trusted look-up (no password), as for a pass-through front end: the user's identity and "
+                       "every group, nested ones included. 404 when there is no such user, 503 when the directory "
+                       "cannot be reached. `brokerctl directory test USER`.",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                        "example": "CORP\\alice",
+                        "description": "`DOMAIN\\user`, `user`, a UPN or a SID, URL-encoded."},
+                       {"name": "domain", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "The NT domain for a bare user name."}],
+        "responses": responses(401, 404, 500, 503, ok={"200": {"description": "The user.",
+                                                               "content": json_content(ref("schemas", "DirectoryUser"))}}),
+    }}
     for k in kinds:
         if k["name"] == "power_action":
             paths.update(power_action_paths())
@@ -1160,6 +1211,7 @@ def build(kinds):
         "* `broker_connections_over_limit_total{listener}` counter: agent connections taken over the cap to be told BrokerRegistrationLimitReached",
         "* `broker_password_checks_total{result}` counter, `broker_password_checks_running` and `broker_password_checks_queued` gauges, `broker_password_check_wait_seconds` histogram: the bounded password-hash pool",
         "* `broker_xml_logons_throttled_total` counter: password logons refused by the per-address failed-logon throttle",
+        "* `broker_directory_up` gauge, `broker_directory_connection_failures_total` and `broker_directory_cached_logons_total` counters: the LDAP directory (docs/directory.md)",
         "* `broker_up` gauge: 1 while the broker serves",
         "",
         "Needs a token unless listed in `[admin] unauthenticated_paths`.",
@@ -1180,7 +1232,8 @@ def build(kinds):
     }
 
     tags = [{"name": "site", "description": "Site settings and broker information."},
-            {"name": "audit", "description": "Who changed what."}]
+            {"name": "audit", "description": "Who changed what."},
+            {"name": "directory", "description": "The user directory (docs/directory.md)."}]
     for k in kinds:
         if k["name"] != "site":
             tags.append({"name": k["plural"], "description": KIND_DESCRIPTIONS.get(k["name"], label(k["name"]))})

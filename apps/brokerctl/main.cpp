@@ -56,6 +56,9 @@ nouns: machine, catalog, group (delivery group), scheme (power time scheme), app
   power cancel ID                                        cancel a Pending action
   power priority ID N                                    change a Pending action's priority
   site get | site update FIELD=VALUE ...
+  directory status                                       the user directory's backend and state
+  directory test USER [--domain D]                       look USER up (DOMAIN\user, user@upn or a SID) as the
+                                                         broker does for a trusted front end: identity and groups
   audit [list] [kind=K] [object=NAME] [actor=A] [--action A[,A...]] [--limit N] [--offset N]
                                                          e.g. audit list --action launch-failed,launch-refused
   info | health
@@ -403,7 +406,7 @@ int run(std::vector<std::string> args) {
   std::string url = std::getenv("OPENBROKER_URL") ? std::getenv("OPENBROKER_URL") : "http://127.0.0.1:8082";
   std::string token = std::getenv("OPENBROKER_TOKEN") ? std::getenv("OPENBROKER_TOKEN") : "";
   bool as_json = false;
-  std::optional<std::string> limit, offset, text, title, action, machine, state, priority;
+  std::optional<std::string> limit, offset, text, title, action, machine, state, priority, domain;
   std::vector<std::string> rest;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const auto& a = args[i];
@@ -418,6 +421,7 @@ int run(std::vector<std::string> args) {
     else if (a == "--offset") offset = value();
     else if (a == "--text") text = value();
     else if (a == "--title") title = value();
+    else if (a == "--domain") domain = value();
     else if (a == "--action") action = value();
     else if (a == "--machine") machine = value();
     else if (a == "--state") state = value();
@@ -434,6 +438,8 @@ int run(std::vector<std::string> args) {
   const bool power_noun = rest[0] == "power" || rest[0] == "power-action" || rest[0] == "power-actions";
   const bool power_list = power_noun && (rest.size() == 1 || rest[1] == "list");
   if (action && rest[0] != "audit" && !power_list) throw UsageError("--action goes with audit and power list");
+  if (domain && !(rest.size() > 1 && rest[0] == "directory" && rest[1] == "test"))
+    throw UsageError("--domain goes with directory test");
   if ((machine || state) && !power_list) throw UsageError("--machine and --state go with power list");
   if (priority && !(power_noun && rest.size() > 1 && rest[1] == "create"))
     throw UsageError("--priority goes with power create (power priority ID N changes one)");
@@ -464,6 +470,40 @@ int run(std::vector<std::string> args) {
   }
   if (noun == "health") {
     emit(client.call("GET", "/healthz"), {});
+    return 0;
+  }
+  if (noun == "directory") {
+    if (verb == "status" || verb.empty()) {
+      emit(client.call("GET", "/api/v1/directory"), {});
+      return 0;
+    }
+    if (verb != "test" || rest.size() != 3) throw UsageError("directory takes status, or test USER");
+    std::string target = "/api/v1/directory/users/" + net::percent_encode(rest[2]);
+    if (domain) target += "?domain=" + net::percent_encode(*domain);
+    const auto v = client.call("GET", target);
+    if (as_json || !v.is_object()) {
+      emit(v, {});
+      return 0;
+    }
+    const auto& o = v.as_object();
+    const auto str = [&](const char* k) { return cell(o, k); };
+    std::cout << "user:          " << (str("qualified_name").empty() ? rest[2] : str("qualified_name")) << "\n"
+              << "result:        " << str("result") << "\n";
+    if (o.contains("qualified_name")) {
+      std::cout << "upn:           " << str("upn") << "\n"
+                << "sid:           " << str("sid") << "\n"
+                << "display name:  " << str("display_name") << "\n"
+                << "email:         " << str("email") << "\n";
+      const auto list = [&](const char* k, const char* heading) {
+        const auto* a = o.if_contains(k);
+        const std::size_t n = a && a->is_array() ? a->as_array().size() : 0;
+        std::cout << heading << " (" << n << "):\n";
+        if (n)
+          for (const auto& g : a->as_array()) std::cout << "  " << (g.is_string() ? std::string(g.get_string()) : "") << "\n";
+      };
+      list("groups", "groups");
+      list("group_sids", "group SIDs");
+    }
     return 0;
   }
   if (noun == "audit") {

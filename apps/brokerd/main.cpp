@@ -17,6 +17,7 @@
 #include "common/work_queue.hpp"
 #include "config/config.hpp"
 #include "identity/builtin_directory.hpp"
+#include "identity/ldap_directory.hpp"
 #include "net/server.hpp"
 #include "storage/repository.hpp"
 #include "xmlservice/sta_service.hpp"
@@ -138,6 +139,54 @@ bool write_ready_file(const std::string& path, const net::Server& server) {
   return std::rename(tmp.c_str(), path.c_str()) == 0;
 }
 
+// The LDAP directory's options from [directory] (docs/directory.md): the profile's defaults,
+// then what the file says; the service account's password from its file (first line).
+common::Result<identity::LdapDirectoryOptions> ldap_options(const config::Directory& d) {
+  auto o = identity::ldap_profile(d.profile);
+  if (!o) return common::Error(common::errc::invalid_argument, "unknown directory profile " + d.profile);
+  o->servers = d.servers;
+  o->start_tls = d.start_tls;
+  o->ca_file = d.ca_file;
+  o->verify_certificates = d.verify_certificates;
+  o->bind_dn = d.bind_dn;
+  if (!d.bind_password_file.empty()) {
+    std::ifstream in(d.bind_password_file);
+    if (!in || !std::getline(in, o->bind_password))
+      return common::Error(common::errc::invalid_argument, "cannot read " + d.bind_password_file);
+    if (!o->bind_password.empty() && o->bind_password.back() == '\r') o->bind_password.pop_back();
+  }
+  o->base_dn = d.base_dn;
+  o->domain = d.domain;
+  if (d.user_filter) o->user_filter = *d.user_filter;
+  if (d.group_filter) o->group_filter = *d.group_filter;
+  if (d.group_lookup)
+    o->group_lookup = *d.group_lookup == "member" ? identity::GroupLookup::member : identity::GroupLookup::member_of;
+  auto& a = o->attributes;
+  for (const auto& [key, value] : d.attributes) {
+    std::string* target = key == "account_name"           ? &a.account_name
+                          : key == "upn"                  ? &a.upn
+                          : key == "sid"                  ? &a.sid
+                          : key == "member_of"            ? &a.member_of
+                          : key == "member"               ? &a.member
+                          : key == "group_name"           ? &a.group_name
+                          : key == "display_name"         ? &a.display_name
+                          : key == "mail"                 ? &a.mail
+                          : key == "user_account_control" ? &a.user_account_control
+                          : key == "pwd_last_set"         ? &a.pwd_last_set
+                          : key == "account_expires"      ? &a.account_expires
+                          : key == "lockout_time"         ? &a.lockout_time
+                                                          : nullptr;
+    if (target) *target = value;
+  }
+  o->network_timeout = std::chrono::milliseconds(d.network_timeout_ms);
+  o->operation_timeout = std::chrono::milliseconds(d.operation_timeout_ms);
+  o->pool_size = static_cast<std::size_t>(d.pool_size);
+  o->cache_ttl = std::chrono::seconds(d.cache_seconds);
+  o->lockout_duration = std::chrono::seconds(d.lockout_duration_seconds);
+  o->reconnect_max = std::chrono::seconds(d.reconnect_max_seconds);
+  return std::move(*o);
+}
+
 int check_config(const std::string& path) {
   auto loaded = config::load_file(path);
   for (const auto& e : loaded.errors) std::cerr << e.describe() << "\n";
@@ -203,7 +252,32 @@ int run(const std::string& config_path, const std::string& ready_file) {
   identity::BuiltinDirectoryOptions dopts;
   dopts.password_checks = &password_checks;
   dopts.resume = [&work](std::function<void()> task) { return work.post(std::move(task)); };
-  identity::BuiltinDirectory directory(repository, clock, dopts);
+  identity::BuiltinDirectory builtin_directory(repository, clock, dopts);
+  // [directory] backend = "ldap": users and groups from LDAP / Active Directory instead.
+  std::unique_ptr<identity::LdapDirectory> ldap_directory;
+  if (cfg.directory.backend == "ldap") {
+    auto lo = ldap_options(cfg.directory);
+    if (!lo) {
+      log->critical("not started: [directory]: {}", lo.error().describe());
+      repository.close();
+      return 1;
+    }
+    lo->log = log;
+    lo->metrics = &metrics;
+    // The site's credential_cache_seconds, from the engine's current view (set once the site
+    // is loaded, below; until then the default).
+    lo->credential_cache_seconds = [&engine]() -> std::int64_t {
+      auto view = engine.view();
+      return view ? view->settings_object.integer("credential_cache_seconds", 60) : 60;
+    };
+    for (const auto& uri : lo->servers)
+      if (!lo->start_tls && uri.rfind("ldap://", 0) == 0)
+        log->warn("directory: {} without StartTLS: passwords cross the network in clear text", uri);
+    if (!lo->verify_certificates) log->warn("directory: the LDAP servers' certificates are not checked");
+    ldap_directory = std::make_unique<identity::LdapDirectory>(std::move(*lo), clock);
+  }
+  identity::Directory& directory =
+      ldap_directory ? static_cast<identity::Directory&>(*ldap_directory) : builtin_directory;
   broker::AgentRegistry agents(repository, engine, clock, log, cbp::kMaxAuthFailures, cbp::kAuthBackoff);
   // The network server: its io_context also runs the broker's timers (launch waits, the agent
   // endpoint's deadline checks, housekeeping). Declared before everything that arms them.
@@ -261,6 +335,17 @@ int run(const std::string& config_path, const std::string& ready_file) {
   admin::AdminApi admin_api(site, repository, work, metrics, aopts, log, &launcher);
   admin_api.set_power_manager(&power);
   admin_api.set_engine(&engine);
+  {
+    admin::DirectoryAccess da;
+    da.backend = cfg.directory.backend;
+    da.directory = &directory;
+    if (ldap_directory)
+      da.status = [&ldap_directory] {
+        const auto s = ldap_directory->state();
+        return admin::DirectoryStatus{s.reachable, s.server, s.last_error, s.failures, s.cached_identities};
+      };
+    admin_api.set_directory(std::move(da));
+  }
   xmlservice::XmlServiceOptions xopts;
   xopts.failed_logons_per_minute = cfg.xml_service.failed_logons_per_minute;
   xopts.clock = &clock;
@@ -339,6 +424,14 @@ int run(const std::string& config_path, const std::string& ready_file) {
     repository.close();
     return 1;
   }
+  if (ldap_directory) {
+    // Not fatal: the broker starts without its directory and keeps retrying (docs/directory.md).
+    if (auto st = ldap_directory->check(); !st)
+      log->error("directory: not reachable at start: {}", st.error().describe());
+    else
+      log->info("directory: LDAP via {} (base {}, domain {})", ldap_directory->state().server, cfg.directory.base_dn,
+                cfg.directory.domain);
+  }
 
   server.start();
   admin_api.set_listeners_ready({"xml", "agent", "admin"});
@@ -357,6 +450,8 @@ int run(const std::string& config_path, const std::string& ready_file) {
       if (auto st = engine.reload_if_needed(repository); !st) log->error("housekeeping: {}", st.error().describe());
       if (auto st = launcher.sweep(); !st) log->error("housekeeping: {}", st.error().describe());
     });
+    if (tick % 6 == 0 && ldap_directory)  // the directory's state (and reconnection), every 30 s
+      work.post([&ldap_directory] { (void)ldap_directory->check(); });
     if (tick % 6 == 0)  // machines' power states, every 30 s
       work.post([&power, &log] {
         if (auto st = power.refresh(); !st) log->error("power: refresh: {}", st.error().describe());
