@@ -1,7 +1,7 @@
 // identity/directory.hpp: the identity seam. Who is asking (credential validation and trusted
 // look-up) and which groups they are in, behind one interface so the built-in directory (users
-// and groups in the database, builtin_directory.hpp) and a later LDAP / Active Directory backend
-// are interchangeable. Nothing here names storage, XML or sockets.
+// and groups in the database, builtin_directory.hpp) and the LDAP / Active Directory backend
+// (ldap_directory.hpp) are interchangeable. Nothing here names storage, XML or sockets.
 //
 // Name forms (Windows conventions, compared case-insensitively; ASCII case folding only):
 // - a user is named `user`, `DOMAIN\user` or `user@upn.suffix` (a UPN); a separate NT domain may
