@@ -8,8 +8,9 @@
 #include "common/crypto.hpp"
 #include "common/log.hpp"
 
-#include <ldap.h>
 #include <spdlog/spdlog.h>
+
+#include <ldap.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -101,10 +102,14 @@ unsigned ad_bind_reason(std::string_view diagnostic) {
   for (; i < diagnostic.size() && digits < 8; ++i, ++digits) {
     const char c = diagnostic[i];
     int d;
-    if (c >= '0' && c <= '9') d = c - '0';
-    else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-    else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
-    else break;
+    if (c >= '0' && c <= '9')
+      d = c - '0';
+    else if (c >= 'a' && c <= 'f')
+      d = c - 'a' + 10;
+    else if (c >= 'A' && c <= 'F')
+      d = c - 'A' + 10;
+    else
+      break;
     v = v * 16 + static_cast<unsigned>(d);
   }
   return digits ? v : 0;
@@ -302,14 +307,14 @@ struct LdapDirectory::Impl {
   std::size_t open = 0;      // guarded by pool_mutex: handles out of the pool plus idle ones
 
   mutable std::mutex state_mutex;
-  LdapState state;                   // guarded by state_mutex
-  std::size_t preferred = 0;         // guarded by state_mutex: index of the server last reached
-  SysTime retry_at{};                // guarded by state_mutex: no new connection before
+  LdapState state;                       // guarded by state_mutex
+  std::size_t preferred = 0;             // guarded by state_mutex: index of the server last reached
+  SysTime retry_at{};                    // guarded by state_mutex: no new connection before
   std::chrono::milliseconds backoff{0};  // guarded by state_mutex
 
   mutable std::mutex cache_mutex;
-  std::unordered_map<std::string, Cached> identities;      // guarded by cache_mutex; key: name form
-  std::unordered_map<std::string, Group> groups;           // guarded by cache_mutex; key: lower DN
+  std::unordered_map<std::string, Cached> identities;       // guarded by cache_mutex; key: name form
+  std::unordered_map<std::string, Group> groups;            // guarded by cache_mutex; key: lower DN
   std::unordered_map<std::string, Credential> credentials;  // guarded by cache_mutex; key: HMAC hex
 
   Impl(LdapDirectoryOptions opts, common::Clock& c) : o(std::move(opts)), clock(c) {
@@ -461,7 +466,8 @@ struct LdapDirectory::Impl {
     {
       std::unique_lock lock(pool_mutex);
       const bool got = pool_cv.wait_for(lock, o.operation_timeout, [&] { return !idle.empty() || open < o.pool_size; });
-      if (!got) return Error(errc::unavailable, "all " + std::to_string(o.pool_size) + " directory connections are busy");
+      if (!got)
+        return Error(errc::unavailable, "all " + std::to_string(o.pool_size) + " directory connections are busy");
       if (!idle.empty()) {
         Handle h = std::move(idle.back());
         idle.pop_back();
@@ -533,8 +539,7 @@ struct LdapDirectory::Impl {
     MessageGuard res;
     int rc = ldap_search_ext_s(ld, base.c_str(), scope, filter.c_str(), names.data(), 0, nullptr, nullptr, &tv,
                                size_limit, &res.m);
-    if (rc != LDAP_SUCCESS && rc != LDAP_SIZELIMIT_EXCEEDED && rc != LDAP_NO_SUCH_OBJECT)
-      return {rc, diagnostic(ld)};
+    if (rc != LDAP_SUCCESS && rc != LDAP_SIZELIMIT_EXCEEDED && rc != LDAP_NO_SUCH_OBJECT) return {rc, diagnostic(ld)};
     if (!res.m) return {};
     for (LDAPMessage* e = ldap_first_entry(ld, res.m); e; e = ldap_next_entry(ld, e)) {
       LdapEntry entry;
@@ -559,8 +564,18 @@ struct LdapDirectory::Impl {
 
   std::vector<std::string> user_attributes() const {
     const auto& a = o.attributes;
-    return {a.account_name, a.upn, a.sid, a.member_of, a.display_name, a.mail, a.user_account_control,
-            a.pwd_last_set, a.account_expires, a.lockout_time, "pwdReset", "pwdAccountLockedTime"};
+    return {a.account_name,
+            a.upn,
+            a.sid,
+            a.member_of,
+            a.display_name,
+            a.mail,
+            a.user_account_control,
+            a.pwd_last_set,
+            a.account_expires,
+            a.lockout_time,
+            "pwdReset",
+            "pwdAccountLockedTime"};
   }
 
   // The filter that finds `name`, or nullopt when the name cannot be one of ours.
@@ -700,8 +715,8 @@ struct LdapDirectory::Impl {
     const std::string filter = "(&" + o.group_filter + "(" + o.attributes.member + "=" + escape_filter_value(dn) + "))";
     auto st = with_connection([&](LDAP* ld) {
       found.clear();
-      return search(ld, o.base_dn, LDAP_SCOPE_SUBTREE, filter, group_attributes(),
-                    static_cast<int>(o.max_groups), found);
+      return search(ld, o.base_dn, LDAP_SCOPE_SUBTREE, filter, group_attributes(), static_cast<int>(o.max_groups),
+                    found);
     });
     if (!st) return st.error();
     Group list;
@@ -742,8 +757,10 @@ struct LdapDirectory::Impl {
         push_all(g->parents);
       } else {
         auto g = cached_group("group:" + lower(dn));
-        if (g) out.emplace_back(g->name, g->sid);
-        else out.emplace_back(first_rdn_value(dn), std::string());
+        if (g)
+          out.emplace_back(g->name, g->sid);
+        else
+          out.emplace_back(first_rdn_value(dn), std::string());
         auto parents = parents_by_member(dn);
         if (!parents) return parents.error();
         push_all(*parents);
@@ -757,7 +774,8 @@ struct LdapDirectory::Impl {
     // Sorted case-insensitively without duplicates, SIDs in the same order.
     std::vector<std::size_t> idx(out.size());
     for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
-    std::stable_sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) { return ci_less(id.groups[a], id.groups[b]); });
+    std::stable_sort(idx.begin(), idx.end(),
+                     [&](std::size_t a, std::size_t b) { return ci_less(id.groups[a], id.groups[b]); });
     std::vector<std::string> names, sids;
     for (std::size_t i : idx) {
       if (!names.empty() && iequals(names.back(), id.groups[i])) continue;
@@ -803,7 +821,8 @@ struct LdapDirectory::Impl {
   }
 
   // The cached identity for a password that succeeded within max_age, or nullopt.
-  std::optional<Cached> remembered(const std::string& cred_key, const std::string& user_key, std::chrono::seconds max_age) {
+  std::optional<Cached> remembered(const std::string& cred_key, const std::string& user_key,
+                                   std::chrono::seconds max_age) {
     {
       std::lock_guard lock(cache_mutex);
       auto it = credentials.find(cred_key);
@@ -824,7 +843,8 @@ struct LdapDirectory::Impl {
   static AuthOutcome outcome(AuthResult r, const User* user) {
     AuthOutcome out;
     out.result = r;
-    if (user && (r == AuthResult::ok || r == AuthResult::must_change_credentials || r == AuthResult::expired_credentials))
+    if (user &&
+        (r == AuthResult::ok || r == AuthResult::must_change_credentials || r == AuthResult::expired_credentials))
       out.identity = user->identity;
     return out;
   }
@@ -934,7 +954,8 @@ struct LdapDirectory::Impl {
     AuthOutcome out = state_outcome(user);
     store_identity(user_key, user);
     if (out.result == AuthResult::ok) remember(cred_key, user_key);
-    if (out.result == AuthResult::account_disabled || out.result == AuthResult::account_locked_out) out.identity.reset();
+    if (out.result == AuthResult::account_disabled || out.result == AuthResult::account_locked_out)
+      out.identity.reset();
     return out;
   }
 

@@ -55,6 +55,8 @@
 #include "common/metrics.hpp"
 #include "identity/directory.hpp"
 
+#include <spdlog/fwd.h>
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -64,8 +66,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <spdlog/fwd.h>
 
 namespace identity {
 
@@ -91,12 +91,12 @@ struct LdapDirectoryOptions {
   // URIs tried in order: ldap://host:port (StartTLS when start_tls) or ldaps://host:port.
   std::vector<std::string> servers;
   bool start_tls = true;
-  std::string ca_file;               // empty: the system's trust store
-  bool verify_certificates = true;   // false: no check of the server's certificate (tests only)
-  std::string bind_dn;               // the service account
+  std::string ca_file;              // empty: the system's trust store
+  bool verify_certificates = true;  // false: no check of the server's certificate (tests only)
+  std::string bind_dn;              // the service account
   std::string bind_password;
   std::string base_dn;
-  std::string domain;                // NetBIOS domain of every user and group: "CORP"
+  std::string domain;  // NetBIOS domain of every user and group: "CORP"
   std::string user_filter = "(&(objectCategory=person)(objectClass=user))";
   std::string group_filter = "(objectClass=group)";
   LdapAttributes attributes;
@@ -110,8 +110,8 @@ struct LdapDirectoryOptions {
   std::chrono::seconds lockout_duration{1800};
   std::chrono::milliseconds reconnect_min{1000};
   std::chrono::milliseconds reconnect_max{30000};
-  std::size_t max_groups = 1000;       // per user, nested ones included
-  std::size_t max_cached = 100000;     // identities and credential entries kept (then cleared)
+  std::size_t max_groups = 1000;    // per user, nested ones included
+  std::size_t max_cached = 100000;  // identities and credential entries kept (then cleared)
   // The site's credential_cache_seconds, read at each authenticate; null: 60.
   std::function<std::int64_t()> credential_cache_seconds;
   // Where the directory logs (reachability changes, logons served from the cache); null: nowhere.
@@ -129,11 +129,11 @@ std::optional<LdapDirectoryOptions> ldap_profile(std::string_view profile);
 
 // The directory's connection state (admin API, /readyz, metrics).
 struct LdapState {
-  bool reachable = true;        // false after the last attempt to reach any server failed
-  std::string server;           // the URI last connected to (empty before the first)
-  std::string last_error;       // the last connection failure, empty when none yet
-  common::SysTime since{};      // when `reachable` last changed
-  std::uint64_t failures = 0;   // connection failures so far
+  bool reachable = true;       // false after the last attempt to reach any server failed
+  std::string server;          // the URI last connected to (empty before the first)
+  std::string last_error;      // the last connection failure, empty when none yet
+  common::SysTime since{};     // when `reachable` last changed
+  std::uint64_t failures = 0;  // connection failures so far
   std::size_t cached_identities = 0;
 };
 

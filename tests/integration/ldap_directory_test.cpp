@@ -3,6 +3,7 @@
 // CA, failover to a second server, and an outage in the middle of a run. Time (caches, back-off)
 // is driven with a ManualClock; every wait is for a state.
 #include "identity/ldap_directory.hpp"
+
 #include "tests/integration/slapd.hpp"
 
 #include <doctest/doctest.h>
@@ -47,9 +48,11 @@ AuthResult result_of(LdapDirectory& d, const std::string& user, const std::strin
   return r->result;
 }
 
-bool has(const std::vector<std::string>& v, const std::string& s) { return std::find(v.begin(), v.end(), s) != v.end(); }
+bool has(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
 
-const std::vector<std::string> kAliceGroups = {"CORP\\Cycle A",  "CORP\\Cycle B",    "CORP\\Desktop Users",
+const std::vector<std::string> kAliceGroups = {"CORP\\Cycle A",     "CORP\\Cycle B",     "CORP\\Desktop Users",
                                                "CORP\\Engineering", "CORP\\Kernel Team", "CORP\\Platform"};
 
 }  // namespace
@@ -129,7 +132,8 @@ TEST_CASE("ldap: trusted look-ups by SAM name, UPN and SID, with nested groups a
       o.group_filter = "(objectClass=groupOfNames)";
     }
     LdapDirectory d(o, clock);
-    for (const std::string& name : std::vector<std::string>{"alice", "CORP\\alice", "alice@corp.test", std::string(kSidPrefix) + "1101"}) {
+    for (const std::string& name :
+         std::vector<std::string>{"alice", "CORP\\alice", "alice@corp.test", std::string(kSidPrefix) + "1101"}) {
       CAPTURE(name);
       auto r = d.lookup(name, "");
       REQUIRE(r.has_value());

@@ -3,12 +3,11 @@
 // with a password over NFuse, enumerates and launches a desktop on a reference agent; the
 // directory goes away mid-run (service-unavailable, never failed-credentials; cached logons go
 // on; /readyz and /metrics say so) and comes back; `brokerctl directory test` prints the user.
+#include "common/crypto.hpp"
+#include "net/http_client.hpp"
 #include "tests/integration/daemon.hpp"
 #include "tests/integration/slapd.hpp"
 #include "tests/integration/support.hpp"
-
-#include "common/crypto.hpp"
-#include "net/http_client.hpp"
 
 #include <doctest/doctest.h>
 
@@ -30,11 +29,15 @@ std::string site_config(const TempDir& dir, const Slapd& slapd) {
 [directory]
 backend = "ldap"
 profile = "ad"
-servers = [")toml" + slapd.uri() + R"toml("]
+servers = [")toml" +
+                  slapd.uri() + R"toml("]
 start_tls = false
-bind_dn = ")toml" + Slapd::kBindDn + R"toml("
-bind_password_file = ")toml" + dir.file("ldap-password") + R"toml("
-base_dn = ")toml" + Slapd::kBaseDn + R"toml("
+bind_dn = ")toml" +
+                  Slapd::kBindDn + R"toml("
+bind_password_file = ")toml" +
+                  dir.file("ldap-password") + R"toml("
+base_dn = ")toml" +
+                  Slapd::kBaseDn + R"toml("
 domain = "CORP"
 user_filter = "(objectClass=user)"
 lockout_duration_seconds = 0
@@ -49,7 +52,8 @@ credential_cache_seconds = 0
 name = "pool"
 allocation_type = "Random"
 session_support = "SingleSession"
-enrollment_key_hash = ")toml" + common::crypto::sha256_hex(kEnrollKey) + R"toml("
+enrollment_key_hash = ")toml" +
+                  common::crypto::sha256_hex(kEnrollKey) + R"toml("
 
 [[delivery_group]]
 name = "Engineering Desktops"
@@ -90,13 +94,13 @@ std::string validate(const std::string& user, const std::string& password) {
 std::string app_data(const std::string& user, const std::string& password) {
   return R"(<?xml version="1.0" encoding="UTF-8"?><NFuseProtocol version="5.0"><RequestAppData>
 <Scope traverse="subtree"/><DesiredDetails>defaults</DesiredDetails><ServerType>all</ServerType>
-<ClientType>ica30</ClientType>)" + credentials(user, password) +
-         "<ClientName>WI_test</ClientName></RequestAppData></NFuseProtocol>";
+<ClientType>ica30</ClientType>)" +
+         credentials(user, password) + "<ClientName>WI_test</ClientName></RequestAppData></NFuseProtocol>";
 }
 
 std::string address(const std::string& user, const std::string& password, const std::string& app) {
-  return R"(<?xml version="1.0" encoding="UTF-8"?><NFuseProtocol version="5.1"><RequestAddress><Name><AppName>)" +
-         app + R"(</AppName></Name><ClientName>PC-1</ClientName><ClientAddress addresstype="dot">192.0.2.10</ClientAddress>
+  return R"(<?xml version="1.0" encoding="UTF-8"?><NFuseProtocol version="5.1"><RequestAddress><Name><AppName>)" + app +
+         R"(</AppName></Name><ClientName>PC-1</ClientName><ClientAddress addresstype="dot">192.0.2.10</ClientAddress>
 <ServerAddress addresstype="dot-port"/><Flags><IncludeTicket/></Flags>)" +
          credentials(user, password) + "</RequestAddress></NFuseProtocol>";
 }
@@ -156,15 +160,15 @@ TEST_CASE("ldap end to end: nested-group entitlement, logon, enumeration, launch
   CHECK(element(post(validate("dave", "dave-pass")), "ErrorId") == "expired-credentials");
 
   // brokerctl directory test: identity and groups.
-  auto ctl = itest::run_command({BROKERCTL_PATH, "--url", daemon.admin_url(), "--token", itest::kToken, "directory",
-                                 "test", "CORP\\alice"});
+  auto ctl = itest::run_command(
+      {BROKERCTL_PATH, "--url", daemon.admin_url(), "--token", itest::kToken, "directory", "test", "CORP\\alice"});
   CHECK_MESSAGE(ctl.exit_code == 0, ctl.err);
   CHECK(has(ctl.out, "CORP\\alice"));
   CHECK(has(ctl.out, "groups (6)"));
   CHECK(has(ctl.out, "CORP\\Desktop Users"));
   CHECK(has(ctl.out, "S-1-5-21-1004336348-1177238915-682003330-1200"));
-  auto missing = itest::run_command({BROKERCTL_PATH, "--url", daemon.admin_url(), "--token", itest::kToken,
-                                     "directory", "test", "nobody"});
+  auto missing = itest::run_command(
+      {BROKERCTL_PATH, "--url", daemon.admin_url(), "--token", itest::kToken, "directory", "test", "nobody"});
   CHECK(missing.exit_code == 1);
   auto status = api.get("/api/v1/directory");
   REQUIRE(status);
@@ -174,8 +178,8 @@ TEST_CASE("ldap end to end: nested-group entitlement, logon, enumeration, launch
   // The directory goes away.
   slapd.kill();
   // judy has not logged on before: the broker cannot check her password.
-  const auto unavailable = poll<std::string>(
-      [&] { return element(post(validate("judy", "judy-pass")), "ErrorId"); }, "service-unavailable");
+  const auto unavailable =
+      poll<std::string>([&] { return element(post(validate("judy", "judy-pass")), "ErrorId"); }, "service-unavailable");
   CHECK(unavailable == "service-unavailable");
   // A wrong password cannot be told from here: service-unavailable, never failed-credentials.
   CHECK(element(post(validate("alice", "wrong")), "ErrorId") == "service-unavailable");

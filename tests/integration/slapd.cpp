@@ -28,7 +28,8 @@ std::string data_dir() { return std::string(OPENBROKER_SOURCE_DIR) + "/tests/dat
 
 void run_or_throw(const std::vector<std::string>& argv, const std::string& what) {
   auto r = run_command(argv);
-  if (r.exit_code != 0) throw std::runtime_error(what + " failed (exit " + std::to_string(r.exit_code) + "): " + r.err + r.out);
+  if (r.exit_code != 0)
+    throw std::runtime_error(what + " failed (exit " + std::to_string(r.exit_code) + "): " + r.err + r.out);
 }
 
 // The test CA, a server certificate for 127.0.0.1 signed by it, and an unrelated second CA.
@@ -36,23 +37,23 @@ void make_certificates(const TempDir& dir) {
   const std::string openssl = "/usr/bin/openssl";
   if (!std::filesystem::exists(openssl)) throw std::runtime_error("openssl is not installed: run scripts/setup");
   const auto ca = [&](const std::string& name, const std::string& cn) {
-    run_or_throw({openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                  "-keyout", dir.file(name + ".key"), "-out", dir.file(name + ".crt"), "-days", "2", "-subj",
-                  "/CN=" + cn},
-                 "openssl req (CA)");
+    run_or_throw(
+        {openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+         dir.file(name + ".key"), "-out", dir.file(name + ".crt"), "-days", "2", "-subj", "/CN=" + cn},
+        "openssl req (CA)");
   };
   ca("ca", "openbroker test CA");
   ca("other", "some other CA");
-  run_or_throw({openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-                dir.file("server.key"), "-out", dir.file("server.csr"), "-subj", "/CN=127.0.0.1"},
+  run_or_throw({openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", dir.file("server.key"), "-out", dir.file("server.csr"), "-subj", "/CN=127.0.0.1"},
                "openssl req (server)");
   dir.write("server.ext",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
             "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n");
-  run_or_throw({openssl, "x509", "-req", "-in", dir.file("server.csr"), "-CA", dir.file("ca.crt"), "-CAkey",
-                dir.file("ca.key"), "-CAcreateserial", "-out", dir.file("server.crt"), "-days", "2", "-extfile",
-                dir.file("server.ext")},
-               "openssl x509 (server)");
+  run_or_throw(
+      {openssl, "x509", "-req", "-in", dir.file("server.csr"), "-CA", dir.file("ca.crt"), "-CAkey", dir.file("ca.key"),
+       "-CAcreateserial", "-out", dir.file("server.crt"), "-days", "2", "-extfile", dir.file("server.ext")},
+      "openssl x509 (server)");
 }
 
 bool answers(int port) {

@@ -32,7 +32,7 @@ class Slapd {
 
   int port() const { return port_; }
   std::string uri() const { return "ldap://127.0.0.1:" + std::to_string(port_) + "/"; }
-  std::string ca_file() const { return dir_.file("ca.crt"); }         // the CA that signed the server
+  std::string ca_file() const { return dir_.file("ca.crt"); }           // the CA that signed the server
   std::string other_ca_file() const { return dir_.file("other.crt"); }  // a CA that did not
   std::string log() const;
 
