@@ -39,6 +39,10 @@ struct Checker {
   void address(const std::optional<Address>& a) {
     if (a) check("ClientAddress", a->value, kMaxAddressBytes);
   }
+
+  void count(std::string_view field, std::size_t entries, std::size_t limit) {
+    if (!found && entries > limit) found = LimitViolation{ErrorId::unspecified, field, entries, limit, "entries"};
+  }
 };
 
 }  // namespace
@@ -54,6 +58,7 @@ std::optional<LimitViolation> check_limits(const NFuseRequest& request) {
           c.client(req.client_name, req.device_id);
           c.address(req.client_address);
           for (const auto& name : req.app_names) c.check("AppName", name, kMaxNameBytes);
+          c.count("DesiredIconData", req.desired_icon_data.size(), kMaxDesiredIconData);
         } else if constexpr (std::is_same_v<T, RequestAddress>) {
           c.client(req.client_name, req.device_id);
           c.address(req.client_address);

@@ -26,11 +26,18 @@ inline constexpr std::size_t kMaxAddressBytes = 128;     // ClientAddress
 inline constexpr std::size_t kMaxNameBytes = 256;        // AppName, launch Name, SessionName parts,
                                                          // TicketTag, the CredentialType setting
 
+// Entries, per request. Each DesiredIconData makes the reply carry one icon per resource (up to
+// about 350 KB of base64 for 256x256), so their number is bounded: clients ask for one to three
+// (docs/nfuse.md "Field limits"). The reply as a whole is bounded by
+// XmlServiceOptions::max_icon_bytes.
+inline constexpr std::size_t kMaxDesiredIconData = 8;
+
 struct LimitViolation {
   ErrorId error = ErrorId::unspecified;  // failed_credentials for the credentials' fields
   std::string_view field;                // "UserName", "ClientName", ...
-  std::size_t bytes = 0;                 // the field's size
+  std::size_t bytes = 0;                 // the field's size (in `unit`)
   std::size_t limit = 0;
+  std::string_view unit = "bytes";       // "bytes", or "entries" for repeated elements
 };
 
 // The first field of `request` over its limit, or nullopt. Pure; any thread.

@@ -84,3 +84,20 @@ TEST_CASE("other over-long fields are unspecified; credentials are checked first
   l.device_id = std::string(kMaxDeviceIdBytes + 1, 'd');
   CHECK(check_limits(l)->field == "DeviceId");
 }
+
+TEST_CASE("DesiredIconData: at most kMaxDesiredIconData entries, counted in entries") {
+  RequestAppData r;
+  r.desired_icon_data.assign(kMaxDesiredIconData, IconSpec{256, 32, IconFormat::png});
+  CHECK_FALSE(check_limits(r).has_value());
+  r.desired_icon_data.push_back(IconSpec{});
+  auto v = check_limits(r);
+  REQUIRE(v.has_value());
+  CHECK(v->error == ErrorId::unspecified);
+  CHECK(v->field == "DesiredIconData");
+  CHECK(v->bytes == kMaxDesiredIconData + 1);
+  CHECK(v->limit == kMaxDesiredIconData);
+  CHECK(v->unit == "entries");
+  // Credentials are still checked first.
+  r.credentials = password_creds(std::string(kMaxUserNameBytes + 1, 'u'));
+  CHECK(check_limits(r)->field == "UserName");
+}

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <chrono>
 #include <future>
+#include <map>
 #include <set>
 
 namespace xmlservice {
@@ -107,6 +108,7 @@ struct XmlService::Impl {
         metrics(m),
         log(std::move(l)),
         launcher(la),
+        max_icon_bytes(o.max_icon_bytes),
         clock(o.clock ? nullptr : std::make_unique<common::SystemClock>()),
         throttle(o.failed_logons_per_minute, o.max_throttled_sources, o.clock ? *o.clock : *clock) {}
 
@@ -116,6 +118,7 @@ struct XmlService::Impl {
   common::Metrics& metrics;
   std::shared_ptr<spdlog::logger> log;
   broker::Launcher* launcher = nullptr;
+  std::size_t max_icon_bytes;
   std::unique_ptr<common::SystemClock> clock;  // when the options named none
   LogonThrottle throttle;
 
@@ -244,7 +247,23 @@ struct XmlService::Impl {
     done(std::move(c));
   }
 
-  AppData app_data(const broker::Resource& r, const RequestAppData& req, const model::Object& site_settings) {
+  // The icons of one RequestAppData reply: each distinct one drawn once, and at most `remaining`
+  // base64 bytes in all (XmlServiceOptions::max_icon_bytes).
+  struct IconBudget {
+    std::size_t remaining = 0;
+    std::size_t resources_cut = 0;  // resources listed without their icons
+    std::map<std::tuple<int, int, IconFormat, bool>, std::string> drawn;
+
+    const std::string& icon(const IconSpec& spec, bool desktop) {
+      auto key = std::make_tuple(std::clamp(spec.size, 16, 256), spec.bpp, spec.format, desktop);
+      auto it = drawn.find(key);
+      if (it == drawn.end()) it = drawn.emplace(key, default_icon_base64(spec, desktop)).first;
+      return it->second;
+    }
+  };
+
+  AppData app_data(const broker::Resource& r, const RequestAppData& req, const model::Object& site_settings,
+                   IconBudget& icons) {
     AppData a;
     a.in_name = r.in_name;
     a.f_name = r.f_name;
@@ -273,9 +292,19 @@ struct XmlService::Impl {
       details.access_list = std::move(acl);
     }
     if (all || req.wants(DetailLevel::icon_info)) details.icon_info = default_icon_specs();
-    if (req.wants(DetailLevel::icon)) details.icon = default_icon_base64({32, 4, IconFormat::raw}, desktop);
+    // All of this resource's icons, or none of them.
+    const IconSpec legacy{32, 4, IconFormat::raw};
+    const bool wants_legacy = req.wants(DetailLevel::icon);
+    std::size_t bytes = wants_legacy ? icons.icon(legacy, desktop).size() : 0;
+    for (const auto& spec : req.desired_icon_data) bytes += icons.icon(spec, desktop).size();
+    if (bytes <= icons.remaining) {
+      icons.remaining -= bytes;
+      if (wants_legacy) details.icon = icons.icon(legacy, desktop);
+      for (const auto& spec : req.desired_icon_data) a.icon_data.push_back({spec, icons.icon(spec, desktop)});
+    } else {
+      ++icons.resources_cut;
+    }
     a.details = std::move(details);
-    for (const auto& spec : req.desired_icon_data) a.icon_data.push_back({spec, default_icon_base64(spec, desktop)});
     a.server_type = ServerType::win32;
     a.client_type = ClientType::ica30;
     return a;
@@ -488,6 +517,7 @@ struct XmlService::Impl {
                 // The configuration as of the last change (the view the request started with),
                 // and the requester's own direct assignments from the engine's indexes.
                 std::vector<broker::DirectAssignment> direct;
+                IconBudget icons{max_icon_bytes};
                 if (caller.user)
                   direct = engine.with_state([&](const broker::SiteState& st) {
                     return broker::direct_assignments_for(st, *caller.user, requester.client_address);
@@ -498,8 +528,12 @@ struct XmlService::Impl {
                                    [&](const std::string& n) { return identity::iequals(n, res.in_name); }))
                     continue;
                   if (!in_scope(req.scope, res.folder)) continue;
-                  r.apps.push_back(app_data(res, req, site_settings));
+                  r.apps.push_back(app_data(res, req, site_settings, icons));
                 }
+                if (icons.resources_cut)
+                  return {r, "ok, " + std::to_string(r.apps.size()) + " resources, " +
+                                 std::to_string(icons.resources_cut) + " without icons (over " +
+                                 std::to_string(max_icon_bytes) + " icon bytes)"};
               }
               return {r, "ok, " + std::to_string(r.apps.size()) + " resources"};
             }
@@ -601,7 +635,7 @@ void XmlService::process(const net::HttpRequest& http, net::Responder respond) {
   if (const auto over = check_limits(parsed->request)) {
     finish(type,
            std::string(to_string(over->error)) + " (" + std::string(over->field) + " of " + std::to_string(over->bytes) +
-               " bytes; the limit is " + std::to_string(over->limit) + ")",
+               " " + std::string(over->unit) + "; the limit is " + std::to_string(over->limit) + ")",
            {});
     return respond(xml_reply(render(error_response(parsed->request, over->error), encoding), encoding));
   }

@@ -38,6 +38,10 @@ struct XmlServiceOptions {
   // logon_throttle.hpp and docs/nfuse.md "Failed logons per address".
   int failed_logons_per_minute = 30;
   std::size_t max_throttled_sources = 10000;  // sources tracked for that
+  // Base64 icon bytes (IconData and the legacy Icon) one RequestAppData reply may carry in all.
+  // Resources past it are listed without icons (clients draw their own default) and the log line
+  // says so. Each distinct icon is drawn once per request. docs/nfuse.md "Field limits".
+  std::size_t max_icon_bytes = 32u << 20;
   // The time source of the throttle; null: the system clock. Must outlive the service.
   const common::Clock* clock = nullptr;
 };

@@ -508,3 +508,81 @@ TEST_CASE("RequestServerData lists the machines the engine holds registered") {
   REQUIRE(s.engine.unregistered("pc-2"));
   CHECK_FALSE(has(servers(), "<ServerName>"));
 }
+
+// Abuse limits of the XML listener's service (docs/SECURITY.md section 7.3). The field limits'
+// own tests are in request_limits_test.cpp; the transport's (body, header, timeouts) in
+// net/server_test.cpp.
+TEST_SUITE("limits") {
+
+namespace {
+std::string icons(std::size_t n, const std::string& spec = "size=\"256\" bpp=\"32\" format=\"raw\"") {
+  std::string s;
+  for (std::size_t i = 0; i < n; ++i) s += "<DesiredIconData " + spec + "/>";
+  return s;
+}
+std::size_t count(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + what.size())) ++n;
+  return n;
+}
+}  // namespace
+
+TEST_CASE("DesiredIconData: more than kMaxDesiredIconData entries are refused before the directory") {
+  Service s;
+  // At the limit: served, one IconData per entry and resource.
+  auto at_limit = s.post(appdata(creds("bob", "bob-pass"), icons(xmlservice::kMaxDesiredIconData)));
+  CHECK_FALSE(has(at_limit, "ErrorId"));
+  CHECK(count(at_limit.body, "<IconData ") == xmlservice::kMaxDesiredIconData);  // bob sees Notepad only
+  const int hashes = s.hashes;
+  // One more, or a body full of them, is `unspecified` without a password check.
+  for (std::size_t n : {xmlservice::kMaxDesiredIconData + 1, std::size_t{30000}}) {
+    auto over = s.post(appdata(creds("bob", "bob-pass"), icons(n)));
+    CHECK(has(over, "<ResponseAppData>"));
+    CHECK(has(over, "<ErrorId>unspecified</ErrorId>"));
+    CHECK_FALSE(has(over, "<IconData"));
+  }
+  CHECK(s.hashes == hashes);
+  const std::string log = s.log_text.str();
+  CHECK(log.find("DesiredIconData of 9 entries; the limit is 8") != std::string::npos);
+  CHECK(log.find("DesiredIconData of 30000 entries") != std::string::npos);
+}
+
+TEST_CASE("the icons in one RequestAppData reply are bounded by max_icon_bytes") {
+  // What one application's two icons weigh.
+  const std::string two_icons = icons(1) + icons(1, "size=\"48\" bpp=\"32\" format=\"png\"");
+  const std::string both_apps = "<AppName>Notepad</AppName><AppName>Payroll</AppName>";
+  std::size_t one_app = 0;
+  {
+    Service s;
+    auto r = s.post(appdata(creds("alice", "alice-pass"), two_icons + "<AppName>Notepad</AppName>"));
+    REQUIRE(count(r.body, "<IconData ") == 2);
+    for (auto at = r.body.find("<IconData "); at != std::string::npos; at = r.body.find("<IconData ", at + 1)) {
+      const auto open = r.body.find('>', at) + 1;
+      one_app += r.body.find("</IconData>", open) - open;
+    }
+    REQUIRE(one_app > 200000);  // a 256x256 32-bit icon
+  }
+  // A budget of one application's icons: the first application gets both, the second none, and
+  // both are listed.
+  Setup setup;
+  setup.xml.max_icon_bytes = one_app;
+  Service s(setup);
+  auto r = s.post(appdata(creds("alice", "alice-pass"), two_icons + both_apps));
+  CHECK_FALSE(has(r, "ErrorId"));
+  CHECK(has(r, "<InName>Notepad</InName>"));
+  CHECK(has(r, "<InName>Payroll</InName>"));
+  CHECK(count(r.body, "<IconData ") == 2);
+  CHECK(s.log_text.str().find("result=ok, 2 resources, 1 without icons") != std::string::npos);
+  // The legacy <Icon> counts too: with no budget left for it, no resource gets one.
+  setup.xml.max_icon_bytes = 1;
+  Service none(setup);
+  r = none.post(appdata(creds("alice", "alice-pass"), "<DesiredDetails>icon</DesiredDetails>" + both_apps));
+  CHECK(has(r, "<InName>Payroll</InName>"));
+  CHECK_FALSE(has(r, "<Icon>"));
+  // Without a limit reached, every resource has its icon.
+  Service plenty;
+  r = plenty.post(appdata(creds("alice", "alice-pass"), "<DesiredDetails>icon</DesiredDetails>" + both_apps));
+  CHECK(count(r.body, "<Icon>") == 2);
+}
+
+}  // TEST_SUITE("limits")
