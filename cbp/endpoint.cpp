@@ -99,6 +99,8 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
 
   std::mutex mutex;  // guards the fields below
   std::deque<Inbound> inbox;
+  std::size_t inbox_bytes = 0;  // of the text messages in inbox
+  bool overflowed = false;      // closed for a full inbox: later messages are dropped
   bool draining = false;
   State state = State::awaiting_hello;
   Clock::time_point deadline;
@@ -203,17 +205,62 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
 
   void enqueue(Inbound item) {
     bool start_drain = false;
+    std::optional<bool> overflow;  // set when this item overflows the inbox: whether in the handshake
+    std::size_t held = 0, held_bytes = 0;
     {
       std::lock_guard lock(mutex);
-      inbox.push_back(std::move(item));
-      if (!draining) draining = start_drain = true;
+      const bool close_event = std::holds_alternative<CloseEvent>(item);
+      if (overflowed && !close_event) return;  // the close is on its way
+      const std::size_t bytes = std::holds_alternative<std::string>(item) ? std::get<std::string>(item).size() : 0;
+      const bool handshake = state == State::awaiting_hello || state == State::awaiting_register;
+      const auto& o = ep->options;
+      const std::size_t max_messages = handshake ? std::min(o.max_inbox_messages, o.max_handshake_inbox_messages)
+                                                 : o.max_inbox_messages;
+      if (!close_event && state != State::closed &&
+          (inbox.size() + 1 > max_messages || inbox_bytes + bytes > o.max_inbox_bytes)) {
+        overflowed = true;
+        overflow = handshake;
+        held = inbox.size() + 1;
+        held_bytes = inbox_bytes + bytes;
+        // What is queued will not be answered: drop it now (the close event still comes).
+        inbox.clear();
+        inbox_bytes = 0;
+      } else {
+        inbox_bytes += bytes;
+        inbox.push_back(std::move(item));
+        if (!draining) draining = start_drain = true;
+      }
     }
+    if (overflow) return close_flooding(*overflow, held, held_bytes);
     if (!start_drain) return;
     auto self = shared_from_this();
     if (!ep->work.post([self] { self->drain(); })) {
       std::lock_guard lock(mutex);
       draining = false;
     }
+  }
+
+  // The peer sent more than the inbox holds (EndpointOptions::max_inbox_*): told why and closed,
+  // on the thread that received the message. Nothing queued is processed; the close event is.
+  void close_flooding(bool handshake, std::size_t messages, std::size_t bytes) {
+    ep->count("message", "inbox_full");
+    const std::string message = "too many messages waiting to be processed (" + std::to_string(messages) +
+                                " messages, " + std::to_string(bytes) +
+                                " bytes): wait for the broker's answers before sending more";
+    if (handshake) {
+      Rejected r;
+      r.reason = Reason::protocol_error;
+      r.message = message;
+      send(r);
+    } else {
+      ErrorMessage e;
+      e.reason = Reason::protocol_error;
+      e.message = message;
+      send(e);
+    }
+    ep->log->warn("agent connection from {}: {} {}: {}", peer->remote_address(), handshake ? "rejected" : "error",
+                  to_string(Reason::protocol_error), message);
+    peer->close("too many messages waiting");
   }
 
   void drain() {
@@ -227,6 +274,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
         }
         item = std::move(inbox.front());
         inbox.pop_front();
+        if (const auto* text = std::get_if<std::string>(&item)) inbox_bytes -= text->size();
       }
       try {
         if (auto* text = std::get_if<std::string>(&item))

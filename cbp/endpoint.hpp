@@ -40,6 +40,14 @@ struct EndpointOptions {
   std::chrono::milliseconds hello_timeout = kHelloTimeout;
   std::chrono::milliseconds register_timeout = kRegisterTimeout;
   std::string broker_name = "openbroker";
+  // Received messages waiting to be processed, per connection (docs/cbp.md "Limits"). A peer that
+  // sends faster than the broker processes is closed (`rejected`/`error` ProtocolError "too many
+  // messages waiting") once its queue holds more than max_inbox_messages or max_inbox_bytes, or,
+  // before it is registered, more than max_handshake_inbox_messages (an agent sends one message
+  // and waits for the answer at each handshake step).
+  std::size_t max_inbox_messages = 1024;
+  std::size_t max_inbox_bytes = 16u << 20;
+  std::size_t max_handshake_inbox_messages = 4;
   // Where the deadline checks (every 200 ms) run: brokerd passes the I/O threads' timers
   // (net::Server::scheduler()), which must outlive the endpoint. nullptr: a thread of its own
   // (tests, tools).

@@ -1236,3 +1236,96 @@ TEST_CASE("between welcome and register the machine is still Unregistered") {
   CHECK(after.text("agent_version") == "raw-test/1");
   CHECK(after.text("cbp_version") == "1");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Abuse limits of the agent listener's CBP layer (docs/SECURITY.md section 7.2). The transport's
+// own (message size, send queue, UTF-8, binary frames, idle) are in net/websocket_test.cpp; the
+// message fields' in cbp/messages_test.cpp (suite `limits`).
+TEST_SUITE("limits") {
+
+TEST_CASE("inbox: a peer flooding before its hello is processed is rejected and closed; nothing it sent is processed") {
+  cbp::EndpointOptions o;
+  o.max_handshake_inbox_messages = 4;
+  Broker b(o);
+  vda::RawConnection c(*b.raw_pool, b.url);
+  REQUIRE(c.wait_open(kPatience));
+  const auto challenge = expect<cbp::Challenge>(c);
+  {
+    Gate gate(*b.work);  // the broker is busy: nothing is processed meanwhile
+    // A valid hello first, then more than the handshake allows to wait.
+    c.send(cbp::serialize(hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), challenge.nonce)));
+    for (int i = 0; i < 4; ++i) c.send(cbp::serialize(cbp::Heartbeat{}));
+    const auto rejected = expect<cbp::Rejected>(c);  // answered on the receiving thread
+    CHECK(rejected.reason == cbp::Reason::protocol_error);
+    CHECK(rejected.message.find("too many messages waiting to be processed (5 messages") != std::string::npos);
+    CHECK(c.wait_closed(kPatience));
+  }
+  b.flush();
+  // The hello was dropped with the rest: no welcome, no registration.
+  CHECK_FALSE(c.next(0ms).has_value());
+  CHECK(b.endpoint->registered_machines().empty());
+  CHECK(b.machine("DEMO\\m1").text("registration_state") == "Unregistered");
+  // Other agents are served.
+  auto m2 = b.start("DEMO\\m2");
+  CHECK(contains(b.endpoint->registered_machines(), "DEMO\\m2"));
+}
+
+TEST_CASE("inbox: a registered agent over max_inbox_messages gets error ProtocolError, is closed and unregistered") {
+  cbp::EndpointOptions o;
+  o.max_inbox_messages = 8;
+  Broker b(o);
+  vda::RawConnection c(*b.raw_pool, b.url);
+  raw_register(b, c, "DEMO\\m1");
+  REQUIRE(b.machine("DEMO\\m1").text("registration_state") == "Registered");
+
+  SUBCASE("at the limit every message is processed") {
+    {
+      Gate gate(*b.work);
+      for (int i = 0; i < 8; ++i) {
+        cbp::Heartbeat hb;
+        hb.load_index = 100 * (i + 1);
+        c.send(cbp::serialize(hb));
+      }
+      // No answer to heartbeats: a session event would not tell either; let them all arrive.
+      std::this_thread::sleep_for(200ms);
+    }
+    b.flush();
+    CHECK_FALSE(c.next(0ms).has_value());  // no error
+    CHECK(eventually([&] { return b.machine("DEMO\\m1").integer("load_index") == 800; }));
+    CHECK(contains(b.endpoint->registered_machines(), "DEMO\\m1"));
+  }
+
+  SUBCASE("one more closes the connection") {
+    {
+      Gate gate(*b.work);
+      for (int i = 0; i < 9; ++i) c.send(cbp::serialize(cbp::Heartbeat{}));
+      const auto error = expect<cbp::ErrorMessage>(c);
+      CHECK(error.reason == cbp::Reason::protocol_error);
+      CHECK(error.message.find("(9 messages") != std::string::npos);
+      CHECK(c.wait_closed(kPatience));
+    }
+    CHECK(eventually([&] { return b.endpoint->registered_machines().empty(); }));
+    CHECK(eventually([&] { return b.machine("DEMO\\m1").text("registration_state") == "Unregistered"; }));
+  }
+}
+
+TEST_CASE("inbox: max_inbox_bytes bounds the bytes waiting, whatever their number") {
+  cbp::EndpointOptions o;
+  o.max_inbox_bytes = 64 * 1024;
+  Broker b(o);
+  vda::RawConnection c(*b.raw_pool, b.url);
+  raw_register(b, c, "DEMO\\m1");
+  {
+    Gate gate(*b.work);
+    // Two messages of 40 KB (not even parsed yet: the bound is on what waits).
+    c.send(std::string(40 * 1024, ' ') + cbp::serialize(cbp::Heartbeat{}));
+    c.send(std::string(40 * 1024, ' ') + cbp::serialize(cbp::Heartbeat{}));
+    const auto error = expect<cbp::ErrorMessage>(c);
+    CHECK(error.reason == cbp::Reason::protocol_error);
+    CHECK(error.message.find("(2 messages, ") != std::string::npos);
+    CHECK(c.wait_closed(kPatience));
+  }
+  CHECK(eventually([&] { return b.machine("DEMO\\m1").text("registration_state") == "Unregistered"; }));
+}
+
+}  // TEST_SUITE("limits")
