@@ -10,8 +10,8 @@
 //     thread and wakes the strand through a ReplySlot), write the response, loop on keep-alive.
 //   - stop(): close the acceptors, close idle connections, let busy ones finish up to the
 //     deadline, force-close the rest, join the threads.
-// A WebSocket upgrade hooks into serve() right after the request header is read: upgrade()
-// hands the stream to a WebSocket connection (websocket_connection.cpp, where the Beast
+// A WebSocket upgrade hooks into serve() right after the request header is read: serve() returns
+// (freeing its read buffer and parser), then upgrade() hands the stream to a WebSocket connection (websocket_connection.cpp, where the Beast
 // WebSocket code is compiled) and waits, still registered as a connection, until it has ended;
 // stop() asks it to close (1001) instead of closing the socket.
 // Connection caps: accept_loop() asks its Listener to admit() each accepted socket (listener cap,
@@ -583,6 +583,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const Clock::time_point first_request_deadline_;  // the TLS handshake and first request header
   Phase phase_ = Phase::starting;
   bool closing_ = false;                       // force_close() was called
+  struct PendingUpgrade {
+    http::request<http::string_body> request;
+    bool clean = false;
+    Clock::time_point started;
+  };
+  std::optional<PendingUpgrade> upgrade_;      // serve() read an upgrade request: run() does it
   std::shared_ptr<detail::WsLink> websocket_;  // Phase::websocket
   bool websocket_done_ = false;                // the WebSocket connection has ended
 };
@@ -621,6 +627,12 @@ asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
       }
     }
     co_await self->serve();
+    // An upgrade leaves serve() first, so its read buffer and parser are freed before the
+    // WebSocket's (long) life begins: only this frame waits for it to end.
+    if (auto upgrade = std::move(self->upgrade_)) {
+      self->upgrade_.reset();
+      co_await self->upgrade(std::move(upgrade->request), upgrade->clean, upgrade->started);
+    }
   } catch (const std::exception& e) {
     self->log().error("{} listener: connection from {}: {}", self->options().name, self->remote_, e.what());
   }
@@ -672,7 +684,7 @@ asio::awaitable<void> Connection::serve() {
     // WebSocket upgrade: the connection leaves the HTTP loop for good.
     if (!ec && listener_->websocket && detail::is_websocket_upgrade(parser.get())) {
       const bool clean = parser.is_done() && buffer.size() == 0;  // no body, nothing after it
-      co_await upgrade(parser.release(), clean, started);
+      upgrade_.emplace(PendingUpgrade{parser.release(), clean, started});
       co_return;
     }
 
@@ -929,6 +941,9 @@ std::unique_ptr<ssl::context> make_tls_context(const std::string& where, const L
   auto ctx = std::make_unique<ssl::context>(ssl::context::tls_server);
   error_code ec;
   ctx->set_options(ssl::context::default_workarounds | ssl::context::single_dh_use, ec);
+  // An idle connection (thousands of agents between heartbeats) gives OpenSSL's read and write
+  // buffers back instead of keeping about 34 KiB each.
+  SSL_CTX_set_mode(ctx->native_handle(), SSL_MODE_RELEASE_BUFFERS);
   if (SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_2_VERSION) != 1) fail("cannot require TLS 1.2");
   if (auto why = check_readable(cert); !why.empty()) fail("cannot read TLS certificate " + cert + ": " + why);
   if (auto why = check_readable(key); !why.empty()) fail("cannot read TLS key " + key + ": " + why);
