@@ -559,6 +559,7 @@ void Engine::put_locked(const Object& o, bool keep_live) {
       m.in_maintenance_mode = o.flag("in_maintenance_mode");
       m.power = field(o, "power_state", kPower, PowerState::unknown);
       m.fault_state = o.text("fault_state", "None");
+      m.hosted_machine_id = o.text("hosted_machine_id");
       m.stored_registration = field(o, "registration_state", kRegistration, RegistrationState::unregistered);
       m.stored_load = o.integer("load_index");
       m.registration = m.stored_registration;

@@ -94,6 +94,7 @@ struct Machine {
   bool in_maintenance_mode = false;
   PowerState power = PowerState::unknown;
   std::string fault_state = "None";
+  std::string hosted_machine_id;  // the hypervisor's name for its VM (empty: the machine's name)
   std::int64_t id = 0;
   // Live (set by the agent registry; see the file comment).
   RegistrationState registration = RegistrationState::unregistered;

@@ -246,9 +246,18 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
     std::string fault_state;
   };
 
-  // Every machine with the connection that powers it ("" when none).
+  // Every machine with the connection that powers it ("" when none): from the engine when there
+  // is one (no table read: at 19,000 machines a read of every row every 30 s costs ~40 MB of
+  // short-lived objects), else from storage.
   Result<std::vector<ManagedMachine>> machines() const {
     std::vector<ManagedMachine> out;
+    if (const Engine* e = engine.load()) {
+      e->with_state([&](const SiteState& site) {
+        out.reserve(site.machines.size());
+        for (const auto& [name, m] : site.machines) out.push_back(managed(site, m));
+      });
+      return out;
+    }
     const auto live = live_facts();
     auto st = repo.read([&](storage::Transaction& tx) -> Status {
       storage::Query all;
@@ -268,6 +277,13 @@ struct PowerManager::Impl : power::ActionStore, std::enable_shared_from_this<Pow
     });
     if (!st) return st.error();
     return out;
+  }
+
+  static ManagedMachine managed(const SiteState& site, const Machine& m) {
+    const auto c = site.catalogs.find(m.catalog);
+    return {m.name, c == site.catalogs.end() ? std::string() : c->second.hypervisor_connection,
+            power::vm_ref(m.name, m.hosted_machine_id), std::string(to_string(m.power)),
+            m.registration == RegistrationState::registered, m.fault_state};
   }
 
   Connection* find(const std::string& name) const {
@@ -503,6 +519,14 @@ std::map<std::string, power::QueueStats> PowerManager::stats() const {
 }
 
 bool PowerManager::manages(const std::string& machine) const {
+  if (const Engine* e = impl_->engine.load()) {
+    const auto connection = e->with_state([&](const SiteState& site) -> std::optional<std::string> {
+      const Machine* m = site.machine(machine);
+      if (!m) return std::nullopt;
+      return Impl::managed(site, *m).connection;
+    });
+    return connection && !connection->empty() && impl_->find(*connection) != nullptr;
+  }
   auto machines = impl_->machines();
   if (!machines) return false;
   for (const auto& m : *machines)
