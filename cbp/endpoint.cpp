@@ -10,14 +10,19 @@
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <arpa/inet.h>
+
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 
 namespace cbp {
 
@@ -51,6 +56,75 @@ struct PendingCommand {
   Clock::time_point deadline;
   std::function<void(CommandOutcome)> done;
 };
+
+// The per-address key: the address, or for IPv6 (not IPv4-mapped) its /64, which one host
+// usually holds whole.
+std::string address_key(const std::string& address) {
+  std::array<unsigned char, 16> bytes{};
+  static constexpr unsigned char kMapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  if (address.find(':') == std::string::npos || inet_pton(AF_INET6, address.c_str(), bytes.data()) != 1 ||
+      std::memcmp(bytes.data(), kMapped, 12) == 0)
+    return address;
+  std::fill(bytes.begin() + 8, bytes.end(), 0);
+  char out[INET6_ADDRSTRLEN];
+  return inet_ntop(AF_INET6, bytes.data(), out, sizeof out) ? std::string(out) + "/64" : address;
+}
+
+// Failed authentications per remote address (EndpointOptions::max_auth_failures_per_address),
+// in fixed windows. At most `max_entries` addresses are remembered: when full, addresses with
+// neither a back-off nor a failure in the current window are forgotten first, then any address
+// not in back-off. Not thread-safe (the endpoint's mutex guards it).
+class AddressFailures {
+ public:
+  AddressFailures(int max_failures, Clock::duration window, Clock::duration backoff, std::size_t max_entries)
+      : max_failures_(max_failures), window_(window), backoff_(backoff), max_entries_(max_entries) {}
+
+  bool in_back_off(const std::string& key, Clock::time_point now) const {
+    auto it = entries_.find(key);
+    return it != entries_.end() && now < it->second.backoff_until;
+  }
+  // Counts a failure; true when it puts the address in back-off.
+  bool record(const std::string& key, Clock::time_point now) {
+    if (max_failures_ <= 0) return false;
+    auto it = entries_.find(key);
+    if (it == entries_.end()) {
+      if (entries_.size() >= max_entries_ && !make_room(now)) return false;
+      it = entries_.emplace(key, Entry{now, 0, {}}).first;
+    }
+    Entry& e = it->second;
+    if (now - e.window_start >= window_) e = Entry{now, 0, e.backoff_until};
+    if (++e.failures < max_failures_) return false;
+    e.backoff_until = now + backoff_;
+    e.failures = 0;
+    e.window_start = now;
+    return true;
+  }
+  std::size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    Clock::time_point window_start;
+    int failures = 0;
+    Clock::time_point backoff_until;
+  };
+  bool make_room(Clock::time_point now) {
+    std::erase_if(entries_, [&](const auto& kv) {
+      return now >= kv.second.backoff_until && now - kv.second.window_start >= window_;
+    });
+    if (entries_.size() < max_entries_) return true;
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if (now >= it->second.backoff_until) {
+        entries_.erase(it);
+        return true;
+      }
+    return false;  // every address is in back-off: the new one goes uncounted
+  }
+
+  int max_failures_;
+  Clock::duration window_, backoff_;
+  std::size_t max_entries_;
+  std::unordered_map<std::string, Entry> entries_;
+};
 }  // namespace
 
 struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
@@ -66,6 +140,7 @@ struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
   std::atomic<bool> shutting_down{false};
   std::atomic<std::uint64_t> next_id{1};
   std::function<void(const std::string&)> registered_observer;  // set before the listener starts
+  AddressFailures address_failures;  // guarded by mutex
 
   std::mutex timer_mutex;
   std::condition_variable timer_cv;
@@ -75,7 +150,31 @@ struct AgentEndpoint::Impl : std::enable_shared_from_this<AgentEndpoint::Impl> {
 
   Impl(broker::AgentRegistry& r, common::WorkQueue& w, EndpointOptions o, std::shared_ptr<spdlog::logger> l,
        common::Metrics* m)
-      : registry(r), work(w), options(std::move(o)), log(std::move(l)), metrics(m) {}
+      : registry(r),
+        work(w),
+        options(std::move(o)),
+        log(std::move(l)),
+        metrics(m),
+        address_failures(options.max_auth_failures_per_address, options.address_failure_window,
+                         options.address_backoff, options.max_tracked_addresses) {}
+
+  bool address_in_back_off(const std::string& address) {
+    std::lock_guard lock(mutex);
+    return address_failures.in_back_off(address_key(address), Clock::now());
+  }
+  void address_failed(const std::string& address) {
+    bool started;
+    {
+      std::lock_guard lock(mutex);
+      started = address_failures.record(address_key(address), Clock::now());
+    }
+    if (started) {
+      count("hello", "address_back_off_started");
+      log->warn("agent endpoint: {} failed authentications from {} within {} s: the address is in back-off for {} s",
+                options.max_auth_failures_per_address, address_key(address), options.address_failure_window.count(),
+                options.address_backoff.count());
+    }
+  }
 
   void count(const char* what, std::string_view result) {
     if (metrics) metrics->add("broker_cbp_events_total", {{"event", what}, {"result", std::string(result)}});
@@ -156,7 +255,9 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
 
   // Sends `rejected` (during the handshake) or `error` with `message`, then closes. `detail` goes
   // to the log only (what the peer must not learn, e.g. that a machine has no secret yet).
-  void fail(Reason reason, const std::string& message, bool rejected, const std::string& detail = {}) {
+  // `retry_after`: of a TooManyFailures rejection (the back-off's whole length).
+  void fail(Reason reason, const std::string& message, bool rejected, const std::string& detail = {},
+            std::chrono::seconds retry_after = kAuthBackoff) {
     {
       // Before the reply goes out: the peer may close as soon as it reads it, and closed() must
       // then find the rejection to record.
@@ -173,7 +274,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       r.message = message;
       // The registry does not say how much of the back-off is left: its whole length is the
       // soonest retry that cannot be refused again.
-      if (reason == Reason::too_many_failures) r.retry_after_seconds = kAuthBackoff.count();
+      if (reason == Reason::too_many_failures) r.retry_after_seconds = retry_after.count();
       if (reason == Reason::unavailable) r.retry_after_seconds = kUnavailableRetryAfter.count();
       send(r);
     } else {
@@ -398,10 +499,20 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
     if (peer->over_limit()) return refuse_over_limit();
     auto& reg = ep->registry;
     const std::string who = h.machine + "|" + peer->remote_address();  // back-off key
+    if (ep->address_in_back_off(peer->remote_address())) {
+      ep->count("hello", "address_back_off");
+      return fail(Reason::too_many_failures, "too many failed attempts; retry later", true,
+                  "too many failed authentications from this address, whatever the machine", ep->options.address_backoff);
+    }
     if (reg.in_back_off(who)) {
       ep->count("hello", "back_off");
       return fail(Reason::too_many_failures, "too many failed attempts; retry later", true);
     }
+    // An authentication failure counts for the (machine, address) pair and for the address.
+    const auto auth_failed = [&] {
+      reg.record_failure(who);
+      ep->address_failed(peer->remote_address());
+    };
     auto chosen = choose_version(kProtocolVersions, h.versions);
     if (!chosen) {
       ep->count("hello", "incompatible_version");
@@ -412,12 +523,12 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       auto verifier = reg.enrollment_verifier(h.catalog);
       if (!verifier && broker_trouble(verifier.error())) return unavailable("hello", verifier.error());
       if (!verifier) {
-        reg.record_failure(who);
+        auth_failed();
         ep->count("hello", "enrollment_refused");
         return fail(Reason::enrollment_refused, "catalog '" + h.catalog + "' does not accept enrollment", true);
       }
       if (!verify_proof(*verifier, nonce, h.machine, h.versions, h.proof)) {
-        reg.record_failure(who);
+        auth_failed();
         ep->count("hello", "bad_proof");
         return fail(Reason::bad_proof, "the proof does not verify", true);
       }
@@ -437,7 +548,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       // (docs/cbp.md "Information given away"); the log tells them apart.
       const bool verified = verify_proof(verifier ? *verifier : kNoVerifier, nonce, h.machine, h.versions, h.proof);
       if (!verifier || !verified) {
-        reg.record_failure(who);
+        auth_failed();
         ep->count("hello", !verifier && verifier.error().code == common::errc::not_found ? "unknown_machine"
                            : !verifier                                                    ? "no_secret"
                                                                                           : "bad_proof");

@@ -48,6 +48,16 @@ struct EndpointOptions {
   std::size_t max_inbox_messages = 1024;
   std::size_t max_inbox_bytes = 16u << 20;
   std::size_t max_handshake_inbox_messages = 4;
+  // Failed authentications (BadProof, EnrollmentRefused) per remote address (an IPv6 peer by its
+  // /64), whatever machine names the hellos give: more than this within address_failure_window
+  // put the whole address in back-off for address_backoff (`rejected` TooManyFailures, the proof
+  // not examined). Generous, as many machines may share one NATed address; 0: no per-address
+  // limit. The per-(machine, address) back-off (kMaxAuthFailures) applies as well. docs/cbp.md
+  // "Back-off after failures".
+  int max_auth_failures_per_address = 100;
+  std::chrono::seconds address_failure_window = kAuthFailureWindow;
+  std::chrono::seconds address_backoff = kAuthBackoff;
+  std::size_t max_tracked_addresses = 100000;  // addresses remembered for that (bounded memory)
   // Where the deadline checks (every 200 ms) run: brokerd passes the I/O threads' timers
   // (net::Server::scheduler()), which must outlive the endpoint. nullptr: a thread of its own
   // (tests, tools).

@@ -448,7 +448,8 @@ struct RawAgent {
   net::test::RawSocket sock;
   cbp::Challenge challenge;
 
-  explicit RawAgent(Broker& b) : sock(b.server->port("agent")) {
+  // `source`: the local address to connect from (see net::test::RawSocket).
+  explicit RawAgent(Broker& b, const char* source = nullptr) : sock(b.server->port("agent"), source) {
     sock.send(
         "GET /cbp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
@@ -1326,6 +1327,59 @@ TEST_CASE("inbox: max_inbox_bytes bounds the bytes waiting, whatever their numbe
     CHECK(c.wait_closed(kPatience));
   }
   CHECK(eventually([&] { return b.machine("DEMO\\m1").text("registration_state") == "Unregistered"; }));
+}
+
+TEST_CASE("back-off per address: a peer that changes machine names at each failure is backed off") {
+  cbp::EndpointOptions o;
+  o.max_auth_failures_per_address = 3;
+  o.address_backoff = 1s;  // so that the test sees it end
+  Broker b(o);
+  const std::string key = "enrollment-key-1";
+  set_enrollment_key(b, key);
+  // Guesses of the enrollment key from one address, each under a new machine name: the
+  // (machine, address) back-off never sees two failures of one pair.
+  auto guess = [&](const char* from, const std::string& machine, const std::string& tried) {
+    RawAgent a(b, from);
+    a.send(enroll_hello(machine, tried, a.challenge.nonce));
+    return a.next();
+  };
+  for (int i = 0; i < 3; ++i)  // the third failure is still answered with its own reason
+    CHECK(rejection(guess("127.0.0.2", "DEMO\\new-" + std::to_string(i), "guess-" + std::to_string(i))).reason ==
+          cbp::Reason::bad_proof);
+  // Now the address is in back-off: even the right key under yet another name is not examined.
+  const auto refused = rejection(guess("127.0.0.2", "DEMO\\new-9", key));
+  CHECK(refused.reason == cbp::Reason::too_many_failures);
+  CHECK(refused.retry_after_seconds == 1);
+  // So is a machine's own hello with its right secret from that address.
+  {
+    RawAgent a(b, "127.0.0.2");
+    a.send(hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), a.challenge.nonce));
+    CHECK(rejection(a.next()).reason == cbp::Reason::too_many_failures);
+  }
+  // Other addresses are not affected.
+  {
+    RawAgent a(b, "127.0.0.3");
+    a.send(hello_for("DEMO\\m1", b.secrets.at("DEMO\\m1"), a.challenge.nonce));
+    CHECK(std::holds_alternative<cbp::Welcome>(a.next()));
+  }
+  // Nothing was enrolled; the back-off ends.
+  CHECK_FALSE(b.site->get(Kind::machine, "DEMO\\new-9").has_value());
+  CHECK(eventually([&] {
+    RawAgent a(b, "127.0.0.2");
+    a.send(enroll_hello("DEMO\\new-9", key, a.challenge.nonce));
+    return std::holds_alternative<cbp::Welcome>(a.next());
+  }));
+}
+
+TEST_CASE("back-off per address: max_auth_failures_per_address = 0 turns it off") {
+  cbp::EndpointOptions o;
+  o.max_auth_failures_per_address = 0;
+  Broker b(o);
+  for (int i = 0; i < 8; ++i) {
+    RawAgent a(b, "127.0.0.4");
+    a.send(hello_for("DEMO\\nobody-" + std::to_string(i), "wrong", a.challenge.nonce));
+    CHECK(rejection(a.next()).reason == cbp::Reason::bad_proof);
+  }
 }
 
 }  // TEST_SUITE("limits")
