@@ -8,6 +8,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdint>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -568,3 +569,141 @@ TEST_CASE("hostile input never throws") {
   }
   CHECK(parsed > 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Field limits of CBP messages (docs/cbp.md "Limits and timeouts", docs/SECURITY.md section 7.2):
+// each one accepted at the limit and a protocol error one past it, naming the field. The message
+// size and nesting limits are in "malformed JSON, non-objects and unknown types are errors",
+// versions in "hello validation", session_key in "out-of-range and badly spelled values".
+TEST_SUITE("limits") {
+
+namespace {
+// `make(n)` builds a message with the limited field at size n: it parses at `limit`, and at
+// `limit + 1` is an error on `field` saying "at most <limit> <unit>".
+template <class Make>
+void check_limit(Make make, std::size_t limit, const std::string& field, const std::string& unit = "bytes") {
+  CAPTURE(field);
+  const std::string at = serialize(make(limit));
+  const auto parsed = parse(at);
+  CHECK_MESSAGE(parsed.has_value(), (parsed ? std::string() : parsed.error().describe()));
+  check_error(serialize(make(limit + 1)), field, "at most " + std::to_string(limit) + " " + unit);
+}
+
+Hello hello_with(std::string machine, std::string agent_version = "1.0") {
+  return Hello{std::move(machine), {1}, std::move(agent_version), kHex, kAgentNonce, false, ""};
+}
+Register register_with(std::vector<std::string> capabilities, std::vector<SessionReport> sessions = {}) {
+  return Register{"Linux", SessionSupport::multi_session, "10.0.0.5:1494", "", std::move(capabilities), 0,
+                  std::move(sessions)};
+}
+Ticket ticket_with(std::map<std::string, std::string> data, std::string credential_type = "password") {
+  Ticket t;
+  t.reply_to = "r1";
+  t.ok = true;
+  t.user = "DEMO\\alice";
+  t.credential_type = std::move(credential_type);
+  t.credential_data = std::move(data);
+  return t;
+}
+}  // namespace
+
+TEST_CASE("kMaxNameBytes: machine, agent_version, catalog, os, user, client, ticket, title") {
+  const auto s = [](std::size_t n) { return std::string(n, 'n'); };
+  check_limit([&](std::size_t n) { return hello_with(s(n)); }, kMaxNameBytes, "machine");
+  check_limit([&](std::size_t n) { return hello_with("m", s(n)); }, kMaxNameBytes, "agent_version");
+  check_limit([&](std::size_t n) {
+    auto h = hello_with("m");
+    h.enroll = true;
+    h.catalog = s(n);
+    return h;
+  }, kMaxNameBytes, "catalog");
+  check_limit([&](std::size_t n) {
+    auto r = register_with({});
+    r.os = s(n);
+    return r;
+  }, kMaxNameBytes, "os");
+  check_limit([&](std::size_t n) {
+    auto info = sample_session("k");
+    info.user = s(n);
+    return SessionEvent{SessionEventKind::active, info};
+  }, kMaxNameBytes, "session.user");
+  check_limit([&](std::size_t n) {
+    auto info = sample_session("k");
+    info.client_name = s(n);
+    return SessionEvent{SessionEventKind::active, info};
+  }, kMaxNameBytes, "session.client_name");
+  check_limit([&](std::size_t n) { return RedeemTicket{"r1", s(n), ""}; }, kMaxNameBytes, "ticket");
+  check_limit([&](std::size_t n) {
+    auto t = ticket_with({});
+    t.user = s(n);
+    return t;
+  }, kMaxNameBytes, "user");
+  check_limit([&](std::size_t n) { return Command{"c", 5000, SendMessageArgs{"k", false, s(n), "t"}}; },
+              kMaxNameBytes, "args.title");
+}
+
+TEST_CASE("kMaxIdBytes: command id, reply_to, redeem id") {
+  const auto s = [](std::size_t n) { return std::string(n, 'i'); };
+  check_limit([&](std::size_t n) { return Command{s(n), 5000, LogoffSessionArgs{"k"}}; }, kMaxIdBytes, "id");
+  check_limit([&](std::size_t n) { return CommandResult{s(n), true, ""}; }, kMaxIdBytes, "reply_to");
+  check_limit([&](std::size_t n) { return RedeemTicket{s(n), "T", ""}; }, kMaxIdBytes, "id");
+  check_limit([&](std::size_t n) {
+    auto t = ticket_with({});
+    t.reply_to = s(n);
+    return t;
+  }, kMaxIdBytes, "reply_to");
+}
+
+TEST_CASE("kMaxTokenBytes: capability, credential type, credential_data names, command") {
+  const auto s = [](std::size_t n) { return std::string(n, 't'); };
+  check_limit([&](std::size_t n) { return register_with({s(n)}); }, kMaxTokenBytes, "capabilities[0]");
+  check_limit([&](std::size_t n) { return ticket_with({}, s(n)); }, kMaxTokenBytes, "credential_type");
+  check_limit([&](std::size_t n) { return ticket_with({{s(n), "v"}}); }, kMaxTokenBytes, "credential_data");
+  check_limit([&](std::size_t n) { return Command{"c", 5000, UnknownCommandArgs{s(n)}}; }, kMaxTokenBytes, "command");
+}
+
+TEST_CASE("kMaxTextBytes: messages, error texts, command lines, message text") {
+  const auto s = [](std::size_t n) { return std::string(n, 'x'); };
+  check_limit([&](std::size_t n) { return CommandResult{"c1", false, s(n)}; }, kMaxTextBytes, "error");
+  check_limit([&](std::size_t n) { return ErrorMessage{Reason::protocol_error, s(n)}; }, kMaxTextBytes, "message");
+  check_limit([&](std::size_t n) { return Rejected{Reason::bad_proof, s(n), 0}; }, kMaxTextBytes, "message");
+  check_limit([&](std::size_t n) { return Goodbye{Reason::agent_shutdown, s(n)}; }, kMaxTextBytes, "message");
+  check_limit([&](std::size_t n) { return Command{"c", 5000, SendMessageArgs{"k", false, "", s(n)}}; },
+              kMaxTextBytes, "args.text");
+  check_limit([&](std::size_t n) {
+    PrepareSessionArgs p;
+    p.user = "u";
+    p.resource = "r";
+    p.ticket_ref = "T";
+    p.session_key = "k";
+    p.connect_timeout_seconds = 60;
+    p.command_line_arguments = s(n);
+    return Command{"c", 5000, p};
+  }, kMaxTextBytes, "args.command_line_arguments");
+}
+
+TEST_CASE("kMaxCapabilities and kMaxSessions: entries in one register") {
+  check_limit([](std::size_t n) { return register_with(std::vector<std::string>(n, "send_message")); },
+              kMaxCapabilities, "capabilities", "entries");
+  check_limit([](std::size_t n) {
+    std::vector<SessionReport> sessions;
+    for (std::size_t i = 0; i < n; ++i) {  // minimal ones: 10000 sample_session()s would pass 1 MiB
+      SessionInfo info;
+      info.session_key = "s" + std::to_string(i);
+      sessions.push_back({SessionState::active, info});
+    }
+    return register_with({}, std::move(sessions));
+  }, kMaxSessions, "sessions", "entries");
+}
+
+TEST_CASE("credential_data: kMaxCredentialMembers members, kMaxCredentialValueBytes per value") {
+  check_limit([](std::size_t n) {
+    std::map<std::string, std::string> data;
+    for (std::size_t i = 0; i < n; ++i) data["k" + std::to_string(i)] = "v";
+    return ticket_with(std::move(data));
+  }, kMaxCredentialMembers, "credential_data", "members");
+  check_limit([](std::size_t n) { return ticket_with({{"password", std::string(n, 'p')}}); },
+              kMaxCredentialValueBytes, "credential_data.password");
+}
+
+}  // TEST_SUITE("limits")
