@@ -115,7 +115,11 @@ bool parse_int(const std::string& s, std::int64_t& out) {
 
 common::Result<json::object> parse_body(const std::string& body) {
   boost::system::error_code ec;
-  json::value v = json::parse(body, ec);
+  json::parse_options options;
+  options.max_depth = kMaxJsonDepth;  // explicit, not the library's default
+  json::value v = json::parse(body, ec, {}, options);
+  if (ec == json::error::too_deep)
+    return Error(errc::invalid_argument, "request body nests deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   if (ec) return Error(errc::invalid_argument, "request body is not valid JSON: " + ec.message());
   if (!v.is_object()) return Error(errc::invalid_argument, "request body must be a JSON object");
   return std::move(v.as_object());

@@ -40,9 +40,15 @@ struct Token {
   std::string sha256;  // lower-case hex of the bearer token
 };
 
+// Request bodies nesting arrays and objects deeper than this (the body's own object is level 1)
+// are refused with 400 before anything else is looked at (docs/SECURITY.md section 7.5).
+inline constexpr std::size_t kMaxJsonDepth = 32;
+
 struct AdminOptions {
   std::vector<Token> tokens;
   std::vector<std::string> unauthenticated_paths;  // besides /healthz
+  // The most items one list request returns (`limit`), and the most machines one power-action
+  // request names.
   std::size_t max_page = 1000;
 };
 

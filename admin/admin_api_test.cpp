@@ -595,3 +595,47 @@ TEST_CASE("without a power manager the stored power actions are listed and chang
   CHECK(!f.call("GET", "/api/v1/machines/DEMO%5Crds-1").body.contains("pending_power_actions"));
   CHECK(f.call("GET", "/metrics").raw.find("broker_power_actions{") == std::string::npos);
 }
+
+// Abuse limits of the admin API (docs/SECURITY.md section 7.5). The transport's (body size,
+// connections, timeouts) are in net/server_test.cpp; `limit` on list requests in "power action
+// requests that are refused queue nothing".
+TEST_SUITE("limits") {
+
+TEST_CASE("request bodies nest at most kMaxJsonDepth levels; deeper ones are 400 before anything else") {
+  Fixture f;
+  // A body whose own object is level 1 and holds `depth - 1` nested arrays.
+  const auto nested = [](std::size_t depth) {
+    return R"({"name":"g1","x":)" + std::string(depth - 1, '[') + std::string(depth - 1, ']') + "}";
+  };
+  // At the limit the body is read: the answer is about the unknown member, not the JSON.
+  auto at_limit = f.call("POST", "/api/v1/groups", nested(admin::kMaxJsonDepth));
+  CHECK(at_limit.status == 400);
+  CHECK(message(at_limit).find("nests deeper") == std::string::npos);
+  CHECK(message(at_limit).find("not valid JSON") == std::string::npos);
+  for (std::size_t depth : {admin::kMaxJsonDepth + 1, std::size_t{100000}}) {
+    auto deep = f.call("POST", "/api/v1/groups", nested(depth));
+    CHECK(deep.status == 400);
+    CHECK(code(deep) == "invalid_argument");
+    CHECK(message(deep) == "request body nests deeper than 32 levels");
+  }
+  // Not even created by accident.
+  CHECK(f.call("GET", "/api/v1/groups/g1").status == 404);
+}
+
+TEST_CASE("a power-action request names at most max_page machines") {
+  Fixture f(true, true);
+  const auto body = [](std::size_t n) {
+    std::string machines;
+    for (std::size_t i = 0; i < n; ++i) machines += std::string(i ? "," : "") + "\"DEMO\\\\m" + std::to_string(i) + "\"";
+    return R"({"machines":[)" + machines + R"(],"action":"TurnOn"})";
+  };
+  // At the limit the machines are looked at (none of these exists).
+  auto at_limit = f.call("POST", "/api/v1/power-actions", body(1000));
+  CHECK(at_limit.status == 404);
+  auto over = f.call("POST", "/api/v1/power-actions", body(1001));
+  CHECK(over.status == 400);
+  CHECK(message(over) == "machines: must name at most 1000 machines");
+  CHECK(f.call("GET", "/api/v1/power-actions").body.at("total").as_int64() == 0);
+}
+
+}  // TEST_SUITE("limits")
