@@ -739,7 +739,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
           a->tried.insert(res.machine);
           return attempt(a);
         }
-        if (!st) outcome = failed(LaunchFailure::storage_error, st.error().describe());
+        if (!st) {
+          log->error("launch: the launch of {} on {} cannot be stored: {}", a->request.user.qualified_name, res.machine,
+                     st.error().describe());
+          outcome = failed(LaunchFailure::storage_error, st.error().describe());
+        }
       }
     }
     if (!a->power_on.empty() && outcome.failure == LaunchFailure::powering_on) {

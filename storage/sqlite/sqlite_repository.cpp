@@ -28,6 +28,7 @@
 #include <exception>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -62,7 +63,10 @@ constexpr std::size_t kMaxBatch = 64;
 class SqliteRepository final : public Repository {
  public:
   SqliteRepository(std::unique_ptr<Connection> db, SchemaInfo info, common::Metrics* metrics)
-      : db_(std::move(db)), info_(std::move(info)), metrics_(metrics) {}
+      : db_(std::move(db)), info_(std::move(info)), metrics_(metrics) {
+    struct stat st {};
+    if (db_->path() != kMemory && ::stat(db_->path().c_str(), &st) == 0) file_ = FileIdentity{st.st_dev, st.st_ino};
+  }
   ~SqliteRepository() override { close(); }
 
   Status write(const std::function<Status(Transaction&)>& fn) override {
@@ -125,6 +129,7 @@ class SqliteRepository final : public Repository {
 
   Status ping() override {
     if (inside()) return nested();
+    if (auto ok = check_file(); !ok) return ok;
     Turn turn;
     if (!take_connection(turn)) return closed();
     Lease lease(*this);
@@ -337,6 +342,10 @@ class SqliteRepository final : public Repository {
   // every function's result. Never throws (an exception from a function is stored for its
   // caller; anything else thrown here fails the rest of the batch with it).
   void run_batch(const Batch& batch) {
+    if (auto ok = check_file(); !ok) {
+      for (std::size_t i = 0; i < batch.size; ++i) batch[i]->result = ok;
+      return;
+    }
     std::size_t next = 0;
     while (next < batch.size) {
       const std::size_t first = next;
@@ -395,6 +404,33 @@ class SqliteRepository final : public Repository {
       }
     }
   }
+
+  // The database file must still be the one opened: deleted or replaced under a running broker
+  // (an admin's mistake, a restore copied over it), SQLite would go on writing to the open
+  // inode, which nobody will read again, and every later commit would be lost at the restart.
+  // So writes and ping() (/readyz) are refused with errc::unavailable until brokerd is
+  // restarted. One stat() per commit batch.
+  Status check_file() const {
+    if (!file_) return {};
+    struct stat st {};
+    if (::stat(db_path().c_str(), &st) != 0) {
+      if (errno != ENOENT) return {};  // cannot tell (a permission change on the directory): go on
+      return Error(errc::unavailable, "database " + db_path() +
+                                          " was deleted while the broker runs; writes are refused (they would be "
+                                          "lost); restore it from a backup and restart brokerd");
+    }
+    if (st.st_dev != file_->device || st.st_ino != file_->inode)
+      return Error(errc::unavailable, "database " + db_path() +
+                                          " was replaced by another file while the broker runs; writes are refused "
+                                          "(they would go to the old file); restart brokerd to use the new one");
+    return {};
+  }
+  const std::string& db_path() const { return info_.path; }
+  struct FileIdentity {
+    dev_t device;
+    ino_t inode;
+  };
+  std::optional<FileIdentity> file_;  // unset for :memory:
 
   std::mutex mutex_;                   // guards the fields below up to owner_
   bool busy_ = false;                  // someone holds the connection

@@ -13,6 +13,12 @@
 #include <boost/json.hpp>
 #include <doctest/doctest.h>
 
+#include <sys/mount.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <regex>
@@ -858,4 +864,168 @@ TEST_CASE("launch: a machine powered on for a launch that never registers times 
   Launch next = xml.launch("u02", "Pool");
   REQUIRE_MESSAGE(next.error.empty(), next.body);
   CHECK(next.address == "10.99.0.3:1494");
+}
+
+// ---- Storage faults (issue 15, requirement 4): a full disk, a read-only database, the database
+// file deleted or replaced under a running broker. A tmpfs mounted over the test's directory
+// gives a disk that can fill and be remounted read-only: that needs root, as scripts/test and CI
+// run (the test fails, it does not skip, without it).
+
+namespace {
+
+class Tmpfs {
+ public:
+  Tmpfs(std::string path, std::size_t megabytes) : path_(std::move(path)) {
+    const std::string opts = "size=" + std::to_string(megabytes) + "m,mode=0700";
+    if (::mount("tmpfs", path_.c_str(), "tmpfs", 0, opts.c_str()) == 0)
+      mounted_ = true;
+    else
+      error_ = std::string("cannot mount a tmpfs on ") + path_ + " (the fault tests need root): " + std::strerror(errno);
+  }
+  ~Tmpfs() {
+    if (mounted_) ::umount2(path_.c_str(), MNT_DETACH);
+  }
+  Tmpfs(const Tmpfs&) = delete;
+  Tmpfs& operator=(const Tmpfs&) = delete;
+  bool mounted() const { return mounted_; }
+  const std::string& error() const { return error_; }
+  bool remount(bool read_only) {
+    return ::mount("tmpfs", path_.c_str(), "tmpfs", MS_REMOUNT | (read_only ? MS_RDONLY : 0), nullptr) == 0;
+  }
+  // Writes a file until the disk is full; returns its path.
+  std::string fill() const {
+    const std::string filler = path_ + "/filler";
+    std::FILE* f = std::fopen(filler.c_str(), "wb");
+    REQUIRE(f != nullptr);
+    const std::string chunk(64 * 1024, 'x');
+    while (std::fwrite(chunk.data(), 1, chunk.size(), f) == chunk.size()) {
+    }
+    // What fit of the last chunk, byte by byte, so not even a page is left.
+    while (std::fputc('x', f) != EOF && std::fflush(f) == 0) {
+    }
+    std::fclose(f);
+    return filler;
+  }
+
+ private:
+  std::string path_;
+  bool mounted_ = false;
+  std::string error_;
+};
+
+// The site's config with its database in <dir>/db/, where the tmpfs goes (the config and the
+// broker's log stay on the real disk).
+std::string config_on_tmpfs(const TempDir& dir) {
+  std::string c = site_config(dir);
+  const auto at = c.find(dir.file("broker.db"));
+  REQUIRE(at != std::string::npos);
+  return c.replace(at, dir.file("broker.db").size(), dir.file("db/broker.db"));
+}
+
+std::string make_dir(const std::string& path) {
+  std::filesystem::create_directory(path);
+  return path;
+}
+
+std::string integrity(const std::string& db) {
+  auto r = itest::run_command({"/usr/bin/sqlite3", db, "PRAGMA integrity_check;"});
+  return r.exit_code == 0 ? r.out : "sqlite3 failed: " + r.err;
+}
+
+}  // namespace
+
+TEST_CASE("faults: a full disk fails launches with service-unavailable, then brokering resumes by itself") {
+  TempDir dir;
+  Tmpfs disk(make_dir(dir.file("db")), 32);
+  REQUIRE_MESSAGE(disk.mounted(), disk.error());
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(config_on_tmpfs(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon);
+  REQUIRE(agents.all_registered(api));
+  auto before = xml.launch("u01", "Pool");
+  REQUIRE_MESSAGE(before.error.empty(), before.body);
+  CHECK(has_session(agents.at(before.address), before.session(), cbp::SessionState::active));
+
+  const auto filler = disk.fill();
+  // The next launch needs the database to grow: it is refused, explained, and nothing half-done
+  // stays (no session, no reservation).
+  auto full = xml.launch("u02", "Pool");
+  CHECK_MESSAGE(full.error == "service-unavailable", full.body);
+  CHECK(full.address.empty());
+  CHECK(daemon.log().find("disk full") != std::string::npos);
+  CHECK(api.total("/api/v1/sessions?user_name=TEST%5Cu02&limit=1") == 0);
+
+  // Space comes back: the next launch works without a restart, on a machine that is free.
+  REQUIRE(std::remove(filler.c_str()) == 0);
+  auto after = xml.launch("u02", "Pool");
+  REQUIRE_MESSAGE(after.error.empty(), after.body);
+  CHECK(after.address != before.address);
+  CHECK(has_session(agents.at(after.address), after.session(), cbp::SessionState::active));
+  CHECK(daemon.stop() == 0);
+  CHECK(integrity(dir.file("db/broker.db")) == "ok\n");
+}
+
+TEST_CASE("faults: a read-only database is refused at start with a clear error, and used once writable") {
+  TempDir dir;
+  Tmpfs disk(make_dir(dir.file("db")), 32);
+  REQUIRE_MESSAGE(disk.mounted(), disk.error());
+  {
+    Daemon first(dir);
+    REQUIRE_MESSAGE(first.start(config_on_tmpfs(dir)), first.log());
+    CHECK(first.stop() == 0);
+  }
+  // (A file system cannot be remounted read-only under a broker that has the database open for
+  // writing: the kernel refuses with EBUSY. So the read-only case is the one a broker meets at
+  // start, after a restore or a mount gone wrong.)
+  REQUIRE(disk.remount(true));
+  Daemon daemon(dir);
+  CHECK_FALSE(daemon.start(config_on_tmpfs(dir)));
+  CHECK_MESSAGE(daemon.log().find("read-only") != std::string::npos, daemon.log());
+  REQUIRE(disk.remount(false));
+  REQUIRE_MESSAGE(daemon.start(config_on_tmpfs(dir)), daemon.log());
+  Api api(daemon);
+  Xml xml(daemon);
+  Agents agents(daemon);
+  REQUIRE(agents.all_registered(api));
+  auto l = xml.launch("u01", "Pool");
+  CHECK_MESSAGE(l.error.empty(), l.body);
+  CHECK(daemon.stop() == 0);
+  CHECK(integrity(dir.file("db/broker.db")) == "ok\n");
+}
+
+TEST_CASE("faults: the database file deleted or replaced under a running broker: writes refused, not lost") {
+  for (const bool replaced : {false, true}) {
+    CAPTURE(replaced);
+    TempDir dir;
+    Daemon daemon(dir);
+    REQUIRE_MESSAGE(daemon.start(site_config(dir)), daemon.log());
+    Api api(daemon);
+    Xml xml(daemon);
+    Agents agents(daemon);
+    REQUIRE(agents.all_registered(api));
+    auto first = xml.launch("u01", "Pool");
+    REQUIRE_MESSAGE(first.error.empty(), first.body);
+    const auto db = dir.file("broker.db");
+    if (replaced) {
+      // A restore copied over it: the path now names another file.
+      std::filesystem::copy_file(db, db + ".copy");
+      std::filesystem::rename(db + ".copy", db);
+    } else {
+      std::filesystem::rename(db, dir.file("moved-away.db"));
+    }
+    // A launch would be written to a file nobody reads again: refused instead, and explained.
+    auto l = xml.launch("u02", "Pool");
+    CHECK_MESSAGE(l.error == "service-unavailable", l.body);
+    const std::string why = replaced ? "was replaced by another file" : "was deleted while the broker runs";
+    CHECK_MESSAGE(daemon.log().find(why) != std::string::npos, daemon.log());
+    // Not ready: a load balancer takes it out of rotation.
+    net::HttpClient admin(daemon.admin_url());
+    auto ready = admin.request("GET", "/readyz", "", {{"Authorization", std::string("Bearer ") + itest::kToken}});
+    REQUIRE(ready.has_value());
+    CHECK(ready->status == 503);
+    CHECK_MESSAGE(ready->body.find(why) != std::string::npos, ready->body);
+    daemon.kill();
+  }
 }
