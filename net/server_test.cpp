@@ -793,3 +793,84 @@ TEST_CASE("oversized header and trailer fields: 431 and close, never an exceptio
   CHECK_FALSE(contains(log_text.str(), "exception"));
   CHECK_FALSE(contains(log_text.str(), "too large"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Abuse limits of the HTTP layer every listener shares (docs/SECURITY.md section 7.1). Most have
+// their test above ("limits and malformed requests", "oversized header and trailer fields...",
+// "first_request_timeout...", "connection caps..."); these are the timeouts' remaining cases.
+TEST_SUITE("limits") {
+
+namespace {
+// A connected plain socket whose sends may fail (the server closes it under the test's feet).
+int raw_connect(std::uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  return fd;
+}
+// Whether the server has closed `fd` (end of stream or reset), without waiting; bytes it sent
+// first (a reply) are read and dropped.
+bool closed_by_server(int fd) {
+  char buf[4096];
+  for (;;) {
+    const auto n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n > 0) continue;
+    if (n == 0) return true;
+    return errno != EAGAIN && errno != EWOULDBLOCK;
+  }
+}
+}  // namespace
+
+TEST_CASE("read_timeout: a body trickled past read_timeout is cut off, however steady the trickle") {
+  net::Server server(1, common::null_logger());
+  net::ListenerOptions opts{.name = "t"};
+  opts.read_timeout = 300ms;
+  opts.first_request_timeout = 60s;  // the header arrives at once: only read_timeout applies
+  opts.idle_timeout = 60s;
+  std::atomic<int> handled{0};
+  server.add_listener(opts, [&handled](net::HttpRequest&& r, net::Responder respond) {
+    ++handled;
+    echo(std::move(r), std::move(respond));
+  });
+  server.start();
+  const int fd = raw_connect(server.port("t"));
+  const std::string head = "POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
+  REQUIRE(::send(fd, head.data(), head.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(head.size()));
+  // One byte every 50 ms, each gap far shorter than read_timeout: only a deadline on the whole
+  // request ends this. At most 200 bytes (a safety net against hangs, not an assertion).
+  bool closed = false;
+  int sent = 0;
+  for (; sent < 200 && !closed; ++sent) {
+    closed = closed_by_server(fd) || ::send(fd, "x", 1, MSG_NOSIGNAL) != 1;
+    if (!closed) std::this_thread::sleep_for(50ms);
+  }
+  CHECK(closed);
+  CHECK(sent > 1);  // it did trickle for a while first
+  CHECK(handled == 0);
+  ::close(fd);
+  // The listener goes on.
+  RawSocket next(server.port("t"));
+  CHECK(served(next, "/after"));
+  server.stop(5s);
+}
+
+TEST_CASE("idle_timeout: a keep-alive connection without a next request is closed by the server") {
+  net::Server server(1, common::null_logger());
+  net::ListenerOptions opts{.name = "t"};
+  opts.idle_timeout = 200ms;
+  opts.first_request_timeout = 60s;
+  opts.read_timeout = 60s;
+  server.add_listener(opts, echo);
+  server.start();
+  RawSocket kept(server.port("t"));
+  REQUIRE(served(kept, "/1"));
+  // Nothing more is sent: the server ends the connection (within the socket's 10 s safety net).
+  CHECK(kept.wait_closed_by_peer());
+  server.stop(5s);
+}
+
+}  // TEST_SUITE("limits")
