@@ -532,15 +532,33 @@ Status AgentRegistry::deregister(const std::string& machine, const std::string& 
   // The state is live (the engine's): no agent holds the machine now, whatever storage says.
   // The reason and time are history admins read: stored.
   engine_.unregistered(machine);
+  // A flapping agent (connects and drops again and again) must not become a stream of writes: the
+  // same reason is recorded again at most once per kDeregistrationRecordInterval.
+  const auto now = clock_.now();
+  {
+    std::lock_guard lock(mutex_);
+    auto it = deregistrations_.find(machine);
+    if (it != deregistrations_.end() && it->second.reason == reason && now >= it->second.at &&
+        now - it->second.at < kDeregistrationRecordInterval) {
+      logger_->debug("machine '{}' unregistered again: {} (recorded at most once a minute)", machine, reason);
+      return {};
+    }
+  }
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
     auto r = tx.set_fields(Kind::machine, machine,
                            {{"last_deregistration_reason", reason},
-                            {"last_deregistration_time", common::format_time(clock_.now())}});
+                            {"last_deregistration_time", common::format_time(now)}});
     if (!r && r.error().code == errc::not_found) return {};  // removed meanwhile
     if (!r) return r.error();
     return {};
   });
-  if (st) logger_->info("machine '{}' unregistered: {}", machine, reason);
+  if (st) {
+    logger_->info("machine '{}' unregistered: {}", machine, reason);
+    std::lock_guard lock(mutex_);
+    if (deregistrations_.size() >= kMaxDeregistrationsKept)
+      std::erase_if(deregistrations_, [&](const auto& d) { return now - d.second.at >= kDeregistrationRecordInterval; });
+    deregistrations_[machine] = {reason, now};
+  }
   return st;
 }
 

@@ -130,7 +130,9 @@ class AgentRegistry {
   // launcher's prepare timeout and a margin); set before agents connect.
   void set_preparation_grace(std::chrono::seconds grace) { preparation_grace_ = grace; }
   // Unregistered in the engine; the reason (AgentShutdown, ContactLost, DesktopRemoved, ...) and
-  // time are stored (last_deregistration_reason, last_deregistration_time).
+  // time are stored (last_deregistration_reason, last_deregistration_time), except that the same
+  // reason for the same machine is stored again at most once a minute (a flapping agent does not
+  // turn into a write per flap).
   Status deregister(const std::string& machine, const std::string& reason);
 
  private:
@@ -145,6 +147,14 @@ class AgentRegistry {
   std::mutex mutex_;
   std::map<std::string, std::vector<common::SysTime>> failures_;  // guarded by mutex_
   std::map<std::string, common::SysTime> banned_until_;           // guarded by mutex_
+  // The deregistrations recorded lately (deregister()): machine -> reason and time written.
+  struct Recorded {
+    std::string reason;
+    common::SysTime at;
+  };
+  static constexpr std::chrono::seconds kDeregistrationRecordInterval{60};
+  static constexpr std::size_t kMaxDeregistrationsKept = 4096;  // then the old ones are dropped
+  std::map<std::string, Recorded> deregistrations_;               // guarded by mutex_
 };
 
 // A machine, its catalog's session support and the states of its sessions that have not logged
