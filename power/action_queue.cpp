@@ -89,8 +89,8 @@ ActionQueue::ActionQueue(PowerDriver& driver, common::Clock& clock, Options opti
       options_(std::move(options)),
       observers_(std::make_shared<const std::vector<Observer>>()),
       limits_(options_.limits),
-      enabled_(options_.enabled),
-      pool_(std::max(1, options_.threads)) {
+      enabled_(options_.enabled) {
+  for (int i = 0; i < std::max(1, options_.threads); ++i) workers_.emplace_back([this] { run_worker(); });
   dispatcher_ = std::thread([this] { run_dispatcher(); });
 }
 
@@ -281,6 +281,7 @@ QueueStats ActionQueue::stats() const {
   s.started_last_minute = static_cast<std::size_t>(
       std::count_if(recent_starts_.begin(), recent_starts_.end(), [&](common::SysTime t) { return t > since; }));
   s.driver_calls_in_flight = in_flight_;
+  s.driver_calls_abandoned = abandoned_.size();
   return s;
 }
 
@@ -326,8 +327,11 @@ void ActionQueue::run_dispatcher() {
     idle_cv_.notify_all();
   }
   busy_ = true;
+  workers_stopping_ = true;
   lock.unlock();
-  pool_.stop();  // the calls in flight finish; queued performs go back to Pending (run_call)
+  // The calls in flight finish (abandoned ones too); queued performs go back to Pending.
+  work_cv_.notify_all();
+  for (auto& w : workers_) w.join();
   deliver();
   lock.lock();
   busy_ = false;
@@ -355,11 +359,18 @@ void ActionQueue::pass_locked(common::SysTime now, std::vector<Call>& calls) {
           finish_locked(e, ActionState::failed, now);
           break;
         }
+        if (e.call_in_flight && e.call_began != common::SysTime{} && now >= e.call_began + options_.call_timeout) {
+          abandon_call_locked(e, now);
+          if (e.rec.state != ActionState::started) break;  // the attempt failed (retry or Failed)
+        }
         ++active;
         if (e.performed && !e.call_in_flight && (e.check_now || e.last_check + options_.check_interval <= now)) {
           e.check_now = false;
           e.call_in_flight = true;
-          calls.push_back(Call{e.rec.id, e.rec.vm, e.rec.action, false, e.rec.attempts});
+          e.call = next_call_++;
+          e.call_is_perform = false;
+          e.call_began = {};
+          calls.push_back(Call{e.rec.id, e.rec.vm, e.rec.action, false, e.call});
         }
         break;
       default:
@@ -392,61 +403,80 @@ void ActionQueue::pass_locked(common::SysTime now, std::vector<Call>& calls) {
       e->restored = false;
       e->check_now = false;
       e->call_in_flight = true;
+      e->call = next_call_++;
+      e->call_is_perform = true;
+      e->call_began = {};
       e->deadline = now + options_.completion_timeout;
       busy_vms_.insert(e->rec.vm.vm_id);
       recent_starts_.push_back(now);
       ++active;
       record_locked(*e, ActionState::pending);
-      calls.push_back(Call{e->rec.id, e->rec.vm, e->rec.action, true, e->rec.attempts});
+      calls.push_back(Call{e->rec.id, e->rec.vm, e->rec.action, true, e->call});
     }
   }
   in_flight_ += calls.size();
 }
 
 void ActionQueue::post(std::vector<Call> calls) {
-  for (auto& call : calls) {
-    if (!pool_.post([this, call] { run_call(call); })) {
-      // Only the dispatcher stops the pool, after its last post(); kept for safety.
-      std::lock_guard lock(mutex_);
-      --in_flight_;
-      if (const auto it = actions_.find(call.id); it != actions_.end()) {
-        it->second.call_in_flight = false;
-        if (call.perform && it->second.rec.state == ActionState::started && it->second.rec.attempts == call.attempt)
-          requeue_locked(it->second);
-      }
-    }
-  }
-}
-
-void ActionQueue::run_call(const Call& call) {
+  std::size_t wanted = 0;
   {
     std::lock_guard lock(mutex_);
-    if (stopping_) {  // not begun: a perform goes back to Pending, a query is dropped
-      --in_flight_;
-      if (const auto it = actions_.find(call.id); it != actions_.end() && it->second.rec.attempts == call.attempt) {
-        it->second.call_in_flight = false;
-        if (call.perform && it->second.rec.state == ActionState::started) requeue_locked(it->second);
-      }
-      return;
-    }
+    for (auto& call : calls) calls_.push_back(std::move(call));
+    wanted = static_cast<std::size_t>(std::max(1, options_.threads)) +
+             std::min(abandoned_.size(), static_cast<std::size_t>(std::max(0, options_.max_abandoned_calls)));
   }
-  if (call.perform) {
-    const Outcome out = driver_.perform(call.vm, call.action);
-    on_performed(call, out);
-  } else {
-    PowerState state = PowerState::unknown;
-    const Outcome out = driver_.query(call.vm, state);
-    on_queried(call, out, state);
+  // The threads held by abandoned calls are replaced, so the other machines' calls go on.
+  while (workers_.size() < wanted) workers_.emplace_back([this] { run_worker(); });
+  if (!calls.empty()) work_cv_.notify_all();
+}
+
+void ActionQueue::run_worker() {
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    work_cv_.wait(lock, [this] { return workers_stopping_ || !calls_.empty(); });
+    if (calls_.empty()) return;  // stopping and drained
+    const Call call = std::move(calls_.front());
+    calls_.pop_front();
+    const auto it = actions_.find(call.id);
+    Entry* e = it != actions_.end() && it->second.rec.state == ActionState::started && it->second.call == call.serial
+                   ? &it->second
+                   : nullptr;
+    if (!e || stopping_) {
+      // Not begun. Stale (the action moved on while the call waited for a thread): dropped. At
+      // stop: a perform goes back to Pending, a query is dropped.
+      --in_flight_;
+      if (e) {
+        e->call_in_flight = false;
+        if (call.perform) requeue_locked(*e);
+      }
+      wake_ = true;
+      wake_cv_.notify_one();
+      idle_cv_.notify_all();
+      continue;
+    }
+    e->call_began = clock_.now();
+    lock.unlock();
+    if (call.perform) {
+      const Outcome out = driver_.perform(call.vm, call.action);
+      on_performed(call, out);
+    } else {
+      PowerState state = PowerState::unknown;
+      const Outcome out = driver_.query(call.vm, state);
+      on_queried(call, out, state);
+    }
+    lock.lock();
   }
 }
 
 ActionQueue::Entry* ActionQueue::returned_locked(const Call& call) {
-  --in_flight_;
   wake_ = true;
+  if (abandoned_.erase(call.serial) > 0) return nullptr;  // given up on: counted elsewhere
+  --in_flight_;
   const auto it = actions_.find(call.id);
-  if (it == actions_.end() || it->second.rec.state != ActionState::started || it->second.rec.attempts != call.attempt)
+  if (it == actions_.end() || it->second.rec.state != ActionState::started || it->second.call != call.serial)
     return nullptr;
   it->second.call_in_flight = false;
+  it->second.call_began = {};
   return &it->second;
 }
 
@@ -455,29 +485,11 @@ void ActionQueue::on_performed(const Call& call, const Outcome& out) {
     std::lock_guard lock(mutex_);
     if (Entry* found = returned_locked(call)) {
       Entry& e = *found;
-      const auto now = clock_.now();
-      const int max_attempts = std::max(1, options_.max_attempts);
       if (out.ok()) {
         e.performed = true;
         e.check_now = true;
-      } else if (transient(out.failure) && e.rec.attempts < max_attempts) {
-        auto wait = options_.initial_backoff;
-        for (int i = 1; i < e.rec.attempts && wait < options_.max_backoff; ++i) wait *= 2;
-        wait = std::min(wait, options_.max_backoff);
-        e.rec.state = ActionState::pending;
-        e.rec.start_time = {};
-        e.rec.next_attempt = now + wait;
-        e.rec.failure = out.failure;
-        e.rec.failure_reason = describe(out) + " (attempt " + std::to_string(e.rec.attempts) + " of " +
-                               std::to_string(max_attempts) + "; retrying)";
-        busy_vms_.erase(e.rec.vm.vm_id);
-        record_locked(e, ActionState::started);
       } else {
-        e.rec.failure = out.failure;
-        e.rec.failure_reason = describe(out);
-        if (transient(out.failure))
-          e.rec.failure_reason += " (gave up after " + std::to_string(e.rec.attempts) + " attempts)";
-        finish_locked(e, ActionState::failed, now);
+        attempt_failed_locked(e, out, clock_.now());
       }
     }
   }
@@ -549,6 +561,44 @@ void ActionQueue::finish_locked(Entry& e, ActionState state, common::SysTime now
   e.rec.next_attempt = {};
   e.performed = e.restored = e.check_now = false;
   record_locked(e, before);
+}
+
+void ActionQueue::attempt_failed_locked(Entry& e, const Outcome& out, common::SysTime now) {
+  const int max_attempts = std::max(1, options_.max_attempts);
+  e.rec.failure = out.failure;
+  if (transient(out.failure) && e.rec.attempts < max_attempts) {
+    auto wait = options_.initial_backoff;
+    for (int i = 1; i < e.rec.attempts && wait < options_.max_backoff; ++i) wait *= 2;
+    wait = std::min(wait, options_.max_backoff);
+    e.rec.state = ActionState::pending;
+    e.rec.start_time = {};
+    e.rec.next_attempt = now + wait;
+    e.rec.failure_reason = describe(out) + " (attempt " + std::to_string(e.rec.attempts) + " of " +
+                           std::to_string(max_attempts) + "; retrying)";
+    busy_vms_.erase(e.rec.vm.vm_id);
+    record_locked(e, ActionState::started);
+  } else {
+    e.rec.failure_reason = describe(out);
+    if (transient(out.failure))
+      e.rec.failure_reason += " (gave up after " + std::to_string(e.rec.attempts) + " attempts)";
+    finish_locked(e, ActionState::failed, now);
+  }
+}
+
+void ActionQueue::abandon_call_locked(Entry& e, common::SysTime now) {
+  abandoned_.insert(e.call);
+  --in_flight_;
+  e.call_in_flight = false;
+  e.call_began = {};
+  if (e.call_is_perform) {
+    attempt_failed_locked(e,
+                          Outcome{Failure::timeout, "the hypervisor did not answer " + std::string(to_string(e.rec.action)) +
+                                                        " within " + seconds_text(options_.call_timeout) +
+                                                        " (call abandoned)"},
+                          now);
+  } else {
+    e.last_check = now;  // a failed query: asked again after check_interval
+  }
 }
 
 void ActionQueue::requeue_locked(Entry& e) {

@@ -26,11 +26,19 @@
 // the ActionStore and the observers (one call at a time, in the order the changes happened,
 // never while holding the queue's lock). The pool threads only call the driver. Public methods
 // are thread-safe and never block on the driver (except stop() and wait_idle(), which wait).
+//
+// A hypervisor that hangs: a driver call that has not returned call_timeout (clock time) after it
+// began is abandoned. An abandoned perform() is a transient Timeout failure of its attempt
+// (retried with back-off like any other); an abandoned query() counts as a failed query (asked
+// again after check_interval). Driver calls cannot be cancelled, so the thread stays with the call
+// until it returns (libvirt's keepalive bounds that on a dead host, docs/power.md "What blocks");
+// meanwhile the pool has one more thread for each abandoned call, at most max_abandoned_calls
+// more, so one hung machine does not hold up the others' actions. Its late result is ignored.
+// Threads are never ended before stop(): the pool holds at most threads + max_abandoned_calls.
 #pragma once
 
 #include "common/clock.hpp"
 #include "common/error.hpp"
-#include "common/work_queue.hpp"
 #include "power/driver.hpp"
 
 #include <array>
@@ -128,7 +136,8 @@ struct QueueStats {
   std::size_t queue_depth = 0;                            // Pending
   std::size_t active = 0;                                 // Started
   std::size_t started_last_minute = 0;                    // perform() calls in the sliding minute
-  std::size_t driver_calls_in_flight = 0;
+  std::size_t driver_calls_in_flight = 0;     // posted, not returned, not abandoned
+  std::size_t driver_calls_abandoned = 0;     // abandoned after call_timeout, not returned yet
 };
 
 class ActionQueue {
@@ -145,6 +154,12 @@ class ActionQueue {
     std::chrono::milliseconds max_backoff{std::chrono::minutes(5)};
     // A Started action not at its target state this long after its start: Failed "timed out".
     std::chrono::milliseconds completion_timeout{std::chrono::minutes(10)};
+    // A perform() or query() that has not returned this long (clock time) after it began is
+    // abandoned (see the file comment). Noticed by the next pass (poll_interval).
+    std::chrono::milliseconds call_timeout{std::chrono::minutes(2)};
+    // Extra pool threads for abandoned calls that have not returned yet; past that many, new
+    // calls wait for a thread.
+    int max_abandoned_calls = 8;
     // How often (clock time) a Started action's machine is queried; the first query follows
     // the successful perform() at once.
     std::chrono::milliseconds check_interval{std::chrono::seconds(5)};
@@ -236,6 +251,9 @@ class ActionQueue {
   struct Entry {
     ActionRecord rec;
     bool call_in_flight = false;   // a perform() or query() for it is running on the pool
+    std::uint64_t call = 0;        // that call's serial (Call::serial)
+    bool call_is_perform = false;
+    common::SysTime call_began{};  // when a pool thread began it (zero: queued, not begun)
     bool performed = false;        // Started and perform() succeeded: follow it with query()
     bool restored = false;         // Started at a restart: the first query decides (see restore)
     bool check_now = false;        // query at the next pass, whatever last_check says
@@ -254,7 +272,7 @@ class ActionQueue {
     VmRef vm;
     Action action;
     bool perform;  // else query
-    int attempt;   // rec.attempts when posted; a stale result is ignored
+    std::uint64_t serial;  // Entry::call while current; a stale result is ignored
   };
 
   // With mutex_ held.
@@ -262,12 +280,18 @@ class ActionQueue {
   void record_locked(const Entry& e, std::optional<ActionState> before, bool state_changed = true);
   void finish_locked(Entry& e, ActionState state, common::SysTime now);
   void requeue_locked(Entry& e);  // Started -> Pending, without a failure (stop before perform())
+  // A perform() attempt failed: retried after a back-off when transient with attempts left,
+  // else Failed.
+  void attempt_failed_locked(Entry& e, const Outcome& out, common::SysTime now);
+  // The current call of `e` is past call_timeout: abandoned (see the file comment).
+  void abandon_call_locked(Entry& e, common::SysTime now);
   std::size_t active_limit_locked() const;
   std::int64_t allocate_id_locked();
 
   void run_dispatcher();
+  // Queues the calls for the pool, growing it for abandoned calls (dispatcher thread only).
   void post(std::vector<Call> calls);
-  void run_call(const Call& call);
+  void run_worker();
   // A driver call came back: the action it belongs to, or nullptr when the result is stale (the
   // action has moved on: cancelled, restarted, another attempt).
   Entry* returned_locked(const Call& call);
@@ -295,14 +319,19 @@ class ActionQueue {
   bool enabled_ = true;
   std::size_t machine_count_ = 0;
   std::int64_t next_id_ = 1;
-  std::size_t in_flight_ = 0;  // driver calls posted and not finished
+  std::size_t in_flight_ = 0;  // driver calls posted and not finished (abandoned ones excluded)
+  std::deque<Call> calls_;     // posted, not begun
+  std::set<std::uint64_t> abandoned_;  // serials of abandoned calls that have not returned
+  std::uint64_t next_call_ = 1;
+  bool workers_stopping_ = false;
   bool wake_ = false;          // a pass is wanted
   bool busy_ = false;          // the dispatcher is in a pass or delivering
   bool stopping_ = false;
   bool dispatcher_done_ = false;
 
   std::mutex stop_mutex_;  // serialises stop()
-  common::WorkQueue pool_;
+  std::condition_variable work_cv_;  // the pool's threads wait on it (with mutex_)
+  std::vector<std::thread> workers_;  // the pool; grown and joined by the dispatcher thread only
   std::thread dispatcher_;
 };
 

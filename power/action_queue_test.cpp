@@ -747,3 +747,188 @@ TEST_CASE("action queue: a storm of actions with random failures settles consist
     CHECK(power::finished(r.state));
   }
 }
+
+// ---- a hypervisor that refuses or hangs (issue 15, requirement 4) ----
+
+namespace {
+
+// perform() on a vm id in `hanging` blocks until release(); others answer at once (On).
+class HangingDriver final : public power::PowerDriver {
+ public:
+  explicit HangingDriver(std::set<std::string> hanging) : hanging_(std::move(hanging)) {}
+  ~HangingDriver() override { release(); }
+  std::string_view kind() const override { return "hanging"; }
+  power::Outcome query(const power::VmRef&, PowerState& state) override {
+    state = PowerState::on;
+    return {};
+  }
+  power::Outcome perform(const power::VmRef& v, Action) override {
+    std::unique_lock lock(mutex_);
+    ++performs_[v.vm_id];
+    cv_.notify_all();
+    if (hanging_.contains(v.vm_id)) {
+      ++blocked_;
+      cv_.notify_all();
+      cv_.wait(lock, [this] { return released_; });
+      --blocked_;
+    }
+    return {};
+  }
+  power::Outcome list(std::vector<std::string>&) override { return {}; }
+
+  // Waits until `n` calls are blocked at once.
+  void wait_blocked(int n) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return blocked_ >= n; });
+  }
+  int performs(const std::string& vm_id) {
+    std::lock_guard lock(mutex_);
+    return performs_[vm_id];
+  }
+  void release() {
+    std::lock_guard lock(mutex_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const std::set<std::string> hanging_;
+  std::map<std::string, int> performs_;
+  int blocked_ = 0;
+  bool released_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("action queue: a hypervisor that refuses every call: retried with growing back-off, then Failed, saying why") {
+  auto o = options();
+  o.max_attempts = 4;
+  o.initial_backoff = 10s;
+  o.max_backoff = 1min;
+  Fixture f(o);
+  f.driver.add("vm1", PowerState::off);
+  f.driver.inject_failures("vm1", Failure::connection, 100);  // never answers
+  const auto id = f.submit("vm1", Action::turn_on, power::kLaunchPriority, "Launch");
+  f.settle();
+  // The waits between attempts: 10 s, 20 s, 40 s.
+  std::vector<common::SysTime> retries;
+  for (int attempt = 1; attempt < 4; ++attempt) {
+    const auto r = f.record(id);
+    REQUIRE(r.state == ActionState::pending);
+    CHECK(r.attempts == attempt);
+    CHECK(r.failure == Failure::connection);
+    CHECK(r.failure_reason.find("attempt " + std::to_string(attempt) + " of 4; retrying") != std::string::npos);
+    retries.push_back(r.next_attempt);
+    f.clock.set(r.next_attempt - 1s);
+    f.settle();
+    CHECK(f.record(id).attempts == attempt);  // not before its back-off
+    f.clock.set(r.next_attempt);
+    f.settle();
+  }
+  CHECK(retries == std::vector<common::SysTime>{kStart + 10s, kStart + 10s + 20s, kStart + 10s + 20s + 40s});
+  const auto r = f.record(id);
+  CHECK(r.state == ActionState::failed);
+  CHECK(r.attempts == 4);
+  CHECK(r.failure == Failure::connection);
+  CHECK(r.failure_reason.rfind("Connection: ", 0) == 0);
+  CHECK(r.failure_reason.find("gave up after 4 attempts") != std::string::npos);
+  CHECK(f.store.rows.at(id).failure_reason == r.failure_reason);  // stored as admins see it
+  CHECK(f.driver.perform_calls() == 4);
+}
+
+TEST_CASE("action queue: a hung perform() is abandoned after call_timeout, retried with back-off, and does not hold up "
+          "other machines") {
+  common::ManualClock clock(kStart);
+  HangingDriver driver({"stuck"});
+  FakeStore store;
+  auto o = options();
+  o.threads = 1;  // one thread: without abandoning, the hung call would block every other action
+  o.call_timeout = 30s;
+  o.initial_backoff = 10s;
+  o.max_attempts = 2;
+  ActionQueue q(driver, clock, o, &store);
+  const auto stuck = q.submit({0, vm("stuck"), Action::turn_on, power::kLaunchPriority, "Launch"})->id;
+  q.poll();
+  driver.wait_blocked(1);
+  q.submit({0, vm("ok-1"), Action::turn_on, power::kAdminPriority, "Admin"});
+  q.poll();
+  // Not abandoned before its time: the other action waits behind the only thread.
+  clock.advance(29s);
+  q.poll();
+  CHECK(q.get(stuck)->state == ActionState::started);
+  CHECK(q.stats().driver_calls_abandoned == 0);
+  CHECK(driver.performs("ok-1") == 0);
+
+  clock.advance(1s);
+  q.poll();
+  q.wait_idle();  // the abandoned call does not count as in flight
+  auto r = *q.get(stuck);
+  CHECK(r.state == ActionState::pending);
+  CHECK(r.failure == Failure::timeout);
+  CHECK(r.failure_reason.rfind("Timeout: the hypervisor did not answer TurnOn within 30 s (call abandoned)", 0) == 0);
+  CHECK(r.failure_reason.find("attempt 1 of 2; retrying") != std::string::npos);
+  CHECK(r.next_attempt == kStart + 30s + 10s);
+  CHECK(q.stats().driver_calls_abandoned == 1);
+  // A fresh thread took over: the other machine's action ran.
+  const auto others = q.snapshot();
+  const auto ok = std::find_if(others.begin(), others.end(), [](const ActionRecord& a) { return a.vm.vm_id == "ok-1"; });
+  REQUIRE(ok != others.end());
+  CHECK(ok->state == ActionState::completed);
+  CHECK(driver.performs("ok-1") == 1);
+
+  // The retry hangs too (on a second thread), is abandoned again and the action fails.
+  clock.advance(10s);
+  q.poll();
+  driver.wait_blocked(2);
+  clock.advance(30s);
+  q.poll();
+  q.wait_idle();
+  r = *q.get(stuck);
+  CHECK(r.state == ActionState::failed);
+  CHECK(r.attempts == 2);
+  CHECK(r.failure == Failure::timeout);
+  CHECK(r.failure_reason.find("gave up after 2 attempts") != std::string::npos);
+  CHECK(q.stats().driver_calls_abandoned == 2);
+  // Meanwhile other machines' actions still run.
+  const auto later = q.submit({0, vm("ok-2"), Action::turn_on, power::kAdminPriority, "Admin"})->id;
+  q.poll();
+  q.wait_idle();
+  CHECK(q.get(later)->state == ActionState::completed);
+
+  // The hung calls return at last: their late results are ignored.
+  driver.release();
+  while (q.stats().driver_calls_abandoned > 0) std::this_thread::yield();
+  q.poll();
+  q.wait_idle();
+  CHECK(q.get(stuck)->state == ActionState::failed);
+  CHECK(store.rows.at(stuck).state == ActionState::failed);
+}
+
+TEST_CASE("action queue: at most max_abandoned_calls extra threads for hung calls") {
+  common::ManualClock clock(kStart);
+  HangingDriver driver({"a", "b", "c"});
+  auto o = options();
+  o.threads = 1;
+  o.call_timeout = 30s;
+  o.max_attempts = 1;
+  o.max_abandoned_calls = 1;
+  ActionQueue q(driver, clock, o);
+  for (const char* name : {"a", "b", "c"}) q.submit({0, vm(name), Action::turn_on, power::kAdminPriority, "Admin"});
+  q.poll();
+  driver.wait_blocked(1);
+  clock.advance(30s);
+  q.poll();
+  driver.wait_blocked(2);  // one extra thread took the next call, which hangs too
+  clock.advance(30s);
+  q.poll();  // (not wait_idle(): the third call waits for a thread, so the queue is not idle)
+  while (q.stats().driver_calls_abandoned < 2) std::this_thread::yield();
+  // Two abandoned calls, but only one extra thread: the third action's call waits for a thread.
+  CHECK(q.stats().driver_calls_in_flight == 1);
+  CHECK(driver.performs("a") + driver.performs("b") + driver.performs("c") == 2);
+  driver.release();
+  q.poll();
+  q.wait_idle();
+  CHECK(driver.performs("a") + driver.performs("b") + driver.performs("c") == 3);
+}
