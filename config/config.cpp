@@ -942,10 +942,11 @@ void Loader::read_directory(const toml::table& root) {
   filter("user_filter", d.user_filter);
   filter("group_filter", d.group_filter);
   if (auto v = r.string("group_lookup")) {
-    if (*v == "member_of" || *v == "member")
+    if (*v == "member_of" || *v == "member" || *v == "in_chain" || *v == "token_groups")
       d.group_lookup = *v;
     else
-      error(r.line("group_lookup"), r.key("group_lookup"), in_quotes(*v) + " is not \"member_of\" or \"member\"");
+      error(r.line("group_lookup"), r.key("group_lookup"),
+            in_quotes(*v) + " is not \"member_of\", \"member\", \"in_chain\" or \"token_groups\"");
   }
   if (const toml::node* n = r.get("attributes")) {
     if (const toml::table* at = n->as_table()) {

@@ -801,6 +801,13 @@ TEST_CASE("[directory]: builtin by default; ldap with its required keys, profile
   CHECK(only_error(load("[directory]\nservers = [\"http://dc1\"]\n")).key == "directory.servers");
   CHECK(only_error(load("[directory]\nuser_filter = \"objectClass=user\"\n")).key == "directory.user_filter");
   CHECK(only_error(load("[directory]\ngroup_lookup = \"tokenGroups\"\n")).key == "directory.group_lookup");
+  for (const char* lookup : {"member", "member_of", "in_chain", "token_groups"}) {
+    CAPTURE(lookup);
+    const auto r = load(std::string("[directory]\ngroup_lookup = \"") + lookup + "\"\n");
+    INFO(all_errors(r));
+    REQUIRE(r.config);
+    CHECK(r.config->directory.group_lookup == std::optional<std::string>(lookup));
+  }
   CHECK(only_error(load("[directory]\nbind_password_file = \"/nonexistent/pw\"\n")).key ==
         "directory.bind_password_file");
   CHECK(only_error(load("[directory]\npool_size = 0\n")).key == "directory.pool_size");

@@ -140,7 +140,56 @@ std::string first_rdn_value(std::string_view dn) {
   return out;
 }
 
+std::string escape_binary_filter_value(std::string_view bytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(bytes.size() * 3);
+  for (char ch : bytes) {
+    const auto c = static_cast<unsigned char>(ch);
+    out += '\\';
+    out += kHex[c >> 4];
+    out += kHex[c & 0xf];
+  }
+  return out;
+}
+
+std::string in_chain_filter(std::string_view group_filter, std::string_view member_attr, std::string_view user_dn) {
+  // 1.2.840.113556.1.4.1941: LDAP_MATCHING_RULE_IN_CHAIN, AD's transitive DN match.
+  std::string out = "(&";
+  out += group_filter;
+  out += '(';
+  out += member_attr;
+  out += ":1.2.840.113556.1.4.1941:=";
+  out += escape_filter_value(user_dn);
+  out += "))";
+  return out;
+}
+
+std::string sids_filter(std::string_view group_filter, std::string_view sid_attr,
+                        const std::vector<std::string>& binary_sids) {
+  std::string out = "(&";
+  out += group_filter;
+  out += "(|";
+  for (const auto& sid : binary_sids) {
+    out += '(';
+    out += sid_attr;
+    out += '=';
+    out += escape_binary_filter_value(sid);
+    out += ')';
+  }
+  out += "))";
+  return out;
+}
+
 }  // namespace ldap_detail
+
+std::optional<GroupLookup> group_lookup_from_string(std::string_view text) {
+  if (text == "member_of") return GroupLookup::member_of;
+  if (text == "member") return GroupLookup::member;
+  if (text == "in_chain") return GroupLookup::in_chain;
+  if (text == "token_groups") return GroupLookup::token_groups;
+  return std::nullopt;
+}
 
 namespace {
 
@@ -313,8 +362,10 @@ struct LdapDirectory::Impl {
   std::chrono::milliseconds backoff{0};  // guarded by state_mutex
 
   mutable std::mutex cache_mutex;
-  std::unordered_map<std::string, Cached> identities;       // guarded by cache_mutex; key: name form
-  std::unordered_map<std::string, Group> groups;            // guarded by cache_mutex; key: lower DN
+  std::unordered_map<std::string, Cached> identities;  // guarded by cache_mutex; key: name form
+  // guarded by cache_mutex; key: a lower DN (member_of), or "group:", "parents:", "chain:",
+  // "token:" and a lower DN, or "sid:" and a lower SID.
+  std::unordered_map<std::string, Group> groups;
   std::unordered_map<std::string, Credential> credentials;  // guarded by cache_mutex; key: HMAC hex
 
   Impl(LdapDirectoryOptions opts, common::Clock& c) : o(std::move(opts)), clock(c) {
@@ -586,15 +637,7 @@ struct LdapDirectory::Impl {
       if (a.sid.empty()) return std::nullopt;
       auto binary = sid_from_string(name.name);
       if (!binary) return std::nullopt;
-      std::string hex;
-      static constexpr char kHex[] = "0123456789abcdef";
-      for (char ch : *binary) {
-        const auto c = static_cast<unsigned char>(ch);
-        hex += '\\';
-        hex += kHex[c >> 4];
-        hex += kHex[c & 0xf];
-      }
-      clause = "(" + a.sid + "=" + hex + ")";
+      clause = "(" + a.sid + "=" + escape_binary_filter_value(*binary) + ")";
     } else if (name.upn) {
       if (a.upn.empty()) {
         // No UPN attribute: user@domain means the account name, when the suffix is ours... we
@@ -706,13 +749,11 @@ struct LdapDirectory::Impl {
     return g;
   }
 
-  // member: the groups that name `dn` as a member (each cached as a group; the list under
-  // "member-of:" + dn).
-  Result<std::vector<std::string>> parents_by_member(const std::string& dn) {
-    const std::string key = "parents:" + lower(dn);
+  // The groups a subtree search for `filter` finds (each cached under "group:" + DN, without
+  // parents), their DNs cached under `key` (as a Group whose parents are the list).
+  Result<std::vector<std::string>> groups_matching(const std::string& key, const std::string& filter) {
     if (auto g = cached_group(key)) return g->parents;
     std::vector<LdapEntry> found;
-    const std::string filter = "(&" + o.group_filter + "(" + o.attributes.member + "=" + escape_filter_value(dn) + "))";
     auto st = with_connection([&](LDAP* ld) {
       found.clear();
       return search(ld, o.base_dn, LDAP_SCOPE_SUBTREE, filter, group_attributes(), static_cast<int>(o.max_groups),
@@ -723,7 +764,7 @@ struct LdapDirectory::Impl {
     list.fetched = clock.now();
     for (const auto& e : found) {
       Group g = read_group(e);
-      g.parents.clear();  // found by member search: the parents come from their own search
+      g.parents.clear();  // found by a member search: the parents come from their own search
       store_group("group:" + lower(e.dn), g);
       list.parents.push_back(e.dn);
     }
@@ -731,10 +772,123 @@ struct LdapDirectory::Impl {
     return list.parents;
   }
 
+  // member: the groups that name `dn` as a member.
+  Result<std::vector<std::string>> parents_by_member(const std::string& dn) {
+    return groups_matching("parents:" + lower(dn),
+                           "(&" + o.group_filter + "(" + o.attributes.member + "=" + escape_filter_value(dn) + "))");
+  }
+
+  // in_chain: every group the user at `dn` is in, nested ones included, from one search (AD
+  // follows the nesting: LDAP_MATCHING_RULE_IN_CHAIN).
+  Result<std::vector<std::string>> groups_in_chain(const std::string& dn) {
+    return groups_matching("chain:" + lower(dn), in_chain_filter(o.group_filter, o.attributes.member, dn));
+  }
+
+  // A group found by groups_matching: (name, SID); its RDN value and no SID once out of the cache.
+  std::pair<std::string, std::string> matched_group(const std::string& dn) {
+    if (auto g = cached_group("group:" + lower(dn))) return {g->name, g->sid};
+    return {first_rdn_value(dn), std::string()};
+  }
+
+  // token_groups: the SIDs (textual) in the user entry's tokenGroups, read with a base-scope
+  // search (AD computes the attribute only so); cached under "token:" + DN.
+  Result<std::vector<std::string>> token_group_sids(const std::string& dn) {
+    const std::string key = "token:" + lower(dn);
+    if (auto g = cached_group(key)) return g->parents;
+    std::vector<LdapEntry> found;
+    auto st = with_connection([&](LDAP* ld) {
+      found.clear();
+      return search(ld, dn, LDAP_SCOPE_BASE, "(objectClass=*)", {o.attributes.token_groups}, 1, found);
+    });
+    if (!st) return st.error();
+    Group list;
+    list.fetched = clock.now();
+    if (!found.empty())
+      if (const auto* values = found.front().values(o.attributes.token_groups))
+        for (const auto& binary : *values)
+          if (auto sid = sid_to_string(binary); !sid.empty()) list.parents.push_back(std::move(sid));
+    store_group(key, list);
+    return list.parents;
+  }
+
+  // token_groups: the group of each SID (found = false: no group under base_dn has it), cached
+  // under "sid:" + SID; the ones not cached are looked up kSidsPerSearch at a time.
+  Result<std::vector<Group>> groups_by_sid(const std::vector<std::string>& sids) {
+    std::vector<Group> out(sids.size());
+    std::vector<std::size_t> missing;
+    for (std::size_t i = 0; i < sids.size(); ++i) {
+      if (auto g = cached_group("sid:" + lower(sids[i])))
+        out[i] = *g;
+      else
+        missing.push_back(i);
+    }
+    for (std::size_t at = 0; at < missing.size(); at += kSidsPerSearch) {
+      const std::size_t end = std::min(missing.size(), at + kSidsPerSearch);
+      std::vector<std::string> binary;
+      for (std::size_t k = at; k < end; ++k)
+        if (auto b = sid_from_string(sids[missing[k]])) binary.push_back(std::move(*b));
+      std::map<std::string, Group> by_sid;  // lower SID
+      if (!binary.empty() && !o.attributes.sid.empty()) {
+        std::vector<LdapEntry> found;
+        const std::string filter = sids_filter(o.group_filter, o.attributes.sid, binary);
+        auto st = with_connection([&](LDAP* ld) {
+          found.clear();
+          return search(ld, o.base_dn, LDAP_SCOPE_SUBTREE, filter, group_attributes(),
+                        static_cast<int>(std::max(o.max_groups, binary.size())), found);
+        });
+        if (!st) return st.error();
+        for (const auto& e : found) {
+          Group g = read_group(e);
+          g.parents.clear();
+          if (g.sid.empty()) continue;
+          store_group("group:" + lower(e.dn), g);
+          by_sid[lower(g.sid)] = std::move(g);
+        }
+      }
+      for (std::size_t k = at; k < end; ++k) {
+        const std::string& sid = sids[missing[k]];
+        Group g;
+        if (auto it = by_sid.find(lower(sid)); it != by_sid.end()) {
+          g = it->second;
+        } else {
+          g.found = false;
+          g.sid = sid;
+          g.fetched = clock.now();
+        }
+        store_group("sid:" + lower(sid), g);
+        out[missing[k]] = std::move(g);
+      }
+    }
+    return out;
+  }
+
   Status resolve_groups(User& user) {
+    std::vector<std::pair<std::string, std::string>> out;  // name (empty: a SID only), SID
+    if (o.group_lookup == GroupLookup::in_chain) {
+      auto dns = groups_in_chain(user.dn);
+      if (!dns) return dns.error();
+      for (const auto& dn : *dns) {
+        if (out.size() >= o.max_groups) break;
+        out.push_back(matched_group(dn));
+      }
+    } else if (o.group_lookup == GroupLookup::token_groups) {
+      auto sids = token_group_sids(user.dn);
+      if (!sids) return sids.error();
+      if (sids->size() > o.max_groups) sids->resize(o.max_groups);
+      auto found = groups_by_sid(*sids);
+      if (!found) return found.error();
+      for (const auto& g : *found) out.emplace_back(g.found ? g.name : std::string(), g.sid);
+    } else if (auto st = walk_groups(user, out); !st) {
+      return st;
+    }
+    set_groups(user.identity, out);
+    return {};
+  }
+
+  // member_of and member: up the nesting one level at a time, each group once (cycles end).
+  Status walk_groups(const User& user, std::vector<std::pair<std::string, std::string>>& out) {
     std::set<std::string> seen;  // lower DNs
     std::deque<std::string> todo;
-    std::vector<std::pair<std::string, std::string>> out;  // name, sid
     const auto push_all = [&](const std::vector<std::string>& dns) {
       for (const auto& dn : dns)
         if (seen.insert(lower(dn)).second) todo.push_back(dn);
@@ -756,37 +910,42 @@ struct LdapDirectory::Impl {
         out.emplace_back(g->name, g->sid);
         push_all(g->parents);
       } else {
-        auto g = cached_group("group:" + lower(dn));
-        if (g)
-          out.emplace_back(g->name, g->sid);
-        else
-          out.emplace_back(first_rdn_value(dn), std::string());
+        out.push_back(matched_group(dn));
         auto parents = parents_by_member(dn);
         if (!parents) return parents.error();
         push_all(*parents);
       }
     }
-    UserIdentity& id = user.identity;
-    for (auto& [name, sid] : out) {
-      std::string q = o.domain.empty() ? name : o.domain + "\\" + name;
-      id.groups.push_back(std::move(q));
-    }
-    // Sorted case-insensitively without duplicates, SIDs in the same order.
-    std::vector<std::size_t> idx(out.size());
-    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
-    std::stable_sort(idx.begin(), idx.end(),
-                     [&](std::size_t a, std::size_t b) { return ci_less(id.groups[a], id.groups[b]); });
-    std::vector<std::string> names, sids;
-    for (std::size_t i : idx) {
-      if (!names.empty() && iequals(names.back(), id.groups[i])) continue;
-      names.push_back(id.groups[i]);
-      if (!out[i].second.empty()) sids.push_back(out[i].second);
-    }
-    id.groups = std::move(names);
-    id.group_sids = std::move(sids);
     return {};
   }
 
+  // The identity's groups: the named ones as DOMAIN\Name, sorted case-insensitively without
+  // duplicates, and their SIDs in the same order; then the SIDs without a name, sorted.
+  void set_groups(UserIdentity& id, const std::vector<std::pair<std::string, std::string>>& out) const {
+    std::vector<std::pair<std::string, std::string>> named;  // qualified name, SID
+    std::vector<std::string> sid_only;
+    for (const auto& [name, sid] : out) {
+      if (!name.empty())
+        named.emplace_back(o.domain.empty() ? name : o.domain + "\\" + name, sid);
+      else if (!sid.empty())
+        sid_only.push_back(sid);
+    }
+    std::stable_sort(named.begin(), named.end(),
+                     [](const auto& a, const auto& b) { return ci_less(a.first, b.first); });
+    std::vector<std::string> names, sids;
+    for (auto& [name, sid] : named) {
+      if (!names.empty() && iequals(names.back(), name)) continue;
+      names.push_back(std::move(name));
+      if (!sid.empty()) sids.push_back(std::move(sid));
+    }
+    std::set<std::string> known;  // lower SIDs
+    for (const auto& sid : sids) known.insert(lower(sid));
+    std::sort(sid_only.begin(), sid_only.end());
+    for (auto& sid : sid_only)
+      if (known.insert(lower(sid)).second) sids.push_back(std::move(sid));
+    id.groups = std::move(names);
+    id.group_sids = std::move(sids);
+  }
   // ---- caches ----------------------------------------------------------------------------
 
   static std::string name_key(const AccountName& name, const std::string& default_domain) {

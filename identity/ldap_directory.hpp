@@ -25,13 +25,20 @@
 // lookup applies 2, 4, 5 and 6 to the entry (without a bind, so a password that has expired by
 // a policy only the server knows, ppolicy pwdMaxAge, is not seen).
 //
-// Groups: every group the user is in, nested groups included, with cycle detection and a bound
-// on the number of groups (max_groups). GroupLookup::member_of reads the user's memberOf values
-// and then each group's memberOf (AD, and OpenLDAP with the memberof overlay);
-// GroupLookup::member searches `(&<group_filter>(<member>=<dn>))` level by level (OpenLDAP
-// without the overlay). A group's canonical name is `DOMAIN\<group_name attribute>`, its SID
-// the decoded objectSid (S-1-5-21-...). What is known of each group (name, SID, parents) is
-// cached for cache_ttl.
+// Groups: every group the user is in, nested groups included, with a bound on the number of
+// groups (max_groups). GroupLookup::member_of reads the user's memberOf values and then each
+// group's memberOf (AD, and OpenLDAP with the memberof overlay); GroupLookup::member searches
+// `(&<group_filter>(<member>=<dn>))` level by level (OpenLDAP without the overlay); both skip
+// groups already seen, so cycles end. Active Directory only: GroupLookup::in_chain is one subtree
+// search `(&<group_filter>(<member>:1.2.840.113556.1.4.1941:=<dn>))` (LDAP_MATCHING_RULE_IN_CHAIN:
+// the server walks the nesting); GroupLookup::token_groups reads the user entry's constructed
+// `tokenGroups` (a base-scope read: the binary SIDs of every group in the user's token, nested,
+// primary group included), then resolves the SIDs not yet cached with searches
+// `(&<group_filter>(|(<sid>=\01\05...)...))` (at most ldap_detail::kSidsPerSearch each); a SID no group
+// under base_dn has (another domain's group, a SID-history value) is kept as a SID without a
+// name, after the named groups' SIDs in group_sids. A group's canonical name is
+// `DOMAIN\<group_name attribute>`, its SID the decoded objectSid (S-1-5-21-...). What is known of
+// each group (name, SID, parents) and each user's group list is cached for cache_ttl.
 //
 // Caching and outage: a looked-up identity (entry state and groups) is reused for cache_ttl;
 // a right password is remembered (HMAC with a process-random key, never the password) for
@@ -83,9 +90,15 @@ struct LdapAttributes {
   std::string pwd_last_set = "pwdLastSet";
   std::string account_expires = "accountExpires";
   std::string lockout_time = "lockoutTime";
+  std::string token_groups = "tokenGroups";  // AD's constructed attribute (GroupLookup::token_groups)
 };
 
-enum class GroupLookup { member_of, member };
+// How a user's nested groups are found (see the file comment); in_chain and token_groups are
+// Active Directory's.
+enum class GroupLookup { member_of, member, in_chain, token_groups };
+
+// "member_of", "member", "in_chain", "token_groups" (the config file's spellings); nullopt else.
+std::optional<GroupLookup> group_lookup_from_string(std::string_view text);
 
 struct LdapDirectoryOptions {
   // URIs tried in order: ldap://host:port (StartTLS when start_tls) or ldaps://host:port.
@@ -172,6 +185,17 @@ unsigned ad_bind_reason(std::string_view diagnostic);
 common::SysTime from_filetime(std::int64_t filetime);
 // The `CN=Finance,OU=...` DN's first RDN value ("Finance"); the whole DN when it has none.
 std::string first_rdn_value(std::string_view dn);
+// Every byte as a filter escape ("\01\05\00..."): a binary value (a SID) in a filter.
+std::string escape_binary_filter_value(std::string_view bytes);
+// GroupLookup::in_chain's filter: `(&<group_filter>(<member_attr>:1.2.840.113556.1.4.1941:=<dn>))`,
+// the DN escaped (RFC 4515).
+std::string in_chain_filter(std::string_view group_filter, std::string_view member_attr, std::string_view user_dn);
+// GroupLookup::token_groups' resolving filter: `(&<group_filter>(|(<sid_attr>=<escaped SID>)...))`
+// for binary SIDs (at least one).
+std::string sids_filter(std::string_view group_filter, std::string_view sid_attr,
+                        const std::vector<std::string>& binary_sids);
+// How many SIDs one resolving search names at most (filters stay well under servers' limits).
+inline constexpr std::size_t kSidsPerSearch = 100;
 }  // namespace ldap_detail
 
 }  // namespace identity

@@ -43,6 +43,46 @@ TEST_CASE("filter values are escaped (RFC 4515)") {
   CHECK(escape_filter_value("\xc3\xa9") == "\\c3\\a9");
 }
 
+TEST_CASE("in_chain: the group search names AD's transitive matching rule and the escaped user DN") {
+  CHECK(in_chain_filter("(objectClass=group)", "member", "CN=alice,OU=People,DC=corp,DC=test") ==
+        "(&(objectClass=group)(member:1.2.840.113556.1.4.1941:=CN=alice,OU=People,DC=corp,DC=test))");
+  // A DN with characters special in filters (an escaped comma stays a DN escape, its backslash
+  // is escaped for the filter; parentheses, * and non-ASCII bytes become \xx).
+  CHECK(in_chain_filter("(objectClass=group)", "member", "CN=Smith\\, J (ops)*,OU=Caf\xc3\xa9,DC=corp") ==
+        "(&(objectClass=group)(member:1.2.840.113556.1.4.1941:=CN=Smith\\5c, J \\28ops\\29\\2a,OU=Caf\\c3\\a9,"
+        "DC=corp))");
+  // A user DN cannot widen the filter.
+  CHECK(in_chain_filter("(objectClass=group)", "member", "*)(objectClass=*") ==
+        "(&(objectClass=group)(member:1.2.840.113556.1.4.1941:=\\2a\\29\\28objectClass=\\2a))");
+  CHECK(in_chain_filter("(&(objectClass=group)(groupType:1.2.840.113556.1.4.803:=2147483648))", "member", "CN=a") ==
+        "(&(&(objectClass=group)(groupType:1.2.840.113556.1.4.803:=2147483648))"
+        "(member:1.2.840.113556.1.4.1941:=CN=a))");
+}
+
+TEST_CASE("token_groups: binary SIDs become filter escapes, every byte") {
+  CHECK(escape_binary_filter_value("") == "");
+  CHECK(escape_binary_filter_value(std::string("\x00\x2a\x28\x29\x5c\x41\xff", 7)) == "\\00\\2a\\28\\29\\5c\\41\\ff");
+  CHECK(escape_binary_filter_value(sample_sid()) ==
+        "\\01\\05\\00\\00\\00\\00\\00\\05\\15\\00\\00\\00\\dc\\f4\\dc\\3b\\83\\3d\\2b\\46\\82\\8b\\a6\\28\\50\\04\\00\\"
+        "00");
+  const auto builtin_users = *sid_from_string("S-1-5-32-545");
+  CHECK(sids_filter("(objectClass=group)", "objectSid", {builtin_users}) ==
+        "(&(objectClass=group)(|(objectSid=\\01\\02\\00\\00\\00\\00\\00\\05\\20\\00\\00\\00\\21\\02\\00\\00)))");
+  CHECK(sids_filter("(objectClass=group)", "objectSid", {builtin_users, sample_sid()}) ==
+        "(&(objectClass=group)(|(objectSid=\\01\\02\\00\\00\\00\\00\\00\\05\\20\\00\\00\\00\\21\\02\\00\\00)"
+        "(objectSid=" +
+            escape_binary_filter_value(sample_sid()) + ")))");
+}
+
+TEST_CASE("group_lookup spellings") {
+  CHECK(group_lookup_from_string("member_of") == GroupLookup::member_of);
+  CHECK(group_lookup_from_string("member") == GroupLookup::member);
+  CHECK(group_lookup_from_string("in_chain") == GroupLookup::in_chain);
+  CHECK(group_lookup_from_string("token_groups") == GroupLookup::token_groups);
+  CHECK_FALSE(group_lookup_from_string("tokenGroups"));
+  CHECK_FALSE(group_lookup_from_string(""));
+}
+
 TEST_CASE("AD's reason codes are read from a refused bind's diagnostic message") {
   CHECK(ad_bind_reason("80090308: LdapErr: DSID-0C09042F, comment: AcceptSecurityContext error, data 775, v2580") ==
         0x775);

@@ -23,12 +23,15 @@ namespace {
 
 const std::string kEnrollKey = "ldap-test-enrollment-key";
 
-std::string site_config(const TempDir& dir, const Slapd& slapd) {
+// `group_lookup`: the [directory] key's value; empty: the ad profile's default.
+std::string site_config(const TempDir& dir, const Slapd& slapd, const std::string& group_lookup = {}) {
   dir.write("ldap-password", std::string(Slapd::kBindPassword) + "\n");
   std::string c = R"toml(
 [directory]
 backend = "ldap"
 profile = "ad"
+)toml" + (group_lookup.empty() ? std::string() : "group_lookup = \"" + group_lookup + "\"\n") +
+                  R"toml(
 servers = [")toml" +
                   slapd.uri() + R"toml("]
 start_tls = false
@@ -113,22 +116,16 @@ std::string element(const std::string& body, const std::string& name) {
 
 bool has(const std::string& body, const std::string& what) { return body.find(what) != std::string::npos; }
 
-}  // namespace
+// An NFuse request to the broker's XML service: the reply's body.
+std::string post_xml(net::HttpClient& xml, const std::string& body) {
+  auto r = xml.request("POST", "/scripts/wpnbr.dll", body, {{"Content-Type", "text/xml"}});
+  REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().message));
+  return r->body;
+}
 
-TEST_CASE("ldap end to end: nested-group entitlement, logon, enumeration, launch; outage and recovery") {
-  Slapd slapd;
-  TempDir dir;
-  Daemon daemon(dir);
-  REQUIRE_MESSAGE(daemon.start(site_config(dir, slapd)), daemon.log());
-  Api api(daemon);
-  net::HttpClient xml("http://127.0.0.1:" + std::to_string(daemon.xml_port()));
-  const auto post = [&](const std::string& body) {
-    auto r = xml.request("POST", "/scripts/wpnbr.dll", body, {{"Content-Type", "text/xml"}});
-    REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().message));
-    return r->body;
-  };
-
-  vda::Fleet fleet(fleet_options(daemon));
+// Starts the site's machine, CORP\\vm-1 (address 10.99.0.1:1494), on `fleet` and waits until the
+// broker has it registered.
+void register_vm(vda::Fleet& fleet, Api& api) {
   vda::MachineConfig mc;
   mc.name = "CORP\\vm-1";
   mc.catalog = "pool";
@@ -138,6 +135,21 @@ TEST_CASE("ldap end to end: nested-group entitlement, logon, enumeration, launch
   fleet.start();
   REQUIRE_MESSAGE(registered(machine), describe(machine));
   REQUIRE(await_machine(api, "CORP\\vm-1", "registration_state", "Registered") == "Registered");
+}
+
+}  // namespace
+
+TEST_CASE("ldap end to end: nested-group entitlement, logon, enumeration, launch; outage and recovery") {
+  Slapd slapd;
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir, slapd)), daemon.log());
+  Api api(daemon);
+  net::HttpClient xml("http://127.0.0.1:" + std::to_string(daemon.xml_port()));
+  const auto post = [&](const std::string& body) { return post_xml(xml, body); };
+
+  vda::Fleet fleet(fleet_options(daemon));
+  register_vm(fleet, api);
 
   // alice is in Kernel Team < Platform < Engineering < Desktop Users: the access rule names
   // Desktop Users, the entitlement Engineering by its SID.
@@ -204,6 +216,45 @@ TEST_CASE("ldap end to end: nested-group entitlement, logon, enumeration, launch
   metrics = admin.request("GET", "/metrics", "", {});
   REQUIRE(metrics.has_value());
   CHECK(has(metrics->body, "\nbroker_directory_up 1"));
+}
+
+TEST_CASE("ldap end to end, group_lookup = token_groups: groups from tokenGroups SIDs, logon, enumeration, launch") {
+  // tests/data/ldap stores on each user the tokenGroups values AD would compute (slapd cannot):
+  // alice's six group SIDs and the primary group's (513), which names no entry here.
+  Slapd slapd;
+  TempDir dir;
+  Daemon daemon(dir);
+  REQUIRE_MESSAGE(daemon.start(site_config(dir, slapd, "token_groups")), daemon.log());
+  Api api(daemon);
+  net::HttpClient xml("http://127.0.0.1:" + std::to_string(daemon.xml_port()));
+  const auto post = [&](const std::string& body) { return post_xml(xml, body); };
+
+  auto ctl = itest::run_command(
+      {BROKERCTL_PATH, "--url", daemon.admin_url(), "--token", itest::kToken, "directory", "test", "CORP\\alice"});
+  CHECK_MESSAGE(ctl.exit_code == 0, ctl.err);
+  CHECK_MESSAGE(has(ctl.out, "groups (6)"), ctl.out);
+  for (const char* g : {"CORP\\Cycle A", "CORP\\Cycle B", "CORP\\Desktop Users", "CORP\\Engineering",
+                        "CORP\\Kernel Team", "CORP\\Platform"})
+    CHECK_MESSAGE(has(ctl.out, g), g);
+  CHECK(has(ctl.out, "S-1-5-21-1004336348-1177238915-682003330-1200"));
+  CHECK(has(ctl.out, "S-1-5-21-1004336348-1177238915-682003330-1211"));
+  CHECK(has(ctl.out, "S-1-5-21-1004336348-1177238915-682003330-513"));  // SID only: no such group entry
+
+  vda::Fleet fleet(fleet_options(daemon));
+  register_vm(fleet, api);
+
+  // Access through Desktop Users, entitlement through Engineering's SID: both only in alice's
+  // tokenGroups, not in her memberOf (which names Kernel Team and Cycle A).
+  const auto apps = post(app_data("alice", "alice-pass"));
+  CHECK_MESSAGE(has(apps, "<InName>Engineering</InName>"), apps);
+  const auto launch = post(address("alice", "alice-pass", "Engineering"));
+  CHECK_MESSAGE(element(launch, "ErrorId").empty(), launch);
+  CHECK(element(launch, "ServerAddress") == "10.99.0.1:1494");
+  const auto bob_apps = post(app_data("bob", "bob-pass"));
+  CHECK(element(bob_apps, "ErrorId").empty());
+  CHECK_FALSE(has(bob_apps, "<InName>Engineering</InName>"));
+  CHECK(element(post(validate("alice", "wrong")), "ErrorId") == "failed-credentials");
+  CHECK(element(post(validate("dave", "dave-pass")), "ErrorId") == "expired-credentials");
 }
 
 TEST_CASE("ldap: a broker started while its directory is down starts, reports it, and recovers") {
