@@ -159,8 +159,11 @@ common::Result<identity::LdapDirectoryOptions> ldap_options(const config::Direct
   o->domain = d.domain;
   if (d.user_filter) o->user_filter = *d.user_filter;
   if (d.group_filter) o->group_filter = *d.group_filter;
-  if (d.group_lookup)
-    o->group_lookup = *d.group_lookup == "member" ? identity::GroupLookup::member : identity::GroupLookup::member_of;
+  if (d.group_lookup) {
+    const auto lookup = identity::group_lookup_from_string(*d.group_lookup);
+    if (!lookup) return common::Error(common::errc::invalid_argument, "unknown group_lookup " + *d.group_lookup);
+    o->group_lookup = *lookup;
+  }
   auto& a = o->attributes;
   for (const auto& [key, value] : d.attributes) {
     std::string* target = key == "account_name"           ? &a.account_name
