@@ -76,7 +76,7 @@ struct Directory {
   std::string base_dn;
   std::string domain;  // NetBIOS domain name of the directory's users and groups ("CORP")
   std::optional<std::string> user_filter, group_filter;
-  std::optional<std::string> group_lookup;  // "member_of" | "member"
+  std::optional<std::string> group_lookup;  // "member_of" | "member" | "in_chain" | "token_groups"
   // [directory.attributes]: account_name, upn, sid, member_of, member, group_name, display_name,
   // mail, user_account_control, pwd_last_set, account_expires, lockout_time -> attribute name
   // ("" switches a state attribute off).
