@@ -157,6 +157,15 @@ struct XmlService::Impl {
                        [&](const std::string& r) { return common::address_in(remote, r); });
   }
 
+  // The client address access rules and assignments by client IP match (docs/nfuse.md "Client
+  // address"): the request's ClientAddress when a trusted front end (`trusted_front_ends`) sent it
+  // and it is an IP address, else the connection's peer. Anyone else could claim any address.
+  static std::string client_address_of(const model::Object& site_settings, const std::string& remote,
+                                       const std::optional<Address>& claimed) {
+    if (claimed && common::is_ip_address(claimed->value) && from_front_end(site_settings, remote)) return claimed->value;
+    return remote;
+  }
+
   // Who is asking; `done` gets the answer exactly once: before this returns, except for a password
   // check, which may finish later on another thread (Directory::authenticate_async).
   // `client_address`: the request's ClientAddress, or empty (it names the source a trusted front
@@ -420,7 +429,7 @@ struct XmlService::Impl {
     lr.user = *caller.user;
     lr.client_name = req.client_name;
     lr.device_id = req.device_id;
-    lr.client_address = req.client_address ? req.client_address->value : remote;
+    lr.client_address = client_address_of(site_settings, remote, req.client_address);
     lr.credential = credential_of(*req.credentials, *caller.user);
     for (const auto& nv : req.session_settings)
       if (identity::iequals(nv.name, "CredentialType") && !nv.value.empty()) lr.credential.type = nv.value;
@@ -509,7 +518,7 @@ struct XmlService::Impl {
             } else {
               broker::Requester requester;
               requester.user = caller.user ? &*caller.user : nullptr;
-              requester.client_address = req.client_address ? req.client_address->value : remote;
+              requester.client_address = client_address_of(site_settings, remote, req.client_address);
               requester.client_name = req.client_name;
               ResponseAppData r;
               r.scope = req.scope;

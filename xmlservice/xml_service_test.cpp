@@ -113,6 +113,7 @@ struct Setup {
   bool trust = false;
   identity::PasswordCheckPool* password_checks = nullptr;
   xmlservice::XmlServiceOptions xml;
+  std::string extra_toml;  // appended to the site's TOML
 };
 
 struct Service {
@@ -130,7 +131,7 @@ struct Service {
   explicit Service(bool trust = false) : Service(Setup{trust, nullptr, {}}) {}
   explicit Service(Setup setup) {
     const bool trust = setup.trust;
-    auto cfg = config::load_string(site_toml(trust), "test.toml");
+    auto cfg = config::load_string(site_toml(trust) + setup.extra_toml, "test.toml");
     REQUIRE_MESSAGE(cfg.config.has_value(), (cfg.errors.empty() ? "" : cfg.errors[0].describe()));
     auto r = storage::open_sqlite({":memory:"});
     REQUIRE(r.has_value());
@@ -586,3 +587,46 @@ TEST_CASE("the icons in one RequestAppData reply are bounded by max_icon_bytes")
 }
 
 }  // TEST_SUITE("limits")
+
+// docs/nfuse.md "Client address": ClientAddress is believed only from trusted front ends; access
+// rules by client IP see the peer's own address otherwise. (The site trusts 127.0.0.0/8.)
+TEST_CASE("ClientAddress counts only from trusted front ends; others are matched by their own address") {
+  Setup setup;
+  setup.extra_toml = R"(
+[[delivery_group]]
+name = "Lab"
+delivery_type = "AppsOnly"
+session_support = "MultiSession"
+[[application]]
+name = "LabApp"
+command_line_executable = "lab.exe"
+delivery_groups = ["Lab"]
+[[rule]]
+name = "lab-access"
+rule_type = "access"
+delivery_group = "Lab"
+included_users = ["DEMO\\Domain Users"]
+included_client_ips = ["10.1.0.0/16"]
+[[rule]]
+name = "lab-apps"
+rule_type = "app_entitlement"
+delivery_group = "Lab"
+included_user_filter_enabled = false
+)";
+  Service s(setup);
+  const auto claiming = [](const std::string& address) {
+    return appdata(creds("bob", "bob-pass"), "<ClientAddress addresstype=\"dot\">" + address + "</ClientAddress>");
+  };
+  // A trusted front end speaks for its client.
+  CHECK(has(s.post(claiming("10.1.2.3"), "127.0.0.1"), "<InName>LabApp</InName>"));
+  CHECK_FALSE(has(s.post(claiming("10.2.0.1"), "127.0.0.1"), "LabApp"));
+  // Anyone else is matched by the address it connects from, whatever it claims.
+  auto untrusted = s.post(claiming("10.1.2.3"), "10.9.9.9");
+  CHECK_FALSE(has(untrusted, "ErrorId"));
+  CHECK(has(untrusted, "<InName>Notepad</InName>"));
+  CHECK_FALSE(has(untrusted, "LabApp"));
+  CHECK(has(s.post(claiming("10.9.9.9"), "10.1.7.7"), "<InName>LabApp</InName>"));
+  CHECK(has(s.post(appdata(creds("bob", "bob-pass")), "10.1.7.7"), "<InName>LabApp</InName>"));
+  // A ClientAddress that is not an IP address is ignored, even from a trusted front end.
+  CHECK_FALSE(has(s.post(claiming("lab-pc.example"), "127.0.0.1"), "LabApp"));
+}

@@ -336,6 +336,10 @@ std::string demo_config(const TempDir& dir) {
     t.replace(t.find(port), std::string(port).size(), "port = 0");
   const std::string db = "path = \"../var/demo.db\"";
   t.replace(t.find(db), db.size(), "path = \"" + dir.file("demo.db") + "\"");
+  // The test talks NFuse as a front end on 127.0.0.1 would: trusted, so its ClientAddress counts
+  // (docs/nfuse.md "Client address").
+  const std::string site = "[site]\n";
+  t.replace(t.find(site), site.size(), site + "trusted_front_ends = [\"127.0.0.1\"]\n");
   // The test's admin token beside the demo's.
   const std::string token = "[[admin.token]]\n";
   t.replace(t.find(token), token.size(),
