@@ -496,7 +496,8 @@ Result<SessionEventOutcome> AgentRegistry::session_event(const std::string& mach
 Result<storage::LogonTicket> AgentRegistry::redeem_ticket(const std::string& machine, const std::string& ticket) {
   std::optional<common::Error> refused;
   storage::LogonTicket redeemed;
-  const auto now = common::format_time(clock_.now());
+  // The reading the launcher issued it with: a wall clock set back does not lengthen a ticket.
+  const auto now = common::format_time(clock_.monotonic_now());
   auto st = repository_.write([&](storage::Transaction& tx) -> Status {
     auto r = tx.redeem_logon_ticket(common::crypto::sha256_hex(ticket), machine, now);
     if (r) {

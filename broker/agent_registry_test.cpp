@@ -462,3 +462,33 @@ TEST_CASE("enrollment refuses a machine the engine has registered, and re-keys i
   REQUIRE(f.agents->deregister("DEMO\\m1", "ContactLost"));
   CHECK(f.agents->enroll("DEMO\\m1", "pool").has_value());
 }
+
+TEST_CASE("logon tickets: setting the wall clock back does not lengthen a ticket; forwards only shortens it") {
+  Fixture f;
+  // Issued as the launcher issues them: by the clock's monotonic reading.
+  auto put = [&](const std::string& ticket, std::chrono::seconds ttl) {
+    storage::LogonTicket t;
+    t.ticket_hash = common::crypto::sha256_hex(ticket);
+    t.machine = "DEMO\\m1";
+    t.user_name = "DEMO\\alice";
+    t.credential_type = "password";
+    t.credential_data = "opaque";
+    t.expires_at = common::format_time(f.clock.monotonic_now() + ttl);
+    REQUIRE(f.repo->write([&](storage::Transaction& tx) { return tx.put_logon_ticket(t); }));
+  };
+  using std::chrono::seconds;
+  put("BEFORE-JUMP", seconds(100));
+  put("OUTLIVED", seconds(100));
+  f.clock.jump(-std::chrono::hours(1));  // the wall clock is set back an hour
+  f.clock.advance(seconds(60));
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "BEFORE-JUMP").has_value());  // within its 100 s
+  put("AFTER-JUMP", seconds(100));  // issued after the jump: a full lifetime, not less
+  f.clock.advance(seconds(41));  // 101 s since the first two were issued; the wall clock says -59 min
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "OUTLIVED").error().message == "expired");
+  f.clock.advance(seconds(58));
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "AFTER-JUMP").has_value());  // 99 s after its issue
+
+  put("JUMPED-PAST", seconds(100));
+  f.clock.jump(std::chrono::hours(2));  // forwards, past the ticket's end: it ends early
+  CHECK(f.agents->redeem_ticket("DEMO\\m1", "JUMPED-PAST").error().message == "expired");
+}

@@ -277,7 +277,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     auto sealed = seal_credential(cred, t.ticket_hash, machine);
     if (!sealed) return sealed.error();
     t.credential_data = std::move(*sealed);
-    const auto expires = clock.now() + std::chrono::seconds(ttl);
+    // By the clock's monotonic reading: setting the wall clock back cannot lengthen the ticket
+    // (AgentRegistry::redeem_ticket compares with the same reading; docs/SECURITY.md section 4).
+    const auto issued = clock.monotonic_now();
+    const auto expires = issued + std::chrono::seconds(ttl);
+    t.created_at = common::format_time(issued);
     t.expires_at = common::format_time(expires);
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(expires.time_since_epoch()).count();
     for (auto seen = next_ticket_expiry.load(); ms < seen && !next_ticket_expiry.compare_exchange_weak(seen, ms);) {

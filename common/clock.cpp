@@ -1,9 +1,25 @@
 #include "common/clock.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <ctime>
 
 namespace common {
+
+SysTime Clock::monotonic_now() const {
+  const auto wall = now();
+  const auto steady_now = steady();
+  std::lock_guard lock(mutex_);
+  SysTime reading = wall;
+  if (anchored_) {
+    const auto moved = std::chrono::duration_cast<SysTime::duration>(steady_now - last_steady_);
+    reading = std::max(wall, last_ + std::max(SysTime::duration::zero(), moved));
+  }
+  anchored_ = true;
+  last_ = reading;
+  last_steady_ = steady_now;
+  return reading;
+}
 
 std::string format_time(SysTime t) {
   using namespace std::chrono;

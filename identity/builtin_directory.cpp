@@ -294,7 +294,7 @@ std::optional<Result<AuthOutcome>> BuiltinDirectory::prepare(const Credentials& 
 
   const Object& user = *a.user;
   if (!user.flag("disabled")) {  // 2. locked out
-    switch (lock_state(user, clock_.now())) {
+    switch (lock_state(user, clock_.monotonic_now())) {
       case LockState::active: forget(user.name); return Result<AuthOutcome>(outcome(AuthResult::account_locked_out));
       case LockState::lapsed:
         if (auto st = unlock(user); !st) return Result<AuthOutcome>(st.error());
@@ -317,7 +317,7 @@ std::optional<Result<AuthOutcome>> BuiltinDirectory::prepare(const Credentials& 
     a.mac = common::crypto::hmac_sha256_hex(cache_key_, input);
     std::lock_guard lock(mutex_);
     if (auto it = cache_.find(a.mac); it != cache_.end()) {
-      if (it->second.expires > clock_.now()) {
+      if (it->second.expires > clock_.monotonic_now()) {
         a.cached = true;
       } else {
         cache_.erase(it);
@@ -344,7 +344,7 @@ Result<AuthOutcome> BuiltinDirectory::conclude(Attempt& a, bool matched) {
     return outcome(AuthResult::failed_credentials);
   }
   if (!a.cached && !a.mac.empty()) {
-    const SysTime now = clock_.now();
+    const SysTime now = clock_.monotonic_now();
     std::lock_guard lock(mutex_);
     if (cache_.size() >= next_sweep_) {
       std::erase_if(cache_, [&](const auto& item) { return item.second.expires <= now; });
@@ -410,7 +410,7 @@ Result<AuthOutcome> BuiltinDirectory::lookup(std::string_view user_name, std::st
   if (!user) return Error(errc::not_found, "no such user");
 
   if (user->flag("disabled")) return outcome(AuthResult::account_disabled);
-  switch (lock_state(*user, clock_.now())) {
+  switch (lock_state(*user, clock_.monotonic_now())) {
     case LockState::active: return outcome(AuthResult::account_locked_out);
     case LockState::lapsed:
       if (auto st = unlock(*user); !st) return st.error();
@@ -450,7 +450,7 @@ bool BuiltinDirectory::unknown_locked(const std::string& key) {
   std::lock_guard lock(mutex_);
   auto it = unknown_locks_.find(key);
   if (it == unknown_locks_.end()) return false;
-  if (it->second > clock_.now()) return true;
+  if (it->second > clock_.monotonic_now()) return true;
   unknown_bytes_ -= unknown_cost(it->first, 1);
   unknown_locks_.erase(it);
   return false;
@@ -487,7 +487,7 @@ void BuiltinDirectory::make_room_locked(SysTime now, const Settings& settings) {
 
 void BuiltinDirectory::record_unknown_failure(const std::string& key, const Settings& settings) {
   if (settings.lockout_threshold <= 0) return;
-  const SysTime now = clock_.now();
+  const SysTime now = clock_.monotonic_now();
   std::lock_guard lock(mutex_);
   auto it = failures_.find(key);
   if (it == failures_.end()) {
@@ -512,7 +512,7 @@ void BuiltinDirectory::record_unknown_failure(const std::string& key, const Sett
 
 Status BuiltinDirectory::record_failure(const Object& user, const Settings& settings) {
   if (settings.lockout_threshold <= 0) return {};
-  const SysTime now = clock_.now();
+  const SysTime now = clock_.monotonic_now();
   const std::string key = lower(user.name);
   {
     std::lock_guard lock(mutex_);
@@ -624,7 +624,7 @@ Result<UserIdentity> BuiltinDirectory::resolve(const Object& user, const Setting
 
 bool BuiltinDirectory::fresh(SysTime read_at) const {
   if (options_.index_ttl <= std::chrono::seconds::zero()) return false;
-  const SysTime now = clock_.now();
+  const SysTime now = clock_.monotonic_now();
   return now >= read_at && now - read_at < options_.index_ttl;  // a clock set back: read again
 }
 
@@ -685,7 +685,7 @@ Result<std::shared_ptr<const detail::NameIndex>> BuiltinDirectory::name_index(Tr
   }
   // Inside the caller's read transaction, which holds the database: look-ups that need the
   // index meanwhile wait for the connection, then find it current.
-  const SysTime now = clock_.now();
+  const SysTime now = clock_.monotonic_now();
   auto read = read_name_index(tx);
   if (!read) return read.error();
   auto index = std::make_shared<const detail::NameIndex>(std::move(*read));
@@ -711,7 +711,7 @@ Result<std::shared_ptr<const detail::GroupIndex>> BuiltinDirectory::group_index(
         return {};
       }
     }
-    const SysTime now = clock_.now();
+    const SysTime now = clock_.monotonic_now();
     auto built = read_group_index(tx);
     if (!built) return built.error();
     index = std::make_shared<const detail::GroupIndex>(std::move(*built));

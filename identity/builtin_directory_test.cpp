@@ -861,3 +861,38 @@ TEST_CASE("the row cache is bounded") {
   CHECK(f.dir->cached_users() <= 10);
   CHECK(f.dir->lookup("alice", "")->result == AuthResult::ok);
 }
+
+TEST_CASE("lock-outs follow the monotonic clock: setting the wall clock back does not lengthen them, forwards only shortens") {
+  Fixture f;  // threshold 3, window 60 s, duration 300 s
+  f.add_user("alice", "secret");
+  f.add_user("bob", "secret");
+  f.add_user("carol", "secret");
+  for (int i = 0; i < 3; ++i) CHECK(f.result("alice", "x") == AuthResult::failed_credentials);
+  CHECK(f.result("alice", "secret") == AuthResult::account_locked_out);
+  f.clock.jump(-1h);  // the wall clock is set back an hour
+  f.clock.advance(299s);
+  CHECK(f.result("alice", "secret") == AuthResult::account_locked_out);
+  f.clock.advance(1s);  // 300 s after the lock-out by the monotonic clock: over
+  CHECK(f.result("alice", "secret") == AuthResult::ok);
+
+  // The failure window too: two failures, the clock set back, 61 s: they have left the window.
+  for (int i = 0; i < 2; ++i) CHECK(f.result("bob", "x") == AuthResult::failed_credentials);
+  f.clock.jump(-1h);
+  f.clock.advance(61s);
+  CHECK(f.result("bob", "x") == AuthResult::failed_credentials);
+  CHECK(f.result("bob", "secret") == AuthResult::ok);
+
+  // Unknown names (kept in memory) alike.
+  for (int i = 0; i < 3; ++i) CHECK(f.result("nobody", "x") == AuthResult::failed_credentials);
+  CHECK(f.result("nobody", "x") == AuthResult::account_locked_out);
+  f.clock.jump(-1h);
+  f.clock.advance(300s);
+  CHECK(f.result("nobody", "x") == AuthResult::failed_credentials);
+
+  // A jump forwards past the end of a lock-out ends it (the wall clock was set back 3 h above:
+  // it jumps 1 h past the monotonic reading).
+  for (int i = 0; i < 3; ++i) CHECK(f.result("carol", "x") == AuthResult::failed_credentials);
+  CHECK(f.result("carol", "secret") == AuthResult::account_locked_out);
+  f.clock.jump(4h);
+  CHECK(f.result("carol", "secret") == AuthResult::ok);
+}
