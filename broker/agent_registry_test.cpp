@@ -202,22 +202,29 @@ TEST_CASE("summary state rules (broker::derive_summary, the one place they are d
   CHECK(derive_summary(R::registered, P::on, multi, 10000, {S::active}) == SummaryState::in_use);
 }
 
+namespace {
+
+// A logon ticket of DEMO\\alice for DEMO\\m1, stored as the launcher stores it.
+common::Status put_ticket(Fixture& f, const std::string& ticket, common::SysTime expires) {
+  storage::LogonTicket t;
+  t.ticket_hash = common::crypto::sha256_hex(ticket);
+  t.machine = "DEMO\\m1";
+  t.user_name = "DEMO\\alice";
+  t.credential_type = "password";
+  t.credential_data = "opaque";
+  t.expires_at = common::format_time(expires);
+  return f.repo->write([&](storage::Transaction& tx) { return tx.put_logon_ticket(t); });
+}
+
+}  // namespace
+
 TEST_CASE("logon tickets: once, only by their machine, within their lifetime, then wiped") {
   Fixture f;
   Object other = make_default(Kind::machine, "DEMO\\m2");
   other.fields["catalog"] = std::string("pool");
   REQUIRE(f.site->create(other, "t").has_value());
   const auto now = f.clock.now();
-  auto put = [&](const std::string& ticket, std::chrono::seconds ttl) {
-    storage::LogonTicket t;
-    t.ticket_hash = common::crypto::sha256_hex(ticket);
-    t.machine = "DEMO\\m1";
-    t.user_name = "DEMO\\alice";
-    t.credential_type = "password";
-    t.credential_data = "opaque";
-    t.expires_at = common::format_time(now + ttl);
-    return f.repo->write([&](storage::Transaction& tx) { return tx.put_logon_ticket(t); });
-  };
+  auto put = [&](const std::string& ticket, std::chrono::seconds ttl) { return put_ticket(f, ticket, now + ttl); };
   REQUIRE(put("T1", std::chrono::seconds(100)));
   CHECK(put("T1", std::chrono::seconds(100)).error().code == common::errc::conflict);
   auto wrong = f.agents->redeem_ticket("DEMO\\m2", "T1");
@@ -467,14 +474,7 @@ TEST_CASE("logon tickets: setting the wall clock back does not lengthen a ticket
   Fixture f;
   // Issued as the launcher issues them: by the clock's monotonic reading.
   auto put = [&](const std::string& ticket, std::chrono::seconds ttl) {
-    storage::LogonTicket t;
-    t.ticket_hash = common::crypto::sha256_hex(ticket);
-    t.machine = "DEMO\\m1";
-    t.user_name = "DEMO\\alice";
-    t.credential_type = "password";
-    t.credential_data = "opaque";
-    t.expires_at = common::format_time(f.clock.monotonic_now() + ttl);
-    REQUIRE(f.repo->write([&](storage::Transaction& tx) { return tx.put_logon_ticket(t); }));
+    REQUIRE(put_ticket(f, ticket, f.clock.monotonic_now() + ttl));
   };
   using std::chrono::seconds;
   put("BEFORE-JUMP", seconds(100));

@@ -478,6 +478,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
     int total = 0, tagged = 0, reg = 0, open = 0;
     std::vector<Candidate> usable;
     std::vector<const Machine*> to_power;  // off but power-managed, idle, not faulted
+    std::string power_faults;              // "m1: FailedToStart, m2: StuckOnBoot": why not powered on
     bool private_group = false;
     std::vector<const Machine*> mine;  // machines assigned to the user (private groups)
     for (const auto& g : groups) {
@@ -547,6 +548,9 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
           if (power && target && !m.in_maintenance_mode && st.live_sessions_on(m.name) == 0 &&
               (!private_group || mine.empty() || grp.automatic_power_on_for_assigned))
             to_power.push_back(&m);
+          else if (power && !target && m.fault_state != "None" && !m.fault_state.empty() &&
+                   (m.power == PowerState::off || m.power == PowerState::suspended))
+            power_faults += (power_faults.empty() ? "" : ", ") + m.name + ": " + m.fault_state;
           continue;
         }
         ++reg;
@@ -590,7 +594,11 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
                       private_group && mine.empty() ? "no unassigned machine left in the delivery group"
                                                     : "the delivery group has no machines to offer");
       if (tagged == 0) return failed(LaunchFailure::tag_mismatch, "no machine has the tag '" + tag + "'");
-      if (reg == 0) return failed(LaunchFailure::all_unregistered, "every candidate machine is unregistered");
+      if (reg == 0)
+        return failed(LaunchFailure::all_unregistered,
+                      power_faults.empty() ? "every candidate machine is unregistered"
+                                           : "every candidate machine is unregistered, and those that are off "
+                                             "could not be powered on (" + power_faults + ")");
       if (open == 0) return failed(LaunchFailure::all_in_maintenance, "every registered candidate is in maintenance mode");
       return failed(LaunchFailure::all_in_use, "every registered candidate machine is in use");
     }

@@ -739,3 +739,26 @@ TEST_CASE("launcher: a launch's wait for registration runs on the scheduler: it 
   CHECK(f.launcher->held_machines() == std::set<std::string>{"DEMO\\pool-1"});
   CHECK(timers.pending() == 0);
 }
+
+TEST_CASE("launcher: when the hypervisor refuses the power-ons the launch fails saying which machines failed to start") {
+  Fixture f;  // answers at once
+  FakePower power;
+  // The hypervisor refuses every TurnOn: the power manager sets the machine's fault (docs/power.md).
+  power.on_power = [&](const std::string& machine) {
+    f.update(Kind::machine, machine, "fault_state", std::string("FailedToStart"));
+  };
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  f.update(Kind::machine, "DEMO\\pool-3", "in_maintenance_mode", true);
+  f.update(Kind::machine, "DEMO\\pool-4", "in_maintenance_mode", true);
+  auto r = f.launch("erin", "pool-desktop");
+  CHECK(r.failure == LaunchFailure::powering_on);  // pool-1 queued; its TurnOn fails meanwhile
+  r = f.launch("erin", "pool-desktop");            // the retry: pool-1 is faulted, pool-2 next
+  CHECK(r.failure == LaunchFailure::powering_on);
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1", "DEMO\\pool-2"});
+  r = f.launch("erin", "pool-desktop");  // nothing left to power on: explained (NFuse no-available-workstation)
+  CHECK(r.failure == LaunchFailure::all_unregistered);
+  CHECK(r.message == "every candidate machine is unregistered, and those that are off could not be powered on "
+                     "(DEMO\\pool-1: FailedToStart, DEMO\\pool-2: FailedToStart)");
+  CHECK(power.powered().size() == 2);  // faulted machines are not powered on again
+}
