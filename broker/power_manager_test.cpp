@@ -333,3 +333,36 @@ TEST_CASE("power manager: the pool policy never shuts down a machine held for a 
   for (const auto& a : power.actions()) CHECK(a.vm.machine != "DEMO\\pool-4");
   power.stop();
 }
+
+TEST_CASE("power manager: a launch's power-on on a hypervisor that refuses every call is retried, then FailedToStart, saying why") {
+  Site site;
+  site.update(Kind::hypervisor_connection, "sim", {{"simulated_failure_percent", std::int64_t{100}}});
+  site.power_off("DEMO\\pool-1");
+  broker::PowerManagerOptions o;
+  o.tick = std::chrono::milliseconds(10);
+  broker::PowerManager power(*site.repo, site.clock, nullptr, o);
+  power.set_engine(&site.engine);
+  REQUIRE(power.start());
+  auto throttled = power.power_on("DEMO\\pool-1");  // as the launcher asks
+  REQUIRE(throttled.has_value());
+  std::optional<broker::PowerAction> action;
+  for (const auto& a : power.actions())
+    if (a.vm.machine == "DEMO\\pool-1" && a.action == power::Action::turn_on) action = a;
+  REQUIRE(action.has_value());
+  CHECK(action->reason == "Launch");
+  const auto id = action->id;
+  for (int i = 0; i < 500 && power.get(id)->state != power::ActionState::failed; ++i) {
+    site.clock.advance(std::chrono::seconds(61));  // past each retry's back-off and the per-minute throttle
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const auto a = power.get(id);
+  REQUIRE(a.has_value());
+  CHECK(a->state == power::ActionState::failed);
+  CHECK(a->attempts == 5);  // the built-in max_attempts
+  CHECK(a->failure == power::Failure::connection);
+  CHECK(a->failure_reason.find("gave up after 5 attempts") != std::string::npos);
+  for (int i = 0; i < 500 && site.machine_field("DEMO\\pool-1", "fault_state") != "FailedToStart"; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(site.machine_field("DEMO\\pool-1", "fault_state") == "FailedToStart");  // launches skip it now
+  power.stop();
+}
