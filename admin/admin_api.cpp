@@ -6,6 +6,7 @@
 #include "broker/power_manager.hpp"
 #include "broker/site_objects.hpp"
 #include "common/crypto.hpp"
+#include "common/log.hpp"
 #include "common/metrics.hpp"
 #include "common/model_json.hpp"
 #include "common/version.hpp"
@@ -75,12 +76,15 @@ HttpResponse json_reply(int status, const json::value& body) {
 
 // The one place where errors become admin replies.
 HttpResponse reply_error(const Error& e, const char* code = nullptr, int status = 0) {
+  // Messages may quote names from the path or query string, bytes as sent: JSON text must be
+  // UTF-8, so invalid bytes (and control characters) are written as \xNN (found by admin_fuzz).
+  const auto text = [](const std::string& s) { return common::log_safe(s, s.size()); };
   json::object err;
   err["code"] = code ? code : code_name(e.code);
-  err["message"] = e.field.empty() ? e.message : e.field + ": " + e.message;
+  err["message"] = text(e.field.empty() ? e.message : e.field + ": " + e.message);
   if (!e.field.empty()) {
     json::array fields;
-    fields.push_back(json::object{{"field", e.field}, {"message", e.message}});
+    fields.push_back(json::object{{"field", text(e.field)}, {"message", text(e.message)}});
     err["fields"] = std::move(fields);
   }
   auto r = json_reply(status ? status : http_status(e.code), json::object{{"error", std::move(err)}});

@@ -31,6 +31,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <future>
 #include <memory>
@@ -136,6 +137,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto future = promise->get_future();
   site.api->handle(std::move(req), [promise](net::HttpResponse r) { promise->set_value(std::move(r)); });
   const net::HttpResponse reply = future.get();  // a second answer would throw in set_value
+  static const bool debug = std::getenv("OPENBROKER_FUZZ_DEBUG") != nullptr;  // for triage
+  if (debug) std::fprintf(stderr, "%d %s\n%s\n", reply.status, reply.content_type.c_str(), reply.body.c_str());
   check(reply.status >= 200 && reply.status <= 599 && reply.status != 500);
   if (reply.content_type.find("application/json") != std::string::npos) {
     boost::system::error_code ec;
