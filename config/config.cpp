@@ -1116,8 +1116,51 @@ void Loader::check_rules_between_objects() {
   }
 }
 
+// TOML allows non-ASCII text only inside strings and comments (bare keys are ASCII). toml++ 3.3
+// (Debian's) reaches __builtin_unreachable() on some non-ASCII characters where a value may end,
+// which is undefined behaviour (found by fuzz/config_fuzz; the input is in its corpus). So such a
+// character is refused here, before toml++ sees the file: the 1-based line of the first one, or 0.
+int non_ascii_outside_strings(std::string_view text) {
+  int line = 1;
+  std::size_t i = 0;
+  const auto starts = [&](std::string_view what) { return text.substr(i, what.size()) == what; };
+  while (i < text.size()) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++line;
+      ++i;
+    } else if (c == '#') {  // a comment, to the end of the line
+      while (i < text.size() && text[i] != '\n') ++i;
+    } else if (starts("\"\"\"") || starts("'''")) {  // multi-line string
+      const std::string_view close = text.substr(i, 3);
+      const bool basic = close[0] == '"';
+      for (i += 3; i < text.size() && !starts(close); ++i) {
+        if (basic && text[i] == '\\' && i + 1 < text.size()) ++i;  // an escaped character, quotes included
+        if (text[i] == '\n') ++line;
+      }
+      i += 3;
+      while (i < text.size() && text[i] == close[0]) ++i;  // up to two quotes may end the string
+    } else if (c == '"' || c == '\'') {  // one-line string (ends at the line's end at the latest)
+      for (++i; i < text.size() && text[i] != c && text[i] != '\n'; ++i)
+        if (c == '"' && text[i] == '\\') ++i;
+      if (i < text.size() && text[i] == c) ++i;
+    } else if (static_cast<unsigned char>(c) >= 0x80) {
+      return line;
+    } else {
+      ++i;
+    }
+  }
+  return 0;
+}
+
 LoadResult Loader::run(std::string_view text) {
   LoadResult result;
+  if (const int line = non_ascii_outside_strings(text); line != 0) {
+    result.errors.push_back(ConfigError{file_, line, "",
+                                        "TOML syntax error: a non-ASCII character outside a string or comment "
+                                        "(quote the key or value)"});
+    return result;
+  }
   toml::table root;
   try {
     root = toml::parse(text, std::string_view(file_));

@@ -228,6 +228,23 @@ TEST_CASE("a TOML syntax error is one error with its line") {
   CHECK(e.message.find("TOML syntax error") == 0);
 }
 
+TEST_CASE("non-ASCII text is taken in strings and comments, and refused elsewhere with its line") {
+  // In every kind of string and in comments: loads.
+  const auto ok = load("# Caf\u00e9 \u00fcber alles\n[site]\nsite_name = \"Caf\u00e9 \\\" \u00e9\"  # \u00e9\n"
+                       "default_domain = 'd\u00e9mo'\n[[catalog]]\nname = \"c\"\ndescription = \"\"\"multi \u00e9\n\"\u00e9\"\n\"\"\"\n"
+                       "[[delivery_group]]\nname = \"g\"\ndescription = '''x \u00e9\n'''\n");
+  CHECK_MESSAGE(ok.errors.empty(), all_errors(ok));
+  // Outside a string (where toml++ 3.3 would reach undefined behaviour): one syntax error, its line.
+  const auto e = only_error(load("[daemon]\nio_threads = 2\n[site]\nsite_name = \"x\" \u0340\n"));
+  CHECK(e.line == 4);
+  CHECK(e.message.find("non-ASCII character outside a string") != std::string::npos);
+  // The input fuzz/config_fuzz found (fuzz/corpus/config/crash-3e2c0849...).
+  const std::string found("[a]\nb = [1, \"x\", {c = -27V07:\xcd\x80" "0800\" = \"\"\"\nmlti\n\"\"\"\n[\xdb" "a.f]]\n");
+  const auto f = config::load_string(found, "f.toml");
+  REQUIRE_FALSE(f.errors.empty());
+  CHECK(f.errors.front().message.find("TOML syntax error") == 0);
+}
+
 TEST_CASE("unknown keys are errors, with a suggestion when one is close") {
   const auto r = load("[[catalog]]\nname = \"c\"\n[[machine]]\nname = \"m\"\ncatalog = \"c\"\ncatlog = \"c\"\n");
   const auto u = only_error(r);
