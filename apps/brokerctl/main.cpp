@@ -29,6 +29,9 @@ constexpr const char* kUsage = R"(usage: brokerctl [--url URL] [--token TOKEN] [
 
   --url URL      admin endpoint (default $OPENBROKER_URL or http://127.0.0.1:8082)
   --token TOKEN  admin bearer token (default $OPENBROKER_TOKEN)
+  --ca-file FILE for an https URL: the CA (PEM) that signed the broker's admin certificate
+                 (default $OPENBROKER_CA_FILE); the certificate and host name are checked
+  --insecure     for an https URL: no certificate check (the token may go to whoever answers)
   --json         print the API's JSON instead of tables
 
 nouns: machine, catalog, group (delivery group), scheme (power time scheme), application, rule, assignment,
@@ -271,7 +274,8 @@ void add_audit_detail(json::value& page) {
 
 class Client {
  public:
-  Client(std::string url, std::string token) : url_(url), http_(std::move(url)), token_(std::move(token)) {}
+  Client(std::string url, std::string token, std::string ca_file)
+      : url_(url), http_(std::move(url), std::chrono::seconds(30), std::move(ca_file)), token_(std::move(token)) {}
 
   json::value call(const std::string& method, const std::string& target, const json::value* body = nullptr) {
     std::vector<std::pair<std::string, std::string>> headers;
@@ -405,6 +409,8 @@ int power_command(Client& client, const std::vector<std::string>& rest, bool as_
 int run(std::vector<std::string> args) {
   std::string url = std::getenv("OPENBROKER_URL") ? std::getenv("OPENBROKER_URL") : "http://127.0.0.1:8082";
   std::string token = std::getenv("OPENBROKER_TOKEN") ? std::getenv("OPENBROKER_TOKEN") : "";
+  std::string ca_file = std::getenv("OPENBROKER_CA_FILE") ? std::getenv("OPENBROKER_CA_FILE") : "";
+  bool insecure = false;
   bool as_json = false;
   std::optional<std::string> limit, offset, text, title, action, machine, state, priority, domain;
   std::vector<std::string> rest;
@@ -417,6 +423,8 @@ int run(std::vector<std::string> args) {
     if (a == "--url") url = value();
     else if (a == "--token") token = value();
     else if (a == "--json") as_json = true;
+    else if (a == "--ca-file") ca_file = value();
+    else if (a == "--insecure") insecure = true;
     else if (a == "--limit") limit = value();
     else if (a == "--offset") offset = value();
     else if (a == "--text") text = value();
@@ -443,7 +451,11 @@ int run(std::vector<std::string> args) {
   if ((machine || state) && !power_list) throw UsageError("--machine and --state go with power list");
   if (priority && !(power_noun && rest.size() > 1 && rest[1] == "create"))
     throw UsageError("--priority goes with power create (power priority ID N changes one)");
-  Client client(url, token);
+  // The bearer token must not go to whoever answers: https is checked unless asked not to.
+  if (url.rfind("https://", 0) == 0 && ca_file.empty() && !insecure)
+    throw UsageError("an https URL needs --ca-file FILE (the CA that signed the broker's admin certificate) or "
+                     "--insecure (no certificate check)");
+  Client client(url, token, insecure ? std::string() : ca_file);
   const std::string noun = rest[0];
   const std::string verb = rest.size() > 1 ? rest[1] : "";
 

@@ -267,6 +267,19 @@ TEST_CASE("brokerctl lists, switches maintenance mode, and fails clearly") {
                                                {"OPENBROKER_TOKEN", itest::kToken}};
   auto list = itest::run_command({BROKERCTL_PATH, "machine", "list"}, {}, env);
   CHECK(list.exit_code == 0);
+  {
+    // https: the token goes out only to a certificate checked against a CA, unless --insecure.
+    const std::string https = "https://127.0.0.1:" + std::to_string(daemon.admin_port());
+    auto unchecked = itest::run_command({BROKERCTL_PATH, "--url", https, "machine", "list"}, {}, env);
+    CHECK(unchecked.exit_code == 2);
+    CHECK_MESSAGE(unchecked.err.find("--ca-file") != std::string::npos, unchecked.err);
+    auto no_ca = itest::run_command({BROKERCTL_PATH, "--url", https, "--ca-file", dir.file("no-such-ca.pem"), "machine", "list"},
+                                    {}, env);
+    CHECK(no_ca.exit_code == 3);
+    CHECK_MESSAGE(no_ca.err.find("cannot load CA file") != std::string::npos, no_ca.err);
+    auto insecure = itest::run_command({BROKERCTL_PATH, "--url", https, "--insecure", "machine", "list"}, {}, env);
+    CHECK(insecure.exit_code == 3);  // accepted; the plain-HTTP listener does not speak TLS
+  }
   CHECK(list.out.find("NAME") == 0);
   CHECK(list.out.find("TEST\\cfg-1") != std::string::npos);
   CHECK(list.out.find("TEST\\cfg-2") != std::string::npos);
