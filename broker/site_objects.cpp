@@ -186,9 +186,38 @@ Status SiteObjects::check_semantics(storage::Transaction& tx, const Object& obj)
   return {};
 }
 
+namespace {
+
+// What the admin API may not set, because it would reach the broker host's files or programs:
+// a hypervisor connection's file paths (a simulated driver's state file is written by rename, a
+// password_file is read and sent to the connection's URI) and libvirt's `ext` transport or its
+// `command` parameter (runs a program). Those belong in the config file, which only someone
+// with access to the host can change (docs/SECURITY.md 9.5).
+Status api_may_set(const Object& obj) {
+  if (obj.kind != Kind::hypervisor_connection) return {};
+  const std::string host_only = " can be set in the config file only, not through the admin API (it would reach "
+                                "the broker host's files or programs)";
+  const auto uri = obj.text("uri");
+  if (obj.text("driver", "simulated") == "simulated" && !uri.empty())
+    return make_error(errc::invalid_argument, "a simulated driver's state file" + host_only, "uri");
+  if (!obj.text("password_file").empty())
+    return make_error(errc::invalid_argument, "password_file" + host_only, "password_file");
+  std::string lowered = uri;
+  for (auto& c : lowered) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  const auto scheme = lowered.substr(0, lowered.find(':'));
+  const auto query = lowered.find('?') == std::string::npos ? std::string() : lowered.substr(lowered.find('?'));
+  if (scheme.ends_with("+ext") || query.find("command=") != std::string::npos)
+    return make_error(errc::invalid_argument, "libvirt's ext transport (a command run by the broker)" + host_only,
+                      "uri");
+  return {};
+}
+
+}  // namespace
+
 Result<Object> SiteObjects::create(Object candidate, const std::string& actor) {
   if (!model::spec(candidate.kind).api_writable)
     return make_error(errc::invalid_argument, kind_label(candidate.kind) + "s are read-only");
+  if (auto ok = api_may_set(candidate); !ok) return ok.error();
   candidate.owner = "api";
   if (candidate.kind == Kind::machine)
     candidate.fields["maintenance_mode_reason"] =
@@ -220,6 +249,8 @@ Result<Object> SiteObjects::update(std::string_view name, Object candidate, cons
       Object declared_view = candidate;
       if (declared_view.name != existing->name || !model::same_declared_fields(declared_view, *existing))
         return owned_by_config_error(*existing);
+    } else if (auto ok = api_may_set(candidate); !ok) {
+      return ok;
     }
     if (candidate.kind == Kind::machine && candidate.flag("in_maintenance_mode") != existing->flag("in_maintenance_mode"))
       candidate.fields["maintenance_mode_reason"] =

@@ -134,6 +134,44 @@ TEST_CASE("semantic checks name the field") {
   CHECK(desktops_on_apps.error().message == "entitlement rules publish desktops; 'apps' is AppsOnly (use app_entitlement)");
 }
 
+TEST_CASE("the admin API cannot point a hypervisor connection at the host's files or programs; the config file can") {
+  Fixture f;
+  const auto conn = [](std::initializer_list<std::pair<const char*, Value>> fields) {
+    return obj(Kind::hypervisor_connection, "h", fields, "api");
+  };
+  auto state_file = f.site->create(conn({{"driver", std::string("simulated")}, {"uri", std::string("file:/var/lib/openbroker/broker.db")}}), "t");
+  REQUIRE(!state_file);
+  CHECK(state_file.error().field == "uri");
+  CHECK(state_file.error().message.find("config file only") != std::string::npos);
+  auto password = f.site->create(conn({{"driver", std::string("libvirt")}, {"uri", std::string("qemu+ssh://kvm1/system")},
+                                       {"password_file", std::string("/etc/openbroker/site.key")}}),
+                                 "t");
+  REQUIRE(!password);
+  CHECK(password.error().field == "password_file");
+  for (const char* uri : {"qemu+ext:///system?command=/bin/sh", "QEMU+EXT:///system", "qemu+unix:///system?Command=/x"}) {
+    CAPTURE(uri);
+    auto ext = f.site->create(conn({{"driver", std::string("libvirt")}, {"uri", std::string(uri)}}), "t");
+    REQUIRE(!ext);
+    CHECK(ext.error().field == "uri");
+  }
+  // What the API may do: a remote libvirt host, a simulated driver without a state file.
+  REQUIRE(f.site->create(conn({{"driver", std::string("libvirt")}, {"uri", std::string("qemu+ssh://kvm1/system")}}), "t"));
+  REQUIRE(f.site->create(obj(Kind::hypervisor_connection, "sim", {{"driver", std::string("simulated")}}, "api"), "t"));
+  // ... and an update cannot add what a create could not.
+  auto h = *f.site->get(Kind::hypervisor_connection, "h");
+  h.fields["password_file"] = std::string("kvm.pw");
+  auto updated = f.site->update("h", h, "t");
+  REQUIRE(!updated);
+  CHECK(updated.error().field == "password_file");
+  // The config file (written by someone with the host's access) may name files.
+  REQUIRE(f.site
+              ->reconcile("/etc/b.toml", std::nullopt,
+                          {obj(Kind::hypervisor_connection, "declared",
+                               {{"driver", std::string("simulated")}, {"uri", std::string("file:vms.json")}})})
+              .has_value());
+  CHECK(f.site->get(Kind::hypervisor_connection, "declared")->text("uri") == "file:vms.json");
+}
+
 TEST_CASE("a delivery group's time zone must exist; a group's power time schemes must not share days") {
   Fixture f;
   auto mars = f.site->create(obj(Kind::delivery_group, "g", {{"time_zone", std::string("Mars/Olympus")}}, "api"), "t");
