@@ -1207,6 +1207,11 @@ void Launcher::machine_registered(const std::string& machine) {
   impl_->wake(machine);
 }
 
+void Launcher::machine_power_failed(const std::string& machine) {
+  impl_->unclaim(machine);
+  impl_->wake(machine);
+}
+
 Status Launcher::sweep() {
   const auto now = impl_->clock.now();
   // Machines powered on for launches nobody waits for any more, past their registration deadline

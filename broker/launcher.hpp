@@ -210,6 +210,10 @@ class Launcher {
 
   // An agent has registered: launches waiting for that machine go on. Any thread.
   void machine_registered(const std::string& machine);
+  // The machine's power-on failed (the hypervisor refused it or it never came on; its fault is
+  // stored first): it is no longer held for a user, and launches waiting for it choose again at
+  // once instead of at the end of their wait. Any thread.
+  void machine_power_failed(const std::string& machine);
   // Machines powered on for launches and still held for their users (the pool policy counts them
   // as in use). Any thread.
   std::set<std::string> held_machines() const;

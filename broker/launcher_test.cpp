@@ -762,3 +762,35 @@ TEST_CASE("launcher: when the hypervisor refuses the power-ons the launch fails 
                      "(DEMO\\pool-1: FailedToStart, DEMO\\pool-2: FailedToStart)");
   CHECK(power.powered().size() == 2);  // faulted machines are not powered on again
 }
+
+TEST_CASE("launcher: a launch waiting for a power-on that failed chooses again at once (machine_power_failed)") {
+  common::ManualScheduler timers;  // the wait never ends by itself here
+  Fixture f(std::chrono::seconds(30), &timers);
+  FakePower power;  // powers on; the agents never register
+  f.launcher->set_power(&power);
+  power_off_pool(f);
+  std::promise<broker::LaunchResult> answered;
+  auto future = answered.get_future();
+  broker::LaunchRequest req;
+  req.user = user("erin");
+  req.resource = "pool-desktop";
+  f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
+  park_patiently(timers);
+  REQUIRE(timers.pending() == 1);
+  REQUIRE(power.powered() == std::vector<std::string>{"DEMO\\pool-1"});
+  CHECK(f.launcher->held_machines() == std::set<std::string>{"DEMO\\pool-1"});
+
+  // The hypervisor refused: the power manager stores the fault, then tells the launcher. The
+  // launch does not wait out its 30 s: it powers on the next machine and waits for that one.
+  f.update(Kind::machine, "DEMO\\pool-1", "fault_state", std::string("FailedToStart"));
+  f.launcher->machine_power_failed("DEMO\\pool-1");
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (power.powered().size() < 2 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+  CHECK(power.powered() == std::vector<std::string>{"DEMO\\pool-1", "DEMO\\pool-2"});
+  CHECK(f.launcher->held_machines() == std::set<std::string>{"DEMO\\pool-2"});
+  CHECK(future.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);  // waiting again
+  park_patiently(timers);
+  CHECK(timers.pending() == 1);
+  f.launcher->stop();
+  REQUIRE(future.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+}

@@ -332,6 +332,11 @@ int run(const std::string& config_path, const std::string& ready_file) {
   power.set_held_machines([&launcher] { return launcher.held_machines(); });
   // A launch waiting for a machine it powered on goes on once the machine's agent registers.
   agent_endpoint.on_registered([&launcher](const std::string& machine) { launcher.machine_registered(machine); });
+  power.on_action([&launcher](const broker::PowerAction& a) {
+    if (a.action == power::Action::turn_on &&
+        (a.state == power::ActionState::failed || a.state == power::ActionState::lost))
+      launcher.machine_power_failed(a.vm.machine);
+  });
   admin::AdminOptions aopts;
   for (const auto& t : cfg.admin_tokens) aopts.tokens.push_back({t.name, t.sha256});
   aopts.unauthenticated_paths = cfg.admin_unauthenticated_paths;
