@@ -518,6 +518,27 @@ void park_patiently(const common::ManualScheduler& timers) {
   while (timers.pending() == 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
 }
 
+// A site whose pool machines are off, a hypervisor that powers them on (their agents never
+// register) and launches answered through a future; the waits run on `timers`.
+struct PoweredOffPool {
+  Fixture f;
+  FakePower power;
+  std::vector<std::promise<broker::LaunchResult>> answers{4};
+  std::size_t used = 0;
+  explicit PoweredOffPool(common::ManualScheduler& timers) : f(std::chrono::seconds(30), &timers) {
+    f.launcher->set_power(&power);
+    power_off_pool(f);
+  }
+  std::future<broker::LaunchResult> launch(const std::string& who) {
+    auto& answered = answers.at(used++);
+    broker::LaunchRequest req;
+    req.user = user(who);
+    req.resource = "pool-desktop";
+    f.launcher->launch(req, [&answered](broker::LaunchResult r) { answered.set_value(std::move(r)); });
+    return answered.get_future();
+  }
+};
+
 // FakePower::on_power: the hypervisor boots the machine and its agent registers, on another
 // thread, while the launch goes on to wait (before or after it parks: both must work).
 std::function<void(const std::string&)> boots_and_registers(Fixture& f) {
@@ -716,16 +737,10 @@ TEST_CASE("launcher: stop() answers the launches waiting for a machine to regist
 
 TEST_CASE("launcher: a launch's wait for registration runs on the scheduler: it ends when the scheduler's time does") {
   common::ManualScheduler timers;  // time moves only when the test says so
-  Fixture f(std::chrono::seconds(30), &timers);
-  FakePower power;  // powers on; the agent never registers
-  f.launcher->set_power(&power);
-  power_off_pool(f);
-  std::promise<broker::LaunchResult> answered;
-  auto future = answered.get_future();
-  broker::LaunchRequest req;
-  req.user = user("erin");
-  req.resource = "pool-desktop";
-  f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
+  PoweredOffPool pool(timers);       // powers on; the agent never registers
+  auto& f = pool.f;
+  auto& power = pool.power;
+  auto future = pool.launch("erin");
   // Parked on its timer (a bounded poll for the work queue to get there, no sleep).
   park_patiently(timers);
   REQUIRE(timers.pending() == 1);
@@ -765,16 +780,10 @@ TEST_CASE("launcher: when the hypervisor refuses the power-ons the launch fails 
 
 TEST_CASE("launcher: a launch waiting for a power-on that failed chooses again at once (machine_power_failed)") {
   common::ManualScheduler timers;  // the wait never ends by itself here
-  Fixture f(std::chrono::seconds(30), &timers);
-  FakePower power;  // powers on; the agents never register
-  f.launcher->set_power(&power);
-  power_off_pool(f);
-  std::promise<broker::LaunchResult> answered;
-  auto future = answered.get_future();
-  broker::LaunchRequest req;
-  req.user = user("erin");
-  req.resource = "pool-desktop";
-  f.launcher->launch(req, [&](broker::LaunchResult r) { answered.set_value(std::move(r)); });
+  PoweredOffPool pool(timers);       // powers on; the agents never register
+  auto& f = pool.f;
+  auto& power = pool.power;
+  auto future = pool.launch("erin");
   park_patiently(timers);
   REQUIRE(timers.pending() == 1);
   REQUIRE(power.powered() == std::vector<std::string>{"DEMO\\pool-1"});
