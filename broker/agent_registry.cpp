@@ -530,13 +530,22 @@ Result<storage::LogonTicket> AgentRegistry::redeem_ticket(const std::string& mac
 }
 
 Status AgentRegistry::deregister(const std::string& machine, const std::string& reason) {
+  return unregister(machine, reason, true);
+}
+
+Status AgentRegistry::record_rejection(const std::string& machine, const std::string& reason) {
+  return unregister(machine, reason, false);
+}
+
+Status AgentRegistry::unregister(const std::string& machine, const std::string& reason, bool coalesce) {
   // The state is live (the engine's): no agent holds the machine now, whatever storage says.
   // The reason and time are history admins read: stored.
   engine_.unregistered(machine);
   // A flapping agent (connects and drops again and again) must not become a stream of writes: the
-  // same reason is recorded again at most once per kDeregistrationRecordInterval.
+  // same reason is recorded again at most once per kDeregistrationRecordInterval. (Rejected
+  // handshakes are bounded by the authentication back-off instead, and each one is recorded.)
   const auto now = clock_.now();
-  {
+  if (coalesce) {
     std::lock_guard lock(mutex_);
     auto it = deregistrations_.find(machine);
     if (it != deregistrations_.end() && it->second.reason == reason && now >= it->second.at &&

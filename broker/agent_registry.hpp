@@ -134,8 +134,12 @@ class AgentRegistry {
   // reason for the same machine is stored again at most once a minute (a flapping agent does not
   // turn into a write per flap).
   Status deregister(const std::string& machine, const std::string& reason);
+  // A refused handshake (BadProof, UnknownMachine, ...): as deregister(), but every one is stored
+  // (the endpoint's authentication back-off bounds how often).
+  Status record_rejection(const std::string& machine, const std::string& reason);
 
  private:
+  Status unregister(const std::string& machine, const std::string& reason, bool coalesce);
   storage::Repository& repository_;
   Engine& engine_;
   common::Clock& clock_;

@@ -736,7 +736,7 @@ struct AgentEndpoint::Connection : net::WebSocketSession, std::enable_shared_fro
       // A rejected handshake records its reason on a machine that exists (a no-op for unknown
       // names), unless another connection has it registered: that registration goes on.
       if (registered_elsewhere || ep->shutting_down) return;
-      if (auto st = ep->registry.deregister(machine, rejection); !st)
+      if (auto st = ep->registry.record_rejection(machine, rejection); !st)
         ep->log->warn("agent {}: rejection not stored: {}", machine, st.error().describe());
       return;
     }
