@@ -575,34 +575,74 @@ Status PowerManager::refresh() {
   return {};
 }
 
+namespace {
+
+// A machine of a delivery group as the pool policy sees it, before the manager's own facts
+// (holds, actions in progress, connections) are added; with the end times of its logged-off
+// sessions.
+struct PoolCandidate {
+  std::string connection;  // its catalog's hypervisor connection ("" when none)
+  power::PoolMachine pm;   // name, power, registered, sessions, in_maintenance, assigned
+  std::vector<common::SysTime> logoffs;
+};
+using PoolCandidates = std::map<std::string, std::vector<PoolCandidate>, std::less<>>;  // by group
+
+// From the engine: no table read (at 19,000 machines the pool policy used to read every machine,
+// session and assignment row each minute).
+PoolCandidates candidates_from(const Engine& engine) {
+  PoolCandidates out;
+  engine.with_state([&](const SiteState& site) {
+    for (const auto& [group, names] : site.machines_by_group) {
+      auto& list = out[group];
+      for (const auto& name : names) {
+        const Machine* m = site.machine(name);
+        if (!m) continue;
+        PoolCandidate c;
+        if (auto cat = site.catalogs.find(m->catalog); cat != site.catalogs.end())
+          c.connection = cat->second.hypervisor_connection;
+        if (c.connection.empty()) continue;  // not power-managed
+        c.pm.name = name;
+        c.pm.power = power::power_state_from(to_string(m->power));
+        c.pm.registered = m->registration == RegistrationState::registered;
+        c.pm.sessions = static_cast<int>(std::clamp<std::int64_t>(
+            std::max<std::int64_t>(static_cast<std::int64_t>(site.live_sessions_on(name)), m->reported_sessions), 0,
+            1000000));
+        c.pm.in_maintenance = m->in_maintenance_mode;
+        c.pm.assigned = site.assignments_by_machine.contains(name);
+        for (auto it = site.sessions_by_key.lower_bound(std::pair<std::string, std::string>{name, ""});
+             it != site.sessions_by_key.end() && it->first.first == name; ++it)
+          if (const Session* s = site.session(it->second); s && s->state == SessionState::logged_off)
+            c.logoffs.push_back(time_of(s->end_time));
+        list.push_back(std::move(c));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
 Result<int> PowerManager::reconcile_pools() {
   auto& im = *impl_;
-  std::vector<Object> groups, schemes, machines, sessions, assignments, catalogs;
+  std::vector<Object> groups, schemes;
+  PoolCandidates candidates;
+  const Engine* e = im.engine.load();
+  if (!e) return make_error(errc::unavailable, "the pool policy needs the engine (set_engine)");
+  const auto view = e->view();
+  groups = view->config.groups;
   auto st = im.repo.read([&](storage::Transaction& tx) -> Status {
-    storage::Query all;
-    for (auto [k, v] : {std::pair{Kind::delivery_group, &groups}, {Kind::power_time_scheme, &schemes},
-                        {Kind::machine, &machines}, {Kind::session, &sessions}, {Kind::assignment, &assignments},
-                        {Kind::catalog, &catalogs}}) {
-      auto r = tx.list(k, all);
-      if (!r) return r.error();
-      *v = std::move(*r);
-    }
+    auto r = tx.list(Kind::power_time_scheme, {});
+    if (!r) return r.error();
+    schemes = std::move(*r);
     return {};
   });
   if (!st) return st.error();
-  const auto live = im.live_facts();
-  std::map<std::string, std::string> conn_of_catalog;
-  for (const auto& c : catalogs) conn_of_catalog[c.name] = c.text("hypervisor_connection");
-  std::set<std::string> assigned;
-  for (const auto& a : assignments) assigned.insert(a.text("machine"));
+  candidates = candidates_from(*e);
   const auto held = im.held_machines ? im.held_machines() : std::set<std::string>{};
   // Pending or started actions by machine.
   std::map<std::string, power::Action> busy;
   for (const auto& a : actions())
     if (a.state == power::ActionState::pending || a.state == power::ActionState::started) busy[a.vm.machine] = a.action;
-  std::map<std::string, std::vector<common::SysTime>> logoffs;  // machine -> end times of its LoggedOff sessions
-  for (const auto& sess : sessions)
-    if (sess.text("state") == "LoggedOff") logoffs[sess.text("machine")].push_back(time_of(sess.text("end_time")));
   const auto now = im.clock.now();
   int queued = 0;
   for (const auto& g : groups) {
@@ -613,26 +653,23 @@ Result<int> PowerManager::reconcile_pools() {
       continue;
     }
     std::vector<power::PoolMachine> pool;
-    for (const auto& m : machines) {
-      if (m.text("delivery_group") != g.name) continue;
-      const auto conn = conn_of_catalog[m.text("catalog")];
-      if (conn.empty() || !im.find(conn)) continue;  // not power-managed
-      const auto facts = live.find(m.name);
-      auto pm = facts == live.end() ? power::pool_machine(m, false, 0)
-                                    : power::pool_machine(m, facts->second.registered, facts->second.sessions);
-      pm.assigned = assigned.contains(m.name);
-      if (held.contains(m.name)) pm.sessions = std::max(pm.sessions, 1);  // a launch waits for it
-      if (auto b = busy.find(m.name); b != busy.end()) pm.pending = b->second;
+    auto members = candidates.find(g.name);
+    if (members == candidates.end()) continue;
+    for (auto& c : members->second) {
+      if (!im.find(c.connection)) continue;  // its connection is not running
+      auto pm = std::move(c.pm);
+      if (held.contains(pm.name)) pm.sessions = std::max(pm.sessions, 1);  // a launch waits for it
+      if (auto b = busy.find(pm.name); b != busy.end()) pm.pending = b->second;
       if (pm.sessions == 0) {
         // Its last session ended after it was last powered on (or after the broker started, when
         // that is not known): it has been used since.
         common::SysTime since;
         {
           std::lock_guard lock(im.power_on_mutex);
-          auto it = im.powered_on_at.find(m.name);
+          auto it = im.powered_on_at.find(pm.name);
           since = it == im.powered_on_at.end() ? im.started_at : it->second;
         }
-        for (const auto end : logoffs[m.name])
+        for (const auto end : c.logoffs)
           if (end >= since && (!pm.last_session_end || end > *pm.last_session_end)) pm.last_session_end = end;
       }
       pool.push_back(std::move(pm));

@@ -99,15 +99,17 @@ class PowerManager final : public PowerControl {
   // single-session delivery group with power-managed machines, evaluates its power time schemes
   // in its time zone and queues the actions power::plan_pool asks for (priority 40 for the pool,
   // 50 for shutdowns after use). Returns how many actions were queued. brokerd runs it every
-  // minute. A group whose time zone or schemes cannot be read is logged and skipped.
+  // minute. A group whose time zone or schemes cannot be read is logged and skipped. The groups
+  // and machines come from the engine (set_engine(); errc::unavailable without one), the
+  // schedules from storage.
   common::Result<int> reconcile_pools();
 
   // PowerControl: TurnOn with launch priority (reason Launch).
   common::Result<bool> power_on(const std::string& machine) override;
 
-  // The engine whose live state (registrations, sessions) the pool policy and refresh() read:
-  // registration is not stored. Set before start(); without one every machine counts as
-  // unregistered with no sessions (tests that need neither).
+  // The engine whose state the pool policy, refresh() and manages() read (registration is not
+  // stored). Set before start(); without one refresh() reads the machine table and counts every
+  // machine unregistered, and reconcile_pools() fails (tests that need neither).
   void set_engine(const Engine* engine);
 
   // Machines the pool policy counts as in use although they have no session yet: machines held

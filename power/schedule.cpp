@@ -572,8 +572,6 @@ GroupPolicy group_policy(const model::Object& g) {
   return p;
 }
 
-namespace {
-
 PowerState power_state_from(std::string_view s) {
   static constexpr std::array<PowerState, 9> kAll{PowerState::unknown,    PowerState::unavailable, PowerState::off,
                                                   PowerState::on,         PowerState::suspended,   PowerState::turning_on,
@@ -582,6 +580,8 @@ PowerState power_state_from(std::string_view s) {
     if (to_string(p) == s) return p;
   return PowerState::unknown;  // "Unmanaged" and anything else: not ours to manage
 }
+
+namespace {
 
 // What the machine will be once what is under way has happened.
 enum class Expect { on, off, unknown };

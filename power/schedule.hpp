@@ -216,6 +216,9 @@ struct PoolMachine {
 // registration and session count (the engine's: storage does not hold them); assigned, pending
 // and last_session_end are left for the caller.
 PoolMachine pool_machine(const common::model::Object& machine, bool registered, int sessions);
+// A stored power_state spelling ("On", "Off", ...) as a PowerState; unknown for anything else
+// ("Unmanaged" included: not the pool policy's to manage).
+PowerState power_state_from(std::string_view power_state);
 
 inline constexpr std::string_view kReasonIdlePool = "IdlePool";  // pool size and buffer
 inline constexpr std::string_view kReasonPolicy = "Policy";      // shutdown after use
