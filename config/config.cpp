@@ -1116,14 +1116,31 @@ void Loader::check_rules_between_objects() {
   }
 }
 
-// TOML allows non-ASCII text only inside strings and comments (bare keys are ASCII). toml++ 3.3
-// (Debian's) reaches __builtin_unreachable() on some non-ASCII characters where a value may end,
-// which is undefined behaviour (found by fuzz/config_fuzz; the input is in its corpus). So such a
-// character is refused here, before toml++ sees the file: the 1-based line of the first one, or 0.
-int non_ascii_outside_strings(std::string_view text) {
+// Where toml++ 3.3 (Debian's) would meet a non-ASCII character it classifies with a function that
+// reaches __builtin_unreachable() for some of them (undefined behaviour, found by fuzz/config_fuzz;
+// upstream issues 190 and 295; the inputs are in fuzz/corpus/config):
+// - outside strings and comments, where TOML allows only ASCII anyway (bare keys are ASCII);
+// - right after a backslash in a basic string, past the blanks and line breaks a line-ending
+//   backslash trims (`"""\` then `é` on the next line is valid TOML, but toml++ asks whether `é`
+//   is whitespace).
+// Such a character is refused here, before toml++ sees the file.
+struct UnsafeText {
+  int line = 0;  // 1-based; 0: none
+  bool after_backslash = false;
+};
+
+UnsafeText unsafe_non_ascii(std::string_view text) {
   int line = 1;
   std::size_t i = 0;
   const auto starts = [&](std::string_view what) { return text.substr(i, what.size()) == what; };
+  const auto non_ascii = [&](std::size_t at) { return at < text.size() && static_cast<unsigned char>(text[at]) >= 0x80; };
+  // At a backslash of a basic string: is a non-ASCII character next (past the blanks and line
+  // breaks a line-ending backslash trims, in a multi-line string)?
+  const auto unsafe_escape = [&](bool multi_line) {
+    std::size_t k = i + 1;
+    while (multi_line && k < text.size() && (text[k] == ' ' || text[k] == '\t' || text[k] == '\r' || text[k] == '\n')) ++k;
+    return non_ascii(i + 1) || non_ascii(k);
+  };
   while (i < text.size()) {
     const char c = text[i];
     if (c == '\n') {
@@ -1135,30 +1152,40 @@ int non_ascii_outside_strings(std::string_view text) {
       const std::string_view close = text.substr(i, 3);
       const bool basic = close[0] == '"';
       for (i += 3; i < text.size() && !starts(close); ++i) {
-        if (basic && text[i] == '\\' && i + 1 < text.size()) ++i;  // an escaped character, quotes included
-        if (text[i] == '\n') ++line;
+        if (basic && text[i] == '\\') {
+          if (unsafe_escape(true)) return {line, true};
+          ++i;  // the escaped character (a quote, or the line break a line-ending backslash trims)
+        }
+        if (i < text.size() && text[i] == '\n') ++line;
       }
       i += 3;
       while (i < text.size() && text[i] == close[0]) ++i;  // up to two quotes may end the string
     } else if (c == '"' || c == '\'') {  // one-line string (ends at the line's end at the latest)
       for (++i; i < text.size() && text[i] != c && text[i] != '\n'; ++i)
-        if (c == '"' && text[i] == '\\') ++i;
+        if (c == '"' && text[i] == '\\') {
+          if (unsafe_escape(false)) return {line, true};
+          ++i;
+        }
       if (i < text.size() && text[i] == c) ++i;
     } else if (static_cast<unsigned char>(c) >= 0x80) {
-      return line;
+      return {line, false};
     } else {
       ++i;
     }
   }
-  return 0;
+  return {};
 }
 
 LoadResult Loader::run(std::string_view text) {
   LoadResult result;
-  if (const int line = non_ascii_outside_strings(text); line != 0) {
-    result.errors.push_back(ConfigError{file_, line, "",
-                                        "TOML syntax error: a non-ASCII character outside a string or comment "
-                                        "(quote the key or value)"});
+  if (const auto unsafe = unsafe_non_ascii(text); unsafe.line != 0) {
+    result.errors.push_back(ConfigError{
+        file_, unsafe.line, "",
+        unsafe.after_backslash
+            ? "TOML syntax error: a non-ASCII character right after a backslash (an escape, or the blanks a "
+              "line-ending backslash trims): the TOML library cannot read it safely; start the line with "
+              "an ASCII character"
+            : "TOML syntax error: a non-ASCII character outside a string or comment (quote the key or value)"});
     return result;
   }
   toml::table root;

@@ -238,6 +238,19 @@ TEST_CASE("non-ASCII text is taken in strings and comments, and refused elsewher
   const auto e = only_error(load("[daemon]\nio_threads = 2\n[site]\nsite_name = \"x\" \u0340\n"));
   CHECK(e.line == 4);
   CHECK(e.message.find("non-ASCII character outside a string") != std::string::npos);
+  // Right after a backslash of a basic string (an escape, or what a line-ending backslash trims):
+  // toml++ would ask whether the character is whitespace and reach undefined behaviour.
+  for (const std::string& text : {std::string("[site]\nsite_name = \"\"\"a\\\n  \u00a7\"\"\"\n"),
+                                  std::string("[site]\nsite_name = \"\"\"a\\\n\n\u00e9\"\"\"\n"),
+                                  std::string("[site]\nsite_name = \"a\\\u00e9\"\n")}) {
+    CAPTURE(text);
+    const auto b = only_error(load(text));
+    CHECK(b.line == 2);
+    CHECK(b.message.find("right after a backslash") != std::string::npos);
+  }
+  // A line-ending backslash followed by ASCII, then non-ASCII later on the line: fine.
+  const auto trimmed = load("[site]\nsite_name = \"\"\"a\\\n  b \u00e9\"\"\"\n");
+  CHECK_MESSAGE(trimmed.errors.empty(), all_errors(trimmed));
   // The input fuzz/config_fuzz found (fuzz/corpus/config/crash-3e2c0849...).
   const std::string found("[a]\nb = [1, \"x\", {c = -27V07:\xcd\x80" "0800\" = \"\"\"\nmlti\n\"\"\"\n[\xdb" "a.f]]\n");
   const auto f = config::load_string(found, "f.toml");
