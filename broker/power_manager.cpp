@@ -712,6 +712,9 @@ Result<bool> PowerManager::power_on(const std::string& machine) {
   auto* c = impl_->find(action.hypervisor_connection);
   if (!c) return false;
   const auto s = c->queue->stats();
+  // The queue's dispatcher may have started it meanwhile (then it counts in `s` itself, and it is
+  // not held back): ask after the statistics, so that a start after them cannot be mistaken.
+  if (auto now = get(action.id); now && now->state != power::ActionState::pending) return false;
   const auto& l = c->limits;
   const auto by_percent = std::max<std::size_t>(1, c->machine_count * static_cast<std::size_t>(l.max_percentage_active_actions) / 100);
   return s.active >= static_cast<std::size_t>(l.max_absolute_active_actions) ||

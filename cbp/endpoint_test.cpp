@@ -536,7 +536,8 @@ TEST_CASE("each command reaches the reference agent and its result comes back") 
     // connection's messages in order: storage reflects the event once the outcome is in.
     auto out = run_command(b, "DEMO\\m1", cbp::DisconnectSessionArgs{"rdp-1"});
     CHECK(out.ok);
-    const auto* s = find_session(m1.status(), "rdp-1");
+    const auto status = m1.status();  // kept: find_session points into it
+    const auto* s = find_session(status, "rdp-1");
     REQUIRE(s != nullptr);
     CHECK(s->state == cbp::SessionState::disconnected);
     auto stored = b.session("rdp-1");
