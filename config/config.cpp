@@ -1123,32 +1123,47 @@ void Loader::check_rules_between_objects() {
 // - right after a backslash in a basic string, past the blanks and line breaks a line-ending
 //   backslash trims (`"""\` then `é` on the next line is valid TOML, but toml++ asks whether `é`
 //   is whitespace).
-// Such a character is refused here, before toml++ sees the file.
+// Such a character is refused here, before toml++ sees the file. To know what is a string, the
+// scan follows TOML's tokens as toml++ reads them: a quote starts a string only where a key or a
+// value starts. Anywhere else it is part of a bare token, which toml++ reads to the next value
+// terminator (blank, line break, `]`, `}`, `,`, `#`) asking of each character whether it is one:
+// `c = -'27V07:é` is a bare value, and `é` in it is refused.
 struct UnsafeText {
   int line = 0;  // 1-based; 0: none
   bool after_backslash = false;
 };
 
 UnsafeText unsafe_non_ascii(std::string_view text) {
+  enum class Next { key, after_key, value, after_value };
+  Next next = Next::key;
+  std::string brackets;  // open `[` (arrays, table headers) and `{` (inline tables), innermost last
   int line = 1;
   std::size_t i = 0;
   const auto starts = [&](std::string_view what) { return text.substr(i, what.size()) == what; };
   const auto non_ascii = [&](std::size_t at) { return at < text.size() && static_cast<unsigned char>(text[at]) >= 0x80; };
+  const auto blank = [](char c) { return c == ' ' || c == '\t' || c == '\r'; };
+  const auto key_char = [](char c) {
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+  };
   // At a backslash of a basic string: is a non-ASCII character next (past the blanks and line
   // breaks a line-ending backslash trims, in a multi-line string)?
   const auto unsafe_escape = [&](bool multi_line) {
     std::size_t k = i + 1;
-    while (multi_line && k < text.size() && (text[k] == ' ' || text[k] == '\t' || text[k] == '\r' || text[k] == '\n')) ++k;
+    while (multi_line && k < text.size() && (blank(text[k]) || text[k] == '\n')) ++k;
     return non_ascii(i + 1) || non_ascii(k);
   };
   while (i < text.size()) {
     const char c = text[i];
+    const bool at_start = next == Next::key || next == Next::value;
     if (c == '\n') {
       ++line;
       ++i;
+      if (brackets.empty()) next = Next::key;  // a line break inside an array keeps its place
+    } else if (blank(c)) {
+      ++i;
     } else if (c == '#') {  // a comment, to the end of the line
       while (i < text.size() && text[i] != '\n') ++i;
-    } else if (starts("\"\"\"") || starts("'''")) {  // multi-line string
+    } else if (at_start && (starts("\"\"\"") || starts("'''"))) {  // multi-line string
       const std::string_view close = text.substr(i, 3);
       const bool basic = close[0] == '"';
       for (i += 3; i < text.size() && !starts(close); ++i) {
@@ -1160,17 +1175,42 @@ UnsafeText unsafe_non_ascii(std::string_view text) {
       }
       i += 3;
       while (i < text.size() && text[i] == close[0]) ++i;  // up to two quotes may end the string
-    } else if (c == '"' || c == '\'') {  // one-line string (ends at the line's end at the latest)
+      next = next == Next::key ? Next::after_key : Next::after_value;
+    } else if (at_start && (c == '"' || c == '\'')) {  // one-line string (ends at the line's end at the latest)
       for (++i; i < text.size() && text[i] != c && text[i] != '\n'; ++i)
         if (c == '"' && text[i] == '\\') {
           if (unsafe_escape(false)) return {line, true};
           ++i;
         }
       if (i < text.size() && text[i] == c) ++i;
-    } else if (static_cast<unsigned char>(c) >= 0x80) {
-      return {line, false};
-    } else {
+      next = next == Next::key ? Next::after_key : Next::after_value;
+    } else if (c == '[' && (next == Next::value || (next == Next::key && (brackets.empty() || brackets.back() == '[')))) {
+      brackets += '[';  // an array's elements are values; a table header's name is a key
       ++i;
+    } else if (c == '{' && next == Next::value) {
+      brackets += '{';
+      next = Next::key;
+      ++i;
+    } else if (c == ']' || c == '}') {
+      if (!brackets.empty()) brackets.pop_back();
+      next = Next::after_value;
+      ++i;
+    } else if (c == ',') {
+      next = !brackets.empty() && brackets.back() == '{' ? Next::key : Next::value;
+      ++i;
+    } else if (c == '.' && next == Next::after_key) {
+      next = Next::key;
+      ++i;
+    } else if (c == '=' && next == Next::after_key) {
+      next = Next::value;
+      ++i;
+    } else if (next == Next::key && key_char(c)) {  // a bare key
+      while (i < text.size() && key_char(text[i])) ++i;
+      next = Next::after_key;
+    } else {  // a bare value (a number, a date, true...), or something toml++ will refuse
+      for (; i < text.size() && !blank(text[i]) && std::string_view("\n]},#").find(text[i]) == std::string_view::npos; ++i)
+        if (non_ascii(i)) return {line, false};
+      next = Next::after_value;
     }
   }
   return {};
