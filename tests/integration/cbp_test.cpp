@@ -883,4 +883,20 @@ TEST_CASE("cbp: mutual TLS: an agent needs a client certificate from the configu
   auto broken = with_cert;
   broken.client_key_file = pki.other_client_key;
   CHECK_THROWS_WITH_AS(vda::Fleet{broken}, doctest::Contains("does not match certificate"), std::runtime_error);
+
+  // The agent checks the broker (SECURITY.md 9.6): a wss:// URL without a CA file is refused at
+  // start unless `insecure` says so by name, and a broker whose certificate another CA signed
+  // is never reached.
+  auto unchecked = with_cert;
+  unchecked.ca_file.clear();
+  CHECK_THROWS_WITH_AS(vda::Fleet{unchecked}, doctest::Contains("needs a CA file"), std::runtime_error);
+  auto wrong_ca = with_cert;
+  wrong_ca.ca_file = pki.other_ca;
+  CHECK(cannot_connect(wrong_ca));
+  unchecked.insecure = true;
+  vda::Fleet insecure_fleet(unchecked);
+  auto m3 = insecure_fleet.add(with_secret(machine_config("TEST\\vm-3", "desktops", 3), api.new_secret("TEST\\vm-3")));
+  m3.start();
+  CHECK_MESSAGE(registered(m3), describe(m3));
+  m3.stop();
 }

@@ -1150,6 +1150,10 @@ bool Machine::wait_for(const std::function<bool(const MachineStatus&)>& pred, Mi
 Fleet::Fleet(FleetOptions options) : shared_(std::make_shared<Shared>(std::move(options))) {
   if (auto st = shared_->secrets.load(); !st) throw std::runtime_error(st.error().message);
   if (shared_->options.broker_url.starts_with("wss://")) {
+    // Unchecked TLS would hand ticket credentials and machine secrets to whoever answers
+    // (docs/SECURITY.md 9.6): only when asked for by name.
+    if (shared_->options.ca_file.empty() && !shared_->options.insecure)
+      throw std::runtime_error("a wss:// broker needs a CA file to check its certificate against (or insecure)");
     if (auto why = shared_->pool->check_tls(shared_->tls); !why.empty()) throw std::runtime_error(why);
   }
 }

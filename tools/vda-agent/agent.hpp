@@ -91,7 +91,8 @@ struct Faults {
 
 struct FleetOptions {
   std::string broker_url = "ws://127.0.0.1:8081/cbp";
-  std::string ca_file;  // wss: verify the broker against this CA (empty: no verification)
+  std::string ca_file;  // wss: verify the broker's certificate and name against this CA
+  bool insecure = false;  // wss without ca_file: connect without checking (refused unless set)
   // wss: the client certificate (PEM chain) and its key, presented to a broker whose agent
   // listener requires one (mutual TLS, docs/cbp.md); both empty: none.
   std::string client_cert_file;

@@ -38,7 +38,10 @@ credentials:
                                start, rewritten atomically)
 options:
   --broker URL                 ws://host:8081/cbp or wss://... (required)
-  --ca-file FILE               verify a wss:// broker against this CA
+  --ca-file FILE               verify a wss:// broker's certificate and name against this CA
+                               (required for wss://, unless --insecure)
+  --insecure                   wss:// without --ca-file: no certificate check (ticket
+                               credentials and secrets may go to whoever answers; labs only)
   --client-cert FILE           wss://: present this certificate (PEM chain) to a broker that
                                requires client certificates (mutual TLS); needs --client-key
   --client-key FILE            the private key (PEM) of --client-cert
@@ -160,6 +163,8 @@ int main(int argc, char** argv) {
         power_file = next();
       } else if (arg == "--ca-file") {
         fo.ca_file = next();
+      } else if (arg == "--insecure") {
+        fo.insecure = true;
       } else if (arg == "--client-cert") {
         fo.client_cert_file = next();
       } else if (arg == "--client-key") {
@@ -195,6 +200,9 @@ int main(int argc, char** argv) {
       throw UsageError("--client-cert and --client-key go together");
     if (!fo.client_cert_file.empty() && !fo.broker_url.starts_with("wss://"))
       throw UsageError("--client-cert needs a wss:// broker URL");
+    if (fo.broker_url.starts_with("wss://") && fo.ca_file.empty() && !fo.insecure)
+      throw UsageError("a wss:// broker needs --ca-file FILE (the CA that signed its certificate), "
+                       "or --insecure (no certificate check)");
     if (enroll_key.empty() && secret.empty() && fo.secrets_file.empty())
       throw UsageError("no credentials: give --enroll-key, --secret or --secrets-file");
     for (const auto& g : groups)
