@@ -467,6 +467,25 @@ TEST_CASE("launcher: user sessions, reissued tickets and session commands") {
   CHECK(t->size() == 30);
   CHECK_FALSE(f.launcher->reissue_ticket(user("bob"), r.session_key, c, 60));
 
+  // A re-issued ticket lives for the smaller of what the front end asked (TimetoLive) and the
+  // site's logon_ticket_ttl_seconds (200 here); asking nothing (0) gets the site's.
+  const auto redeemable_at = [&](std::int64_t asked, std::int64_t after_seconds) {
+    auto ticket = f.launcher->reissue_ticket(user("alice"), r.session_key, c, asked);
+    REQUIRE(ticket);
+    const auto at = common::format_time(f.clock.monotonic_now() + std::chrono::seconds(after_seconds));
+    bool ok = false;
+    REQUIRE(f.repo->write([&](storage::Transaction& tx) -> common::Status {
+      ok = tx.redeem_logon_ticket(common::crypto::sha256_hex(*ticket), r.machine, at).has_value();
+      return {};
+    }));
+    return ok;
+  };
+  for (const auto& [asked, lifetime] : {std::pair<std::int64_t, std::int64_t>{60, 60}, {0, 200}, {5000, 200}}) {
+    CAPTURE(asked);
+    CHECK(redeemable_at(asked, lifetime - 1));
+    CHECK_FALSE(redeemable_at(asked, lifetime + 1));
+  }
+
   REQUIRE(f.launcher->end_user_sessions(user("alice"), true));
   CHECK(f.agents.commands.back() == "logoff " + r.machine + " " + r.session_key);
   bool done = false;
