@@ -1,7 +1,7 @@
 // identity::LdapDirectory against a real slapd (tests/integration/slapd.hpp): credential
-// outcomes, look-ups by SAM name, UPN and SID, nested groups with a cycle, StartTLS with a test
-// CA, failover to a second server, and an outage in the middle of a run. Time (caches, back-off)
-// is driven with a ManualClock; every wait is for a state.
+// outcomes, look-ups by SAM name, UPN and SID, nested groups with a cycle and their cap
+// (max_groups), StartTLS with a test CA, failover to a second server, and an outage in the middle
+// of a run. Time (caches, back-off) is driven with a ManualClock; every wait is for a state.
 #include "identity/ldap_directory.hpp"
 
 #include "tests/integration/slapd.hpp"
@@ -166,6 +166,47 @@ TEST_CASE("ldap: trusted look-ups by SAM name, UPN and SID, with nested groups a
     CHECK(d.lookup("erin", "")->result == AuthResult::must_change_credentials);
     CHECK(d.lookup("frank", "")->result == AuthResult::must_change_credentials);
     CHECK(d.lookup("ivan", "")->result == AuthResult::expired_credentials);
+  }
+}
+
+TEST_CASE("ldap: max_groups caps a user's groups, nested ones included, in every group look-up slapd serves") {
+  // alice is in six groups (two direct, four by nesting and the cycle); her tokenGroups also name
+  // the primary group's SID (513). in_chain needs AD's matching rule, which slapd lacks.
+  Slapd slapd;
+  common::ManualClock clock(std::chrono::system_clock::now());
+  struct Mode {
+    const char* name;
+    identity::GroupLookup lookup;
+    const char* group_filter;
+  };
+  for (const Mode mode : {Mode{"member_of", identity::GroupLookup::member_of, "(objectClass=group)"},
+                          Mode{"member", identity::GroupLookup::member, "(objectClass=groupOfNames)"},
+                          Mode{"token_groups", identity::GroupLookup::token_groups, "(objectClass=group)"}}) {
+    CAPTURE(mode.name);
+    auto o = options({slapd.uri()});
+    o.group_lookup = mode.lookup;
+    o.group_filter = mode.group_filter;
+    {
+      LdapDirectory d(o, clock);  // the default cap (1000): all of them
+      auto r = d.lookup("alice", "");
+      REQUIRE(r.has_value());
+      REQUIRE(r->identity);
+      CHECK(r->identity->groups == kAliceGroups);
+      CHECK(r->identity->group_sids.size() == (mode.lookup == identity::GroupLookup::token_groups ? 7 : 6));
+    }
+    o.max_groups = 3;
+    LdapDirectory d(o, clock);
+    auto logon = d.authenticate({"alice", "", "alice-pass"});
+    REQUIRE(logon.has_value());
+    CHECK(logon->result == AuthResult::ok);
+    auto look = d.lookup("alice", "");
+    REQUIRE(look.has_value());
+    for (const auto& id : {logon->identity, look->identity}) {
+      REQUIRE(id);
+      CHECK(id->groups.size() == 3);
+      CHECK(id->group_sids.size() == 3);
+      for (const auto& g : id->groups) CHECK_MESSAGE(has(kAliceGroups, g), g);
+    }
   }
 }
 
