@@ -454,10 +454,10 @@ TEST_CASE("network_timeout: a connect that never completes is given up, and the 
 TEST_CASE("pool_size: at most pool_size service connections at once; a caller finding none free in time fails busy") {
   SilentServer server;
   common::ManualClock clock(std::chrono::system_clock::now());
-  // The same silent server five times: a call holds its pool slot through five service-account
-  // binds that each time out (5 x operation_timeout), while a caller that finds both slots taken
-  // waits operation_timeout for one.
-  constexpr std::size_t kServers = 5;
+  // The same silent server ten times: a call holds its pool slot through ten service-account
+  // binds that each time out (10 x operation_timeout), while a caller that finds both slots taken
+  // waits operation_timeout for one (so the waiters have 1.8 s to start, even on a loaded machine).
+  constexpr std::size_t kServers = 10;
   auto o = options_for(std::vector<std::string>(kServers, server.uri()));
   o.operation_timeout = 200ms;
   o.pool_size = 2;
