@@ -166,6 +166,30 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
   };
   std::map<std::string, BootClaim> claims;  // by machine; guarded by decide_mutex
 
+  // Sessions (by name) whose logoff was asked of their agent and whose end has not been reported
+  // yet, until when that counts: a launch in that time does not reconnect to them (the user
+  // logged off and launched again; the old session is going away). A refused logoff removes the
+  // entry; an agent that acknowledges but never reports the end is believed for
+  // prepare_timeout + kLogoffGrace. Guarded by decide_mutex.
+  static constexpr std::chrono::seconds kLogoffGrace{60};
+  std::map<std::string, common::SysTime> logging_off;
+
+  void logoff_requested(const std::string& session) {
+    const auto now = clock.monotonic_now();
+    std::lock_guard lock(decide_mutex);
+    std::erase_if(logging_off, [&](const auto& e) { return e.second <= now; });
+    logging_off[session] = now + opts.prepare_timeout + kLogoffGrace;
+  }
+  void logoff_refused(const std::string& session) {
+    std::lock_guard lock(decide_mutex);
+    logging_off.erase(session);
+  }
+  // Under decide_mutex.
+  bool is_logging_off(const std::string& session) const {
+    const auto it = logging_off.find(session);
+    return it != logging_off.end() && clock.monotonic_now() < it->second;
+  }
+
   struct Attempt;
   std::mutex wait_mutex;
   // Launches waiting for a machine to register; whoever takes an attempt out of here (the
@@ -313,7 +337,7 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
               : (s->type != SessionType::desktop || s->delivery_group != res.delivery_group))
         continue;
       const auto* m = st.machine(s->machine);
-      if (!m || !registered(*m) || m->in_maintenance_mode) continue;
+      if (!m || !registered(*m) || m->in_maintenance_mode || is_logging_off(s->name)) continue;
       if (s->state == SessionState::disconnected) return s;
       if (s->state != SessionState::active) continue;
       if (reconnection == Reconnection::always) best = s;
@@ -346,6 +370,8 @@ struct Launcher::Impl : std::enable_shared_from_this<Launcher::Impl> {
       const Session* s = st.session(req.reconnect_session);
       if (!s || !is_user(user, s->user) || s->state == SessionState::logged_off)
         return failed(LaunchFailure::no_session, "no session '" + req.reconnect_session + "' of " + user.qualified_name);
+      if (is_logging_off(s->name))
+        return failed(LaunchFailure::no_session, "session '" + s->name + "' is being logged off");
       const Machine* m = st.machine(s->machine);
       if (!m || !registered(*m))
         return failed(LaunchFailure::all_unregistered, "the machine of session '" + s->name + "' is not registered");
@@ -1131,10 +1157,17 @@ Result<std::string> Launcher::reissue_ticket(const identity::UserIdentity& user,
 
 Result<std::vector<UserSession>> Launcher::user_sessions(const identity::UserIdentity& user,
                                                          const std::set<std::string>& states) {
+  std::set<std::string> logging_off;  // not offered for reconnection, not ended twice
+  {
+    std::lock_guard lock(impl_->decide_mutex);
+    for (const auto& [name, until] : impl_->logging_off)
+      if (impl_->is_logging_off(name)) logging_off.insert(name);
+  }
   return impl_->engine.with_state([&](const SiteState& st) {
     std::vector<UserSession> out;
     for (const Session* s : st.sessions_of(user)) {
       if (s->state != SessionState::active && s->state != SessionState::disconnected) continue;
+      if (logging_off.contains(s->name)) continue;
       const std::string state(to_string(s->state));
       if (!states.empty() && !states.contains(state)) continue;
       UserSession u;
@@ -1155,13 +1188,16 @@ Result<int> Launcher::end_user_sessions(const identity::UserIdentity& user, bool
   auto sessions = user_sessions(user, {});
   if (!sessions) return sessions.error();
   for (const auto& s : *sessions) {
-    auto log = impl_->log;
-    auto done = impl_->ending_missing(s.machine, s.session_key, [log, s, logoff](bool ok, const std::string& error) {
-      if (!ok) log->warn("{} of session {} on {} failed: {}", logoff ? "logoff" : "disconnect", s.session_key, s.machine, error);
+    auto impl = impl_;
+    auto done = impl_->ending_missing(s.machine, s.session_key, [impl, s, logoff](bool ok, const std::string& error) {
+      if (ok) return;
+      impl->log->warn("{} of session {} on {} failed: {}", logoff ? "logoff" : "disconnect", s.session_key, s.machine, error);
+      if (logoff && error != kNoSuchSession) impl->logoff_refused(s.session_key);
     });
-    if (logoff)
+    if (logoff) {
+      impl_->logoff_requested(s.session_key);
       impl_->agents.logoff_session(s.machine, s.agent_key, impl_->opts.prepare_timeout, done);
-    else if (s.state == "Active")
+    } else if (s.state == "Active")
       impl_->agents.disconnect_session(s.machine, s.agent_key, impl_->opts.prepare_timeout, done);
   }
   return static_cast<int>(sessions->size());
@@ -1176,9 +1212,11 @@ Status Launcher::session_command(const std::string& session_key, const std::stri
   const auto timeout = impl_->opts.prepare_timeout;
   if (command == "logoff") {
     // The agent no longer has it: the session is over, and the admin's logoff has done its job.
-    auto ended = [done = std::move(done)](bool ok, const std::string& error) {
+    auto ended = [impl = impl_, session_key, done = std::move(done)](bool ok, const std::string& error) {
+      if (!ok && error != kNoSuchSession) impl->logoff_refused(session_key);
       done(ok || error == kNoSuchSession, ok || error == kNoSuchSession ? std::string() : error);
     };
+    impl_->logoff_requested(session_key);
     impl_->agents.logoff_session(machine, key, timeout, impl_->ending_missing(machine, session_key, std::move(ended)));
   } else if (command == "disconnect") {
     impl_->agents.disconnect_session(machine, key, timeout, impl_->ending_missing(machine, session_key, std::move(done)));

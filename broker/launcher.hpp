@@ -199,7 +199,9 @@ class Launcher {
   common::Result<std::string> reissue_ticket(const identity::UserIdentity& user, const std::string& session_key,
                                              const Credential& credential, std::int64_t ttl_seconds);
 
-  // The user's sessions (states: "Active", "Disconnected"; both when empty).
+  // The user's sessions (states: "Active", "Disconnected"; both when empty), without those being
+  // logged off: asked to log off (here or by session_command) and not yet reported ended. A launch
+  // does not reconnect to those either; a logoff the agent refuses makes them reconnectable again.
   common::Result<std::vector<UserSession>> user_sessions(const identity::UserIdentity& user,
                                                          const std::set<std::string>& states);
   // Sends logoff_session / disconnect_session for each of the user's sessions; returns how many.

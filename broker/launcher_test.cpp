@@ -66,9 +66,11 @@ class FakeAgents : public broker::AgentChannel {
     // Answer from another thread, as the endpoint does.
     std::thread([done, ok] { done(ok, ok ? "" : "no free session slot"); }).detach();
   }
+  bool fail_logoff = false;  // the agent answers logoff_session with an error
   void logoff_session(const std::string& machine, const std::string& key, std::chrono::milliseconds, Done done) override {
     record("logoff " + machine + " " + key);
-    done(true, {});
+    if (fail_logoff) done(false, "the session did not end");
+    else done(true, {});
   }
   void disconnect_session(const std::string& machine, const std::string& key, std::chrono::milliseconds,
                           Done done) override {
@@ -300,6 +302,41 @@ TEST_CASE("launcher: an active session elsewhere is disconnected, then reconnect
   CHECK(again.reconnect);
   CHECK(again.machine == r.machine);
   CHECK(std::count(f.agents.commands.begin(), f.agents.commands.end(), "disconnect " + r.machine + " " + r.session_key) == 1);
+}
+
+TEST_CASE("launcher: a session being logged off is not reconnected to; a failed logoff makes it reconnectable again") {
+  Fixture f;
+  auto r = f.launch("bob", "pool-desktop");
+  REQUIRE(r.ok());
+  f.update(Kind::session, r.session_key, "state", std::string("Active"));
+  // Bob logs off (the agent acknowledges; its report that the session ended has not come yet)
+  // and launches again at once: a new session elsewhere, not a reconnect to the dying one.
+  REQUIRE(f.launcher->end_user_sessions(user("bob"), true));
+  auto again = f.launch("bob", "pool-desktop");
+  REQUIRE(again.ok());
+  CHECK_FALSE(again.reconnect);
+  CHECK(again.machine != r.machine);
+  CHECK(again.session_key != r.session_key);
+  // Nor is it offered for reconnection, or named for one.
+  auto listed = f.launcher->user_sessions(user("bob"), {});
+  REQUIRE(listed.has_value());
+  CHECK(std::none_of(listed->begin(), listed->end(), [&](const auto& u) { return u.session_key == r.session_key; }));
+  broker::LaunchRequest named;
+  named.user = user("bob");
+  named.reconnect_session = r.session_key;
+  named.credential.type = "password";
+  CHECK(f.launcher->launch_sync(std::move(named)).failure == LaunchFailure::no_session);
+
+  // A logoff the agent refuses leaves the session as it was: reconnectable.
+  auto c = f.launch("carol", "pool-desktop");
+  REQUIRE(c.ok());
+  f.update(Kind::session, c.session_key, "state", std::string("Disconnected"));
+  f.agents.fail_logoff = true;
+  REQUIRE(f.launcher->end_user_sessions(user("carol"), true));
+  auto back = f.launch("carol", "pool-desktop");
+  REQUIRE(back.ok());
+  CHECK(back.reconnect);
+  CHECK(back.session_key == c.session_key);
 }
 
 TEST_CASE("launcher: a refused preparation fails over to another machine and is recorded") {
