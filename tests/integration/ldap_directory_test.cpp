@@ -1,22 +1,40 @@
 // identity::LdapDirectory against a real slapd (tests/integration/slapd.hpp): credential
 // outcomes, look-ups by SAM name, UPN and SID, nested groups with a cycle and their cap
-// (max_groups), StartTLS with a test CA, failover to a second server, and an outage in the middle
-// of a run. Time (caches, back-off) is driven with a ManualClock; every wait is for a state.
+// (max_groups), StartTLS with a test CA, failover to a second server, an outage in the middle
+// of a run, and a user's own bind that gets no answer (operation_timeout; a proxy written here
+// stands between the directory and slapd). Time (caches, back-off) is driven with a ManualClock;
+// every wait is for a state.
 #include "identity/ldap_directory.hpp"
 
 #include "tests/integration/slapd.hpp"
 
 #include <doctest/doctest.h>
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <vector>
 
 using identity::AuthResult;
 using identity::LdapDirectory;
 using identity::LdapDirectoryOptions;
 using itest::Slapd;
+using namespace std::chrono_literals;
 
 namespace {
 
@@ -286,4 +304,243 @@ TEST_CASE("ldap: outage mid-run: unavailable (never failed credentials), cached 
   CHECK(d.state().reachable);
   CHECK(result_of(d, "alice", "wrong") == AuthResult::failed_credentials);
   CHECK(d.state().failures >= 1);
+}
+
+namespace {
+
+constexpr auto kPatience = 20s;  // safety net against hangs, not an assertion
+
+// The size of the first BER element in `data` (an LDAP message: tag, length, contents), or 0
+// while it has not all arrived.
+std::size_t first_message_size(std::string_view data) {
+  if (data.size() < 2) return 0;
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(data[i]); };
+  std::size_t length = byte(1), header = 2;
+  if (length & 0x80) {
+    const std::size_t octets = length & 0x7f;
+    if (octets > 4) return data.size();  // not from libldap: take it all as the message
+    if (data.size() < header + octets) return 0;
+    length = 0;
+    for (std::size_t i = 0; i < octets; ++i) length = (length << 8) | byte(header + i);
+    header += octets;
+  }
+  return data.size() >= header + length ? header + length : 0;
+}
+
+bool send_all(int fd, std::string_view data) {
+  while (!data.empty()) {
+    const ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+// A TCP proxy on a loopback port in front of slapd. A connection whose first LDAP message binds
+// as the service account (a simple BindRequest carries its DN in clear: Slapd::kBindDn) is
+// forwarded to slapd byte for byte, both ways; every other connection is held: accepted and read,
+// never forwarded or answered. After forward_all(), every connection accepted is forwarded.
+class HoldingProxy {
+ public:
+  explicit HoldingProxy(int upstream_port) : upstream_port_(upstream_port) {
+    listen_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr = loopback(0);
+    socklen_t len = sizeof addr;
+    if (listen_ < 0 || ::bind(listen_, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+        ::listen(listen_, SOMAXCONN) != 0 || ::getsockname(listen_, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+        ::pipe2(wake_, O_CLOEXEC) != 0) {
+      if (listen_ >= 0) ::close(listen_);
+      throw std::runtime_error("proxy: listen failed");
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { run(); });
+  }
+  ~HoldingProxy() {
+    hang_up();
+    ::close(wake_[0]);
+    ::close(wake_[1]);
+  }
+  HoldingProxy(const HoldingProxy&) = delete;
+  HoldingProxy& operator=(const HoldingProxy&) = delete;
+
+  std::string uri() const { return "ldap://127.0.0.1:" + std::to_string(port_) + "/"; }
+
+  // Connections accepted from now on are forwarded from the start (held ones stay held).
+  void forward_all() {
+    std::lock_guard lock(mutex_);
+    forward_all_ = true;
+  }
+  // How many connections have been held so far.
+  std::size_t held() {
+    std::lock_guard lock(mutex_);
+    return held_.size();
+  }
+  // Waits until a held connection has sent `text` (false: not within kPatience).
+  bool wait_held_sent(const std::string& text) {
+    std::unique_lock lock(mutex_);
+    return cv_.wait_for(lock, kPatience, [&] {
+      return std::any_of(held_.begin(), held_.end(),
+                         [&](const std::string& sent) { return sent.find(text) != std::string::npos; });
+    });
+  }
+  // Closes every connection and the listening socket: a client waiting for an answer sees its
+  // connection closed.
+  void hang_up() {
+    if (!thread_.joinable()) return;
+    while (::write(wake_[1], "q", 1) < 0 && errno == EINTR) {}
+    thread_.join();
+  }
+
+ private:
+  struct Conn {
+    int client = -1;
+    int upstream = -1;                // >= 0: forwarded
+    std::optional<std::size_t> held;  // index into held_: held
+    std::string first;                // while neither: what the client sent so far
+    bool open = true;
+  };
+
+  static sockaddr_in loopback(int port) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<std::uint16_t>(port));
+    return addr;
+  }
+
+  bool connect_upstream(Conn& c) const {
+    c.upstream = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const sockaddr_in addr = loopback(upstream_port_);
+    return c.upstream >= 0 && ::connect(c.upstream, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
+  }
+
+  // Reads what the client sent and forwards, holds or decides; false once the connection ends.
+  bool from_client(Conn& c) {
+    char buf[4096];
+    const ssize_t n = ::recv(c.client, buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) return true;
+    if (n <= 0) return false;
+    const std::string_view data(buf, static_cast<std::size_t>(n));
+    if (c.upstream >= 0) return send_all(c.upstream, data);
+    if (c.held) {
+      std::lock_guard lock(mutex_);
+      held_[*c.held] += data;
+      cv_.notify_all();
+      return true;
+    }
+    c.first += data;
+    const std::size_t size = first_message_size(c.first);
+    if (size == 0) return true;
+    if (std::string_view(c.first).substr(0, size).find(Slapd::kBindDn) != std::string_view::npos)
+      return connect_upstream(c) && send_all(c.upstream, c.first);
+    std::lock_guard lock(mutex_);
+    c.held = held_.size();
+    held_.push_back(std::move(c.first));
+    cv_.notify_all();
+    return true;
+  }
+
+  // Forwards what slapd sent to the client; false once the connection ends.
+  static bool from_upstream(Conn& c) {
+    char buf[4096];
+    const ssize_t n = ::recv(c.upstream, buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) return true;
+    return n > 0 && send_all(c.client, std::string_view(buf, static_cast<std::size_t>(n)));
+  }
+
+  void run() {
+    std::vector<Conn> conns;
+    for (bool quit = false; !quit;) {
+      std::vector<pollfd> fds{{wake_[0], POLLIN, 0}, {listen_, POLLIN, 0}};
+      for (const Conn& c : conns) {
+        fds.push_back({c.client, POLLIN, 0});
+        fds.push_back({c.upstream, POLLIN, 0});  // -1 while not forwarded: poll skips it
+      }
+      if (::poll(fds.data(), fds.size(), -1) < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      quit = fds[0].revents != 0;
+      for (std::size_t i = 0; i < conns.size(); ++i) {
+        Conn& c = conns[i];
+        if (fds[2 + 2 * i].revents != 0) c.open = from_client(c);
+        if (c.open && fds[3 + 2 * i].revents != 0) c.open = from_upstream(c);
+      }
+      std::erase_if(conns, [](const Conn& c) {
+        if (c.open) return false;
+        ::close(c.client);
+        if (c.upstream >= 0) ::close(c.upstream);
+        return true;
+      });
+      if (fds[1].revents != 0) {
+        if (const int fd = ::accept4(listen_, nullptr, nullptr, SOCK_CLOEXEC); fd >= 0) {
+          Conn c;
+          c.client = fd;
+          bool forward;
+          {
+            std::lock_guard lock(mutex_);
+            forward = forward_all_;
+          }
+          if (forward) c.open = connect_upstream(c);
+          conns.push_back(std::move(c));
+        }
+      }
+    }
+    for (const Conn& c : conns) {
+      ::close(c.client);
+      if (c.upstream >= 0) ::close(c.upstream);
+    }
+    ::close(listen_);
+  }
+
+  const int upstream_port_;
+  int port_ = 0;
+  int listen_ = -1;
+  int wake_[2] = {-1, -1};
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool forward_all_ = false;       // guarded by mutex_
+  std::vector<std::string> held_;  // guarded by mutex_: what each held connection sent
+  std::thread thread_;
+};
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("ldap: operation_timeout on a user's own bind: no answer is errc::unavailable, not a credential answer") {
+  Slapd slapd;
+  HoldingProxy proxy(slapd.port());
+  common::ManualClock clock(std::chrono::system_clock::now());
+  auto o = options({proxy.uri()});
+  o.pool_size = 1;
+  o.operation_timeout = 1000ms;
+  LdapDirectory d(o, clock);
+
+  // The service account's connection (bind, then the search for alice) reaches slapd; alice's
+  // bind, on a connection of its own, is never answered. Without a limit on that bind the call
+  // would wait until the proxy hangs up (after kPatience, when the test has failed).
+  auto call = std::async(std::launch::async, [&] { return d.authenticate({"alice", "", "alice-pass"}); });
+  if (call.wait_for(kPatience) != std::future_status::ready) {
+    proxy.hang_up();
+    call.wait();
+    FAIL("authenticate did not return while the user's bind went unanswered");
+  }
+  const auto r = call.get();
+  REQUIRE_MESSAGE(!r.has_value(), "a credential answer to a bind that was never answered");
+  CHECK(r.error().code == common::errc::unavailable);
+  // The user's bind timed out (the service account's would say "service account bind: ", a
+  // search would name no server).
+  CHECK_MESSAGE(contains(r.error().message, proxy.uri() + ": Timed out"), r.error().message);
+  CHECK(proxy.wait_held_sent("cn=alice,ou=People,dc=corp,dc=test"));  // the held connection was her bind
+  CHECK(proxy.held() == 1);
+  CHECK_FALSE(d.state().reachable);
+
+  // Answered, the same password is right: it was the silence, not the password.
+  proxy.forward_all();
+  clock.advance(o.reconnect_max);  // past the back-off the timeout started
+  CHECK(result_of(d, "alice", "alice-pass") == AuthResult::ok);
+  CHECK(d.state().reachable);
+  CHECK(proxy.held() == 1);
 }
