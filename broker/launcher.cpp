@@ -1159,9 +1159,10 @@ Result<std::vector<UserSession>> Launcher::user_sessions(const identity::UserIde
                                                          const std::set<std::string>& states) {
   std::set<std::string> logging_off;  // not offered for reconnection, not ended twice
   {
+    const auto now = impl_->clock.monotonic_now();
     std::lock_guard lock(impl_->decide_mutex);
     for (const auto& [name, until] : impl_->logging_off)
-      if (impl_->is_logging_off(name)) logging_off.insert(name);
+      if (now < until) logging_off.insert(name);
   }
   return impl_->engine.with_state([&](const SiteState& st) {
     std::vector<UserSession> out;
